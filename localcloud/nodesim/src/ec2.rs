@@ -1,0 +1,85 @@
+//! What the simulator reads from the EC2 emulator: the instances of its cluster, their user data,
+//! and whether a volume is attached to an instance.
+
+use anyhow::{Context, Result};
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::types::{Filter, InstanceAttributeName, InstanceStateName, VolumeAttachmentState};
+use base64::Engine;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub running: bool,
+    pub terminated: bool,
+    pub private_dns: String,
+    pub private_ip: String,
+    pub public_ip: Option<String>,
+    pub az: String,
+    pub instance_type: String,
+    pub image_id: String,
+}
+
+pub async fn cluster_instances(ec2: &Client, tag_key: &str, cluster: &str) -> Result<Vec<Instance>> {
+    let mut out = Vec::new();
+    let mut pages = ec2
+        .describe_instances()
+        .filters(Filter::builder().name(format!("tag:{tag_key}")).values(cluster).build())
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.context("DescribeInstances")?;
+        for i in page.reservations().iter().flat_map(|r| r.instances()) {
+            let Some(id) = i.instance_id() else { continue };
+            let state = i.state().and_then(|s| s.name());
+            out.push(Instance {
+                id: id.to_string(),
+                running: state == Some(&InstanceStateName::Running),
+                terminated: matches!(
+                    state,
+                    Some(InstanceStateName::Terminated | InstanceStateName::ShuttingDown)
+                ),
+                private_dns: i.private_dns_name().unwrap_or_default().to_string(),
+                private_ip: i.private_ip_address().unwrap_or_default().to_string(),
+                public_ip: i.public_ip_address().map(str::to_string),
+                az: i
+                    .placement()
+                    .and_then(|p| p.availability_zone())
+                    .unwrap_or_default()
+                    .to_string(),
+                instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
+                image_id: i.image_id().unwrap_or_default().to_string(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+pub async fn user_data(ec2: &Client, instance_id: &str) -> Result<String> {
+    let out = ec2
+        .describe_instance_attribute()
+        .instance_id(instance_id)
+        .attribute(InstanceAttributeName::UserData)
+        .send()
+        .await
+        .with_context(|| format!("DescribeInstanceAttribute userData of {instance_id}"))?;
+    let Some(encoded) = out.user_data().and_then(|v| v.value()) else {
+        return Ok(String::new());
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .with_context(|| format!("user data of {instance_id} is not base64"))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// True when EC2 reports the volume attached to exactly this instance.
+pub async fn volume_attached_to(ec2: &Client, volume_id: &str, instance_id: &str) -> Result<bool> {
+    let out = ec2
+        .describe_volumes()
+        .volume_ids(volume_id)
+        .send()
+        .await
+        .with_context(|| format!("DescribeVolumes {volume_id}"))?;
+    Ok(out.volumes().iter().flat_map(|v| v.attachments()).any(|a| {
+        a.instance_id() == Some(instance_id) && a.state() == Some(&VolumeAttachmentState::Attached)
+    }))
+}

@@ -1,0 +1,103 @@
+//! nodesim: plays the kubelet and the node bootstrap of one regional cluster for the EC2
+//! instances that the AWS emulator holds for that cluster.
+
+mod ec2;
+mod http;
+mod objects;
+mod sim;
+mod userdata;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aws_config::{BehaviorVersion, Region};
+use clap::Parser;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Cluster name; instances tagged `<tag-key>=<cluster>` become this cluster's nodes.
+    #[arg(long, env = "NODESIM_CLUSTER")]
+    cluster: String,
+    #[arg(long, env = "NODESIM_KUBECONFIG")]
+    kubeconfig: PathBuf,
+    /// AWS region whose instances are watched (also the nodes' topology region label).
+    #[arg(long, env = "NODESIM_AWS_REGION")]
+    aws_region: String,
+    /// EC2 endpoint (the emulator); credentials come from the standard AWS environment.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    aws_endpoint: String,
+    #[arg(long, default_value = "cloud.questdb.io/cluster")]
+    tag_key: String,
+    /// Control API address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    #[arg(long, default_value = "5", value_parser = secs)]
+    heartbeat: Duration,
+    #[arg(long, default_value = "0.5", value_parser = secs)]
+    tick: Duration,
+    /// Delay between an instance running and its Node registering.
+    #[arg(long, default_value = "0", value_parser = secs)]
+    join_delay: Duration,
+}
+
+fn secs(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .map_err(|e| e.to_string())
+        .and_then(|f| Duration::try_from_secs_f64(f).map_err(|e| e.to_string()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .json()
+        .init();
+    let args = Args::parse();
+    if !args.listen.ip().is_loopback() {
+        anyhow::bail!("--listen must be a loopback address, got {}", args.listen);
+    }
+    let kubeconfig = Kubeconfig::read_from(&args.kubeconfig)
+        .with_context(|| format!("reading {}", args.kubeconfig.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .context("loading kubeconfig")?;
+    let kube = kube::Client::try_from(config).context("building Kubernetes client")?;
+    let aws = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(&args.aws_endpoint)
+        .region(Region::new(args.aws_region.clone()))
+        .load()
+        .await;
+    let ec2 = aws_sdk_ec2::Client::new(&aws);
+
+    let state = Arc::new(Mutex::new(sim::State { join_delay: args.join_delay, ..Default::default() }));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding control API on {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, cluster = args.cluster, "nodesim control API listening");
+    let api = axum::serve(listener, http::router(state.clone()));
+
+    let sim = sim::Sim {
+        cfg: sim::Config {
+            cluster: args.cluster,
+            region: args.aws_region,
+            tag_key: args.tag_key,
+            heartbeat: args.heartbeat,
+            tick: args.tick,
+        },
+        kube,
+        ec2,
+        state,
+    };
+    tokio::select! {
+        r = api => r.context("control API stopped")?,
+        _ = sim.run() => {},
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+    }
+    Ok(())
+}

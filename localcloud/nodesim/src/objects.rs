@@ -1,0 +1,195 @@
+//! Pure builders for what a kubelet writes: its Node, the Node's heartbeat, its Lease, and the
+//! status of the pods it runs.
+
+use serde_json::{Value, json};
+
+use crate::ec2::Instance;
+use crate::userdata::KubeletFlags;
+
+/// The Node a kubelet registers for an instance, with the labels and taints its flags asked for.
+pub fn build_node(inst: &Instance, flags: &KubeletFlags, region: &str) -> Value {
+    let mut labels = serde_json::Map::new();
+    for (k, v) in [
+        ("kubernetes.io/hostname", inst.private_dns.as_str()),
+        ("kubernetes.io/os", "linux"),
+        ("kubernetes.io/arch", "amd64"),
+        ("node.kubernetes.io/instance-type", inst.instance_type.as_str()),
+        ("topology.kubernetes.io/zone", inst.az.as_str()),
+        ("topology.kubernetes.io/region", region),
+    ] {
+        labels.insert(k.into(), v.into());
+    }
+    for (k, v) in &flags.labels {
+        labels.insert(k.clone(), v.clone().into());
+    }
+    let taints: Vec<Value> = flags
+        .taints
+        .iter()
+        .map(|t| match &t.value {
+            Some(v) => json!({"key": t.key, "value": v, "effect": t.effect}),
+            None => json!({"key": t.key, "effect": t.effect}),
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": inst.private_dns,
+            "labels": labels,
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "spec": {
+            "providerID": format!("aws:///{}/{}", inst.az, inst.id),
+            "taints": taints,
+        },
+    })
+}
+
+/// The status a healthy kubelet reports on every heartbeat. `ready_since` keeps the Ready
+/// condition's transition time stable across heartbeats, as a real kubelet does.
+pub fn build_node_status(inst: &Instance, now: &str, ready_since: &str) -> Value {
+    let cond = |type_: &str, status: &str, reason: &str, since: &str| {
+        json!({
+            "type": type_, "status": status, "reason": reason, "message": reason,
+            "lastHeartbeatTime": now, "lastTransitionTime": since,
+        })
+    };
+    let mut addresses = vec![
+        json!({"type": "InternalIP", "address": inst.private_ip}),
+        json!({"type": "Hostname", "address": inst.private_dns}),
+        json!({"type": "InternalDNS", "address": inst.private_dns}),
+    ];
+    if let Some(ip) = &inst.public_ip {
+        addresses.push(json!({"type": "ExternalIP", "address": ip}));
+    }
+    let capacity = json!({"cpu": "4", "memory": "16Gi", "pods": "110", "ephemeral-storage": "100Gi"});
+    json!({
+        "status": {
+            "conditions": [
+                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", ready_since),
+                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", ready_since),
+                cond("PIDPressure", "False", "KubeletHasSufficientPID", ready_since),
+                cond("Ready", "True", "KubeletReady", ready_since),
+            ],
+            "addresses": addresses,
+            "capacity": capacity,
+            "allocatable": capacity,
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {
+                "machineID": inst.id, "systemUUID": inst.id, "bootID": inst.id,
+                "kernelVersion": "6.1.0-nodesim", "osImage": inst.image_id,
+                "containerRuntimeVersion": "nodesim://1", "kubeletVersion": "v1.20.2",
+                "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64",
+            },
+        }
+    })
+}
+
+/// The node's Lease in kube-node-lease, owned by the Node so it goes when the Node goes.
+pub fn build_lease(node_name: &str, node_uid: &str, now: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": node_name,
+            "namespace": "kube-node-lease",
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": node_name, "uid": node_uid}],
+        },
+        "spec": {"holderIdentity": node_name, "leaseDurationSeconds": 40, "renewTime": now},
+    })
+}
+
+/// What the kubelet reports for a pod it runs. `waiting` holds why its containers cannot start
+/// yet (e.g. a volume not attached to this node); `None` means all containers run and are ready.
+pub fn build_pod_status(
+    container_names_images: &[(String, String)],
+    node_ip: &str,
+    now: &str,
+    waiting: Option<&str>,
+) -> Value {
+    let ready = waiting.is_none();
+    let flag = if ready { "True" } else { "False" };
+    let containers: Vec<Value> = container_names_images
+        .iter()
+        .map(|(name, image)| {
+            let state = match waiting {
+                None => json!({"running": {"startedAt": now}}),
+                Some(why) => json!({"waiting": {"reason": "ContainerCreating", "message": why}}),
+            };
+            json!({
+                "name": name, "image": image, "imageID": "", "ready": ready,
+                "started": ready, "restartCount": 0, "state": state,
+            })
+        })
+        .collect();
+    let cond = |type_: &str, status: &str| json!({"type": type_, "status": status, "lastTransitionTime": now});
+    json!({
+        "status": {
+            "phase": if ready { "Running" } else { "Pending" },
+            "hostIP": node_ip,
+            "podIP": node_ip,
+            "podIPs": [{"ip": node_ip}],
+            "startTime": now,
+            "conditions": [
+                cond("Initialized", "True"),
+                cond("Ready", flag),
+                cond("ContainersReady", flag),
+                cond("PodScheduled", "True"),
+            ],
+            "containerStatuses": containers,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::userdata::parse;
+
+    fn inst() -> Instance {
+        Instance {
+            id: "i-123".into(),
+            running: true,
+            terminated: false,
+            private_dns: "ip-10-1-2-3.ec2.internal".into(),
+            private_ip: "10.1.2.3".into(),
+            public_ip: None,
+            az: "us-east-1a".into(),
+            instance_type: "m5.large".into(),
+            image_id: "ami-1".into(),
+        }
+    }
+
+    #[test]
+    fn node_carries_identity_labels_and_taints() {
+        let flags = parse("--node-labels=db=x --register-with-taints=dedicated=x:NoSchedule").unwrap();
+        let node = build_node(&inst(), &flags, "us-east-1");
+        assert_eq!(node["metadata"]["name"], "ip-10-1-2-3.ec2.internal");
+        assert_eq!(node["spec"]["providerID"], "aws:///us-east-1a/i-123");
+        assert_eq!(node["metadata"]["labels"]["db"], "x");
+        assert_eq!(node["metadata"]["labels"]["node.kubernetes.io/instance-type"], "m5.large");
+        assert_eq!(node["spec"]["taints"][0]["key"], "dedicated");
+        assert_eq!(node["spec"]["taints"][0]["effect"], "NoSchedule");
+    }
+
+    #[test]
+    fn status_reports_ready_with_addresses() {
+        let s = build_node_status(&inst(), "2026-01-01T00:00:10Z", "2026-01-01T00:00:00Z");
+        let ready = &s["status"]["conditions"][3];
+        assert_eq!(ready["type"], "Ready");
+        assert_eq!(ready["status"], "True");
+        assert_eq!(ready["lastTransitionTime"], "2026-01-01T00:00:00Z");
+        assert_eq!(s["status"]["addresses"][0]["address"], "10.1.2.3");
+    }
+
+    #[test]
+    fn pod_waits_for_its_volume() {
+        let c = vec![("questdb".to_string(), "questdb/questdb:8.1.0".to_string())];
+        let waiting = build_pod_status(&c, "10.0.0.1", "t", Some("volume vol-1 not attached"));
+        assert_eq!(waiting["status"]["phase"], "Pending");
+        assert_eq!(waiting["status"]["containerStatuses"][0]["ready"], false);
+        let running = build_pod_status(&c, "10.0.0.1", "t", None);
+        assert_eq!(running["status"]["phase"], "Running");
+        assert_eq!(running["status"]["conditions"][1]["status"], "True");
+    }
+}

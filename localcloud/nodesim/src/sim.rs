@@ -1,0 +1,411 @@
+//! The simulator loop: joins running instances as Nodes, heartbeats them, runs their pods, and
+//! lets go of nodes whose instance stopped, was terminated or was killed on request.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::ec2::{self, Instance};
+use crate::objects::{build_lease, build_node, build_node_status, build_pod_status};
+use crate::userdata::{self, KubeletFlags};
+
+pub struct Config {
+    pub cluster: String,
+    pub region: String,
+    pub tag_key: String,
+    pub heartbeat: Duration,
+    pub tick: Duration,
+}
+
+/// One simulated machine, keyed by instance id.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimNode {
+    pub instance_id: String,
+    pub node_name: String,
+    pub private_ip: String,
+    /// The instance is running in EC2.
+    pub running: bool,
+    /// A Node object has been registered for it.
+    pub joined: bool,
+    /// Killed on request: no heartbeats, pods left as they are, like a machine that lost power.
+    pub killed: bool,
+    /// Why it will never join (unreadable user data), if so.
+    pub broken: Option<String>,
+    #[serde(skip)]
+    flags: KubeletFlags,
+    #[serde(skip)]
+    instance: Option<Instance>,
+    #[serde(skip)]
+    first_seen: Option<Instant>,
+    #[serde(skip)]
+    last_heartbeat: Option<Instant>,
+    #[serde(skip)]
+    ready_since: Option<String>,
+    #[serde(skip)]
+    node_uid: Option<String>,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub nodes: BTreeMap<String, SimNode>,
+    pub join_delay: Duration,
+}
+
+impl State {
+    /// Finds a node by instance id or node name.
+    pub fn find_mut(&mut self, key: &str) -> Option<&mut SimNode> {
+        self.nodes
+            .values_mut()
+            .find(|n| n.instance_id == key || n.node_name == key)
+    }
+}
+
+pub type Shared = Arc<Mutex<State>>;
+
+pub struct Sim {
+    pub cfg: Config,
+    pub kube: kube::Client,
+    pub ec2: aws_sdk_ec2::Client,
+    pub state: Shared,
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+impl Sim {
+    pub async fn run(self) {
+        loop {
+            if let Err(e) = self.tick().await {
+                warn!(error = format!("{e:#}"), "tick failed");
+            }
+            tokio::time::sleep(self.cfg.tick).await;
+        }
+    }
+
+    async fn tick(&self) -> Result<()> {
+        self.sync_instances().await?;
+        self.heartbeats().await;
+        self.run_pods().await
+    }
+
+    /// Brings the simulated machines in line with EC2, joining new ones after the join delay and
+    /// removing the Node of a terminated instance (the cloud node controller's job in a real cluster).
+    async fn sync_instances(&self) -> Result<()> {
+        let instances = ec2::cluster_instances(&self.ec2, &self.cfg.tag_key, &self.cfg.cluster).await?;
+        let seen: HashSet<String> = instances.iter().map(|i| i.id.clone()).collect();
+        for inst in instances {
+            let known = self.state.lock().expect("state lock").nodes.contains_key(&inst.id);
+            if !known && inst.running {
+                let flags = match ec2::user_data(&self.ec2, &inst.id).await {
+                    Ok(text) => userdata::parse(&text).map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("{e:#}")),
+                };
+                let mut st = self.state.lock().expect("state lock");
+                st.nodes.insert(
+                    inst.id.clone(),
+                    SimNode {
+                        instance_id: inst.id.clone(),
+                        node_name: inst.private_dns.clone(),
+                        private_ip: inst.private_ip.clone(),
+                        running: true,
+                        joined: false,
+                        killed: false,
+                        broken: flags.as_ref().err().cloned(),
+                        flags: flags.unwrap_or_default(),
+                        instance: Some(inst.clone()),
+                        first_seen: Some(Instant::now()),
+                        last_heartbeat: None,
+                        ready_since: None,
+                        node_uid: None,
+                    },
+                );
+                continue;
+            }
+            if inst.terminated {
+                self.forget(&inst.id).await;
+                continue;
+            }
+            let mut st = self.state.lock().expect("state lock");
+            if let Some(n) = st.nodes.get_mut(&inst.id) {
+                if n.running != inst.running {
+                    info!(instance = inst.id, running = inst.running, "instance state changed");
+                    n.ready_since = None;
+                }
+                n.running = inst.running;
+                n.instance = Some(inst);
+            }
+        }
+        // Instances that vanished from EC2 altogether (e.g. an emulator reset) are gone too.
+        let vanished: Vec<String> = {
+            let st = self.state.lock().expect("state lock");
+            st.nodes.keys().filter(|id| !seen.contains(*id)).cloned().collect()
+        };
+        for id in vanished {
+            self.forget(&id).await;
+        }
+        self.join_new().await;
+        Ok(())
+    }
+
+    async fn forget(&self, instance_id: &str) {
+        let removed = self.state.lock().expect("state lock").nodes.remove(instance_id);
+        let Some(n) = removed else { return };
+        if !n.joined {
+            return;
+        }
+        let nodes: Api<Node> = Api::all(self.kube.clone());
+        match nodes.delete(&n.node_name, &DeleteParams::default()).await {
+            Ok(_) => info!(node = n.node_name, instance = instance_id, "instance terminated, Node deleted"),
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => {
+                warn!(node = n.node_name, error = %e, "deleting Node of terminated instance failed; retrying");
+                // Keep it so the next tick tries again.
+                self.state.lock().expect("state lock").nodes.insert(instance_id.to_string(), n);
+            }
+        }
+    }
+
+    async fn join_new(&self) {
+        let due: Vec<SimNode> = {
+            let st = self.state.lock().expect("state lock");
+            let delay = st.join_delay;
+            st.nodes
+                .values()
+                .filter(|n| n.running && !n.joined && !n.killed && n.broken.is_none())
+                .filter(|n| n.first_seen.is_some_and(|t| t.elapsed() >= delay))
+                .cloned()
+                .collect()
+        };
+        for n in due {
+            let Some(inst) = &n.instance else { continue };
+            let node = build_node(inst, &n.flags, &self.cfg.region);
+            let nodes: Api<Node> = Api::all(self.kube.clone());
+            let obj: Node = match serde_json::from_value(node) {
+                Ok(o) => o,
+                Err(e) => {
+                    warn!(error = %e, "built an invalid Node");
+                    continue;
+                }
+            };
+            let uid = match nodes.create(&PostParams::default(), &obj).await {
+                Ok(created) => created.metadata.uid,
+                Err(e) if is_status(&e, 409) => nodes.get(&n.node_name).await.ok().and_then(|o| o.metadata.uid),
+                Err(e) => {
+                    warn!(node = n.node_name, error = %e, "registering Node failed");
+                    continue;
+                }
+            };
+            info!(node = n.node_name, instance = n.instance_id, "node joined");
+            let mut st = self.state.lock().expect("state lock");
+            if let Some(s) = st.nodes.get_mut(&n.instance_id) {
+                s.joined = true;
+                s.node_uid = uid;
+                s.last_heartbeat = None;
+            }
+        }
+    }
+
+    fn live(&self) -> Vec<SimNode> {
+        let st = self.state.lock().expect("state lock");
+        st.nodes
+            .values()
+            .filter(|n| n.running && n.joined && !n.killed)
+            .cloned()
+            .collect()
+    }
+
+    async fn heartbeats(&self) {
+        for n in self.live() {
+            if n.last_heartbeat.is_some_and(|t| t.elapsed() < self.cfg.heartbeat) {
+                continue;
+            }
+            if let Err(e) = self.heartbeat(&n).await {
+                warn!(node = n.node_name, error = format!("{e:#}"), "heartbeat failed");
+            }
+        }
+    }
+
+    async fn heartbeat(&self, n: &SimNode) -> Result<()> {
+        let Some(inst) = &n.instance else { return Ok(()) };
+        let now = now();
+        let since = n.ready_since.clone().unwrap_or_else(|| now.clone());
+        let nodes: Api<Node> = Api::all(self.kube.clone());
+        nodes
+            .patch_status(&n.node_name, &PatchParams::default(), &Patch::Merge(build_node_status(inst, &now, &since)))
+            .await
+            .context("patching Node status")?;
+        let leases: Api<Lease> = Api::namespaced(self.kube.clone(), "kube-node-lease");
+        let lease = build_lease(&n.node_name, n.node_uid.as_deref().unwrap_or_default(), &now);
+        leases
+            .patch(&n.node_name, &PatchParams::apply("nodesim").force(), &Patch::Apply(lease))
+            .await
+            .context("renewing Lease")?;
+        let mut st = self.state.lock().expect("state lock");
+        if let Some(s) = st.nodes.get_mut(&n.instance_id) {
+            s.last_heartbeat = Some(Instant::now());
+            s.ready_since = Some(since);
+        }
+        Ok(())
+    }
+
+    /// Plays the kubelet for the pods bound to live nodes: finishes graceful deletions and starts
+    /// containers once their volumes are attached to the node's instance.
+    async fn run_pods(&self) -> Result<()> {
+        let live: BTreeMap<String, SimNode> = self.live().into_iter().map(|n| (n.node_name.clone(), n)).collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let pods: Api<Pod> = Api::all(self.kube.clone());
+        let list = pods.list(&ListParams::default()).await.context("listing pods")?;
+        for pod in list {
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).and_then(|n| live.get(n)) else {
+                continue;
+            };
+            if let Err(e) = self.run_pod(&pod, node).await {
+                warn!(pod = pod.metadata.name, error = format!("{e:#}"), "running pod failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_pod(&self, pod: &Pod, node: &SimNode) -> Result<()> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(self.kube.clone(), &ns);
+        if pod.metadata.deletion_timestamp.is_some() {
+            // The containers are "stopped": confirm the deletion as the kubelet does.
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }),
+                ..DeleteParams::default()
+            };
+            return match api.delete(&name, &dp).await {
+                Ok(_) => Ok(()),
+                Err(e) if is_status(&e, 404) || is_status(&e, 409) => Ok(()),
+                Err(e) => Err(e).context("confirming pod deletion"),
+            };
+        }
+        let waiting = self.volume_wait_reason(pod, &ns, &node.instance_id).await?;
+        let ready = pod_is_ready(pod);
+        if ready && waiting.is_none() {
+            return Ok(());
+        }
+        let already_waiting = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| {
+            cs.iter().any(|c| c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.as_deref()) == waiting.as_deref())
+        });
+        if !ready && waiting.is_some() && already_waiting {
+            return Ok(());
+        }
+        let containers: Vec<(String, String)> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
+            .collect();
+        let status = build_pod_status(&containers, &node.private_ip, &now(), waiting.as_deref());
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+            .await
+            .context("patching pod status")?;
+        if waiting.is_none() {
+            info!(pod = format!("{ns}/{name}"), node = node.node_name, "pod running");
+        }
+        Ok(())
+    }
+
+    /// A kubelet cannot start a pod whose EBS volume is not attached to its instance; nor can we.
+    async fn volume_wait_reason(&self, pod: &Pod, ns: &str, instance_id: &str) -> Result<Option<String>> {
+        let claims: Vec<String> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .filter_map(|v| v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone()))
+            .collect();
+        for claim in claims {
+            let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(self.kube.clone(), ns);
+            let Some(pv_name) = pvcs.get_opt(&claim).await?.and_then(|c| c.spec).and_then(|s| s.volume_name) else {
+                return Ok(Some(format!("claim {claim} is not bound")));
+            };
+            let pvs: Api<PersistentVolume> = Api::all(self.kube.clone());
+            let Some(pv) = pvs.get_opt(&pv_name).await? else {
+                return Ok(Some(format!("volume {pv_name} not found")));
+            };
+            let Some(volume_id) = ebs_volume_id(&pv) else { continue };
+            let attached = ec2::volume_attached_to(&self.ec2, &volume_id, instance_id)
+                .await
+                .unwrap_or_else(|e| {
+                    warn!(volume = volume_id, error = format!("{e:#}"), "cannot read volume");
+                    false
+                });
+            if !attached {
+                return Ok(Some(format!("EBS volume {volume_id} is not attached to {instance_id}")));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn pod_is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The EBS volume id behind a PV, from the CSI driver's handle or the in-tree source
+/// (`aws://<az>/vol-...` or a bare id).
+pub fn ebs_volume_id(pv: &PersistentVolume) -> Option<String> {
+    let spec = pv.spec.as_ref()?;
+    if let Some(csi) = &spec.csi {
+        if csi.driver == "ebs.csi.aws.com" {
+            return Some(csi.volume_handle.clone());
+        }
+    }
+    let id = &spec.aws_elastic_block_store.as_ref()?.volume_id;
+    Some(id.rsplit('/').next().unwrap_or(id).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{AWSElasticBlockStoreVolumeSource, CSIPersistentVolumeSource, PersistentVolumeSpec};
+
+    #[test]
+    fn volume_id_from_csi_and_in_tree_sources() {
+        let csi = PersistentVolume {
+            spec: Some(PersistentVolumeSpec {
+                csi: Some(CSIPersistentVolumeSource {
+                    driver: "ebs.csi.aws.com".into(),
+                    volume_handle: "vol-1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(ebs_volume_id(&csi).as_deref(), Some("vol-1"));
+        let in_tree = PersistentVolume {
+            spec: Some(PersistentVolumeSpec {
+                aws_elastic_block_store: Some(AWSElasticBlockStoreVolumeSource {
+                    volume_id: "aws://us-east-1a/vol-2".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(ebs_volume_id(&in_tree).as_deref(), Some("vol-2"));
+        assert_eq!(ebs_volume_id(&PersistentVolume::default()), None);
+    }
+}

@@ -1,0 +1,256 @@
+//! The `QuestDB` custom resource (`questdbs.cloud.questdb.io`, short name `qdb`): one object is
+//! the canonical state of one customer database. The provisioner owns `spec` (its own field
+//! manager); the operator owns `status`.
+//!
+//! The CRD's OpenAPI schema is generated from these types (`crdgen`), so the apiserver itself
+//! rejects malformed specs; [`validate`] repeats the checks a schema cannot express well, for the
+//! provisioner (before it writes) and the operator (before it acts).
+
+mod validate;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use validate::{SpecError, validate};
+
+/// Labels, annotations and tags shared by the provisioner and the operator.
+pub mod keys {
+    /// Label (and AWS tag) naming the database an object belongs to.
+    pub const DATABASE: &str = "cloud.questdb.io/database";
+    /// AWS tag naming the cluster a resource belongs to.
+    pub const CLUSTER: &str = "cloud.questdb.io/cluster";
+    /// AWS tag with the owning QuestDB resource's UID.
+    pub const OWNER_UID: &str = "cloud.questdb.io/owner-uid";
+    /// Taint key of a database's dedicated node.
+    pub const DEDICATED: &str = "cloud.questdb.io/dedicated";
+    /// Annotation: the instruction id the spec reflects (written by the provisioner).
+    pub const INSTRUCTION_ID: &str = "cloud.questdb.io/instruction-id";
+    /// Annotation: that instruction's per-database sequence number.
+    pub const INSTRUCTION_SEQUENCE: &str = "cloud.questdb.io/instruction-sequence";
+    /// Label set on every object the operator manages.
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+}
+
+/// Field manager of the provisioner (spec).
+pub const PROVISIONER_MANAGER: &str = "qdb-provisioner";
+/// Field manager of the operator (status and children).
+pub const OPERATOR_MANAGER: &str = "qdb-operator";
+
+/// Desired state of one QuestDB database.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "cloud.questdb.io",
+    version = "v1",
+    kind = "QuestDB",
+    plural = "questdbs",
+    shortname = "qdb",
+    category = "questdb",
+    namespaced,
+    status = "QuestDBStatus",
+    derive = "PartialEq",
+    doc = "One customer's QuestDB database: spec is the desired state (written by the provisioner), status what the operator observed.",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".spec.version"}"#,
+    printcolumn = r#"{"name":"Instance","type":"string","jsonPath":".spec.instanceType"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.node.name"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoints.http"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct QuestDBSpec {
+    /// QuestDB release, e.g. "8.2.1" (the container image tag).
+    #[schemars(regex(pattern = r"^[0-9]+\.[0-9]+\.[0-9]+$"))]
+    pub version: String,
+    /// EC2 instance type of the dedicated node, e.g. "m6i.xlarge".
+    #[schemars(regex(pattern = r"^[a-z][a-z0-9-]*\.[a-z0-9]+$"))]
+    pub instance_type: String,
+    /// Machine image (AMI) of the dedicated node; changing it replaces the node.
+    #[schemars(regex(pattern = r"^ami-[0-9a-f]{8,17}$"))]
+    pub node_image: String,
+    pub volume: VolumeSpec,
+    /// server.conf key/values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub server_config: BTreeMap<String, String>,
+    /// Scale to zero and release the node; volume, security group and data are kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// Changing this value restarts the database once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_token: Option<String>,
+    #[serde(default)]
+    pub network: NetworkSpec,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSpec {
+    /// Size of the EBS data volume in GiB; it can only grow.
+    #[schemars(range(min = 1, max = 16384))]
+    pub size_gib: u32,
+    #[serde(rename = "type")]
+    pub type_: VolumeType,
+    /// What happens to the volume when the database is deleted.
+    #[serde(default)]
+    pub reclaim_policy: ReclaimPolicy,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeType {
+    Gp3,
+    Gp2,
+    Io2,
+}
+
+impl VolumeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeType::Gp3 => "gp3",
+            VolumeType::Gp2 => "gp2",
+            VolumeType::Io2 => "io2",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ReclaimPolicy {
+    #[default]
+    Delete,
+    Retain,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// Client networks allowed to reach the database (IPv4 CIDRs); empty = closed.
+    #[serde(default)]
+    #[schemars(inner(regex(pattern = r"^([0-9]{1,3}\.){3}[0-9]{1,3}/([0-9]|[12][0-9]|3[0-2])$")))]
+    pub allowed_cidrs: Vec<String>,
+    /// Public DNS name of the database; defaults to `<name>.<namespace>.<operator's zone>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"))]
+    pub dns_name: Option<String>,
+}
+
+/// Observed state, written only by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuestDBStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Ready, Progressing, Degraded, Paused, NodeReady, VolumeReady, DnsReady.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The instruction id (annotation) of the spec generation last reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_instruction: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover: Option<FailoverStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Accepted, nothing built yet.
+    Pending,
+    /// Building the node, volume and workload for the first time.
+    Provisioning,
+    /// Serving and Ready.
+    Running,
+    /// Applying a spec change (version, config, restart, volume size).
+    Updating,
+    /// Moving to a new node (failover, image upgrade, instance type change).
+    Replacing,
+    Paused,
+    /// Cannot make progress without a change (invalid spec, repeated AWS failure).
+    Failed,
+    Deleting,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Provisioning => "Provisioning",
+            Phase::Running => "Running",
+            Phase::Updating => "Updating",
+            Phase::Replacing => "Replacing",
+            Phase::Paused => "Paused",
+            Phase::Failed => "Failed",
+            Phase::Deleting => "Deleting",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub instance_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<String>,
+    pub image: String,
+    pub instance_type: String,
+    pub zone: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeStatus {
+    pub id: String,
+    pub size_gib: u32,
+    pub zone: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsStatus {
+    /// The record's name.
+    pub name: String,
+    /// The address it points at.
+    pub target: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// Web console and REST API (9000).
+    pub http: String,
+    /// PostgreSQL wire protocol (8812).
+    pub pgwire: String,
+    /// InfluxDB line protocol (9009).
+    pub ilp: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverStatus {
+    pub at: Time,
+    pub reason: String,
+    pub from_node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_node: Option<String>,
+}
+
+/// The CRD as YAML, exactly as `crdgen` writes it to deploy/.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    let body = serde_yaml::to_string(&QuestDB::crd())?;
+    Ok(format!("# Generated by `cargo run -p qdb-crd --bin crdgen`; do not edit.\n{body}"))
+}

@@ -1,0 +1,160 @@
+//! Checks on a spec that the CRD schema states as patterns (repeated here so the provisioner can
+//! reject before writing) or cannot state at all (server.conf keys and values, CIDR octets).
+
+use std::net::Ipv4Addr;
+
+use crate::QuestDBSpec;
+
+pub const MAX_VOLUME_GIB: u32 = 16384;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("version {0:?} is not MAJOR.MINOR.PATCH")]
+    Version(String),
+    #[error("instance type {0:?} is not an EC2 instance type like m6i.xlarge")]
+    InstanceType(String),
+    #[error("node image {0:?} is not an AMI id like ami-0123456789abcdef0")]
+    NodeImage(String),
+    #[error("volume size {0} GiB is outside 1..={MAX_VOLUME_GIB}")]
+    VolumeSize(u32),
+    #[error("allowed CIDR {0:?} is not an IPv4 CIDR like 203.0.113.0/24")]
+    Cidr(String),
+    #[error("server config key {0:?} must be lowercase letters, digits, '.', '_' or '-'")]
+    ConfigKey(String),
+    #[error("server config value of {0:?} must be one line")]
+    ConfigValue(String),
+    #[error("DNS name {0:?} is not a lowercase domain name")]
+    DnsName(String),
+}
+
+/// Every problem is reported, not only the first, so one round trip fixes them all.
+pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
+    let mut errors = Vec::new();
+    if !is_semver(&spec.version) {
+        errors.push(SpecError::Version(spec.version.clone()));
+    }
+    if !is_instance_type(&spec.instance_type) {
+        errors.push(SpecError::InstanceType(spec.instance_type.clone()));
+    }
+    if !is_ami(&spec.node_image) {
+        errors.push(SpecError::NodeImage(spec.node_image.clone()));
+    }
+    if !(1..=MAX_VOLUME_GIB).contains(&spec.volume.size_gib) {
+        errors.push(SpecError::VolumeSize(spec.volume.size_gib));
+    }
+    for cidr in &spec.network.allowed_cidrs {
+        if !is_ipv4_cidr(cidr) {
+            errors.push(SpecError::Cidr(cidr.clone()));
+        }
+    }
+    for (k, v) in &spec.server_config {
+        let key_ok = !k.is_empty()
+            && k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+        if !key_ok {
+            errors.push(SpecError::ConfigKey(k.clone()));
+        }
+        // A newline would let a value write arbitrary extra lines into server.conf.
+        if v.contains(['\n', '\r']) {
+            errors.push(SpecError::ConfigValue(k.clone()));
+        }
+    }
+    if let Some(name) = &spec.network.dns_name {
+        if !is_dns_name(name) {
+            errors.push(SpecError::DnsName(name.clone()));
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(errors) }
+}
+
+fn is_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn is_semver(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 3 && parts.iter().all(|p| is_digits(p))
+}
+
+fn is_instance_type(s: &str) -> bool {
+    let Some((family, size)) = s.split_once('.') else { return false };
+    family.starts_with(|c: char| c.is_ascii_lowercase())
+        && family.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !size.is_empty()
+        && size.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+fn is_ami(s: &str) -> bool {
+    s.strip_prefix("ami-").is_some_and(|hex| {
+        (8..=17).contains(&hex.len()) && hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    })
+}
+
+pub fn is_ipv4_cidr(s: &str) -> bool {
+    let Some((ip, prefix)) = s.split_once('/') else { return false };
+    // Ipv4Addr's parser already refuses leading zeros and octets above 255.
+    ip.parse::<Ipv4Addr>().is_ok() && is_digits(prefix) && prefix.len() <= 2 && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+}
+
+fn is_dns_name(s: &str) -> bool {
+    let labels: Vec<&str> = s.split('.').collect();
+    labels.len() >= 2
+        && s.len() <= 253
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NetworkSpec, ReclaimPolicy, VolumeSpec, VolumeType};
+
+    pub fn spec() -> QuestDBSpec {
+        QuestDBSpec {
+            version: "8.2.1".into(),
+            instance_type: "m6i.xlarge".into(),
+            node_image: "ami-0123456789abcdef0".into(),
+            volume: VolumeSpec { size_gib: 100, type_: VolumeType::Gp3, reclaim_policy: ReclaimPolicy::Delete },
+            server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
+            paused: false,
+            restart_token: None,
+            network: NetworkSpec { allowed_cidrs: vec!["203.0.113.0/24".into()], dns_name: Some("db1.example.com".into()) },
+        }
+    }
+
+    #[test]
+    fn a_good_spec_passes() {
+        assert_eq!(validate(&spec()), Ok(()));
+    }
+
+    #[test]
+    fn every_error_is_reported() {
+        let mut s = spec();
+        s.version = "8.2".into();
+        s.instance_type = "huge".into();
+        s.node_image = "img-1".into();
+        s.volume.size_gib = 0;
+        s.network.allowed_cidrs = vec!["10.0.0.0/33".into(), "300.1.1.1/8".into(), "1.2.3.4".into()];
+        s.server_config.insert("Bad Key".into(), "x".into());
+        s.server_config.insert("http.bind.to".into(), "0.0.0.0\nevil=1".into());
+        s.network.dns_name = Some("Not_A_Name".into());
+        let errors = validate(&s).unwrap_err();
+        assert_eq!(errors.len(), 10, "{errors:?}");
+        assert!(errors.contains(&SpecError::VolumeSize(0)));
+        assert!(errors.contains(&SpecError::ConfigValue("http.bind.to".into())));
+    }
+
+    #[test]
+    fn cidr_edges() {
+        assert!(is_ipv4_cidr("0.0.0.0/0"));
+        assert!(is_ipv4_cidr("255.255.255.255/32"));
+        assert!(!is_ipv4_cidr("1.2.3.4/"));
+        assert!(!is_ipv4_cidr("1.2.3/24"));
+        assert!(!is_ipv4_cidr("01.2.3.4/24"));
+        assert!(!is_ipv4_cidr("1.2.3.4/024"));
+    }
+}

@@ -1,0 +1,1 @@
+//! The operator library (filled in by the operator issue).

@@ -1,0 +1,1 @@
+//! The provisioner library (filled in by the provisioner issue).

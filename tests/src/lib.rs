@@ -1,0 +1,161 @@
+//! Shared helpers for tests that run against the local cloud (`localcloud up`): where its servers
+//! are, clients for them, and polling with a deadline.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use aws_config::{BehaviorVersion, Region};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// The env file `localcloud up` wrote: `$QDB_ENV`, else the default location for this user.
+pub fn env_file() -> PathBuf {
+    if let Ok(p) = std::env::var("QDB_ENV") {
+        return PathBuf::from(p);
+    }
+    let root = if let Ok(c) = std::env::var("QDB_CACHE") {
+        PathBuf::from(c)
+    } else if is_root() {
+        PathBuf::from("/var/cache/qdb-cloud")
+    } else {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/qdb-cloud")
+    };
+    root.join("run/env")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// Parses `export KEY=VALUE` lines.
+pub fn parse_env(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterEnv {
+    pub name: String,
+    pub kubeconfig: PathBuf,
+    pub operator_kubeconfig: PathBuf,
+    pub provisioner_kubeconfig: PathBuf,
+    pub aws_region: String,
+    pub nodesim: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cloud {
+    pub vars: HashMap<String, String>,
+    pub database_url: String,
+    pub kafka_brokers: String,
+    pub aws_endpoint: String,
+    pub clusters: Vec<ClusterEnv>,
+}
+
+impl Cloud {
+    /// Reads the running local cloud's env file; fails with how to start it when it is missing.
+    pub fn load() -> Result<Self> {
+        Self::from_file(&env_file())
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("reading {} (start the local cloud: localcloud/localcloud up)", path.display())
+        })?;
+        let vars = parse_env(&text);
+        let get = |k: &str| vars.get(k).cloned().with_context(|| format!("{k} missing from {}", path.display()));
+        let mut clusters = Vec::new();
+        for name in get("QDB_CLUSTERS")?.split(',').filter(|s| !s.is_empty()) {
+            let up = name.to_uppercase().replace('-', "_");
+            clusters.push(ClusterEnv {
+                name: name.to_string(),
+                kubeconfig: get(&format!("QDB_{up}_KUBECONFIG"))?.into(),
+                operator_kubeconfig: get(&format!("QDB_{up}_OPERATOR_KUBECONFIG"))?.into(),
+                provisioner_kubeconfig: get(&format!("QDB_{up}_PROVISIONER_KUBECONFIG"))?.into(),
+                aws_region: get(&format!("QDB_{up}_AWS_REGION"))?,
+                nodesim: get(&format!("QDB_{up}_NODESIM"))?,
+            });
+        }
+        Ok(Self {
+            database_url: get("DATABASE_URL")?,
+            kafka_brokers: get("KAFKA_BROKERS")?,
+            aws_endpoint: get("AWS_ENDPOINT_URL")?,
+            clusters,
+            vars,
+        })
+    }
+
+    pub fn cluster(&self, name: &str) -> Result<&ClusterEnv> {
+        self.clusters.iter().find(|c| c.name == name).with_context(|| format!("no cluster {name}"))
+    }
+
+    pub async fn aws_config(&self, region: &str) -> aws_config::SdkConfig {
+        aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(&self.aws_endpoint)
+            .region(Region::new(region.to_string()))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "localcloud"))
+            .load()
+            .await
+    }
+
+    pub async fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::new(&self.aws_config(region).await)
+    }
+}
+
+pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` saying what was awaited and the
+/// last thing seen.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("nothing yet");
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A name unique to this test run, for objects tests create in shared servers.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{prefix}-{:x}", (nanos as u64) ^ u64::from(std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_exports_and_ignores_comments() {
+        let vars = parse_env("# c\nexport A=1\nexport B=x=y\nC=2\n");
+        assert_eq!(vars.get("A").unwrap(), "1");
+        assert_eq!(vars.get("B").unwrap(), "x=y");
+        assert!(!vars.contains_key("C"));
+    }
+}

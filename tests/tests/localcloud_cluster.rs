@@ -1,0 +1,161 @@
+//! The clusters of the local cloud behave like a cloud: an EC2 instance launched in the emulator
+//! joins its cluster as a dedicated node, the real scheduler places a workload there, the node
+//! simulator runs it, and a killed node is marked unreachable by the real controller-manager.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
+use base64::Engine;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use qdb_tests::{Cloud, ClusterEnv, eventually, kube_client, unique};
+use serde_json::json;
+
+const CLUSTER_TAG: &str = "cloud.questdb.io/cluster";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn region_a_dedicated_node_lifecycle() -> Result<()> {
+    dedicated_node_lifecycle("region-a").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn region_b_dedicated_node_lifecycle() -> Result<()> {
+    dedicated_node_lifecycle("region-b").await
+}
+
+async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
+    let cloud = Cloud::load()?;
+    let env: ClusterEnv = cloud.cluster(cluster)?.clone();
+    let ec2 = cloud.ec2(&env.aws_region).await;
+    let kube = kube_client(&env.kubeconfig).await?;
+    let db = unique("db");
+
+    // 1. Launch the dedicated instance the way the operator will: kubelet flags in user data.
+    let user_data = format!(
+        "#!/bin/bash\n/usr/bin/bootstrap --kubelet-extra-args '--node-labels=cloud.questdb.io/database={db} \
+         --register-with-taints=cloud.questdb.io/dedicated={db}:NoSchedule'\n"
+    );
+    let run = ec2
+        .run_instances()
+        .image_id("ami-0123456789abcdef0")
+        .instance_type(InstanceType::T3Medium)
+        .min_count(1)
+        .max_count(1)
+        .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(Tag::builder().key(CLUSTER_TAG).value(cluster).build())
+                .tags(Tag::builder().key("Name").value(&db).build())
+                .build(),
+        )
+        .send()
+        .await
+        .context("RunInstances")?;
+    let inst = run.instances().first().context("no instance launched")?;
+    let instance_id = inst.instance_id().context("instance id")?.to_string();
+    let node_name = inst.private_dns_name().context("private DNS name")?.to_string();
+
+    let result = async {
+        // 2. The simulator registers it as a Node with the requested label and taint.
+        let nodes: Api<Node> = Api::all(kube.clone());
+        let node = eventually("node to join", Duration::from_secs(60), || async {
+            let n = nodes.get_opt(&node_name).await?;
+            Ok(n.filter(|n| node_ready(n) == Some("True")))
+        })
+        .await?;
+        assert_eq!(
+            node.spec.as_ref().and_then(|s| s.provider_id.clone()).unwrap_or_default(),
+            format!(
+                "aws:///{}/{instance_id}",
+                inst.placement().and_then(|p| p.availability_zone()).unwrap_or_default()
+            )
+        );
+        assert_eq!(node.metadata.labels.as_ref().and_then(|l| l.get("cloud.questdb.io/database")), Some(&db));
+        let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+        assert!(
+            taints.iter().any(|t| t.key == "cloud.questdb.io/dedicated" && t.value.as_deref() == Some(&db)),
+            "dedicated taint missing: {taints:?}"
+        );
+
+        // 3. A workload that selects and tolerates it is scheduled there by the real scheduler
+        //    and run by the simulator.
+        let namespaces: Api<Namespace> = Api::all(kube.clone());
+        namespaces
+            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": db}}))?)
+            .await?;
+        let deploy: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "questdb"},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": "questdb"}},
+                "template": {
+                    "metadata": {"labels": {"app": "questdb"}},
+                    "spec": {
+                        "nodeSelector": {"cloud.questdb.io/database": db},
+                        "tolerations": [{"key": "cloud.questdb.io/dedicated", "operator": "Equal",
+                                         "value": db, "effect": "NoSchedule"}],
+                        "containers": [{"name": "questdb", "image": "questdb/questdb:8.2.1"}],
+                    }
+                }
+            }
+        }))?;
+        Api::<Deployment>::namespaced(kube.clone(), &db).create(&PostParams::default(), &deploy).await?;
+        let pods: Api<Pod> = Api::namespaced(kube.clone(), &db);
+        let pod = eventually("pod to run on the dedicated node", Duration::from_secs(60), || async {
+            let list = pods.list(&ListParams::default().labels("app=questdb")).await?;
+            Ok(list.into_iter().find(|p| pod_ready(p)))
+        })
+        .await?;
+        assert_eq!(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some(node_name.as_str()));
+        assert_eq!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Running"));
+
+        // 4. Kill the machine: heartbeats stop, the controller-manager marks it unreachable.
+        let nodesim = reqwest::Client::new();
+        let resp = nodesim.post(format!("{}/nodes/{instance_id}/kill", env.nodesim)).send().await?;
+        assert!(resp.status().is_success(), "kill: {}", resp.status());
+        let node = eventually("node to be marked unreachable", Duration::from_secs(90), || async {
+            let n = nodes.get(&node_name).await?;
+            let unreachable = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| ts.iter().any(|t| t.key == "node.kubernetes.io/unreachable"));
+            Ok((node_ready(&n) == Some("Unknown") && unreachable).then_some(n))
+        })
+        .await?;
+        assert_eq!(node_ready(&node), Some("Unknown"));
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+
+    // 5. Terminating the instance removes its Node, as the cloud node controller would.
+    ec2.terminate_instances().instance_ids(&instance_id).send().await?;
+    let nodes: Api<Node> = Api::all(kube.clone());
+    let gone = eventually("node of terminated instance to be deleted", Duration::from_secs(30), || async {
+        Ok(nodes.get_opt(&node_name).await?.is_none().then_some(()))
+    })
+    .await;
+    let _ = Api::<Namespace>::all(kube.clone()).delete(&db, &DeleteParams::default()).await;
+    result?;
+    gone
+}
+
+fn node_ready(n: &Node) -> Option<&str> {
+    n.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status.as_str())
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
