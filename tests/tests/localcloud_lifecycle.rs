@@ -51,7 +51,8 @@ fn processes_mentioning(run: &Path) -> Vec<String> {
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&needle) {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().unwrap_or(0);
+            if cmdline.contains(&needle) && running(pid) {
                 found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
             }
         }
@@ -59,8 +60,21 @@ fn processes_mentioning(run: &Path) -> Vec<String> {
     found
 }
 
+/// Running and not a zombie (an exited child that its new parent has not reaped yet).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn describe(pid: u32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    format!("{pid} {}", String::from_utf8_lossy(&cmdline).replace('\0', " "))
+}
+
 fn assert_all_stopped(run: &Path, pids: &[u32]) -> Result<()> {
-    let alive: Vec<u32> = pids.iter().copied().filter(|p| Path::new(&format!("/proc/{p}")).exists()).collect();
+    let alive: Vec<String> = pids.iter().copied().filter(|p| running(*p)).map(describe).collect();
     if !alive.is_empty() {
         bail!("still running after down: {alive:?}");
     }
