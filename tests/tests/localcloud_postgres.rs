@@ -16,6 +16,15 @@ async fn migrations_apply_and_are_recorded() -> Result<()> {
         .fetch_one(&pool)
         .await?;
     assert_eq!(applied, migrator.iter().count() as i64);
+    assert!(applied >= 1, "the journal migration exists");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for t in ["databases", "gossip_outbox", "instructions"] {
+        assert!(tables.iter().any(|x| x == t), "table {t} missing: {tables:?}");
+    }
     let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&pool).await?;
     assert!(!version.is_empty());
     Ok(())

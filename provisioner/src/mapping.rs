@@ -1,0 +1,290 @@
+//! From instruction to desired QuestDB resource: pure, so every operation is unit-tested.
+//!
+//! The provisioner applies whole specs with server-side apply under its own field manager. A
+//! partial apply would drop the fields it left out (SSA removes fields a manager stops sending),
+//! so a modify is resolved here against the current spec into the full desired spec.
+
+use qdb_crd::{NetworkSpec, QuestDBSpec, ReclaimPolicy, SpecError, VolumeSpec, VolumeType, validate};
+use qdb_proto::v1::{self, instruction::Operation};
+
+/// What to do to the cluster for one instruction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Server-side apply this full spec.
+    Apply(QuestDBSpec),
+    /// Delete the resource; with `retain` the volume's reclaim policy is set to Retain first
+    /// (the spec to apply for that is given), so the operator keeps the data volume.
+    Delete { retain: Option<QuestDBSpec> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    #[error("instruction has no operation this provisioner knows")]
+    UnknownOperation,
+    #[error("create carries no database spec")]
+    MissingSpec,
+    #[error("volume type {0} is unknown")]
+    UnknownVolumeType(i32),
+    #[error("database does not exist in its cluster")]
+    NotFound,
+    #[error("volume cannot shrink from {from} GiB to {to} GiB")]
+    VolumeShrink { from: u32, to: u32 },
+    #[error("invalid spec: {}", join(.0))]
+    Invalid(Vec<SpecError>),
+}
+
+impl MapError {
+    /// The machine-readable gossip reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MapError::UnknownOperation => "UNKNOWN_OPERATION",
+            MapError::NotFound => "DATABASE_NOT_FOUND",
+            MapError::MissingSpec
+            | MapError::UnknownVolumeType(_)
+            | MapError::VolumeShrink { .. }
+            | MapError::Invalid(_) => "INVALID_SPEC",
+        }
+    }
+}
+
+fn join(errors: &[SpecError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// The desired state for `instruction`, given the resource's current spec (None = absent).
+pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> Result<Action, MapError> {
+    let op = instruction.operation.as_ref().ok_or(MapError::UnknownOperation)?;
+    let existing = || current.cloned().ok_or(MapError::NotFound);
+    let spec = match op {
+        // A create of an existing database states its whole desired spec again: applied as is.
+        Operation::Create(create) => {
+            let mut spec = from_proto(create.spec.as_ref().ok_or(MapError::MissingSpec)?)?;
+            if let Some(cur) = current {
+                check_growth(cur, &spec)?;
+                spec.paused = cur.paused;
+                spec.restart_token = cur.restart_token.clone();
+            }
+            spec
+        }
+        Operation::Modify(m) => {
+            let mut spec = existing()?;
+            if let Some(v) = &m.questdb_version {
+                spec.version = v.clone();
+            }
+            if let Some(t) = &m.instance_type {
+                spec.instance_type = t.clone();
+            }
+            if let Some(i) = &m.node_image {
+                spec.node_image = i.clone();
+            }
+            if let Some(size) = m.volume_size_gib {
+                spec.volume.size_gib = size;
+            }
+            for key in &m.remove_server_config {
+                spec.server_config.remove(key);
+            }
+            spec.server_config.extend(m.set_server_config.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if let Some(cidrs) = &m.allowed_cidrs {
+                spec.network.allowed_cidrs = cidrs.cidrs.clone();
+            }
+            check_growth(current.ok_or(MapError::NotFound)?, &spec)?;
+            spec
+        }
+        Operation::Pause(_) => QuestDBSpec { paused: true, ..existing()? },
+        Operation::Resume(_) => QuestDBSpec { paused: false, ..existing()? },
+        // The instruction id is unique, so each restart instruction changes the token once.
+        Operation::Restart(_) => QuestDBSpec { restart_token: Some(instruction.instruction_id.clone()), ..existing()? },
+        Operation::Delete(d) => {
+            let retain = match (d.retain_volume, current) {
+                (true, Some(cur)) => {
+                    let mut spec = cur.clone();
+                    spec.volume.reclaim_policy = ReclaimPolicy::Retain;
+                    Some(spec)
+                }
+                _ => None,
+            };
+            return Ok(Action::Delete { retain });
+        }
+    };
+    validate(&spec).map_err(MapError::Invalid)?;
+    Ok(Action::Apply(spec))
+}
+
+fn check_growth(current: &QuestDBSpec, next: &QuestDBSpec) -> Result<(), MapError> {
+    if next.volume.size_gib < current.volume.size_gib {
+        return Err(MapError::VolumeShrink { from: current.volume.size_gib, to: next.volume.size_gib });
+    }
+    Ok(())
+}
+
+/// A protobuf database spec as a resource spec (not yet validated).
+pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
+    let volume = spec.volume.unwrap_or_default();
+    let type_ = match v1::VolumeType::try_from(volume.r#type) {
+        Ok(v1::VolumeType::Gp3) => VolumeType::Gp3,
+        Ok(v1::VolumeType::Gp2) => VolumeType::Gp2,
+        Ok(v1::VolumeType::Io2) => VolumeType::Io2,
+        Ok(v1::VolumeType::Unspecified) | Err(_) => return Err(MapError::UnknownVolumeType(volume.r#type)),
+    };
+    Ok(QuestDBSpec {
+        version: spec.questdb_version.clone(),
+        instance_type: spec.instance_type.clone(),
+        node_image: spec.node_image.clone(),
+        volume: VolumeSpec { size_gib: volume.size_gib, type_, reclaim_policy: ReclaimPolicy::Delete },
+        server_config: spec.server_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        paused: false,
+        restart_token: None,
+        network: NetworkSpec { allowed_cidrs: spec.allowed_cidrs.clone(), dns_name: None },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use qdb_proto::v1::{CidrList, Create, Delete, Instruction, Modify, Pause, Restart, Resume, Volume};
+
+    fn proto_spec() -> v1::DatabaseSpec {
+        v1::DatabaseSpec {
+            questdb_version: "8.2.1".into(),
+            instance_type: "m6i.xlarge".into(),
+            node_image: "ami-0123456789abcdef0".into(),
+            volume: Some(Volume { size_gib: 100, r#type: v1::VolumeType::Gp3 as i32 }),
+            server_config: BTreeMap::from([("cairo.commit.lag".to_string(), "1000".to_string())]),
+            allowed_cidrs: vec!["203.0.113.0/24".into()],
+        }
+    }
+
+    fn ins(op: Operation) -> Instruction {
+        Instruction {
+            instruction_id: "i-42".into(),
+            database_id: "db-1".into(),
+            cluster: "region-a".into(),
+            sequence: 7,
+            issued_at_ms: 0,
+            operation: Some(op),
+        }
+    }
+
+    fn current() -> QuestDBSpec {
+        from_proto(&proto_spec()).unwrap()
+    }
+
+    fn applied(action: Result<Action, MapError>) -> QuestDBSpec {
+        match action {
+            Ok(Action::Apply(spec)) => spec,
+            other => panic!("expected an apply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_maps_every_field() {
+        let spec = applied(desired(&ins(Operation::Create(Create { spec: Some(proto_spec()) })), None));
+        assert_eq!(spec.version, "8.2.1");
+        assert_eq!(spec.instance_type, "m6i.xlarge");
+        assert_eq!(spec.node_image, "ami-0123456789abcdef0");
+        assert_eq!(spec.volume, VolumeSpec { size_gib: 100, type_: VolumeType::Gp3, reclaim_policy: ReclaimPolicy::Delete });
+        assert_eq!(spec.server_config.get("cairo.commit.lag").map(String::as_str), Some("1000"));
+        assert_eq!(spec.network.allowed_cidrs, vec!["203.0.113.0/24".to_string()]);
+        assert!(!spec.paused);
+    }
+
+    #[test]
+    fn create_again_keeps_pause_and_restart_state() {
+        let mut cur = current();
+        cur.paused = true;
+        cur.restart_token = Some("t".into());
+        let spec = applied(desired(&ins(Operation::Create(Create { spec: Some(proto_spec()) })), Some(&cur)));
+        assert!(spec.paused);
+        assert_eq!(spec.restart_token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn create_rejects_bad_input() {
+        assert_eq!(desired(&ins(Operation::Create(Create { spec: None })), None), Err(MapError::MissingSpec));
+        let mut bad_type = proto_spec();
+        bad_type.volume = Some(Volume { size_gib: 10, r#type: 42 });
+        assert_eq!(
+            desired(&ins(Operation::Create(Create { spec: Some(bad_type) })), None),
+            Err(MapError::UnknownVolumeType(42))
+        );
+        let mut invalid = proto_spec();
+        invalid.questdb_version = "latest".into();
+        invalid.allowed_cidrs = vec!["nope".into()];
+        let err = desired(&ins(Operation::Create(Create { spec: Some(invalid) })), None).unwrap_err();
+        assert_eq!(err.reason(), "INVALID_SPEC");
+        assert!(err.to_string().contains("latest") && err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn modify_changes_only_what_it_names() {
+        let m = Modify {
+            questdb_version: Some("8.3.0".into()),
+            volume_size_gib: Some(200),
+            set_server_config: BTreeMap::from([("line.tcp.enabled".to_string(), "true".to_string())]),
+            remove_server_config: vec!["cairo.commit.lag".into()],
+            allowed_cidrs: Some(CidrList { cidrs: vec![] }),
+            ..Default::default()
+        };
+        let spec = applied(desired(&ins(Operation::Modify(m)), Some(&current())));
+        assert_eq!(spec.version, "8.3.0");
+        assert_eq!(spec.volume.size_gib, 200);
+        assert_eq!(spec.instance_type, "m6i.xlarge");
+        assert_eq!(spec.server_config, BTreeMap::from([("line.tcp.enabled".to_string(), "true".to_string())]));
+        assert!(spec.network.allowed_cidrs.is_empty(), "an empty list closes the database");
+
+        let untouched = applied(desired(&ins(Operation::Modify(Modify::default())), Some(&current())));
+        assert_eq!(untouched, current());
+    }
+
+    #[test]
+    fn modify_refuses_shrink_and_missing_database() {
+        let shrink = Modify { volume_size_gib: Some(50), ..Default::default() };
+        assert_eq!(
+            desired(&ins(Operation::Modify(shrink)), Some(&current())),
+            Err(MapError::VolumeShrink { from: 100, to: 50 })
+        );
+        assert_eq!(desired(&ins(Operation::Modify(Modify::default())), None), Err(MapError::NotFound));
+    }
+
+    #[test]
+    fn pause_resume_restart() {
+        let paused = applied(desired(&ins(Operation::Pause(Pause {})), Some(&current())));
+        assert!(paused.paused);
+        let resumed = applied(desired(&ins(Operation::Resume(Resume {})), Some(&paused)));
+        assert!(!resumed.paused);
+        let restarted = applied(desired(&ins(Operation::Restart(Restart {})), Some(&current())));
+        assert_eq!(restarted.restart_token.as_deref(), Some("i-42"));
+        for op in [Operation::Pause(Pause {}), Operation::Resume(Resume {}), Operation::Restart(Restart {})] {
+            assert_eq!(desired(&ins(op), None), Err(MapError::NotFound));
+        }
+    }
+
+    #[test]
+    fn delete_with_and_without_the_volume() {
+        assert_eq!(
+            desired(&ins(Operation::Delete(Delete { retain_volume: false })), Some(&current())),
+            Ok(Action::Delete { retain: None })
+        );
+        let Ok(Action::Delete { retain: Some(spec) }) =
+            desired(&ins(Operation::Delete(Delete { retain_volume: true })), Some(&current()))
+        else {
+            panic!("expected a retaining delete");
+        };
+        assert_eq!(spec.volume.reclaim_policy, ReclaimPolicy::Retain);
+        // Deleting what is already gone is fine: the delete is idempotent.
+        assert_eq!(
+            desired(&ins(Operation::Delete(Delete { retain_volume: true })), None),
+            Ok(Action::Delete { retain: None })
+        );
+    }
+
+    #[test]
+    fn no_operation_is_unknown() {
+        let mut i = ins(Operation::Pause(Pause {}));
+        i.operation = None;
+        assert_eq!(desired(&i, Some(&current())), Err(MapError::UnknownOperation));
+        assert_eq!(MapError::UnknownOperation.reason(), "UNKNOWN_OPERATION");
+    }
+}
