@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use qdb_proto::Message;
 use qdb_proto::v1::{
-    CidrList, Create, DatabaseSpec, DatabaseStatus, Delete, Endpoints, GossipEvent, Instruction, Modify, Pause,
-    Phase, Restart, Resume, Volume, VolumeType, instruction::Operation,
+    CidrList, Create, DatabaseSpec, DatabaseStatus, Delete, Endpoints, GossipEvent, Instruction, Modify,
+    Pause, Phase, Restart, Resume, Volume, VolumeType, instruction::Operation,
 };
 
 fn dir() -> PathBuf {

@@ -12,7 +12,10 @@ fn generated_code_matches_the_proto_files() {
         .btree_map(["."])
         .out_dir(&out)
         .compile_protos(
-            &[root.join("proto/questdb/cloud/v1/instruction.proto"), root.join("proto/questdb/cloud/v1/gossip.proto")],
+            &[
+                root.join("proto/questdb/cloud/v1/instruction.proto"),
+                root.join("proto/questdb/cloud/v1/gossip.proto"),
+            ],
             &[root.join("proto")],
         )
         .expect("protoc compiles the contracts (install: apt-get install protobuf-compiler)");

@@ -93,7 +93,9 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
         Operation::Pause(_) => QuestDBSpec { paused: true, ..existing()? },
         Operation::Resume(_) => QuestDBSpec { paused: false, ..existing()? },
         // The instruction id is unique, so each restart instruction changes the token once.
-        Operation::Restart(_) => QuestDBSpec { restart_token: Some(instruction.instruction_id.clone()), ..existing()? },
+        Operation::Restart(_) => {
+            QuestDBSpec { restart_token: Some(instruction.instruction_id.clone()), ..existing()? }
+        }
         Operation::Delete(d) => {
             let retain = match (d.retain_volume, current) {
                 (true, Some(cur)) => {
@@ -184,7 +186,10 @@ mod tests {
         assert_eq!(spec.version, "8.2.1");
         assert_eq!(spec.instance_type, "m6i.xlarge");
         assert_eq!(spec.node_image, "ami-0123456789abcdef0");
-        assert_eq!(spec.volume, VolumeSpec { size_gib: 100, type_: VolumeType::Gp3, reclaim_policy: ReclaimPolicy::Delete });
+        assert_eq!(
+            spec.volume,
+            VolumeSpec { size_gib: 100, type_: VolumeType::Gp3, reclaim_policy: ReclaimPolicy::Delete }
+        );
         assert_eq!(spec.server_config.get("cairo.commit.lag").map(String::as_str), Some("1000"));
         assert_eq!(spec.network.allowed_cidrs, vec!["203.0.113.0/24".to_string()]);
         assert!(!spec.paused);
@@ -231,7 +236,10 @@ mod tests {
         assert_eq!(spec.version, "8.3.0");
         assert_eq!(spec.volume.size_gib, 200);
         assert_eq!(spec.instance_type, "m6i.xlarge");
-        assert_eq!(spec.server_config, BTreeMap::from([("line.tcp.enabled".to_string(), "true".to_string())]));
+        assert_eq!(
+            spec.server_config,
+            BTreeMap::from([("line.tcp.enabled".to_string(), "true".to_string())])
+        );
         assert!(spec.network.allowed_cidrs.is_empty(), "an empty list closes the database");
 
         let untouched = applied(desired(&ins(Operation::Modify(Modify::default())), Some(&current())));

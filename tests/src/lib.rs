@@ -70,7 +70,8 @@ impl Cloud {
             format!("reading {} (start the local cloud: localcloud/localcloud up)", path.display())
         })?;
         let vars = parse_env(&text);
-        let get = |k: &str| vars.get(k).cloned().with_context(|| format!("{k} missing from {}", path.display()));
+        let get =
+            |k: &str| vars.get(k).cloned().with_context(|| format!("{k} missing from {}", path.display()));
         let mut clusters = Vec::new();
         for name in get("QDB_CLUSTERS")?.split(',').filter(|s| !s.is_empty()) {
             let up = name.to_uppercase().replace('-', "_");
@@ -100,7 +101,13 @@ impl Cloud {
         aws_config::defaults(BehaviorVersion::latest())
             .endpoint_url(&self.aws_endpoint)
             .region(Region::new(region.to_string()))
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "localcloud"))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                "testing",
+                "testing",
+                None,
+                None,
+                "localcloud",
+            ))
             .load()
             .await
     }
@@ -111,7 +118,8 @@ impl Cloud {
 }
 
 pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client> {
-    let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let kc =
+        Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     Ok(kube::Client::try_from(config)?)
 }

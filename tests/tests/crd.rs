@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use qdb_crd::QuestDB;
 use qdb_tests::{Cloud, eventually, kube_client, unique};
@@ -55,7 +55,9 @@ async fn crd_validates_on_the_apiserver() -> Result<()> {
 
     let ns = unique("crd");
     let namespaces: Api<Namespace> = Api::all(kube.clone());
-    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?).await?;
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?)
+        .await?;
     let api: Api<QuestDB> = Api::namespaced(kube.clone(), &ns);
 
     let result = async {

@@ -106,7 +106,7 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         let pods: Api<Pod> = Api::namespaced(kube.clone(), &db);
         let pod = eventually("pod to run on the dedicated node", Duration::from_secs(60), || async {
             let list = pods.list(&ListParams::default().labels("app=questdb")).await?;
-            Ok(list.into_iter().find(|p| pod_ready(p)))
+            Ok(list.into_iter().find(pod_ready))
         })
         .await?;
         assert_eq!(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some(node_name.as_str()));
@@ -144,13 +144,7 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
 }
 
 fn node_ready(n: &Node) -> Option<&str> {
-    n.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.status.as_str())
+    n.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready").map(|c| c.status.as_str())
 }
 
 fn pod_ready(p: &Pod) -> bool {

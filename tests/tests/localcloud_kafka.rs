@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use qdb_tests::{Cloud, unique};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -11,7 +12,6 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use qdb_tests::{Cloud, unique};
 
 fn consumer(brokers: &str, group: &str) -> Result<StreamConsumer> {
     Ok(ClientConfig::new()
@@ -33,9 +33,8 @@ async fn close(c: StreamConsumer) {
 }
 
 async fn next_payload(c: &StreamConsumer) -> Result<(i64, String)> {
-    let msg = tokio::time::timeout(Duration::from_secs(30), c.recv())
-        .await
-        .context("no message within 30s")??;
+    let msg =
+        tokio::time::timeout(Duration::from_secs(30), c.recv()).await.context("no message within 30s")??;
     let payload = String::from_utf8(msg.payload().unwrap_or_default().to_vec())?;
     Ok((msg.offset(), payload))
 }
@@ -62,7 +61,10 @@ async fn consumer_group_resumes_from_committed_offsets() -> Result<()> {
         .create()?;
     for i in 0..10 {
         producer
-            .send(FutureRecord::to(&topic).key("db-1").payload(&format!("m{i}")), Timeout::After(Duration::from_secs(10)))
+            .send(
+                FutureRecord::to(&topic).key("db-1").payload(&format!("m{i}")),
+                Timeout::After(Duration::from_secs(10)),
+            )
             .await
             .map_err(|(e, _)| anyhow::anyhow!("produce m{i}: {e}"))?;
     }
@@ -71,7 +73,9 @@ async fn consumer_group_resumes_from_committed_offsets() -> Result<()> {
     let first = consumer(&cloud.kafka_brokers, &group)?;
     first.subscribe(&[&topic])?;
     for i in 0..5 {
-        let msg = tokio::time::timeout(Duration::from_secs(30), first.recv()).await.context("first consumer idle")??;
+        let msg = tokio::time::timeout(Duration::from_secs(30), first.recv())
+            .await
+            .context("first consumer idle")??;
         assert_eq!(msg.payload(), Some(format!("m{i}").as_bytes()));
         if i == 4 {
             first.commit_message(&msg, CommitMode::Sync)?;

@@ -120,7 +120,10 @@ fn scenario(run: &Path) -> Result<()> {
     let out = localcloud(run, &[("QDB_CACHE", &empty_str), ("KUBEBUILDER_ASSETS", &empty_str)], &["up"])?;
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("not installed:") && err.contains("tansu") && err.contains("kube-apiserver"), "{err}");
+    assert!(
+        err.contains("not installed:") && err.contains("tansu") && err.contains("kube-apiserver"),
+        "{err}"
+    );
     assert!(err.contains("run: localcloud install"), "{err}");
     assert!(processes_mentioning(run).is_empty());
 

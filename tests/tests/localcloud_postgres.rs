@@ -12,9 +12,8 @@ async fn migrations_apply_and_are_recorded() -> Result<()> {
     migrator.run(&pool).await?;
     // Running them again is a no-op, as it must be for every replica's start-up.
     migrator.run(&pool).await?;
-    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(&pool)
-        .await?;
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(&pool).await?;
     assert_eq!(applied, migrator.iter().count() as i64);
     assert!(applied >= 1, "the journal migration exists");
     let tables: Vec<String> = sqlx::query_scalar(

@@ -41,11 +41,7 @@ pub async fn cluster_instances(ec2: &Client, tag_key: &str, cluster: &str) -> Re
                 private_dns: i.private_dns_name().unwrap_or_default().to_string(),
                 private_ip: i.private_ip_address().unwrap_or_default().to_string(),
                 public_ip: i.public_ip_address().map(str::to_string),
-                az: i
-                    .placement()
-                    .and_then(|p| p.availability_zone())
-                    .unwrap_or_default()
-                    .to_string(),
+                az: i.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string(),
                 instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
                 image_id: i.image_id().unwrap_or_default().to_string(),
             });
@@ -79,7 +75,9 @@ pub async fn volume_attached_to(ec2: &Client, volume_id: &str, instance_id: &str
         .send()
         .await
         .with_context(|| format!("DescribeVolumes {volume_id}"))?;
-    Ok(out.volumes().iter().flat_map(|v| v.attachments()).any(|a| {
-        a.instance_id() == Some(instance_id) && a.state() == Some(&VolumeAttachmentState::Attached)
-    }))
+    Ok(out
+        .volumes()
+        .iter()
+        .flat_map(|v| v.attachments())
+        .any(|a| a.instance_id() == Some(instance_id) && a.state() == Some(&VolumeAttachmentState::Attached)))
 }

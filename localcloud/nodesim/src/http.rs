@@ -29,24 +29,32 @@ async fn list(State(state): State<Shared>) -> Json<Vec<SimNode>> {
 
 fn set_killed(state: &Shared, id: &str, killed: bool) -> Result<Json<SimNode>, (StatusCode, String)> {
     let mut st = state.lock().expect("state lock");
-    let node = st
-        .find_mut(id)
-        .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no simulated node {id}\n")))?;
+    let node = st.find_mut(id).ok_or_else(|| (StatusCode::NOT_FOUND, format!("no simulated node {id}\n")))?;
     node.killed = killed;
     info!(node = node.node_name, instance = node.instance_id, killed, "node power changed on request");
     Ok(Json(node.clone()))
 }
 
-async fn kill(State(state): State<Shared>, Path(id): Path<String>) -> Result<Json<SimNode>, (StatusCode, String)> {
+async fn kill(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<SimNode>, (StatusCode, String)> {
     set_killed(&state, &id, true)
 }
 
-async fn revive(State(state): State<Shared>, Path(id): Path<String>) -> Result<Json<SimNode>, (StatusCode, String)> {
+async fn revive(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<SimNode>, (StatusCode, String)> {
     set_killed(&state, &id, false)
 }
 
-async fn join_delay(State(state): State<Shared>, Path(seconds): Path<f64>) -> Result<String, (StatusCode, String)> {
-    let delay = Duration::try_from_secs_f64(seconds).map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))?;
+async fn join_delay(
+    State(state): State<Shared>,
+    Path(seconds): Path<f64>,
+) -> Result<String, (StatusCode, String)> {
+    let delay =
+        Duration::try_from_secs_f64(seconds).map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))?;
     state.lock().expect("state lock").join_delay = delay;
     info!(?delay, "join delay changed");
     Ok(format!("join delay {seconds}s\n"))

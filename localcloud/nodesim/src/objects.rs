@@ -122,7 +122,8 @@ pub fn build_pod_status(
             })
         })
         .collect();
-    let cond = |type_: &str, status: &str| json!({"type": type_, "status": status, "lastTransitionTime": now});
+    let cond =
+        |type_: &str, status: &str| json!({"type": type_, "status": status, "lastTransitionTime": now});
     json!({
         "status": {
             "phase": if ready { "Running" } else { "Pending" },

@@ -61,9 +61,7 @@ pub struct State {
 impl State {
     /// Finds a node by instance id or node name.
     pub fn find_mut(&mut self, key: &str) -> Option<&mut SimNode> {
-        self.nodes
-            .values_mut()
-            .find(|n| n.instance_id == key || n.node_name == key)
+        self.nodes.values_mut().find(|n| n.instance_id == key || n.node_name == key)
     }
 }
 
@@ -201,7 +199,9 @@ impl Sim {
             };
             let uid = match nodes.create(&PostParams::default(), &obj).await {
                 Ok(created) => created.metadata.uid,
-                Err(e) if is_status(&e, 409) => nodes.get(&n.node_name).await.ok().and_then(|o| o.metadata.uid),
+                Err(e) if is_status(&e, 409) => {
+                    nodes.get(&n.node_name).await.ok().and_then(|o| o.metadata.uid)
+                }
                 Err(e) => {
                     warn!(node = n.node_name, error = %e, "registering Node failed");
                     continue;
@@ -219,11 +219,7 @@ impl Sim {
 
     fn live(&self) -> Vec<SimNode> {
         let st = self.state.lock().expect("state lock");
-        st.nodes
-            .values()
-            .filter(|n| n.running && n.joined && !n.killed)
-            .cloned()
-            .collect()
+        st.nodes.values().filter(|n| n.running && n.joined && !n.killed).cloned().collect()
     }
 
     async fn heartbeats(&self) {
@@ -243,7 +239,11 @@ impl Sim {
         let since = n.ready_since.clone().unwrap_or_else(|| now.clone());
         let nodes: Api<Node> = Api::all(self.kube.clone());
         nodes
-            .patch_status(&n.node_name, &PatchParams::default(), &Patch::Merge(build_node_status(inst, &now, &since)))
+            .patch_status(
+                &n.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(build_node_status(inst, &now, &since)),
+            )
             .await
             .context("patching Node status")?;
         let leases: Api<Lease> = Api::namespaced(self.kube.clone(), "kube-node-lease");
@@ -263,14 +263,16 @@ impl Sim {
     /// Plays the kubelet for the pods bound to live nodes: finishes graceful deletions and starts
     /// containers once their volumes are attached to the node's instance.
     async fn run_pods(&self) -> Result<()> {
-        let live: BTreeMap<String, SimNode> = self.live().into_iter().map(|n| (n.node_name.clone(), n)).collect();
+        let live: BTreeMap<String, SimNode> =
+            self.live().into_iter().map(|n| (n.node_name.clone(), n)).collect();
         if live.is_empty() {
             return Ok(());
         }
         let pods: Api<Pod> = Api::all(self.kube.clone());
         let list = pods.list(&ListParams::default()).await.context("listing pods")?;
         for pod in list {
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).and_then(|n| live.get(n)) else {
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).and_then(|n| live.get(n))
+            else {
                 continue;
             };
             if let Err(e) = self.run_pod(&pod, node).await {
@@ -302,9 +304,13 @@ impl Sim {
         if ready && waiting.is_none() {
             return Ok(());
         }
-        let already_waiting = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| {
-            cs.iter().any(|c| c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.as_deref()) == waiting.as_deref())
-        });
+        let already_waiting =
+            pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.as_deref())
+                        == waiting.as_deref()
+                })
+            });
         if !ready && waiting.is_some() && already_waiting {
             return Ok(());
         }
@@ -334,7 +340,8 @@ impl Sim {
             .collect();
         for claim in claims {
             let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(self.kube.clone(), ns);
-            let Some(pv_name) = pvcs.get_opt(&claim).await?.and_then(|c| c.spec).and_then(|s| s.volume_name) else {
+            let Some(pv_name) = pvcs.get_opt(&claim).await?.and_then(|c| c.spec).and_then(|s| s.volume_name)
+            else {
                 return Ok(Some(format!("claim {claim} is not bound")));
             };
             let pvs: Api<PersistentVolume> = Api::all(self.kube.clone());
@@ -342,9 +349,8 @@ impl Sim {
                 return Ok(Some(format!("volume {pv_name} not found")));
             };
             let Some(volume_id) = ebs_volume_id(&pv) else { continue };
-            let attached = ec2::volume_attached_to(&self.ec2, &volume_id, instance_id)
-                .await
-                .unwrap_or_else(|e| {
+            let attached =
+                ec2::volume_attached_to(&self.ec2, &volume_id, instance_id).await.unwrap_or_else(|e| {
                     warn!(volume = volume_id, error = format!("{e:#}"), "cannot read volume");
                     false
                 });
@@ -367,10 +373,10 @@ fn pod_is_ready(pod: &Pod) -> bool {
 /// (`aws://<az>/vol-...` or a bare id).
 pub fn ebs_volume_id(pv: &PersistentVolume) -> Option<String> {
     let spec = pv.spec.as_ref()?;
-    if let Some(csi) = &spec.csi {
-        if csi.driver == "ebs.csi.aws.com" {
-            return Some(csi.volume_handle.clone());
-        }
+    if let Some(csi) = &spec.csi
+        && csi.driver == "ebs.csi.aws.com"
+    {
+        return Some(csi.volume_handle.clone());
     }
     let id = &spec.aws_elastic_block_store.as_ref()?.volume_id;
     Some(id.rsplit('/').next().unwrap_or(id).to_string())
@@ -379,7 +385,9 @@ pub fn ebs_volume_id(pv: &PersistentVolume) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{AWSElasticBlockStoreVolumeSource, CSIPersistentVolumeSource, PersistentVolumeSpec};
+    use k8s_openapi::api::core::v1::{
+        AWSElasticBlockStoreVolumeSource, CSIPersistentVolumeSource, PersistentVolumeSpec,
+    };
 
     #[test]
     fn volume_id_from_csi_and_in_tree_sources() {

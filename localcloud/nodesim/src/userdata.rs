@@ -48,9 +48,7 @@ pub fn parse(user_data: &str) -> Result<KubeletFlags, ParseError> {
 }
 
 fn split_list(list: &str) -> impl Iterator<Item = &str> {
-    list.split(',')
-        .map(|s| s.trim_matches(|c| c == '"' || c == '\''))
-        .filter(|s| !s.is_empty())
+    list.split(',').map(|s| s.trim_matches(|c| c == '"' || c == '\'')).filter(|s| !s.is_empty())
 }
 
 fn parse_taint(item: &str) -> Result<Taint, ParseError> {
@@ -66,11 +64,7 @@ fn parse_taint(item: &str) -> Result<Taint, ParseError> {
     if key.is_empty() {
         return Err(bad());
     }
-    Ok(Taint {
-        key: key.to_string(),
-        value,
-        effect: effect.to_string(),
-    })
+    Ok(Taint { key: key.to_string(), value, effect: effect.to_string() })
 }
 
 #[cfg(test)]
@@ -97,7 +91,8 @@ mod tests {
 
     #[test]
     fn taint_without_value_and_repeated_flags() {
-        let flags = parse("--register-with-taints=a:NoExecute --register-with-taints=b=c:NoSchedule").unwrap();
+        let flags =
+            parse("--register-with-taints=a:NoExecute --register-with-taints=b=c:NoSchedule").unwrap();
         assert_eq!(flags.taints.len(), 2);
         assert_eq!(flags.taints[0].value, None);
         assert_eq!(flags.taints[1].key, "b");

@@ -49,7 +49,8 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     }
     for (k, v) in &spec.server_config {
         let key_ok = !k.is_empty()
-            && k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+            && k.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
         if !key_ok {
             errors.push(SpecError::ConfigKey(k.clone()));
         }
@@ -58,10 +59,10 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
             errors.push(SpecError::ConfigValue(k.clone()));
         }
     }
-    if let Some(name) = &spec.network.dns_name {
-        if !is_dns_name(name) {
-            errors.push(SpecError::DnsName(name.clone()));
-        }
+    if let Some(name) = &spec.network.dns_name
+        && !is_dns_name(name)
+    {
+        errors.push(SpecError::DnsName(name.clone()));
     }
     if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
@@ -92,7 +93,10 @@ fn is_ami(s: &str) -> bool {
 pub fn is_ipv4_cidr(s: &str) -> bool {
     let Some((ip, prefix)) = s.split_once('/') else { return false };
     // Ipv4Addr's parser already refuses leading zeros and octets above 255.
-    ip.parse::<Ipv4Addr>().is_ok() && is_digits(prefix) && prefix.len() <= 2 && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+    ip.parse::<Ipv4Addr>().is_ok()
+        && is_digits(prefix)
+        && prefix.len() <= 2
+        && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
 }
 
 fn is_dns_name(s: &str) -> bool {
@@ -118,11 +122,18 @@ mod tests {
             version: "8.2.1".into(),
             instance_type: "m6i.xlarge".into(),
             node_image: "ami-0123456789abcdef0".into(),
-            volume: VolumeSpec { size_gib: 100, type_: VolumeType::Gp3, reclaim_policy: ReclaimPolicy::Delete },
+            volume: VolumeSpec {
+                size_gib: 100,
+                type_: VolumeType::Gp3,
+                reclaim_policy: ReclaimPolicy::Delete,
+            },
             server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
             paused: false,
             restart_token: None,
-            network: NetworkSpec { allowed_cidrs: vec!["203.0.113.0/24".into()], dns_name: Some("db1.example.com".into()) },
+            network: NetworkSpec {
+                allowed_cidrs: vec!["203.0.113.0/24".into()],
+                dns_name: Some("db1.example.com".into()),
+            },
         }
     }
 
