@@ -1,6 +1,7 @@
 //! The clusters of the local cloud behave like a cloud: an EC2 instance launched in the emulator
 //! joins its cluster as a dedicated node, the real scheduler places a workload there, the node
-//! simulator runs it, and a killed node is marked unreachable by the real controller-manager.
+//! simulator runs it, a killed node is marked unreachable by the real controller-manager and
+//! recovers when revived, a join delay holds a node back, and a terminated instance's Node goes.
 
 use std::time::Duration;
 
@@ -37,6 +38,10 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         "#!/bin/bash\n/usr/bin/bootstrap --kubelet-extra-args '--node-labels=cloud.questdb.io/database={db} \
          --register-with-taints=cloud.questdb.io/dedicated={db}:NoSchedule'\n"
     );
+    // A join delay holds the new node back, like a slow bootstrap.
+    let nodesim = reqwest::Client::new();
+    let resp = nodesim.put(format!("{}/join-delay/4", env.nodesim)).send().await?;
+    assert!(resp.status().is_success(), "join-delay: {}", resp.status());
     let run = ec2
         .run_instances()
         .image_id("ami-0123456789abcdef0")
@@ -59,8 +64,11 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
     let node_name = inst.private_dns_name().context("private DNS name")?.to_string();
 
     let result = async {
-        // 2. The simulator registers it as a Node with the requested label and taint.
+        // 2. The simulator registers it as a Node with the requested label and taint, once the
+        //    join delay has passed.
         let nodes: Api<Node> = Api::all(kube.clone());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(nodes.get_opt(&node_name).await?.is_none(), "node joined despite the join delay");
         let node = eventually("node to join", Duration::from_secs(60), || async {
             let n = nodes.get_opt(&node_name).await?;
             Ok(n.filter(|n| node_ready(n) == Some("True")))
@@ -73,6 +81,7 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
                 inst.placement().and_then(|p| p.availability_zone()).unwrap_or_default()
             )
         );
+        nodesim.put(format!("{}/join-delay/0", env.nodesim)).send().await?.error_for_status()?;
         assert_eq!(node.metadata.labels.as_ref().and_then(|l| l.get("cloud.questdb.io/database")), Some(&db));
         let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
         assert!(
@@ -113,7 +122,6 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         assert_eq!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Running"));
 
         // 4. Kill the machine: heartbeats stop, the controller-manager marks it unreachable.
-        let nodesim = reqwest::Client::new();
         let resp = nodesim.post(format!("{}/nodes/{instance_id}/kill", env.nodesim)).send().await?;
         assert!(resp.status().is_success(), "kill: {}", resp.status());
         let node = eventually("node to be marked unreachable", Duration::from_secs(90), || async {
@@ -127,11 +135,24 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         })
         .await?;
         assert_eq!(node_ready(&node), Some("Unknown"));
+
+        // 5. Revived, it heartbeats again and the controller-manager lifts the taint.
+        nodesim.post(format!("{}/nodes/{node_name}/revive", env.nodesim)).send().await?.error_for_status()?;
+        eventually("revived node to be Ready and untainted", Duration::from_secs(60), || async {
+            let n = nodes.get(&node_name).await?;
+            let tainted = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| ts.iter().any(|t| t.key == "node.kubernetes.io/unreachable"));
+            Ok((node_ready(&n) == Some("True") && !tainted).then_some(()))
+        })
+        .await?;
         Ok::<_, anyhow::Error>(())
     }
     .await;
 
-    // 5. Terminating the instance removes its Node, as the cloud node controller would.
+    // 6. Terminating the instance removes its Node, as the cloud node controller would.
     ec2.terminate_instances().instance_ids(&instance_id).send().await?;
     let nodes: Api<Node> = Api::all(kube.clone());
     let gone = eventually("node of terminated instance to be deleted", Duration::from_secs(30), || async {
