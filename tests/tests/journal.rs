@@ -1,0 +1,111 @@
+//! The provisioner's journal on the local cloud's PostgreSQL: an instruction id acts once, the
+//! per-database sequence fence supersedes stale instructions, and concurrent deliveries of one
+//! message (two replicas during a rebalance) still record exactly one effect.
+
+use anyhow::Result;
+use qdb_provisioner::journal::{Accepted, NewInstruction, accept, enqueue_gossip};
+use qdb_tests::{Cloud, unique};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+async fn pool() -> Result<PgPool> {
+    let cloud = Cloud::load()?;
+    let pool = PgPoolOptions::new().max_connections(4).connect(&cloud.database_url).await?;
+    sqlx::migrate!("../migrations").run(&pool).await?;
+    Ok(pool)
+}
+
+fn ins<'a>(id: &'a str, db: &'a str, sequence: i64) -> NewInstruction<'a> {
+    NewInstruction {
+        id,
+        database_id: db,
+        cluster: "region-a",
+        sequence,
+        operation: "create",
+        payload: b"bytes",
+        source_partition: Some(0),
+        source_offset: Some(sequence),
+    }
+}
+
+async fn accept_committed(pool: &PgPool, i: &NewInstruction<'_>) -> Result<Accepted> {
+    let mut tx = pool.begin().await?;
+    let outcome = accept(&mut tx, i).await?;
+    enqueue_gossip(&mut tx, i.database_id, format!("{outcome:?}").as_bytes()).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn states(pool: &PgPool, db: &str) -> Result<Vec<(i64, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT sequence, state FROM instructions WHERE database_id = $1 ORDER BY sequence, id",
+    )
+    .bind(db)
+    .fetch_all(pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn an_instruction_id_acts_once() -> Result<()> {
+    let pool = pool().await?;
+    let db = unique("db");
+    let id = unique("ins");
+    assert_eq!(accept_committed(&pool, &ins(&id, &db, 1)).await?, Accepted::New);
+    let Accepted::Duplicate(recorded) = accept_committed(&pool, &ins(&id, &db, 1)).await? else {
+        panic!("a redelivery must be recognised");
+    };
+    assert_eq!(recorded.state, "pending");
+    assert_eq!(states(&pool, &db).await?, vec![(1, "pending".to_string())]);
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM gossip_outbox WHERE database_id = $1")
+        .bind(&db)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(outbox, 2, "both deliveries are answered on gossip");
+    Ok(())
+}
+
+#[tokio::test]
+async fn stale_sequences_are_superseded() -> Result<()> {
+    let pool = pool().await?;
+    let db = unique("db");
+    let (a, b, c, d) = (unique("a"), unique("b"), unique("c"), unique("d"));
+    assert_eq!(accept_committed(&pool, &ins(&a, &db, 5)).await?, Accepted::New);
+    assert_eq!(accept_committed(&pool, &ins(&b, &db, 3)).await?, Accepted::Stale { last_sequence: 5 });
+    assert_eq!(accept_committed(&pool, &ins(&c, &db, 5)).await?, Accepted::Stale { last_sequence: 5 });
+    assert_eq!(accept_committed(&pool, &ins(&d, &db, 9)).await?, Accepted::New);
+    let reason: String =
+        sqlx::query_scalar("SELECT reason FROM instructions WHERE id = $1").bind(&b).fetch_one(&pool).await?;
+    assert_eq!(reason, "STALE_SEQUENCE");
+    assert_eq!(
+        states(&pool, &db).await?,
+        vec![
+            (3, "superseded".into()),
+            (5, "pending".into()),
+            (5, "superseded".into()),
+            (9, "pending".into())
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_deliveries_record_one_effect() -> Result<()> {
+    let pool = pool().await?;
+    let db = unique("db");
+    let id = unique("ins");
+    let runs = (0..8).map(|_| {
+        let (pool, db, id) = (pool.clone(), db.clone(), id.clone());
+        tokio::spawn(async move { accept_committed(&pool, &ins(&id, &db, 1)).await })
+    });
+    let mut new = 0;
+    for run in runs {
+        match run.await?? {
+            Accepted::New => new += 1,
+            Accepted::Duplicate(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(new, 1);
+    assert_eq!(states(&pool, &db).await?.len(), 1);
+    Ok(())
+}
