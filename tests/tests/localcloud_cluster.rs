@@ -15,6 +15,8 @@ use qdb_tests::{Cloud, ClusterEnv, eventually, kube_client, unique};
 use serde_json::json;
 
 const CLUSTER_TAG: &str = "cloud.questdb.io/cluster";
+/// The taint the node lifecycle controller puts on a node whose heartbeats stopped.
+const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn region_a_dedicated_node_lifecycle() -> Result<()> {
@@ -126,12 +128,7 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         assert!(resp.status().is_success(), "kill: {}", resp.status());
         let node = eventually("node to be marked unreachable", Duration::from_secs(90), || async {
             let n = nodes.get(&node_name).await?;
-            let unreachable = n
-                .spec
-                .as_ref()
-                .and_then(|s| s.taints.as_ref())
-                .is_some_and(|ts| ts.iter().any(|t| t.key == "node.kubernetes.io/unreachable"));
-            Ok((node_ready(&n) == Some("Unknown") && unreachable).then_some(n))
+            Ok((node_ready(&n) == Some("Unknown") && has_taint(&n, UNREACHABLE)).then_some(n))
         })
         .await?;
         assert_eq!(node_ready(&node), Some("Unknown"));
@@ -140,12 +137,7 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         nodesim.post(format!("{}/nodes/{node_name}/revive", env.nodesim)).send().await?.error_for_status()?;
         eventually("revived node to be Ready and untainted", Duration::from_secs(60), || async {
             let n = nodes.get(&node_name).await?;
-            let tainted = n
-                .spec
-                .as_ref()
-                .and_then(|s| s.taints.as_ref())
-                .is_some_and(|ts| ts.iter().any(|t| t.key == "node.kubernetes.io/unreachable"));
-            Ok((node_ready(&n) == Some("True") && !tainted).then_some(()))
+            Ok((node_ready(&n) == Some("True") && !has_taint(&n, UNREACHABLE)).then_some(()))
         })
         .await?;
         Ok::<_, anyhow::Error>(())
@@ -166,6 +158,10 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
 
 fn node_ready(n: &Node) -> Option<&str> {
     n.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready").map(|c| c.status.as_str())
+}
+
+fn has_taint(n: &Node, key: &str) -> bool {
+    n.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|ts| ts.iter().any(|t| t.key == key))
 }
 
 fn pod_ready(p: &Pod) -> bool {
