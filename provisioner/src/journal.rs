@@ -2,7 +2,9 @@
 //! (the idempotency key), pass it through the per-database sequence fence, and queue the gossip
 //! that reports the outcome, so the Kafka offset can be stored as soon as it commits.
 
-use sqlx::{PgConnection, Row};
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool, Row};
 
 #[derive(Debug, thiserror::Error)]
 #[error("journal: {what}")]
@@ -14,6 +16,11 @@ pub struct JournalError {
 
 fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> JournalError {
     move |source| JournalError { what, source }
+}
+
+/// For beginning and committing transactions.
+pub fn tx_error(source: sqlx::Error) -> JournalError {
+    JournalError { what: "transaction", source }
 }
 
 /// An instruction as the journal records it.
@@ -115,17 +122,351 @@ pub async fn accept(conn: &mut PgConnection, ins: &NewInstruction<'_>) -> Result
     Ok(Accepted::Stale { last_sequence })
 }
 
-/// Queues one encoded gossip event for the outbox drainer.
-pub async fn enqueue_gossip(
+/// Records an instruction rejected on arrival under its id, so a redelivery is answered with
+/// the same rejection. Returns the earlier record if the id was journaled before.
+pub async fn reject(
     conn: &mut PgConnection,
-    database_id: &str,
-    payload: &[u8],
-) -> Result<(), JournalError> {
-    sqlx::query("INSERT INTO gossip_outbox (database_id, payload) VALUES ($1, $2)")
-        .bind(database_id)
-        .bind(payload)
+    ins: &NewInstruction<'_>,
+    reason: &str,
+    message: &str,
+) -> Result<Option<Recorded>, JournalError> {
+    let inserted = sqlx::query(
+        "INSERT INTO instructions
+             (id, database_id, cluster, sequence, operation, payload, state, reason, message,
+              finished_at, source_partition, source_offset)
+         VALUES ($1, $2, $3, $4, $5, $6, 'rejected', $7, $8, now(), $9, $10)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(ins.id)
+    .bind(ins.database_id)
+    .bind(ins.cluster)
+    .bind(ins.sequence)
+    .bind(ins.operation)
+    .bind(ins.payload)
+    .bind(reason)
+    .bind(message)
+    .bind(ins.source_partition)
+    .bind(ins.source_offset)
+    .execute(&mut *conn)
+    .await
+    .map_err(err("recording rejected instruction"))?;
+    if inserted.rows_affected() == 1 {
+        return Ok(None);
+    }
+    let row = sqlx::query("SELECT state, reason, message FROM instructions WHERE id = $1")
+        .bind(ins.id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(err("reading duplicate instruction"))?;
+    Ok(Some(Recorded { state: row.get("state"), reason: row.get("reason"), message: row.get("message") }))
+}
+
+/// Which topic an outbox row goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    Gossip,
+    DeadLetter,
+}
+
+impl Topic {
+    fn as_str(self) -> &'static str {
+        match self {
+            Topic::Gossip => "gossip",
+            Topic::DeadLetter => "dlq",
+        }
+    }
+
+    fn parse(s: &str) -> Topic {
+        if s == "dlq" { Topic::DeadLetter } else { Topic::Gossip }
+    }
+}
+
+/// One message to publish once the transaction that queued it commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub id: i64,
+    pub topic: Topic,
+    pub database_id: String,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+    pub payload: Vec<u8>,
+}
+
+/// Queues a message in the outbox.
+pub async fn enqueue(conn: &mut PgConnection, out: &Outgoing) -> Result<(), JournalError> {
+    sqlx::query("INSERT INTO outbox (topic, database_id, key, headers, payload) VALUES ($1, $2, $3, $4, $5)")
+        .bind(out.topic.as_str())
+        .bind(&out.database_id)
+        .bind(out.key.as_deref())
+        .bind(sqlx::types::Json(&out.headers))
+        .bind(&out.payload)
         .execute(conn)
         .await
-        .map_err(err("queueing gossip"))?;
+        .map_err(err("queueing outgoing message"))?;
     Ok(())
+}
+
+/// The oldest queued messages, locked for this transaction.
+pub async fn outbox_batch(conn: &mut PgConnection, limit: i64) -> Result<Vec<Outgoing>, JournalError> {
+    let rows = sqlx::query(
+        "SELECT id, topic, database_id, key, headers, payload FROM outbox
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .map_err(err("reading the outbox"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Outgoing {
+            id: r.get("id"),
+            topic: Topic::parse(r.get("topic")),
+            database_id: r.get("database_id"),
+            key: r.get("key"),
+            headers: r.get::<sqlx::types::Json<Vec<(String, String)>>, _>("headers").0,
+            payload: r.get("payload"),
+        })
+        .collect())
+}
+
+pub async fn outbox_delete(conn: &mut PgConnection, ids: &[i64]) -> Result<(), JournalError> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await
+        .map_err(err("removing published messages"))?;
+    Ok(())
+}
+
+/// Takes up to `limit` databases that have instructions due and no live lease.
+pub async fn claim(
+    pool: &PgPool,
+    owner: &str,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<String>, JournalError> {
+    sqlx::query_scalar(
+        "WITH due AS (
+             SELECT d.database_id FROM databases d
+             WHERE d.database_id IN (SELECT i.database_id FROM instructions i
+                                     WHERE i.state = 'pending' AND i.next_attempt_at <= now())
+               AND (d.lease_until IS NULL OR d.lease_until < now())
+             LIMIT $2
+             FOR UPDATE OF d SKIP LOCKED)
+         UPDATE databases d SET lease_owner = $1, lease_until = now() + make_interval(secs => $3)
+         FROM due WHERE d.database_id = due.database_id
+         RETURNING d.database_id",
+    )
+    .bind(owner)
+    .bind(limit)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await
+    .map_err(err("claiming databases"))
+}
+
+pub async fn release(pool: &PgPool, owner: &str, database_id: &str) -> Result<(), JournalError> {
+    sqlx::query(
+        "UPDATE databases SET lease_owner = NULL, lease_until = NULL
+         WHERE database_id = $1 AND lease_owner = $2",
+    )
+    .bind(database_id)
+    .bind(owner)
+    .execute(pool)
+    .await
+    .map_err(err("releasing database"))?;
+    Ok(())
+}
+
+/// Gives up every lease of `owner` (at shutdown), so other replicas continue at once.
+pub async fn release_all(pool: &PgPool, owner: &str) -> Result<u64, JournalError> {
+    let done =
+        sqlx::query("UPDATE databases SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1")
+            .bind(owner)
+            .execute(pool)
+            .await
+            .map_err(err("releasing databases"))?;
+    Ok(done.rows_affected())
+}
+
+/// A journaled instruction that is not yet terminal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    pub id: String,
+    pub database_id: String,
+    pub cluster: String,
+    pub sequence: i64,
+    pub operation: String,
+    pub payload: Vec<u8>,
+    pub attempts: i32,
+    pub generation: Option<i64>,
+    pub progress: String,
+    /// Due now (pending) or past its deadline (applied).
+    pub due: bool,
+}
+
+fn open_from(r: &sqlx::postgres::PgRow) -> Open {
+    Open {
+        id: r.get("id"),
+        database_id: r.get("database_id"),
+        cluster: r.get("cluster"),
+        sequence: r.get("sequence"),
+        operation: r.get("operation"),
+        payload: r.get("payload"),
+        attempts: r.get("attempts"),
+        generation: r.get("generation"),
+        progress: r.get("progress"),
+        due: r.get("due"),
+    }
+}
+
+macro_rules! open_columns {
+    () => {
+        "id, database_id, cluster, sequence, operation, payload, attempts, generation, progress"
+    };
+}
+
+/// The next instruction of a database to apply: the pending one with the lowest sequence.
+pub async fn head(pool: &PgPool, database_id: &str) -> Result<Option<Open>, JournalError> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        open_columns!(),
+        ", next_attempt_at <= now() AS due FROM instructions
+         WHERE database_id = $1 AND state = 'pending' ORDER BY sequence LIMIT 1"
+    ))
+    .bind(database_id)
+    .fetch_optional(pool)
+    .await
+    .map_err(err("reading the next instruction"))?;
+    Ok(row.as_ref().map(open_from))
+}
+
+/// Applied instructions waiting for the cluster to report their outcome; `due` means the
+/// deadline has passed. With `database_id` None, all of them (oldest first, at most `limit`).
+pub async fn applied(
+    pool: &PgPool,
+    database_id: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Open>, JournalError> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        open_columns!(),
+        ", deadline_at <= now() AS due FROM instructions
+         WHERE state = 'applied' AND ($1::text IS NULL OR database_id = $1)
+         ORDER BY applied_at LIMIT $2"
+    ))
+    .bind(database_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .map_err(err("reading applied instructions"))?;
+    Ok(rows.iter().map(open_from).collect())
+}
+
+/// Pending -> applied; returns the seconds since the instruction was received.
+pub async fn mark_applied(
+    conn: &mut PgConnection,
+    id: &str,
+    generation: Option<i64>,
+    deadline: Duration,
+) -> Result<Option<f64>, JournalError> {
+    sqlx::query_scalar(
+        "UPDATE instructions SET state = 'applied', generation = $2, applied_at = now(),
+             deadline_at = now() + make_interval(secs => $3), attempts = attempts + 1, message = ''
+         WHERE id = $1 AND state = 'pending'
+         RETURNING extract(epoch FROM now() - received_at)::float8",
+    )
+    .bind(id)
+    .bind(generation)
+    .bind(deadline.as_secs_f64())
+    .fetch_optional(conn)
+    .await
+    .map_err(err("marking instruction applied"))
+}
+
+/// Open -> terminal. False if another replica got there first (nothing to announce then).
+pub async fn finish(
+    conn: &mut PgConnection,
+    id: &str,
+    state: &str,
+    reason: &str,
+    message: &str,
+) -> Result<bool, JournalError> {
+    let done = sqlx::query(
+        "UPDATE instructions SET state = $2, reason = $3, message = $4, finished_at = now()
+         WHERE id = $1 AND state IN ('pending', 'applied')",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(reason)
+    .bind(message)
+    .execute(conn)
+    .await
+    .map_err(err("finishing instruction"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records a new progress text; false if it is what was announced last.
+pub async fn set_progress(conn: &mut PgConnection, id: &str, progress: &str) -> Result<bool, JournalError> {
+    let done = sqlx::query(
+        "UPDATE instructions SET progress = $2 WHERE id = $1 AND state = 'applied' AND progress <> $2",
+    )
+    .bind(id)
+    .bind(progress)
+    .execute(conn)
+    .await
+    .map_err(err("recording progress"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A failed attempt: the database's pending instructions wait `delay`, so its order holds.
+pub async fn retry_later(
+    pool: &PgPool,
+    head: &Open,
+    delay: Duration,
+    error: &str,
+) -> Result<(), JournalError> {
+    sqlx::query(
+        "UPDATE instructions
+         SET next_attempt_at = now() + make_interval(secs => $3),
+             attempts = attempts + CASE WHEN id = $2 THEN 1 ELSE 0 END,
+             message = CASE WHEN id = $2 THEN $4 ELSE message END
+         WHERE database_id = $1 AND state = 'pending'",
+    )
+    .bind(&head.database_id)
+    .bind(&head.id)
+    .bind(delay.as_secs_f64())
+    .bind(error)
+    .execute(pool)
+    .await
+    .map_err(err("scheduling a retry"))?;
+    Ok(())
+}
+
+/// Counts for /metrics: open instructions by state and the outbox size and age.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Backlog {
+    pub pending: i64,
+    pub applied: i64,
+    pub outbox: i64,
+    pub outbox_age_secs: f64,
+}
+
+pub async fn backlog(pool: &PgPool) -> Result<Backlog, JournalError> {
+    let row = sqlx::query(
+        "SELECT (SELECT count(*) FROM instructions WHERE state = 'pending') AS pending,
+                (SELECT count(*) FROM instructions WHERE state = 'applied') AS applied,
+                (SELECT count(*) FROM outbox) AS outbox,
+                coalesce((SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox), 0)
+                    AS outbox_age",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(err("measuring the backlog"))?;
+    Ok(Backlog {
+        pending: row.get("pending"),
+        applied: row.get("applied"),
+        outbox: row.get("outbox"),
+        outbox_age_secs: row.get("outbox_age"),
+    })
 }

@@ -1,8 +1,194 @@
 //! The provisioner: Kafka instructions become QuestDB resources in regional clusters.
 //!
-//! Built so far: [`mapping`], the pure translation of an instruction into the desired state of
-//! one QuestDB resource, and [`journal`], the PostgreSQL record that makes a replayed or
-//! duplicated message act only once. The consumer, cluster registry and gossip come next.
+//! ```text
+//! consumer --batch--> intake (classify, journal, answer) --offsets stored after commit
+//! journal (PostgreSQL) --claimed per database--> worker (server-side apply / delete)
+//! cluster watches --status--> tracker --> outbox --> gossip / dead-letter topics
+//! ```
+//! The journal is the only queue: every step reads and writes it, so any replica can carry on
+//! after another dies, and nothing waits in memory.
 
+pub mod clusters;
+pub mod config;
+pub mod consumer;
+pub mod gossip;
+pub mod http;
+pub mod intake;
 pub mod journal;
 pub mod mapping;
+pub mod metrics;
+pub mod outbox;
+pub mod progress;
+pub mod tracker;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use kube::runtime::reflector;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::clusters::Registry;
+use crate::config::{Config, ConfigError, FileConfig};
+use crate::metrics::Metrics;
+use crate::tracker::ClusterView;
+
+/// What every task of one replica shares.
+pub struct Shared {
+    pub pool: PgPool,
+    pub registry: Registry,
+    pub views: BTreeMap<String, ClusterView>,
+    pub metrics: Arc<Metrics>,
+    pub replica: String,
+    pub instructions_topic: String,
+    pub gossip_topic: String,
+    pub dlq_topic: String,
+    pub max_parallel: usize,
+    pub intake_batch: usize,
+    pub max_message_bytes: usize,
+    pub lease: Duration,
+    pub max_retry_delay: Duration,
+    deadlines: BTreeMap<String, Duration>,
+    default_deadline: Duration,
+    pub consuming: AtomicBool,
+    pub work_wake: Notify,
+    pub outbox_wake: Notify,
+    pub sweep_wake: Notify,
+}
+
+impl Shared {
+    pub fn deadline(&self, operation: &str) -> Duration {
+        self.deadlines.get(operation).copied().unwrap_or(self.default_deadline)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("connecting to the journal database")]
+    Database(#[source] sqlx::Error),
+    #[error("running journal migrations")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Registry(#[from] clusters::RegistryError),
+    #[error("creating the Kafka consumer")]
+    Kafka(#[source] rdkafka::error::KafkaError),
+    #[error("listening on {addr}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+/// The error and its causes on one line, for logs and gossip.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Runs one replica until `stop` is cancelled, then shuts down in order: stop consuming and
+/// commit, let in-flight applies finish, flush the outbox.
+pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartError> {
+    let file = FileConfig::load(&config.config)?;
+    let mut deadlines = BTreeMap::new();
+    for op in ["create", "modify", "pause", "resume", "restart", "delete"] {
+        deadlines.insert(op.to_string(), config.deadline_for(op)?);
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(config.database_pool)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&config.database_url)
+        .await
+        .map_err(StartError::Database)?;
+    sqlx::migrate!("../migrations").run(&pool).await.map_err(StartError::Migrate)?;
+    let registry = Registry::connect(&file).await?;
+    let kafka = config.kafka_properties(&file, std::env::vars());
+    let metrics = Arc::new(Metrics::new());
+
+    let mut views = BTreeMap::new();
+    let mut writers = Vec::new();
+    for c in registry.iter() {
+        let (store, writer) = reflector::store();
+        views.insert(
+            c.name.clone(),
+            ClusterView { namespace: c.namespace.clone(), store, synced: AtomicBool::new(false) },
+        );
+        writers.push((c.name.clone(), writer));
+    }
+    let ctx = Arc::new(Shared {
+        pool,
+        registry,
+        views,
+        metrics: metrics.clone(),
+        replica: config.replica(),
+        instructions_topic: config.instructions_topic.clone(),
+        gossip_topic: config.gossip_topic.clone(),
+        dlq_topic: config.dlq_topic.clone(),
+        max_parallel: config.max_parallel.max(1),
+        intake_batch: config.intake_batch.max(1),
+        max_message_bytes: config.max_message_bytes,
+        lease: Duration::from_secs(config.lease_secs.max(5)),
+        max_retry_delay: Duration::from_secs(config.max_retry_delay_secs.max(1)),
+        deadlines,
+        default_deadline: Duration::from_secs(config.deadline_secs),
+        consuming: AtomicBool::new(false),
+        work_wake: Notify::new(),
+        outbox_wake: Notify::new(),
+        sweep_wake: Notify::new(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    let consumer =
+        consumer::consumer(&config.brokers, &config.group_id, &kafka_with(&kafka, &config), metrics)
+            .map_err(StartError::Kafka)?;
+    info!(replica = %ctx.replica, clusters = ctx.views.len(), listen = %config.listen, "provisioner starting");
+
+    // Tasks stop in order: consumer first, then workers, watches and sweep, the outbox last.
+    let stop_work = CancellationToken::new();
+    let stop_outbox = CancellationToken::new();
+    let http = tokio::spawn({
+        let app = http::router(ctx.clone());
+        let stop = stop_outbox.clone();
+        async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        }
+    });
+    let outbox = tokio::spawn(outbox::run(ctx.clone(), kafka_with(&kafka, &config), stop_outbox.clone()));
+    let workers = tokio::spawn(worker::run(ctx.clone(), stop_work.clone()));
+    let sweep = tokio::spawn(tracker::sweep(ctx.clone(), stop_work.clone()));
+    let watches: Vec<_> = writers
+        .into_iter()
+        .map(|(name, writer)| tokio::spawn(tracker::watch(ctx.clone(), name, writer, stop_work.clone())))
+        .collect();
+
+    consumer::run(ctx.clone(), consumer, config.instructions_topic.clone(), stop.clone()).await;
+    stop_work.cancel();
+    let _ = workers.await;
+    let _ = sweep.await;
+    for w in watches {
+        let _ = w.await;
+    }
+    stop_outbox.cancel();
+    let _ = outbox.await;
+    let _ = http.await;
+    info!("provisioner stopped");
+    Ok(())
+}
+
+fn kafka_with(props: &BTreeMap<String, String>, config: &Config) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::from([("bootstrap.servers".to_string(), config.brokers.clone())]);
+    all.extend(props.clone());
+    all
+}

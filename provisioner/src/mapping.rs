@@ -31,6 +31,8 @@ pub enum MapError {
     VolumeShrink { from: u32, to: u32 },
     #[error("invalid spec: {}", join(.0))]
     Invalid(Vec<SpecError>),
+    #[error("database id {0:?} is not a lowercase DNS label of at most 63 characters")]
+    InvalidDatabaseId(String),
 }
 
 impl MapError {
@@ -43,6 +45,7 @@ impl MapError {
             | MapError::UnknownVolumeType(_)
             | MapError::VolumeShrink { .. }
             | MapError::Invalid(_) => "INVALID_SPEC",
+            MapError::InvalidDatabaseId(_) => "INVALID_DATABASE_ID",
         }
     }
 }
@@ -110,6 +113,43 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
     };
     validate(&spec).map_err(MapError::Invalid)?;
     Ok(Action::Apply(spec))
+}
+
+/// Everything that can be checked before the current resource is known, so bad instructions
+/// are rejected when they arrive instead of when their turn comes. Checks against the current
+/// spec (existence, volume growth) happen at apply time.
+pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
+    if !is_dns_label(&instruction.database_id) {
+        return Err(MapError::InvalidDatabaseId(instruction.database_id.clone()));
+    }
+    let reference = QuestDBSpec {
+        version: "9.0.0".into(),
+        instance_type: "m7g.large".into(),
+        node_image: "ami-0123456789abcdef0".into(),
+        volume: VolumeSpec { size_gib: 1, type_: VolumeType::Gp3, reclaim_policy: ReclaimPolicy::Delete },
+        server_config: Default::default(),
+        paused: false,
+        restart_token: None,
+        network: NetworkSpec::default(),
+    };
+    let current = match instruction.operation {
+        Some(Operation::Create(_) | Operation::Delete(_)) => None,
+        _ => Some(&reference),
+    };
+    match desired(instruction, current) {
+        Ok(_) | Err(MapError::NotFound | MapError::VolumeShrink { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The resource name and label value is the database id, so it must be a DNS label.
+fn is_dns_label(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
 }
 
 fn check_growth(current: &QuestDBSpec, next: &QuestDBSpec) -> Result<(), MapError> {
@@ -286,6 +326,25 @@ mod tests {
             desired(&ins(Operation::Delete(Delete { retain_volume: true })), None),
             Ok(Action::Delete { retain: None })
         );
+    }
+
+    #[test]
+    fn precheck_catches_bad_values_without_the_current_spec() {
+        let mut modify = ins(Operation::Modify(v1::Modify {
+            questdb_version: Some("not a version".into()),
+            ..Default::default()
+        }));
+        assert_eq!(precheck(&modify).unwrap_err().reason(), "INVALID_SPEC");
+        modify.operation =
+            Some(Operation::Modify(v1::Modify { volume_size_gib: Some(1), ..Default::default() }));
+        assert_eq!(precheck(&modify), Ok(()), "shrink is only known at apply time");
+        assert_eq!(precheck(&ins(Operation::Pause(v1::Pause {}))), Ok(()));
+        let mut create = ins(Operation::Create(v1::Create { spec: Some(proto_spec()) }));
+        assert_eq!(precheck(&create), Ok(()));
+        for bad in ["", "Upper", "-x", "x-", "a_b", &"a".repeat(64)] {
+            create.database_id = bad.to_string();
+            assert_eq!(precheck(&create).unwrap_err().reason(), "INVALID_DATABASE_ID", "{bad:?}");
+        }
     }
 
     #[test]

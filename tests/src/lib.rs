@@ -10,6 +10,8 @@ use anyhow::{Context, Result, bail};
 use aws_config::{BehaviorVersion, Region};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+pub mod rig;
+
 /// The env file `localcloud up` wrote: `$QDB_ENV`, else the default location for this user.
 pub fn env_file() -> PathBuf {
     if let Ok(p) = std::env::var("QDB_ENV") {

@@ -3,7 +3,9 @@
 //! message (two replicas during a rebalance) still record exactly one effect.
 
 use anyhow::Result;
-use qdb_provisioner::journal::{Accepted, NewInstruction, accept, enqueue_gossip};
+use qdb_proto::v1::Phase;
+use qdb_provisioner::gossip::{Subject, event};
+use qdb_provisioner::journal::{Accepted, NewInstruction, accept, enqueue};
 use qdb_tests::{Cloud, unique};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -31,7 +33,9 @@ fn ins<'a>(id: &'a str, db: &'a str, sequence: i64) -> NewInstruction<'a> {
 async fn accept_committed(pool: &PgPool, i: &NewInstruction<'_>) -> Result<Accepted> {
     let mut tx = pool.begin().await?;
     let outcome = accept(&mut tx, i).await?;
-    enqueue_gossip(&mut tx, i.database_id, format!("{outcome:?}").as_bytes()).await?;
+    let subject =
+        Subject { instruction_id: i.id.into(), database_id: i.database_id.into(), ..Default::default() };
+    enqueue(&mut tx, &event(&subject, Phase::Accepted, "", &format!("{outcome:?}"), None)).await?;
     tx.commit().await?;
     Ok(outcome)
 }
@@ -56,7 +60,7 @@ async fn an_instruction_id_acts_once() -> Result<()> {
     };
     assert_eq!(recorded.state, "pending");
     assert_eq!(states(&pool, &db).await?, vec![(1, "pending".to_string())]);
-    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM gossip_outbox WHERE database_id = $1")
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE database_id = $1")
         .bind(&db)
         .fetch_one(&pool)
         .await?;

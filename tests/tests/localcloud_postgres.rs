@@ -21,7 +21,7 @@ async fn migrations_apply_and_are_recorded() -> Result<()> {
     )
     .fetch_all(&pool)
     .await?;
-    for t in ["databases", "gossip_outbox", "instructions"] {
+    for t in ["databases", "instructions", "outbox"] {
         assert!(tables.iter().any(|x| x == t), "table {t} missing: {tables:?}");
     }
     let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&pool).await?;

@@ -1,0 +1,84 @@
+//! The cluster registry: one Kubernetes client per regional cluster named in the config file.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kube::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use qdb_crd::QuestDB;
+
+use crate::config::FileConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cluster {cluster}: reading kubeconfig {path}")]
+    Kubeconfig { cluster: String, path: String, source: kube::config::KubeconfigError },
+    #[error("cluster {cluster}: building client")]
+    Client { cluster: String, source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+/// One regional cluster: where its QuestDB resources live.
+#[derive(Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub namespace: String,
+    pub client: kube::Client,
+}
+
+impl Cluster {
+    pub fn questdbs(&self) -> Api<QuestDB> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct Registry {
+    clusters: BTreeMap<String, Cluster>,
+}
+
+impl Registry {
+    /// Builds a client per cluster. Nothing is contacted here: a cluster that is down at start-up
+    /// only delays its own databases.
+    pub async fn connect(file: &FileConfig) -> Result<Self, RegistryError> {
+        let mut clusters = BTreeMap::new();
+        for (name, c) in &file.clusters {
+            let kc = Kubeconfig::read_from(&c.kubeconfig).map_err(|source| RegistryError::Kubeconfig {
+                cluster: name.clone(),
+                path: c.kubeconfig.display().to_string(),
+                source,
+            })?;
+            let options = KubeConfigOptions { context: c.context.clone(), ..Default::default() };
+            let mut config = kube::Config::from_custom_kubeconfig(kc, &options).await.map_err(|source| {
+                RegistryError::Kubeconfig {
+                    cluster: name.clone(),
+                    path: c.kubeconfig.display().to_string(),
+                    source,
+                }
+            })?;
+            // A dead apiserver must fail a request quickly so the instruction is retried later
+            // instead of holding a worker for the default five minutes.
+            config.connect_timeout = Some(Duration::from_secs(5));
+            config.read_timeout = Some(Duration::from_secs(15));
+            config.write_timeout = Some(Duration::from_secs(15));
+            let client = kube::Client::try_from(config).map_err(|source| RegistryError::Client {
+                cluster: name.clone(),
+                source: Box::new(source),
+            })?;
+            clusters
+                .insert(name.clone(), Cluster { name: name.clone(), namespace: c.namespace.clone(), client });
+        }
+        Ok(Registry { clusters })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.clusters.contains_key(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Cluster> {
+        self.clusters.values()
+    }
+}

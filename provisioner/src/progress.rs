@@ -1,0 +1,159 @@
+//! Progress: what the operator's status says about an applied instruction. Pure, so every case
+//! is unit-tested; the tracker feeds it from the clusters' watches.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use qdb_crd::{Phase, QuestDB};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing new to say.
+    Wait,
+    /// Still converging; the text is announced once per change.
+    Progress(String),
+    Succeeded,
+    Failed {
+        reason: String,
+        message: String,
+    },
+}
+
+fn condition<'a>(qdb: &'a QuestDB, type_: &str) -> Option<&'a Condition> {
+    qdb.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn is_true(qdb: &QuestDB, type_: &str) -> bool {
+    condition(qdb, type_).is_some_and(|c| c.status == "True")
+}
+
+fn describe(c: &Condition) -> String {
+    if c.message.is_empty() { c.reason.clone() } else { format!("{}: {}", c.reason, c.message) }
+}
+
+/// Judges an applied instruction of `operation` whose apply produced `generation`, against the
+/// resource as the cluster has it now (None = absent).
+pub fn judge(operation: &str, generation: Option<i64>, qdb: Option<&QuestDB>) -> Verdict {
+    if operation == "delete" {
+        return match qdb {
+            None => Verdict::Succeeded,
+            Some(q) if q.metadata.deletion_timestamp.is_some() => {
+                Verdict::Progress(progressing(q).unwrap_or_else(|| "Deleting".to_string()))
+            }
+            Some(_) => Verdict::Wait,
+        };
+    }
+    let Some(q) = qdb else { return Verdict::Wait };
+    let Some(status) = &q.status else { return Verdict::Wait };
+    let observed = status.observed_generation.unwrap_or(0);
+    if observed < generation.unwrap_or(0) {
+        return progressing(q).map_or(Verdict::Wait, Verdict::Progress);
+    }
+    if status.phase == Some(Phase::Failed) {
+        let (reason, message) =
+            condition(q, "Ready").map(|c| (c.reason.clone(), c.message.clone())).unwrap_or_else(|| {
+                ("Failed".to_string(), "the operator reports the database failed".to_string())
+            });
+        return Verdict::Failed { reason, message };
+    }
+    let done = if operation == "pause" { is_true(q, "Paused") } else { is_true(q, "Ready") };
+    if done {
+        return Verdict::Succeeded;
+    }
+    progressing(q).map_or(Verdict::Wait, Verdict::Progress)
+}
+
+fn progressing(q: &QuestDB) -> Option<String> {
+    condition(q, "Progressing").filter(|c| c.status == "True").map(describe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use qdb_crd::QuestDBStatus;
+
+    fn cond(type_: &str, status: &str, reason: &str, message: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: Time(jiff::Timestamp::UNIX_EPOCH),
+            observed_generation: None,
+        }
+    }
+
+    fn qdb(observed: i64, phase: Phase, conditions: Vec<Condition>) -> QuestDB {
+        let spec = serde_json::from_value(serde_json::json!({
+            "version": "8.2.1", "instanceType": "m6i.xlarge", "nodeImage": "ami-0123456789abcdef0",
+            "volume": {"sizeGib": 10, "type": "gp3"}
+        }))
+        .unwrap();
+        let mut q = QuestDB::new("db-1", spec);
+        q.status = Some(QuestDBStatus {
+            phase: Some(phase),
+            conditions,
+            observed_generation: Some(observed),
+            ..Default::default()
+        });
+        q
+    }
+
+    #[test]
+    fn succeeds_only_at_the_applied_generation_and_ready() {
+        let ready = vec![cond("Ready", "True", "Running", "")];
+        assert_eq!(judge("create", Some(2), Some(&qdb(1, Phase::Running, ready.clone()))), Verdict::Wait);
+        assert_eq!(
+            judge("create", Some(2), Some(&qdb(2, Phase::Running, ready.clone()))),
+            Verdict::Succeeded
+        );
+        assert_eq!(judge("modify", Some(2), Some(&qdb(3, Phase::Running, ready))), Verdict::Succeeded);
+        assert_eq!(judge("create", Some(1), None), Verdict::Wait);
+    }
+
+    #[test]
+    fn progress_comes_from_the_progressing_condition() {
+        let q = qdb(
+            1,
+            Phase::Provisioning,
+            vec![
+                cond("Ready", "False", "Provisioning", ""),
+                cond("Progressing", "True", "NodeLaunching", "i-1"),
+            ],
+        );
+        assert_eq!(judge("create", Some(2), Some(&q)), Verdict::Progress("NodeLaunching: i-1".into()));
+        assert_eq!(judge("create", Some(1), Some(&q)), Verdict::Progress("NodeLaunching: i-1".into()));
+        let idle = qdb(1, Phase::Provisioning, vec![cond("Progressing", "False", "Idle", "")]);
+        assert_eq!(judge("create", Some(1), Some(&idle)), Verdict::Wait);
+    }
+
+    #[test]
+    fn failed_phase_fails_with_the_operators_reason() {
+        let q = qdb(3, Phase::Failed, vec![cond("Ready", "False", "InsufficientCapacity", "no m6i.xlarge")]);
+        assert_eq!(
+            judge("create", Some(3), Some(&q)),
+            Verdict::Failed { reason: "InsufficientCapacity".into(), message: "no m6i.xlarge".into() }
+        );
+        // A failure of an older generation says nothing about this one yet.
+        assert_eq!(judge("create", Some(4), Some(&q)), Verdict::Wait);
+    }
+
+    #[test]
+    fn pause_succeeds_when_paused_not_ready() {
+        let q = qdb(
+            2,
+            Phase::Paused,
+            vec![cond("Ready", "False", "Paused", ""), cond("Paused", "True", "Paused", "")],
+        );
+        assert_eq!(judge("pause", Some(2), Some(&q)), Verdict::Succeeded);
+        assert_eq!(judge("resume", Some(2), Some(&q)), Verdict::Wait);
+    }
+
+    #[test]
+    fn delete_succeeds_when_gone() {
+        assert_eq!(judge("delete", None, None), Verdict::Succeeded);
+        let mut q = qdb(1, Phase::Deleting, vec![]);
+        assert_eq!(judge("delete", None, Some(&q)), Verdict::Wait);
+        q.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(judge("delete", None, Some(&q)), Verdict::Progress("Deleting".into()));
+    }
+}

@@ -1,0 +1,179 @@
+//! Tracking: a watch per cluster on QuestDB resources turns the operator's status into gossip
+//! for applied instructions (progressing, succeeded, failed), and a sweep catches what a watch
+//! missed and fails instructions past their deadline.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event};
+use qdb_crd::QuestDB;
+use qdb_proto::v1::Phase;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Shared;
+use crate::gossip::{self, Subject};
+use crate::journal::{self, JournalError, Open};
+
+use crate::progress::{self, Verdict};
+
+/// What a replica knows of one cluster's QuestDB resources.
+pub struct ClusterView {
+    pub namespace: String,
+    pub store: Store<QuestDB>,
+    /// The store holds a complete list (the watch has synced at least once).
+    pub synced: AtomicBool,
+}
+
+impl ClusterView {
+    fn get(&self, database_id: &str) -> Option<Arc<QuestDB>> {
+        self.store.get(&ObjectRef::new(database_id).within(&self.namespace))
+    }
+}
+
+/// Judges one applied instruction and records + announces any change. `qdb` is None when the
+/// cluster's state is unknown (not yet synced), Some(None) when the resource is absent.
+async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Result<(), JournalError> {
+    let verdict = match qdb {
+        Some(q) => progress::judge(&row.operation, row.generation, q),
+        None => Verdict::Wait,
+    };
+    let qdb = qdb.flatten();
+    let subject = Subject {
+        instruction_id: row.id.clone(),
+        database_id: row.database_id.clone(),
+        cluster: row.cluster.clone(),
+        sequence: u64::try_from(row.sequence).unwrap_or_default(),
+    };
+    let status = qdb.map(gossip::database_status);
+    let (state, phase, reason, message) = match verdict {
+        Verdict::Succeeded => ("succeeded", Phase::Succeeded, String::new(), String::new()),
+        Verdict::Failed { reason, message } => ("failed", Phase::Failed, reason, message),
+        Verdict::Progress(text) if !row.due => {
+            let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
+            if journal::set_progress(&mut tx, &row.id, &text).await? {
+                journal::enqueue(&mut tx, &gossip::event(&subject, Phase::Progressing, "", &text, status))
+                    .await?;
+                ctx.metrics.count("progressing");
+            }
+            tx.commit().await.map_err(journal::tx_error)?;
+            ctx.outbox_wake.notify_one();
+            return Ok(());
+        }
+        Verdict::Wait if !row.due => return Ok(()),
+        Verdict::Progress(_) | Verdict::Wait => {
+            let last = if row.progress.is_empty() { "none".to_string() } else { row.progress.clone() };
+            let message = format!(
+                "no outcome within the {} deadline of {}s; last progress: {last}",
+                row.operation,
+                ctx.deadline(&row.operation).as_secs()
+            );
+            ("failed", Phase::Failed, "DEADLINE_EXCEEDED".to_string(), message)
+        }
+    };
+    let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
+    if journal::finish(&mut tx, &row.id, state, &reason, &message).await? {
+        journal::enqueue(&mut tx, &gossip::event(&subject, phase, &reason, &message, status)).await?;
+        tx.commit().await.map_err(journal::tx_error)?;
+        ctx.metrics.count(state);
+        ctx.outbox_wake.notify_one();
+        info!(instruction = %row.id, database = %row.database_id, state, reason = %reason, "instruction finished");
+    }
+    Ok(())
+}
+
+async fn evaluate(ctx: &Shared, view: &ClusterView, cluster: &str, database_id: &str) {
+    let rows = match journal::applied(&ctx.pool, Some(database_id), 100).await {
+        Ok(rows) => rows,
+        Err(e) => return warn!(database = %database_id, error = %e, "reading applied instructions failed"),
+    };
+    let qdb = view.get(database_id);
+    for row in rows.iter().filter(|r| r.cluster == cluster) {
+        if let Err(e) = decide(ctx, row, Some(qdb.as_deref())).await {
+            warn!(instruction = %row.id, error = %e, "recording progress failed; the sweep retries");
+        }
+    }
+}
+
+/// Watches one cluster's QuestDB resources until stopped.
+pub async fn watch(
+    ctx: Arc<Shared>,
+    cluster: String,
+    writer: reflector::store::Writer<QuestDB>,
+    stop: CancellationToken,
+) {
+    let Some(c) = ctx.registry.get(&cluster).cloned() else { return };
+    let Some(view) = ctx.views.get(&cluster) else { return };
+    let stream = reflector::reflector(writer, watcher::watcher(c.questdbs(), watcher::Config::default()))
+        .default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => break,
+            e = stream.next() => e,
+        };
+        match event {
+            Some(Ok(Event::Apply(q) | Event::Delete(q))) => {
+                if let Some(name) = q.metadata.name.as_deref() {
+                    evaluate(&ctx, view, &cluster, name).await;
+                }
+            }
+            Some(Ok(Event::InitDone)) => {
+                view.synced.store(true, Ordering::Relaxed);
+                ctx.sweep_wake.notify_one();
+            }
+            Some(Ok(Event::Init | Event::InitApply(_))) => {}
+            Some(Err(e)) => {
+                ctx.metrics.kube(&cluster, "watch", false);
+                warn!(cluster = %cluster, error = %e, "watching QuestDB resources failed; retrying");
+            }
+            None => break,
+        }
+    }
+}
+
+/// Re-judges every applied instruction against the synced views, so nothing waits on a missed
+/// event, and fails those past their deadline even when their cluster cannot be reached.
+pub async fn sweep(ctx: Arc<Shared>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        match journal::applied(&ctx.pool, None, 5000).await {
+            Ok(rows) => {
+                for row in &rows {
+                    let view = ctx.views.get(&row.cluster);
+                    let synced = view.is_some_and(|v| v.synced.load(Ordering::Relaxed));
+                    if !synced && !row.due {
+                        continue;
+                    }
+                    let qdb = view.filter(|_| synced).map(|v| v.get(&row.database_id));
+                    let qdb = qdb.as_ref().map(|q| q.as_deref());
+                    if let Err(e) = decide(&ctx, row, qdb).await {
+                        warn!(instruction = %row.id, error = %e, "sweeping failed");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "reading applied instructions failed"),
+        }
+        match journal::backlog(&ctx.pool).await {
+            Ok(b) => {
+                ctx.metrics.journal_backlog.get_or_create(&state("pending")).set(b.pending);
+                ctx.metrics.journal_backlog.get_or_create(&state("applied")).set(b.applied);
+                ctx.metrics.outbox_backlog.set(b.outbox);
+                ctx.metrics.outbox_lag_seconds.set(b.outbox_age_secs);
+            }
+            Err(e) => warn!(error = %e, "measuring the backlog failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = ctx.sweep_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+        }
+    }
+}
+
+fn state(s: &str) -> crate::metrics::StateLabels {
+    crate::metrics::StateLabels { state: s.to_string() }
+}

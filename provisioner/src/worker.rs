@@ -1,0 +1,366 @@
+//! Workers: apply pending instructions, one database at a time per replica (its lease), in
+//! sequence order, databases in parallel up to a bound. The journal is the queue, so nothing
+//! waits in memory and a replica that dies leaves its work to the others.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use qdb_crd::{PROVISIONER_MANAGER, QuestDB, QuestDBSpec, keys};
+use qdb_proto::Message;
+use qdb_proto::v1::{self, Phase};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::Shared;
+use crate::clusters::Cluster;
+use crate::gossip::{self, Source, Subject};
+use crate::journal::{self, JournalError, Open};
+use crate::mapping::{self, Action, MapError};
+
+/// The resource that reflects `instruction`: its spec, and which instruction wrote it.
+pub fn build_resource(instruction: &v1::Instruction, spec: QuestDBSpec) -> QuestDB {
+    let mut qdb = QuestDB::new(&instruction.database_id, spec);
+    qdb.metadata.labels = Some(
+        [
+            (keys::DATABASE.to_string(), instruction.database_id.clone()),
+            (keys::MANAGED_BY.to_string(), PROVISIONER_MANAGER.to_string()),
+        ]
+        .into(),
+    );
+    qdb.metadata.annotations = Some(
+        [
+            (keys::INSTRUCTION_ID.to_string(), instruction.instruction_id.clone()),
+            (keys::INSTRUCTION_SEQUENCE.to_string(), instruction.sequence.to_string()),
+        ]
+        .into(),
+    );
+    qdb
+}
+
+/// The wait before the next attempt after `attempts` failed ones: exponential with jitter.
+pub fn retry_delay(attempts: i32, max: Duration) -> Duration {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(usize::try_from(attempts).unwrap_or(0))
+        .unwrap_or(max)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ExecError {
+    /// The instruction cannot apply to the resource as it is: terminal.
+    #[error(transparent)]
+    Rejected(#[from] MapError),
+    /// The apiserver refused the object itself (schema, admission): terminal.
+    #[error("the cluster refused the resource: {0}")]
+    Refused(String),
+    /// Worth another try later: the cluster is unreachable, busy or the resource is changing.
+    #[error("{what}")]
+    Transient { what: String, source: Option<kube::Error> },
+}
+
+fn kube_error(verb: &str, e: kube::Error) -> ExecError {
+    match &e {
+        kube::Error::Api(status) if status.code == 400 || status.code == 422 => {
+            ExecError::Refused(format!("{verb}: {}", status.message))
+        }
+        _ => ExecError::Transient { what: format!("{verb} failed"), source: Some(e) },
+    }
+}
+
+/// What an apply left on the cluster.
+struct Applied {
+    generation: Option<i64>,
+    qdb: Option<QuestDB>,
+}
+
+async fn execute(ctx: &Shared, cluster: &Cluster, ins: &v1::Instruction) -> Result<Applied, ExecError> {
+    let api = cluster.questdbs();
+    let name = &ins.database_id;
+    let current = api.get_opt(name).await;
+    ctx.metrics.kube(&cluster.name, "get", current.is_ok());
+    let current = current.map_err(|e| kube_error("get", e))?;
+    let action = mapping::desired(ins, current.as_ref().map(|q| &q.spec))?;
+    let apply = |spec| {
+        let obj = build_resource(ins, spec);
+        let api = api.clone();
+        async move {
+            let params = PatchParams::apply(PROVISIONER_MANAGER).force();
+            let res = api.patch(name, &params, &Patch::Apply(&obj)).await;
+            ctx.metrics.kube(&cluster.name, "apply", res.is_ok());
+            res.map_err(|e| kube_error("apply", e))
+        }
+    };
+    match action {
+        Action::Apply(spec) => {
+            if current.as_ref().is_some_and(|q| q.metadata.deletion_timestamp.is_some()) {
+                return Err(ExecError::Transient {
+                    what: "the database is still being deleted".into(),
+                    source: None,
+                });
+            }
+            let qdb = apply(spec).await?;
+            Ok(Applied { generation: qdb.metadata.generation, qdb: Some(qdb) })
+        }
+        Action::Delete { retain } => {
+            if let Some(spec) = retain {
+                apply(spec).await?;
+            }
+            let res = api.delete(name, &DeleteParams::default()).await;
+            match res {
+                Ok(_) => ctx.metrics.kube(&cluster.name, "delete", true),
+                Err(kube::Error::Api(s)) if s.code == 404 => ctx.metrics.kube(&cluster.name, "delete", true),
+                Err(e) => {
+                    ctx.metrics.kube(&cluster.name, "delete", false);
+                    return Err(kube_error("delete", e));
+                }
+            }
+            Ok(Applied { generation: None, qdb: None })
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Applies one due instruction. Returns whether the database may go on to its next one.
+async fn apply_one(ctx: &Shared, head: &Open) -> Result<bool, JournalError> {
+    let ins = match v1::Instruction::decode(head.payload.as_slice()) {
+        Ok(ins) => ins,
+        Err(e) => {
+            // Journaled payloads decoded on arrival; this is corruption, not input.
+            let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
+            journal::finish(&mut tx, &head.id, "failed", "JOURNAL_CORRUPT", &e.to_string()).await?;
+            tx.commit().await.map_err(journal::tx_error)?;
+            return Ok(true);
+        }
+    };
+    let subject = Subject::of(&ins);
+    let Some(cluster) = ctx.registry.get(&head.cluster) else {
+        let message = format!("cluster {:?} is no longer in this provisioner's registry", head.cluster);
+        terminal(ctx, head, &subject, "failed", Phase::Failed, "UNKNOWN_CLUSTER", &message, None).await?;
+        return Ok(true);
+    };
+    match execute(ctx, cluster, &ins).await {
+        Ok(applied) => {
+            let deadline = ctx.deadline(&head.operation);
+            let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
+            if let Some(secs) = journal::mark_applied(&mut tx, &head.id, applied.generation, deadline).await?
+            {
+                let status = applied.qdb.as_ref().map(gossip::database_status);
+                let message = match applied.generation {
+                    Some(g) => format!("{} applied at generation {g}", head.operation),
+                    None => "delete requested".to_string(),
+                };
+                journal::enqueue(&mut tx, &gossip::event(&subject, Phase::Applied, "", &message, status))
+                    .await?;
+                tx.commit().await.map_err(journal::tx_error)?;
+                ctx.metrics.apply_seconds.observe(secs);
+                ctx.metrics.count("applied");
+                ctx.outbox_wake.notify_one();
+                debug!(instruction = %head.id, database = %head.database_id, "applied");
+            }
+            Ok(true)
+        }
+        Err(ExecError::Rejected(e)) => {
+            let message = e.to_string();
+            terminal(ctx, head, &subject, "rejected", Phase::Rejected, e.reason(), &message, Some(&ins))
+                .await?;
+            Ok(true)
+        }
+        Err(e @ ExecError::Refused(_)) => {
+            let message = e.to_string();
+            terminal(
+                ctx,
+                head,
+                &subject,
+                "rejected",
+                Phase::Rejected,
+                "REFUSED_BY_CLUSTER",
+                &message,
+                Some(&ins),
+            )
+            .await?;
+            Ok(true)
+        }
+        Err(e @ ExecError::Transient { .. }) => {
+            let delay = retry_delay(head.attempts, ctx.max_retry_delay);
+            let error = chain(&e);
+            info!(instruction = %head.id, database = %head.database_id, cluster = %head.cluster,
+                attempts = head.attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %error,
+                "apply failed; will retry");
+            journal::retry_later(&ctx.pool, head, delay, &error).await?;
+            ctx.metrics.count("retried");
+            Ok(false)
+        }
+    }
+}
+
+/// Ends an instruction with a gossip event, and a dead-letter copy for a rejection.
+#[allow(clippy::too_many_arguments)]
+async fn terminal(
+    ctx: &Shared,
+    head: &Open,
+    subject: &Subject,
+    state: &str,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+    dead_letter: Option<&v1::Instruction>,
+) -> Result<(), JournalError> {
+    let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
+    if journal::finish(&mut tx, &head.id, state, reason, message).await? {
+        journal::enqueue(&mut tx, &gossip::event(subject, phase, reason, message, None)).await?;
+        if dead_letter.is_some() {
+            let source = Source {
+                topic: ctx.instructions_topic.clone(),
+                partition: -1,
+                offset: -1,
+                key: Some(head.database_id.clone().into_bytes()),
+                headers: vec![],
+            };
+            journal::enqueue(
+                &mut tx,
+                &gossip::dead_letter(&source, &head.payload, &head.database_id, reason, message),
+            )
+            .await?;
+        }
+    }
+    tx.commit().await.map_err(journal::tx_error)?;
+    ctx.metrics.count(state);
+    ctx.outbox_wake.notify_one();
+    warn!(instruction = %head.id, database = %head.database_id, reason, message, "instruction {state}");
+    Ok(())
+}
+
+/// Works through one claimed database's due instructions, then gives the database back.
+async fn work_on(ctx: Arc<Shared>, database_id: String, stop: CancellationToken) {
+    loop {
+        if stop.is_cancelled() {
+            break;
+        }
+        let head = match journal::head(&ctx.pool, &database_id).await {
+            Ok(Some(h)) if h.due => h,
+            Ok(_) => break,
+            Err(e) => {
+                warn!(database = %database_id, error = %chain(&e), "reading the journal failed");
+                break;
+            }
+        };
+        match apply_one(&ctx, &head).await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                warn!(database = %database_id, error = %chain(&e), "journal write failed; the instruction stays pending");
+                break;
+            }
+        }
+    }
+    if let Err(e) = journal::release(&ctx.pool, &ctx.replica, &database_id).await {
+        // The lease runs out on its own.
+        warn!(database = %database_id, error = %chain(&e), "releasing the database failed");
+    }
+    ctx.work_wake.notify_one();
+}
+
+/// Claims databases with due work while there are free slots; on stop, lets in-flight
+/// instructions finish (bounded), leaves the rest pending in the journal and gives up its leases.
+pub async fn run(ctx: Arc<Shared>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(ctx.max_parallel));
+    let mut tasks = JoinSet::new();
+    while !stop.is_cancelled() {
+        while tasks.try_join_next().is_some() {}
+        let free = slots.available_permits();
+        let mut claimed = 0;
+        if free > 0 {
+            match journal::claim(&ctx.pool, &ctx.replica, free as i64, ctx.lease).await {
+                Ok(dbs) => {
+                    claimed = dbs.len();
+                    for db in dbs {
+                        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                        let (ctx, stop) = (ctx.clone(), stop.clone());
+                        tasks.spawn(async move {
+                            work_on(ctx, db, stop).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Err(e) => warn!(error = %chain(&e), "claiming work failed"),
+            }
+        }
+        if claimed > 0 && claimed == free {
+            continue;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = ctx.work_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    let in_flight = tasks.len();
+    if tokio::time::timeout(Duration::from_secs(20), async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        warn!(in_flight, "in-flight instructions did not finish in 20s; they stay pending");
+        tasks.abort_all();
+    }
+    match journal::release_all(&ctx.pool, &ctx.replica).await {
+        Ok(n) => info!(in_flight, released = n, "workers stopped"),
+        Err(e) => warn!(error = %chain(&e), "releasing leases failed; they run out on their own"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_carries_instruction_id_and_sequence() {
+        let ins = v1::Instruction {
+            instruction_id: "i-9".into(),
+            database_id: "db-9".into(),
+            sequence: 12,
+            ..Default::default()
+        };
+        let spec: QuestDBSpec = serde_json::from_value(serde_json::json!({
+            "version": "8.2.1", "instanceType": "m6i.xlarge", "nodeImage": "ami-0123456789abcdef0",
+            "volume": {"sizeGib": 10, "type": "gp3"}
+        }))
+        .unwrap();
+        let q = build_resource(&ins, spec.clone());
+        assert_eq!(q.metadata.name.as_deref(), Some("db-9"));
+        let ann = q.metadata.annotations.unwrap();
+        assert_eq!(ann[keys::INSTRUCTION_ID], "i-9");
+        assert_eq!(ann[keys::INSTRUCTION_SEQUENCE], "12");
+        assert_eq!(q.metadata.labels.unwrap()[keys::DATABASE], "db-9");
+        assert_eq!(q.spec, spec);
+        let json = serde_json::to_value(build_resource(&ins, spec)).unwrap();
+        assert_eq!(json["kind"], "QuestDB");
+        assert!(json.get("status").is_none_or(|s| s.is_null()));
+    }
+
+    #[test]
+    fn retry_delay_grows_and_is_capped() {
+        let max = Duration::from_secs(10);
+        assert!(retry_delay(0, max) <= Duration::from_millis(400));
+        assert!(retry_delay(3, max) >= Duration::from_millis(1600));
+        assert!(retry_delay(60, max) <= max * 2, "jitter stays within one more max");
+    }
+}

@@ -1,0 +1,439 @@
+//! A private provisioner set-up per test on the shared local cloud: its own PostgreSQL database,
+//! Kafka topics, consumer group and namespace in every cluster, so tests run in parallel and a
+//! killed provisioner in one test cannot disturb another. Also plays the backend (produces
+//! instructions, reads gossip) and, where a test needs it, the operator (writes CR status).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use qdb_crd::QuestDB;
+use qdb_proto::Message;
+use qdb_proto::v1::{self, GossipEvent, Phase, instruction::Operation};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+use crate::{Cloud, eventually, kube_client, unique};
+
+pub struct Rig {
+    pub cloud: Cloud,
+    pub name: String,
+    pub database_url: String,
+    pub instructions: String,
+    pub gossip: String,
+    pub dlq: String,
+    pub group: String,
+    pub namespace: String,
+    pub config: PathBuf,
+    pub dir: PathBuf,
+    producer: FutureProducer,
+}
+
+impl Rig {
+    pub async fn new(prefix: &str, partitions: i32) -> Result<Rig> {
+        let cloud = Cloud::load()?;
+        let name = unique(prefix);
+        let dir = PathBuf::from(cloud.vars.get("QDB_RUN").cloned().unwrap_or_else(|| "/tmp".into()))
+            .join("tests")
+            .join(&name);
+        std::fs::create_dir_all(&dir)?;
+
+        let db = name.replace('-', "_");
+        let admin = sqlx::PgPool::connect(&cloud.database_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).execute(&admin).await?;
+        admin.close().await;
+        let database_url = match cloud.database_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{db}"),
+            None => bail!("unexpected DATABASE_URL {}", cloud.database_url),
+        };
+
+        let (instructions, gossip, dlq) =
+            (format!("{name}-instructions"), format!("{name}-gossip"), format!("{name}-dlq"));
+        let kafka: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &cloud.kafka_brokers).create()?;
+        let topics = [
+            NewTopic::new(&instructions, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&gossip, 3, TopicReplication::Fixed(1)),
+            NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+        ];
+        for r in kafka.create_topics(&topics, &AdminOptions::new()).await? {
+            r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+        }
+
+        let namespace = name.clone();
+        let mut clusters = BTreeMap::new();
+        for c in &cloud.clusters {
+            let client = kube_client(&c.kubeconfig).await?;
+            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}}))?;
+            Api::<Namespace>::all(client).create(&PostParams::default(), &ns).await?;
+            clusters.insert(
+                c.name.clone(),
+                json!({"kubeconfig": c.provisioner_kubeconfig, "namespace": namespace}),
+            );
+        }
+        let config = dir.join("provisioner.yaml");
+        std::fs::write(&config, serde_yaml::to_string(&json!({ "clusters": clusters }))?)?;
+
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &cloud.kafka_brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .create()?;
+        Ok(Rig {
+            group: format!("{name}-group"),
+            cloud,
+            name,
+            database_url,
+            instructions,
+            gossip,
+            dlq,
+            namespace,
+            config,
+            dir,
+            producer,
+        })
+    }
+
+    /// Starts a provisioner replica as its own process.
+    pub fn spawn(&self, replica: &str, extra: &[&str]) -> Result<Provisioner> {
+        let bin = bin_dir(&self.cloud).join("qdb-provisioner");
+        let port = free_port()?;
+        let log_path = self.dir.join(format!("{replica}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let child = Command::new(&bin)
+            .args(["--config", &self.config.display().to_string()])
+            .args(["--brokers", &self.cloud.kafka_brokers])
+            .args(["--group-id", &self.group])
+            .args(["--instructions-topic", &self.instructions])
+            .args(["--gossip-topic", &self.gossip])
+            .args(["--dlq-topic", &self.dlq])
+            .args(["--database-url", &self.database_url])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--replica-id", replica])
+            .args(extra)
+            .env("RUST_LOG", "info,kube_runtime=warn,sqlx=warn")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {} (built by localcloud up)", bin.display()))?;
+        Ok(Provisioner { child: Some(child), url: format!("http://127.0.0.1:{port}"), log: log_path })
+    }
+
+    pub async fn send(&self, ins: &v1::Instruction) -> Result<()> {
+        self.send_raw(ins.database_id.as_bytes(), &ins.encode_to_vec()).await
+    }
+
+    pub async fn send_raw(&self, key: &[u8], payload: &[u8]) -> Result<()> {
+        self.producer
+            .send(FutureRecord::to(&self.instructions).key(key).payload(payload), Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("producing: {e}"))?;
+        Ok(())
+    }
+
+    /// Starts reading the gossip topic from its beginning.
+    pub fn gossip(&self) -> Result<Reader<GossipEvent>> {
+        Reader::start(&self.cloud.kafka_brokers, &self.gossip, |payload, _| GossipEvent::decode(payload).ok())
+    }
+
+    /// Starts reading the dead-letter topic: (headers, payload) per message.
+    pub fn dead_letters(&self) -> Result<Reader<DeadLetter>> {
+        Reader::start(&self.cloud.kafka_brokers, &self.dlq, |payload, headers| {
+            Some(DeadLetter { headers: headers.clone(), payload: payload.to_vec() })
+        })
+    }
+
+    /// QuestDB resources of this rig in `cluster`, as the admin sees them.
+    pub async fn questdbs(&self, cluster: &str) -> Result<Api<QuestDB>> {
+        let c = self.cloud.cluster(cluster)?;
+        Ok(Api::namespaced(kube_client(&c.kubeconfig).await?, &self.namespace))
+    }
+
+    /// The journal of this rig's provisioner.
+    pub async fn journal(&self) -> Result<sqlx::PgPool> {
+        Ok(sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&self.database_url).await?)
+    }
+}
+
+fn bin_dir(cloud: &Cloud) -> PathBuf {
+    if let Some(d) = cloud.vars.get("QDB_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| "target".into()).join("debug")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A provisioner process; killed when dropped.
+pub struct Provisioner {
+    child: Option<Child>,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Provisioner {
+    pub async fn wait_ready(&self) -> Result<()> {
+        let url = format!("{}/readyz", self.url);
+        eventually(&format!("provisioner ready (log {})", self.log.display()), Duration::from_secs(60), || {
+            let url = url.clone();
+            async move { Ok(reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ())) }
+        })
+        .await
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.url)).await?.text().await?)
+    }
+
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for the exit code.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else { bail!("not running") };
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status()?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("provisioner did not exit within {timeout:?} of SIGTERM (log {})", self.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Provisioner {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub headers: HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+/// Reads a topic from the beginning on its own thread, keeping every decoded message.
+pub struct Reader<T> {
+    items: Arc<Mutex<Vec<T>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<T: Clone + Send + 'static> Reader<T> {
+    fn start(
+        brokers: &str,
+        topic: &str,
+        decode: impl Fn(&[u8], &HashMap<String, String>) -> Option<T> + Send + 'static,
+    ) -> Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        let items = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (out, flag) = (items.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Some(item) = decode(m.payload().unwrap_or_default(), &headers)
+                    && let Ok(mut v) = out.lock()
+                {
+                    v.push(item);
+                }
+            }
+            // Destroying the client can block against the local broker; the thread just ends
+            // with the test process.
+            std::mem::forget(consumer);
+        });
+        Ok(Reader { items, stop })
+    }
+
+    pub fn all(&self) -> Vec<T> {
+        self.items.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Waits until some message matches.
+    pub async fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&T) -> bool) -> Result<T> {
+        eventually(what, timeout, || {
+            let found = self.all().into_iter().find(|t| pred(t));
+            async move { Ok(found) }
+        })
+        .await
+    }
+}
+
+impl<T> Drop for Reader<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Reader<GossipEvent> {
+    /// Waits for `phase` of instruction `id`.
+    pub async fn phase(&self, id: &str, phase: Phase, timeout: Duration) -> Result<GossipEvent> {
+        self.wait(&format!("{phase:?} for {id} (seen: {:?})", self.phases(id)), timeout, |e| {
+            e.instruction_id == id && e.phase() == phase
+        })
+        .await
+        .with_context(|| format!("phases seen for {id}: {:?}", self.phases(id)))
+    }
+
+    pub fn phases(&self, id: &str) -> Vec<Phase> {
+        self.all().iter().filter(|e| e.instruction_id == id).map(|e| e.phase()).collect()
+    }
+
+    /// The terminal event of each of `ids`, once all have one.
+    pub async fn terminal(&self, ids: &[String], timeout: Duration) -> Result<HashMap<String, GossipEvent>> {
+        eventually(&format!("{} instructions terminal", ids.len()), timeout, || {
+            let mut done = HashMap::new();
+            for e in self.all() {
+                if is_terminal(e.phase()) && !done.contains_key(&e.instruction_id) {
+                    done.insert(e.instruction_id.clone(), e);
+                }
+            }
+            let missing = ids.iter().filter(|i| !done.contains_key(*i)).count();
+            let result = if missing == 0 {
+                Ok(Some(done))
+            } else {
+                Err(anyhow::anyhow!("{missing} of {} not terminal yet", ids.len()))
+            };
+            async move { result }
+        })
+        .await
+    }
+}
+
+pub fn is_terminal(p: Phase) -> bool {
+    matches!(p, Phase::Succeeded | Phase::Failed | Phase::Rejected | Phase::Superseded)
+}
+
+/// Instructions as the backend writes them.
+pub mod ins {
+    use super::*;
+
+    pub fn spec(version: &str) -> v1::DatabaseSpec {
+        v1::DatabaseSpec {
+            questdb_version: version.into(),
+            instance_type: "m6i.large".into(),
+            node_image: "ami-0a0a0a0a0a0a0a0a0".into(),
+            volume: Some(v1::Volume { size_gib: 20, r#type: v1::VolumeType::Gp3 as i32 }),
+            server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
+        }
+    }
+
+    pub fn new(db: &str, cluster: &str, sequence: u64, op: Operation) -> v1::Instruction {
+        v1::Instruction {
+            instruction_id: unique(&format!("{db}-{sequence}")),
+            database_id: db.into(),
+            cluster: cluster.into(),
+            sequence,
+            issued_at_ms: 0,
+            operation: Some(op),
+        }
+    }
+
+    pub fn create(db: &str, cluster: &str, sequence: u64, version: &str) -> v1::Instruction {
+        new(db, cluster, sequence, Operation::Create(v1::Create { spec: Some(spec(version)) }))
+    }
+
+    pub fn version(db: &str, cluster: &str, sequence: u64, version: &str) -> v1::Instruction {
+        new(
+            db,
+            cluster,
+            sequence,
+            Operation::Modify(v1::Modify { questdb_version: Some(version.into()), ..Default::default() }),
+        )
+    }
+}
+
+/// Writes status as the operator would: observed at the current generation, Ready (or Paused
+/// when the spec says so). Condition messages are never empty: Kubernetes 1.20 turns an empty
+/// string in a merge patch into null, which the schema then refuses.
+pub async fn report_converged(api: &Api<QuestDB>, name: &str) -> Result<()> {
+    let q = api.get(name).await?;
+    let generation = q.metadata.generation.unwrap_or_default();
+    let paused = q.spec.paused;
+    let t = "2026-01-01T00:00:00Z";
+    let conditions = json!([
+        {"type": "Ready", "status": if paused {"False"} else {"True"}, "reason": if paused {"Paused"} else {"Running"},
+         "message": "test operator", "lastTransitionTime": t},
+        {"type": "Paused", "status": if paused {"True"} else {"False"}, "reason": "Spec", "message": "test operator",
+         "lastTransitionTime": t},
+        {"type": "Progressing", "status": "False", "reason": "Converged", "message": "test operator",
+         "lastTransitionTime": t},
+    ]);
+    let status = json!({"status": {
+        "phase": if paused {"Paused"} else {"Running"},
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "endpoints": {"http": format!("https://{name}.example"), "pgwire": format!("{name}.example:8812"),
+                      "ilp": format!("{name}.example:9009")},
+    }});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    Ok(())
+}
+
+/// Plays the operator for every resource in `api`: whatever is not observed at its generation
+/// is reported converged. Runs until the returned handle is aborted.
+pub fn fake_operator(api: Api<QuestDB>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Ok(list) = api.list(&ListParams::default()).await {
+                for q in list {
+                    let observed = q.status.as_ref().and_then(|s| s.observed_generation);
+                    if observed != q.metadata.generation
+                        && let Some(name) = q.metadata.name.as_deref()
+                    {
+                        let _ = report_converged(&api, name).await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
