@@ -326,19 +326,28 @@ macro_rules! open_columns {
     };
 }
 
-/// The next instruction of a database to apply: the pending one with the lowest sequence.
-pub async fn head(pool: &PgPool, database_id: &str) -> Result<Option<Open>, JournalError> {
+/// The next instruction of a database to apply (the pending one with the lowest sequence),
+/// with the spec last applied to the database.
+pub async fn head(
+    pool: &PgPool,
+    database_id: &str,
+) -> Result<Option<(Open, Option<qdb_crd::QuestDBSpec>)>, JournalError> {
     let row = sqlx::query(concat!(
         "SELECT ",
         open_columns!(),
-        ", next_attempt_at <= now() AS due FROM instructions
+        ", next_attempt_at <= now() AS due,
+           (SELECT spec FROM databases d WHERE d.database_id = $1) AS spec
+         FROM instructions
          WHERE database_id = $1 AND state = 'pending' ORDER BY sequence LIMIT 1"
     ))
     .bind(database_id)
     .fetch_optional(pool)
     .await
     .map_err(err("reading the next instruction"))?;
-    Ok(row.as_ref().map(open_from))
+    Ok(row.map(|r| {
+        let spec: Option<sqlx::types::Json<qdb_crd::QuestDBSpec>> = r.get("spec");
+        (open_from(&r), spec.map(|j| j.0))
+    }))
 }
 
 /// Applied instructions waiting for the cluster to report their outcome; `due` means the
@@ -363,25 +372,40 @@ pub async fn applied(
     Ok(rows.iter().map(open_from).collect())
 }
 
-/// Pending -> applied; returns the seconds since the instruction was received.
-pub async fn mark_applied(
-    conn: &mut PgConnection,
+/// Pending -> applied, in one statement: records the spec now on the cluster (None after a
+/// delete) and queues the gossip `applied` event. Returns the seconds since the instruction was
+/// received, or None if it was no longer pending.
+pub async fn record_applied(
+    pool: &PgPool,
     id: &str,
     generation: Option<i64>,
     deadline: Duration,
+    spec: Option<&qdb_crd::QuestDBSpec>,
+    gossip: &Outgoing,
 ) -> Result<Option<f64>, JournalError> {
     sqlx::query_scalar(
-        "UPDATE instructions SET state = 'applied', generation = $2, applied_at = now(),
-             deadline_at = now() + make_interval(secs => $3), attempts = attempts + 1, message = ''
-         WHERE id = $1 AND state = 'pending'
-         RETURNING extract(epoch FROM now() - received_at)::float8",
+        "WITH done AS (
+             UPDATE instructions SET state = 'applied', generation = $2, applied_at = now(),
+                 deadline_at = now() + make_interval(secs => $3), attempts = attempts + 1, message = ''
+             WHERE id = $1 AND state = 'pending'
+             RETURNING database_id, extract(epoch FROM now() - received_at)::float8 AS secs),
+         known AS (
+             UPDATE databases SET spec = $4 WHERE database_id IN (SELECT database_id FROM done)),
+         queued AS (
+             INSERT INTO outbox (topic, database_id, key, headers, payload)
+             SELECT 'gossip', database_id, $5, $6, $7 FROM done)
+         SELECT secs FROM done",
     )
     .bind(id)
     .bind(generation)
     .bind(deadline.as_secs_f64())
-    .fetch_optional(conn)
+    .bind(spec.map(sqlx::types::Json))
+    .bind(gossip.key.as_deref())
+    .bind(sqlx::types::Json(&gossip.headers))
+    .bind(&gossip.payload)
+    .fetch_optional(pool)
     .await
-    .map_err(err("marking instruction applied"))
+    .map_err(err("recording the apply"))
 }
 
 /// Open -> terminal. False if another replica got there first (nothing to announce then).

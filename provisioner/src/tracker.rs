@@ -2,6 +2,8 @@
 //! for applied instructions (progressing, succeeded, failed), and a sweep catches what a watch
 //! missed and fails instructions past their deadline.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -30,7 +32,11 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
-    fn get(&self, database_id: &str) -> Option<Arc<QuestDB>> {
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    pub fn get(&self, database_id: &str) -> Option<Arc<QuestDB>> {
         self.store.get(&ObjectRef::new(database_id).within(&self.namespace))
     }
 }
@@ -86,7 +92,7 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
     Ok(())
 }
 
-async fn evaluate(ctx: &Shared, view: &ClusterView, cluster: &str, database_id: &str) {
+pub async fn evaluate(ctx: &Shared, view: &ClusterView, cluster: &str, database_id: &str) {
     let rows = match journal::applied(&ctx.pool, Some(database_id), 100).await {
         Ok(rows) => rows,
         Err(e) => return warn!(database = %database_id, error = %e, "reading applied instructions failed"),
@@ -99,6 +105,18 @@ async fn evaluate(ctx: &Shared, view: &ClusterView, cluster: &str, database_id: 
     }
 }
 
+/// Right after an apply: judges the instruction at once if the cached resource already says
+/// something about its generation (the status event may have come before the journal write).
+pub async fn evaluate_if_judgeable(ctx: &Shared, view: &ClusterView, head: &Open, generation: Option<i64>) {
+    if !view.is_synced() {
+        return;
+    }
+    let cached = view.get(&head.database_id);
+    if progress::judge(&head.operation, generation, cached.as_deref()) != Verdict::Wait {
+        evaluate(ctx, view, &head.cluster, &head.database_id).await;
+    }
+}
+
 /// Watches one cluster's QuestDB resources until stopped.
 pub async fn watch(
     ctx: Arc<Shared>,
@@ -108,17 +126,31 @@ pub async fn watch(
 ) {
     let Some(c) = ctx.registry.get(&cluster).cloned() else { return };
     let Some(view) = ctx.views.get(&cluster) else { return };
-    let stream = reflector::reflector(writer, watcher::watcher(c.questdbs(), watcher::Config::default()))
+    // Field ownership is of no use here and is most of each object's size.
+    let objects = watcher::watcher(c.questdbs(), watcher::Config::default())
+        .modify(|q| q.metadata.managed_fields = None)
         .default_backoff();
+    let stream = reflector::reflector(writer, objects);
     let mut stream = std::pin::pin!(stream);
+    // The last status seen per resource: the provisioner's own spec writes come back as events
+    // with an unchanged status, and there is nothing to judge in those.
+    let mut seen: HashMap<String, u64> = HashMap::new();
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => break,
             e = stream.next() => e,
         };
         match event {
-            Some(Ok(Event::Apply(q) | Event::Delete(q))) => {
+            Some(Ok(Event::Apply(q))) => {
+                let Some(name) = q.metadata.name.clone() else { continue };
+                let fingerprint = status_fingerprint(&q);
+                if seen.insert(name.clone(), fingerprint) != Some(fingerprint) {
+                    evaluate(&ctx, view, &cluster, &name).await;
+                }
+            }
+            Some(Ok(Event::Delete(q))) => {
                 if let Some(name) = q.metadata.name.as_deref() {
+                    seen.remove(name);
                     evaluate(&ctx, view, &cluster, name).await;
                 }
             }
@@ -134,6 +166,14 @@ pub async fn watch(
             None => break,
         }
     }
+}
+
+/// A hash of what judging reads: status and the deletion mark.
+fn status_fingerprint(q: &QuestDB) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    serde_json::to_string(&q.status).unwrap_or_default().hash(&mut h);
+    q.metadata.deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
 }
 
 /// Re-judges every applied instruction against the synced views, so nothing waits on a missed

@@ -80,15 +80,60 @@ fn kube_error(verb: &str, e: kube::Error) -> ExecError {
 struct Applied {
     generation: Option<i64>,
     qdb: Option<QuestDB>,
+    /// The spec now on the cluster (None after a delete).
+    spec: Option<QuestDBSpec>,
 }
 
-async fn execute(ctx: &Shared, cluster: &Cluster, ins: &v1::Instruction) -> Result<Applied, ExecError> {
+fn deleting(qdb: &QuestDB) -> Result<(), ExecError> {
+    if qdb.metadata.deletion_timestamp.is_some() {
+        return Err(ExecError::Transient {
+            what: "the database is still being deleted".into(),
+            source: None,
+        });
+    }
+    Ok(())
+}
+
+/// The current spec of the resource, None if it does not exist. The provisioner is the only
+/// writer of spec, so the spec it last applied (journal) is the truth while the resource exists;
+/// existence comes from the watch cache, and only when that cannot tell is the cluster asked.
+async fn current_spec(
+    ctx: &Shared,
+    cluster: &Cluster,
+    ins: &v1::Instruction,
+    known: Option<QuestDBSpec>,
+) -> Result<Option<QuestDBSpec>, ExecError> {
+    let name = &ins.database_id;
+    let view = ctx.views.get(&cluster.name).filter(|v| v.is_synced());
+    if let Some(cached) = view.and_then(|v| v.get(name)) {
+        deleting(&cached)?;
+        return Ok(Some(known.unwrap_or_else(|| cached.spec.clone())));
+    }
+    let is_create = matches!(ins.operation, Some(v1::instruction::Operation::Create(_)));
+    if is_create && view.is_some() && known.is_none() {
+        return Ok(None);
+    }
+    let fetched = cluster.questdbs().get_opt(name).await;
+    ctx.metrics.kube(&cluster.name, "get", fetched.is_ok());
+    match fetched.map_err(|e| kube_error("get", e))? {
+        Some(q) => {
+            deleting(&q)?;
+            Ok(Some(known.unwrap_or(q.spec)))
+        }
+        None => Ok(None),
+    }
+}
+
+async fn execute(
+    ctx: &Shared,
+    cluster: &Cluster,
+    ins: &v1::Instruction,
+    known: Option<QuestDBSpec>,
+) -> Result<Applied, ExecError> {
     let api = cluster.questdbs();
     let name = &ins.database_id;
-    let current = api.get_opt(name).await;
-    ctx.metrics.kube(&cluster.name, "get", current.is_ok());
-    let current = current.map_err(|e| kube_error("get", e))?;
-    let action = mapping::desired(ins, current.as_ref().map(|q| &q.spec))?;
+    let current = current_spec(ctx, cluster, ins, known).await?;
+    let action = mapping::desired(ins, current.as_ref())?;
     let apply = |spec| {
         let obj = build_resource(ins, spec);
         let api = api.clone();
@@ -96,19 +141,16 @@ async fn execute(ctx: &Shared, cluster: &Cluster, ins: &v1::Instruction) -> Resu
             let params = PatchParams::apply(PROVISIONER_MANAGER).force();
             let res = api.patch(name, &params, &Patch::Apply(&obj)).await;
             ctx.metrics.kube(&cluster.name, "apply", res.is_ok());
-            res.map_err(|e| kube_error("apply", e))
+            let qdb = res.map_err(|e| kube_error("apply", e))?;
+            // Applied to an object on its way out: it will be gone, so this is not done.
+            deleting(&qdb)?;
+            Ok::<_, ExecError>(qdb)
         }
     };
     match action {
         Action::Apply(spec) => {
-            if current.as_ref().is_some_and(|q| q.metadata.deletion_timestamp.is_some()) {
-                return Err(ExecError::Transient {
-                    what: "the database is still being deleted".into(),
-                    source: None,
-                });
-            }
-            let qdb = apply(spec).await?;
-            Ok(Applied { generation: qdb.metadata.generation, qdb: Some(qdb) })
+            let qdb = apply(spec.clone()).await?;
+            Ok(Applied { generation: qdb.metadata.generation, qdb: Some(qdb), spec: Some(spec) })
         }
         Action::Delete { retain } => {
             if let Some(spec) = retain {
@@ -123,7 +165,7 @@ async fn execute(ctx: &Shared, cluster: &Cluster, ins: &v1::Instruction) -> Resu
                     return Err(kube_error("delete", e));
                 }
             }
-            Ok(Applied { generation: None, qdb: None })
+            Ok(Applied { generation: None, qdb: None, spec: None })
         }
     }
 }
@@ -140,7 +182,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Applies one due instruction. Returns whether the database may go on to its next one.
-async fn apply_one(ctx: &Shared, head: &Open) -> Result<bool, JournalError> {
+async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Result<bool, JournalError> {
     let ins = match v1::Instruction::decode(head.payload.as_slice()) {
         Ok(ins) => ins,
         Err(e) => {
@@ -157,24 +199,29 @@ async fn apply_one(ctx: &Shared, head: &Open) -> Result<bool, JournalError> {
         terminal(ctx, head, &subject, "failed", Phase::Failed, "UNKNOWN_CLUSTER", &message, None).await?;
         return Ok(true);
     };
-    match execute(ctx, cluster, &ins).await {
+    match execute(ctx, cluster, &ins, known).await {
         Ok(applied) => {
             let deadline = ctx.deadline(&head.operation);
-            let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
-            if let Some(secs) = journal::mark_applied(&mut tx, &head.id, applied.generation, deadline).await?
-            {
-                let status = applied.qdb.as_ref().map(gossip::database_status);
-                let message = match applied.generation {
-                    Some(g) => format!("{} applied at generation {g}", head.operation),
-                    None => "delete requested".to_string(),
-                };
-                journal::enqueue(&mut tx, &gossip::event(&subject, Phase::Applied, "", &message, status))
+            let status = applied.qdb.as_ref().map(gossip::database_status);
+            let message = match applied.generation {
+                Some(g) => format!("{} applied at generation {g}", head.operation),
+                None => "delete requested".to_string(),
+            };
+            let event = gossip::event(&subject, Phase::Applied, "", &message, status);
+            let spec = applied.spec.as_ref();
+            let recorded =
+                journal::record_applied(&ctx.pool, &head.id, applied.generation, deadline, spec, &event)
                     .await?;
-                tx.commit().await.map_err(journal::tx_error)?;
+            if let Some(secs) = recorded {
                 ctx.metrics.apply_seconds.observe(secs);
                 ctx.metrics.count("applied");
                 ctx.outbox_wake.notify_one();
                 debug!(instruction = %head.id, database = %head.database_id, "applied");
+                // The operator may have reported on this generation before the journal said
+                // applied; judge it now rather than at the next sweep.
+                if let Some(view) = ctx.views.get(&head.cluster) {
+                    crate::tracker::evaluate_if_judgeable(ctx, view, head, applied.generation).await;
+                }
             }
             Ok(true)
         }
@@ -255,15 +302,15 @@ async fn work_on(ctx: Arc<Shared>, database_id: String, stop: CancellationToken)
         if stop.is_cancelled() {
             break;
         }
-        let head = match journal::head(&ctx.pool, &database_id).await {
-            Ok(Some(h)) if h.due => h,
+        let (head, known) = match journal::head(&ctx.pool, &database_id).await {
+            Ok(Some((h, known))) if h.due => (h, known),
             Ok(_) => break,
             Err(e) => {
                 warn!(database = %database_id, error = %chain(&e), "reading the journal failed");
                 break;
             }
         };
-        match apply_one(&ctx, &head).await {
+        match apply_one(&ctx, &head, known).await {
             Ok(true) => {}
             Ok(false) => break,
             Err(e) => {

@@ -136,6 +136,22 @@ impl Rig {
         self.send_raw(ins.database_id.as_bytes(), &ins.encode_to_vec()).await
     }
 
+    /// Produces all of them at once (queued together, then every delivery awaited), in order
+    /// per database.
+    pub async fn send_many(&self, all: &[v1::Instruction]) -> Result<()> {
+        let payloads: Vec<_> = all.iter().map(|i| (i.database_id.as_bytes(), i.encode_to_vec())).collect();
+        let mut deliveries = Vec::with_capacity(all.len());
+        for (key, payload) in &payloads {
+            let record = FutureRecord::to(&self.instructions).key(*key).payload(payload);
+            deliveries
+                .push(self.producer.send_result(record).map_err(|(e, _)| anyhow::anyhow!("queueing: {e}"))?);
+        }
+        for d in deliveries {
+            d.await?.map_err(|(e, _)| anyhow::anyhow!("producing: {e}"))?;
+        }
+        Ok(())
+    }
+
     pub async fn send_raw(&self, key: &[u8], payload: &[u8]) -> Result<()> {
         self.producer
             .send(FutureRecord::to(&self.instructions).key(key).payload(payload), Duration::from_secs(10))
@@ -243,7 +259,8 @@ pub struct DeadLetter {
 
 /// Reads a topic from the beginning on its own thread, keeping every decoded message.
 pub struct Reader<T> {
-    items: Arc<Mutex<Vec<T>>>,
+    /// Each message with the wall-clock milliseconds it was received at.
+    items: Arc<Mutex<Vec<(u64, T)>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -282,7 +299,7 @@ impl<T: Clone + Send + 'static> Reader<T> {
                 if let Some(item) = decode(m.payload().unwrap_or_default(), &headers)
                     && let Ok(mut v) = out.lock()
                 {
-                    v.push(item);
+                    v.push((now_ms(), item));
                 }
             }
             // Destroying the client can block against the local broker; the thread just ends
@@ -293,7 +310,20 @@ impl<T: Clone + Send + 'static> Reader<T> {
     }
 
     pub fn all(&self) -> Vec<T> {
+        self.items.lock().map(|v| v.iter().map(|(_, t)| t.clone()).collect()).unwrap_or_default()
+    }
+
+    /// Every message with the wall-clock milliseconds it was received at.
+    pub fn all_timed(&self) -> Vec<(u64, T)> {
         self.items.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.lock().map(|v| v.len()).unwrap_or_default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Waits until some message matches.
@@ -345,6 +375,13 @@ impl Reader<GossipEvent> {
         })
         .await
     }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 pub fn is_terminal(p: Phase) -> bool {

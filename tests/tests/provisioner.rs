@@ -170,6 +170,26 @@ async fn duplicates_and_stale_sequences_have_no_second_effect() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_database_deleted_behind_the_provisioners_back_is_not_resurrected() -> Result<()> {
+    let rig = Rig::new("prov-oob", 1).await?;
+    let gossip = rig.gossip()?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+    let api = rig.questdbs("region-a").await?;
+    let create = ins::create("db-oob", "region-a", 1, "8.2.1");
+    rig.send(&create).await?;
+    gossip.phase(&create.instruction_id, Phase::Applied, T).await?;
+    api.delete("db-oob", &Default::default()).await?;
+    eventually("deleted", T, || async { Ok(api.get_opt("db-oob").await?.is_none().then_some(())) }).await?;
+    let modify = ins::version("db-oob", "region-a", 2, "8.2.2");
+    rig.send(&modify).await?;
+    let ev = gossip.phase(&modify.instruction_id, Phase::Rejected, T).await?;
+    assert_eq!(ev.reason, "DATABASE_NOT_FOUND");
+    ensure!(api.get_opt("db-oob").await?.is_none(), "a modify must not create the database again");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_rejected_dead_lettered_and_the_partition_keeps_going() -> Result<()> {
     // One partition: the good message sits behind every bad one.
     let rig = Rig::new("prov-bad", 1).await?;
@@ -281,21 +301,6 @@ fn workload(prefix: &str, dbs: usize, steps: u64) -> Vec<v1::Instruction> {
     out
 }
 
-async fn send_all(rig: &Rig, all: &[v1::Instruction]) -> Result<()> {
-    for chunk in all.chunks(100) {
-        futures_join(chunk.iter().map(|i| rig.send(i))).await?;
-    }
-    Ok(())
-}
-
-async fn futures_join<F: Future<Output = Result<()>>>(fs: impl Iterator<Item = F>) -> Result<()> {
-    let handles: Vec<_> = fs.collect();
-    for f in handles {
-        f.await?;
-    }
-    Ok(())
-}
-
 /// Every instruction succeeded once, every resource is at its last instruction, and each
 /// resource's generation counts exactly its spec changes (an older instruction applied again
 /// after a newer one would add generations).
@@ -333,7 +338,7 @@ async fn kill_9_mid_run_loses_nothing_and_applies_nothing_twice() -> Result<()> 
     let mut p = rig.spawn("r1", &["--lease-secs", "5"])?;
     p.wait_ready().await?;
     let all = workload("db-k", 100, 5);
-    send_all(&rig, &all).await?;
+    rig.send_many(&all).await?;
     gossip
         .wait("150 applied before the kill", Duration::from_secs(120), |_| {
             gossip.all().iter().filter(|e| e.phase() == Phase::Applied).count() >= 150
@@ -366,7 +371,7 @@ async fn two_replicas_split_partitions_and_one_finishes_when_the_other_dies() ->
     })
     .await?;
     let all = workload("db-p", 50, 4);
-    send_all(&rig, &all).await?;
+    rig.send_many(&all).await?;
     gossip
         .wait("60 applied before the kill", Duration::from_secs(120), |_| {
             gossip.all().iter().filter(|e| e.phase() == Phase::Applied).count() >= 60

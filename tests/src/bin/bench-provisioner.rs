@@ -1,0 +1,137 @@
+//! Provisioner benchmark on the local cloud (`localcloud up` first). Prints, from one run:
+//! raw server-side-apply writes/s of region-a's apiserver with the provisioner's client and
+//! concurrency, provisioner end-to-end instructions/s (2000 instructions over 500 databases,
+//! produce -> gossip `applied`), their ratio (target >= 0.9), and p50/p99 produce-to-applied
+//! latency.
+//!
+//! Run: `cargo run -p qdb-tests --bin bench-provisioner` (add `-- --databases N --steps S`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use qdb_crd::{PROVISIONER_MANAGER, QuestDB};
+use qdb_proto::v1::Phase;
+use qdb_provisioner::mapping::{Action, desired};
+use qdb_provisioner::worker::build_resource;
+use qdb_tests::kube_client;
+use qdb_tests::rig::{Rig, ins, now_ms};
+use tokio::sync::Semaphore;
+
+const PARALLEL: usize = 64;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let databases = arg("--databases", 500);
+    let steps = arg("--steps", 4) as u64;
+    let total = databases * steps as usize;
+    let rig = Rig::new("bench-prov", 6).await?;
+    let region = rig.cloud.cluster("region-a")?;
+
+    // 1. The apiserver alone: the same applies, same client identity and timeouts, same bound.
+    let client = kube_client(&region.provisioner_kubeconfig).await?;
+    let api: Api<QuestDB> = Api::namespaced(client, &rig.namespace);
+    let slots = Arc::new(Semaphore::new(PARALLEL));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for d in 0..databases {
+        let (api, slots) = (api.clone(), slots.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = slots.acquire_owned().await?;
+            let db = format!("raw-{d}");
+            let mut spec = None;
+            for seq in 1..=steps {
+                let i = if seq == 1 {
+                    ins::create(&db, "region-a", 1, "8.2.1")
+                } else {
+                    ins::version(&db, "region-a", seq, &format!("8.2.{seq}"))
+                };
+                let Action::Apply(next) = desired(&i, spec.as_ref())? else { anyhow::bail!("not an apply") };
+                let params = PatchParams::apply(PROVISIONER_MANAGER).force();
+                api.patch(&db, &params, &Patch::Apply(&build_resource(&i, next.clone()))).await?;
+                spec = Some(next);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let raw_secs = started.elapsed().as_secs_f64();
+    let raw_rate = total as f64 / raw_secs;
+
+    // 2. The provisioner, end to end through Kafka, PostgreSQL and the apiserver.
+    let gossip = rig.gossip()?;
+    let p = rig.spawn("bench", &["--max-parallel", &PARALLEL.to_string()])?;
+    p.wait_ready().await?;
+    let mut all = Vec::with_capacity(total);
+    for d in 0..databases {
+        let db = format!("prov-{d}");
+        all.push(ins::create(&db, "region-a", 1, "8.2.1"));
+        for seq in 2..=steps {
+            all.push(ins::version(&db, "region-a", seq, &format!("8.2.{seq}")));
+        }
+    }
+    let started_ms = now_ms();
+    let started = Instant::now();
+    for chunk in all.chunks_mut(500) {
+        let now = now_ms() as i64;
+        chunk.iter_mut().for_each(|i| i.issued_at_ms = now);
+        rig.send_many(chunk).await?;
+    }
+    let produced_secs = started.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let applied = loop {
+        let applied: Vec<_> =
+            gossip.all_timed().into_iter().filter(|(_, e)| e.phase() == Phase::Applied).collect();
+        if applied.len() >= total || Instant::now() > deadline {
+            break applied;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(applied.len() >= total, "only {} of {total} applied within 10 minutes", applied.len());
+    let issued: std::collections::HashMap<_, _> =
+        all.iter().map(|i| (i.instruction_id.clone(), i.issued_at_ms as u64)).collect();
+    let last_ms = applied.iter().map(|(t, _)| *t).max().unwrap_or(started_ms);
+    let e2e_secs = (last_ms - started_ms) as f64 / 1000.0;
+    let e2e_rate = total as f64 / e2e_secs;
+    let mut latencies: Vec<u64> = applied
+        .iter()
+        .filter_map(|(t, e)| issued.get(&e.instruction_id).map(|i| t.saturating_sub(*i)))
+        .collect();
+    latencies.sort_unstable();
+
+    println!(
+        "provisioner benchmark ({databases} databases x {steps} instructions = {total}, {PARALLEL} in parallel, one apiserver)"
+    );
+    println!("  raw SSA writes:           {total} in {raw_secs:.2} s = {raw_rate:.0} writes/s");
+    println!(
+        "  provisioner end to end:   {total} in {e2e_secs:.2} s = {e2e_rate:.0} instructions/s (producing took {produced_secs:.2} s)"
+    );
+    println!("  ratio provisioner/raw:    {:.2} (target >= 0.90)", e2e_rate / raw_rate);
+    println!(
+        "  produce -> applied:       p50 {} ms, p99 {} ms, max {} ms",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+    Ok(())
+}
