@@ -109,7 +109,10 @@ impl Rig {
 
     /// Starts a provisioner replica as its own process.
     pub fn spawn(&self, replica: &str, extra: &[&str]) -> Result<Provisioner> {
-        let bin = bin_dir(&self.cloud).join("qdb-provisioner");
+        // The benchmark points this at a release build.
+        let bin = std::env::var("QDB_PROVISIONER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| bin_dir(&self.cloud).join("qdb-provisioner"));
         let port = free_port()?;
         let log_path = self.dir.join(format!("{replica}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
@@ -130,6 +133,46 @@ impl Rig {
             .spawn()
             .with_context(|| format!("starting {} (built by localcloud up)", bin.display()))?;
         Ok(Provisioner { child: Some(child), url: format!("http://127.0.0.1:{port}"), log: log_path })
+    }
+
+    /// The DNS zone this rig's operators use (one per rig: the emulator would make a second
+    /// zone of the same name if two operators created it at once).
+    pub fn dns_zone(&self) -> String {
+        format!("{}.questdb.test", self.name)
+    }
+
+    /// Starts an operator for `cluster` as its own process, watching only this rig's namespace.
+    pub fn spawn_operator(&self, cluster: &str, identity: &str, extra: &[&str]) -> Result<Operator> {
+        let c = self.cloud.cluster(cluster)?;
+        let bin = bin_dir(&self.cloud).join("qdb-operator");
+        let port = free_port()?;
+        let log_path = self.dir.join(format!("operator-{cluster}-{identity}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let child = Command::new(&bin)
+            .args(["--cluster", cluster])
+            .args(["--dns-zone", &self.dns_zone()])
+            .arg("--create-hosted-zone")
+            .args(["--aws-region", &c.aws_region])
+            .args(["--aws-endpoint", &self.cloud.aws_endpoint])
+            .args(["--kubeconfig", &c.operator_kubeconfig.display().to_string()])
+            .args(["--namespace", &self.namespace])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--lease-namespace", &self.namespace])
+            .args(["--identity", identity])
+            .args(["--resync-secs", "5", "--poll-secs", "1", "--lease-secs", "6"])
+            .args(extra)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("RUST_LOG", "info,kube_runtime=warn")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting {} (built by localcloud up)", bin.display()))?;
+        Ok(Operator(Provisioner {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+            log: log_path,
+        }))
     }
 
     pub async fn send(&self, ins: &v1::Instruction) -> Result<()> {
@@ -248,6 +291,22 @@ impl Drop for Provisioner {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// An operator process (same handling as a provisioner's); killed when dropped.
+pub struct Operator(pub Provisioner);
+
+impl std::ops::Deref for Operator {
+    type Target = Provisioner;
+    fn deref(&self) -> &Provisioner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Operator {
+    fn deref_mut(&mut self) -> &mut Provisioner {
+        &mut self.0
     }
 }
 

@@ -1,0 +1,572 @@
+//! EC2: the database's security group, its dedicated instance and its data volume, each found by
+//! the owner-UID tag.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_ec2::types::{
+    Filter, InstanceStateName, IpPermission, IpRange, Placement, ResourceType, Tag, TagSpecification,
+    VolumeState,
+};
+use base64::Engine;
+use qdb_crd::keys;
+
+use super::{Aws, AwsError, Owner, ROLE, ROLE_DATA, Service, client_token};
+use crate::build::security_group::Rule;
+
+/// Where the data volume is attached; the node's bootstrap mounts it from there.
+pub const DATA_DEVICE: &str = "/dev/sdf";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceState {
+    Pending,
+    Running,
+    Stopping,
+    Stopped,
+    ShuttingDown,
+    Terminated,
+    Unknown,
+}
+
+impl InstanceState {
+    fn from_ec2(state: Option<&InstanceStateName>) -> Self {
+        match state {
+            Some(InstanceStateName::Pending) => Self::Pending,
+            Some(InstanceStateName::Running) => Self::Running,
+            Some(InstanceStateName::Stopping) => Self::Stopping,
+            Some(InstanceStateName::Stopped) => Self::Stopped,
+            Some(InstanceStateName::ShuttingDown) => Self::ShuttingDown,
+            Some(InstanceStateName::Terminated) => Self::Terminated,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// Fenced: the instance can no longer write to anything (its volume may move).
+    pub fn is_fenced(self) -> bool {
+        matches!(self, Self::Stopped | Self::Terminated)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub id: String,
+    pub state: InstanceState,
+    pub private_ip: Option<String>,
+    pub private_dns: Option<String>,
+    pub zone: String,
+    pub image_id: String,
+    pub instance_type: String,
+    pub launched_at_ms: Option<i64>,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volume {
+    pub id: String,
+    pub zone: String,
+    pub size_gib: u32,
+    pub volume_type: String,
+    /// creating | available | in-use | deleting | deleted | error
+    pub state: String,
+    pub attachments: Vec<Attachment>,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attachment {
+    pub instance_id: String,
+    pub device: String,
+    /// attaching | attached | detaching | detached | busy
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecurityGroup {
+    pub id: String,
+    /// The ingress that maps to [`Rule`]s: TCP, one port, IPv4 CIDRs.
+    pub rules: Vec<Rule>,
+    /// Ingress that cannot be written as [`Rule`]s (port ranges, other protocols, IPv6, group
+    /// references): none of it is ours, so it goes as a whole through [`Aws::revoke_foreign`].
+    pub foreign: Vec<IpPermission>,
+}
+
+pub struct Launch<'a> {
+    pub image_id: &'a str,
+    pub instance_type: &'a str,
+    pub security_group_id: &'a str,
+    /// The plain script; base64-encoded here as RunInstances wants it.
+    pub user_data: &'a str,
+    /// None lets EC2 choose (a first launch); a replacement names the volume's zone, since a
+    /// volume attaches only within its own.
+    pub zone: Option<&'a str>,
+    pub extra_tags: &'a [(&'a str, &'a str)],
+}
+
+const TCP: &str = "tcp";
+
+fn tag_filter(key: &str, value: &str) -> Filter {
+    Filter::builder().name(format!("tag:{key}")).values(value).build()
+}
+
+fn tag_spec(resource: ResourceType, tags: &[(String, String)]) -> TagSpecification {
+    let tags = tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build());
+    TagSpecification::builder().resource_type(resource).set_tags(Some(tags.collect())).build()
+}
+
+fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+        .collect()
+}
+
+fn to_instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
+    Some(Instance {
+        id: i.instance_id()?.to_string(),
+        state: InstanceState::from_ec2(i.state().and_then(|s| s.name())),
+        private_ip: i.private_ip_address().filter(|s| !s.is_empty()).map(str::to_string),
+        private_dns: i.private_dns_name().filter(|s| !s.is_empty()).map(str::to_string),
+        zone: i.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string(),
+        image_id: i.image_id().unwrap_or_default().to_string(),
+        instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
+        launched_at_ms: i.launch_time().and_then(|t| t.to_millis().ok()),
+        tags: tag_map(i.tags()),
+    })
+}
+
+fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Option<Volume> {
+    Some(Volume {
+        id: v.volume_id()?.to_string(),
+        zone: v.availability_zone().unwrap_or_default().to_string(),
+        size_gib: v.size().and_then(|s| u32::try_from(s).ok()).unwrap_or_default(),
+        volume_type: v.volume_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
+        state: v.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+        attachments: v
+            .attachments()
+            .iter()
+            .map(|a| Attachment {
+                instance_id: a.instance_id().unwrap_or_default().to_string(),
+                device: a.device().unwrap_or_default().to_string(),
+                state: a.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+            })
+            .collect(),
+        tags: tag_map(v.tags()),
+    })
+}
+
+/// Splits EC2's ingress permissions into our rules and everything else.
+fn to_rules(permissions: &[IpPermission]) -> (Vec<Rule>, Vec<IpPermission>) {
+    let mut rules = Vec::new();
+    let mut foreign = Vec::new();
+    for p in permissions {
+        let single_tcp_port = p.ip_protocol() == Some(TCP)
+            && p.from_port().is_some()
+            && p.from_port() == p.to_port()
+            && p.ipv6_ranges().is_empty()
+            && p.user_id_group_pairs().is_empty()
+            && p.prefix_list_ids().is_empty();
+        match p.from_port().and_then(|port| u16::try_from(port).ok()) {
+            Some(port) if single_tcp_port => rules.extend(
+                p.ip_ranges().iter().filter_map(|r| Some(Rule { port, cidr: r.cidr_ip()?.to_string() })),
+            ),
+            _ => foreign.push(p.clone()),
+        }
+    }
+    rules.sort();
+    rules.dedup();
+    (rules, foreign)
+}
+
+/// One permission per port, listing its CIDRs: the fewest permissions for the rules.
+fn to_permissions(rules: &[Rule]) -> Vec<IpPermission> {
+    let mut by_port: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
+    for r in rules {
+        by_port.entry(r.port).or_default().push(&r.cidr);
+    }
+    by_port
+        .into_iter()
+        .map(|(port, cidrs)| {
+            IpPermission::builder()
+                .ip_protocol(TCP)
+                .from_port(i32::from(port))
+                .to_port(i32::from(port))
+                .set_ip_ranges(Some(
+                    cidrs.into_iter().map(|c| IpRange::builder().cidr_ip(c).build()).collect(),
+                ))
+                .build()
+        })
+        .collect()
+}
+
+/// Volumes that still exist (a deleted volume stays visible for a while).
+const LIVE_VOLUME_STATES: [VolumeState; 4] =
+    [VolumeState::Creating, VolumeState::Available, VolumeState::InUse, VolumeState::Error];
+
+/// Every state but terminated: a shutting-down instance may still write, so fencing must see it.
+const LIVE_INSTANCE_STATES: [InstanceStateName; 5] = [
+    InstanceStateName::Pending,
+    InstanceStateName::Running,
+    InstanceStateName::Stopping,
+    InstanceStateName::Stopped,
+    InstanceStateName::ShuttingDown,
+];
+
+impl Aws {
+    pub async fn find_security_group(&self, owner_uid: &str) -> Result<Option<SecurityGroup>, AwsError> {
+        const OP: &str = "DescribeSecurityGroups";
+        let req = self.ec2.describe_security_groups().filters(tag_filter(keys::OWNER_UID, owner_uid));
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        let mut groups = out.security_groups().iter().filter(|g| g.group_id().is_some());
+        let Some(group) = groups.next() else { return Ok(None) };
+        if groups.next().is_some() {
+            tracing::warn!(owner_uid, "more than one security group carries this owner; using the first");
+        }
+        let (rules, foreign) = to_rules(group.ip_permissions());
+        Ok(Some(SecurityGroup { id: group.group_id().unwrap_or_default().to_string(), rules, foreign }))
+    }
+
+    /// In the default VPC, tagged at creation. The group name carries the owner's UID: names are
+    /// unique per VPC, and a database created again under its old name must not collide with the
+    /// old group still being deleted.
+    pub async fn create_security_group(&self, owner: &Owner) -> Result<SecurityGroup, AwsError> {
+        const OP: &str = "CreateSecurityGroup";
+        let req = self
+            .ec2
+            .create_security_group()
+            .group_name(format!("{}-{}", owner.name(), owner.owner_uid))
+            .description(format!("QuestDB {}/{} client access", owner.namespace, owner.database))
+            .tag_specifications(tag_spec(ResourceType::SecurityGroup, &owner.tags()));
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        let id = out.group_id().ok_or_else(|| AwsError::unexpected(OP, "no group id in the reply"))?;
+        Ok(SecurityGroup { id: id.to_string(), rules: Vec::new(), foreign: Vec::new() })
+    }
+
+    pub async fn authorize_ingress(&self, group_id: &str, rules: &[Rule]) -> Result<(), AwsError> {
+        const OP: &str = "AuthorizeSecurityGroupIngress";
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let req = self
+            .ec2
+            .authorize_security_group_ingress()
+            .group_id(group_id)
+            .set_ip_permissions(Some(to_permissions(rules)));
+        match self.call(Service::Ec2, OP, || req.clone().send()).await {
+            // One rule already present fails the whole call; add the rest one by one.
+            Err(e) if e.code() == Some("InvalidPermission.Duplicate") && rules.len() > 1 => {
+                for rule in rules {
+                    let req =
+                        req.clone().set_ip_permissions(Some(to_permissions(std::slice::from_ref(rule))));
+                    match self.call(Service::Ec2, OP, || req.clone().send()).await {
+                        Err(e) if e.code() == Some("InvalidPermission.Duplicate") => {}
+                        other => {
+                            other?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) if e.code() == Some("InvalidPermission.Duplicate") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Rules that are not there (anymore) count as revoked.
+    pub async fn revoke_ingress(&self, group_id: &str, rules: &[Rule]) -> Result<(), AwsError> {
+        self.revoke(group_id, to_permissions(rules)).await
+    }
+
+    /// Revokes the group's [`SecurityGroup::foreign`] ingress.
+    pub async fn revoke_foreign(&self, group: &SecurityGroup) -> Result<(), AwsError> {
+        self.revoke(&group.id, group.foreign.clone()).await
+    }
+
+    async fn revoke(&self, group_id: &str, permissions: Vec<IpPermission>) -> Result<(), AwsError> {
+        const OP: &str = "RevokeSecurityGroupIngress";
+        if permissions.is_empty() {
+            return Ok(());
+        }
+        let req =
+            self.ec2.revoke_security_group_ingress().group_id(group_id).set_ip_permissions(Some(permissions));
+        match self.call(Service::Ec2, OP, || req.clone().send()).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Not found counts as deleted. A group still in use by an instance fails with
+    /// `DependencyViolation` until that instance is gone.
+    pub async fn delete_security_group(&self, group_id: &str) -> Result<(), AwsError> {
+        const OP: &str = "DeleteSecurityGroup";
+        let req = self.ec2.delete_security_group().group_id(group_id);
+        match self.call(Service::Ec2, OP, || req.clone().send()).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Every instance tagged with the UID that is not terminated, oldest launch first.
+    pub async fn find_instances(&self, owner_uid: &str) -> Result<Vec<Instance>, AwsError> {
+        const OP: &str = "DescribeInstances";
+        let states = Filter::builder()
+            .name("instance-state-name")
+            .set_values(Some(LIVE_INSTANCE_STATES.iter().map(|s| s.as_str().to_string()).collect()))
+            .build();
+        let req =
+            self.ec2.describe_instances().filters(tag_filter(keys::OWNER_UID, owner_uid)).filters(states);
+        let mut instances = Vec::new();
+        let mut token = None;
+        loop {
+            let page = req.clone().set_next_token(token);
+            let out = self.call(Service::Ec2, OP, || page.clone().send()).await?;
+            instances.extend(out.reservations().iter().flat_map(|r| r.instances()).filter_map(to_instance));
+            token = out.next_token().filter(|t| !t.is_empty()).map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        instances.sort_by(|a, b| (a.launched_at_ms, &a.id).cmp(&(b.launched_at_ms, &b.id)));
+        Ok(instances)
+    }
+
+    /// Tags the instance and its root volume at launch. The data volume is separate
+    /// ([`Self::create_volume`]), so the root volume may go with the instance.
+    pub async fn launch_instance(&self, owner: &Owner, launch: &Launch<'_>) -> Result<Instance, AwsError> {
+        const OP: &str = "RunInstances";
+        let mut tags = owner.tags();
+        tags.extend(launch.extra_tags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let user_data = base64::engine::general_purpose::STANDARD.encode(launch.user_data);
+        let req = self
+            .ec2
+            .run_instances()
+            .image_id(launch.image_id)
+            .instance_type(launch.instance_type.into())
+            .security_group_ids(launch.security_group_id)
+            .user_data(user_data)
+            .min_count(1)
+            .max_count(1)
+            .set_placement(launch.zone.map(|z| Placement::builder().availability_zone(z).build()))
+            .tag_specifications(tag_spec(ResourceType::Instance, &tags))
+            .tag_specifications(tag_spec(ResourceType::Volume, &tags))
+            .client_token(client_token(&owner.owner_uid));
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        out.instances()
+            .iter()
+            .find_map(to_instance)
+            .ok_or_else(|| AwsError::unexpected(OP, "no instance in the reply"))
+    }
+
+    /// None when EC2 does not know the id (anymore); a terminated instance is returned as such.
+    pub async fn describe_instance(&self, id: &str) -> Result<Option<Instance>, AwsError> {
+        const OP: &str = "DescribeInstances";
+        let req = self.ec2.describe_instances().instance_ids(id);
+        match self.call(Service::Ec2, OP, || req.clone().send()).await {
+            Ok(out) => Ok(out.reservations().iter().flat_map(|r| r.instances()).find_map(to_instance)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forced: this is the fencing step, used when the node may be unreachable; the pod has been
+    /// stopped before (or the node is lost), so there is nothing left to shut down gracefully.
+    pub async fn stop_instance(&self, id: &str) -> Result<(), AwsError> {
+        const OP: &str = "StopInstances";
+        let req = self.ec2.stop_instances().instance_ids(id).force(true);
+        self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
+    }
+
+    /// Not found counts as terminated.
+    pub async fn terminate_instance(&self, id: &str) -> Result<(), AwsError> {
+        const OP: &str = "TerminateInstances";
+        let req = self.ec2.terminate_instances().instance_ids(id);
+        match self.call(Service::Ec2, OP, || req.clone().send()).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// The data volume of the owner, ignoring deleted ones. Should a crash have left two, the
+    /// attached one wins, else the oldest: the one that may hold data.
+    pub async fn find_volume(&self, owner_uid: &str) -> Result<Option<Volume>, AwsError> {
+        const OP: &str = "DescribeVolumes";
+        let states = Filter::builder()
+            .name("status")
+            .set_values(Some(LIVE_VOLUME_STATES.iter().map(|s| s.as_str().to_string()).collect()))
+            .build();
+        let req = self
+            .ec2
+            .describe_volumes()
+            .filters(tag_filter(keys::OWNER_UID, owner_uid))
+            .filters(tag_filter(ROLE, ROLE_DATA))
+            .filters(states);
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        let mut volumes: Vec<_> =
+            out.volumes().iter().filter_map(|v| Some((v.create_time().copied(), to_volume(v)?))).collect();
+        if volumes.len() > 1 {
+            tracing::warn!(owner_uid, count = volumes.len(), "more than one data volume carries this owner");
+        }
+        volumes.sort_by_key(|(created, v)| {
+            (v.attachments.is_empty(), created.map(|t| t.as_nanos()), v.id.clone())
+        });
+        Ok(volumes.into_iter().next().map(|(_, v)| v))
+    }
+
+    /// Encrypted, tagged as the owner's data volume at creation.
+    pub async fn create_volume(
+        &self,
+        owner: &Owner,
+        zone: &str,
+        size_gib: u32,
+        volume_type: &str,
+    ) -> Result<Volume, AwsError> {
+        const OP: &str = "CreateVolume";
+        let size =
+            i32::try_from(size_gib).map_err(|_| AwsError::unexpected(OP, format!("size {size_gib} GiB")))?;
+        let mut tags = owner.tags();
+        tags.push((ROLE.into(), ROLE_DATA.into()));
+        let req = self
+            .ec2
+            .create_volume()
+            .availability_zone(zone)
+            .size(size)
+            .volume_type(volume_type.into())
+            .encrypted(true)
+            .tag_specifications(tag_spec(ResourceType::Volume, &tags))
+            .client_token(client_token(&owner.owner_uid));
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        let id = out.volume_id().ok_or_else(|| AwsError::unexpected(OP, "no volume id in the reply"))?;
+        Ok(Volume {
+            id: id.to_string(),
+            zone: out.availability_zone().unwrap_or(zone).to_string(),
+            size_gib: out.size().and_then(|s| u32::try_from(s).ok()).unwrap_or(size_gib),
+            volume_type: out.volume_type().map_or(volume_type, |t| t.as_str()).to_string(),
+            state: out.state().map_or("creating", |s| s.as_str()).to_string(),
+            attachments: Vec::new(),
+            tags: if out.tags().is_empty() { tags.into_iter().collect() } else { tag_map(out.tags()) },
+        })
+    }
+
+    /// A non-root attachment is not deleted on termination, so the volume outlives the instance.
+    pub async fn attach_volume(
+        &self,
+        volume_id: &str,
+        instance_id: &str,
+        device: &str,
+    ) -> Result<(), AwsError> {
+        const OP: &str = "AttachVolume";
+        let req = self.ec2.attach_volume().volume_id(volume_id).instance_id(instance_id).device(device);
+        self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
+    }
+
+    /// Names the instance (the emulator requires it, and it keeps a stale call from detaching the
+    /// volume from a newer instance). Not attached there counts as detached.
+    pub async fn detach_volume(&self, volume_id: &str, instance_id: &str) -> Result<(), AwsError> {
+        const OP: &str = "DetachVolume";
+        let req = self.ec2.detach_volume().volume_id(volume_id).instance_id(instance_id);
+        match self.call(Service::Ec2, OP, || req.clone().send()).await {
+            Err(e) if e.code() == Some("InvalidAttachment.NotFound") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Grows the volume; the filesystem is grown on the node.
+    pub async fn modify_volume_size(&self, volume_id: &str, size_gib: u32) -> Result<(), AwsError> {
+        const OP: &str = "ModifyVolume";
+        let size =
+            i32::try_from(size_gib).map_err(|_| AwsError::unexpected(OP, format!("size {size_gib} GiB")))?;
+        let req = self.ec2.modify_volume().volume_id(volume_id).size(size);
+        self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
+    }
+
+    /// Not found counts as deleted.
+    pub async fn delete_volume(&self, volume_id: &str) -> Result<(), AwsError> {
+        const OP: &str = "DeleteVolume";
+        let req = self.ec2.delete_volume().volume_id(volume_id);
+        match self.call(Service::Ec2, OP, || req.clone().send()).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_ec2::types::{Ipv6Range, UserIdGroupPair};
+
+    fn rule(port: u16, cidr: &str) -> Rule {
+        Rule { port, cidr: cidr.into() }
+    }
+
+    #[test]
+    fn state_mapping() {
+        use InstanceStateName as N;
+        let cases = [
+            (N::Pending, InstanceState::Pending),
+            (N::Running, InstanceState::Running),
+            (N::Stopping, InstanceState::Stopping),
+            (N::Stopped, InstanceState::Stopped),
+            (N::ShuttingDown, InstanceState::ShuttingDown),
+            (N::Terminated, InstanceState::Terminated),
+            (N::from("rebooting"), InstanceState::Unknown),
+        ];
+        for (ec2, ours) in cases {
+            assert_eq!(InstanceState::from_ec2(Some(&ec2)), ours, "{ec2:?}");
+        }
+        assert_eq!(InstanceState::from_ec2(None), InstanceState::Unknown);
+        assert!(InstanceState::Stopped.is_fenced() && InstanceState::Terminated.is_fenced());
+        assert!(!InstanceState::Stopping.is_fenced() && !InstanceState::ShuttingDown.is_fenced());
+    }
+
+    #[test]
+    fn rules_round_trip_through_permissions() {
+        let rules = vec![rule(8812, "10.0.0.0/8"), rule(9000, "10.0.0.0/8"), rule(9000, "203.0.113.0/24")];
+        let permissions = to_permissions(&rules);
+        assert_eq!(permissions.len(), 2, "one permission per port");
+        assert_eq!(to_rules(&permissions), (rules, vec![]));
+    }
+
+    #[test]
+    fn what_rules_cannot_express_is_foreign() {
+        let range = IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(0)
+            .to_port(65535)
+            .ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build())
+            .build();
+        let all = IpPermission::builder()
+            .ip_protocol("-1")
+            .ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build())
+            .build();
+        let v6 = IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(9000)
+            .to_port(9000)
+            .ipv6_ranges(Ipv6Range::builder().cidr_ipv6("::/0").build())
+            .build();
+        let group = IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(22)
+            .to_port(22)
+            .user_id_group_pairs(UserIdGroupPair::builder().group_id("sg-1").build())
+            .build();
+        let mut permissions = vec![range, all, v6, group];
+        let foreign = permissions.clone();
+        permissions.extend(to_permissions(&[rule(9009, "1.2.3.4/32")]));
+        assert_eq!(to_rules(&permissions), (vec![rule(9009, "1.2.3.4/32")], foreign));
+    }
+
+    #[test]
+    fn owner_tags() {
+        let owner = Owner {
+            cluster: "region-a".into(),
+            namespace: "questdb".into(),
+            database: "db-7f3a".into(),
+            owner_uid: "6f1c2b4e-0000-4000-8000-000000000001".into(),
+        };
+        let tags: BTreeMap<_, _> = owner.tags().into_iter().collect();
+        assert_eq!(tags["Name"], "qdb-questdb-db-7f3a");
+        assert_eq!(tags[keys::CLUSTER], "region-a");
+        assert_eq!(tags[keys::OWNER_UID], owner.owner_uid);
+        assert_eq!(tags[keys::DATABASE], "db-7f3a");
+        assert!(super::super::client_token(&owner.owner_uid).len() <= 64);
+    }
+}

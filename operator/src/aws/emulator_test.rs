@@ -1,0 +1,147 @@
+//! The whole module against the local cloud's AWS emulator (moto): ignored by default, run with
+//! `cargo nextest run -p qdb-operator --run-ignored all aws`. Each run uses a fresh owner UID, so
+//! runs neither see nor disturb each other's resources.
+
+use aws_sdk_ec2::config::Credentials;
+use prometheus_client::registry::Registry;
+
+use super::*;
+use crate::build::security_group::Rule;
+
+async fn emulator() -> Aws {
+    let cfg = AwsConfig {
+        region: "eu-west-1".into(),
+        endpoint: Some(std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:17500".into())),
+        ..AwsConfig::default()
+    };
+    let sdk = sdk_loader(&cfg)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "emulator"))
+        .load()
+        .await;
+    Aws::from_sdk_config(&sdk, &cfg)
+}
+
+fn owner() -> Owner {
+    let uid = client_token("00000000-test");
+    Owner {
+        cluster: "aws-test".into(),
+        namespace: "questdb".into(),
+        database: "db-test".into(),
+        owner_uid: uid,
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the local cloud's AWS emulator"]
+async fn ec2_lifecycle() {
+    let aws = emulator().await;
+    let owner = owner();
+
+    // Security group: nothing yet, create, authorize (twice: idempotent), find, revoke.
+    assert_eq!(aws.find_security_group(&owner.owner_uid).await.unwrap(), None);
+    let sg = aws.create_security_group(&owner).await.unwrap();
+    let rules = vec![
+        Rule { port: 8812, cidr: "10.0.0.0/8".into() },
+        Rule { port: 9000, cidr: "10.0.0.0/8".into() },
+        Rule { port: 9000, cidr: "203.0.113.0/24".into() },
+    ];
+    aws.authorize_ingress(&sg.id, &rules).await.unwrap();
+    aws.authorize_ingress(&sg.id, &rules).await.unwrap();
+    let found = aws.find_security_group(&owner.owner_uid).await.unwrap().unwrap();
+    assert_eq!((found.id.as_str(), &found.rules, found.foreign.len()), (sg.id.as_str(), &rules, 0));
+    aws.revoke_ingress(&sg.id, &rules[2..]).await.unwrap();
+    aws.revoke_ingress(&sg.id, &rules[2..]).await.unwrap();
+    assert_eq!(aws.find_security_group(&owner.owner_uid).await.unwrap().unwrap().rules, rules[..2]);
+
+    // Instance, tagged for the node simulator's cluster filter.
+    let launch = Launch {
+        image_id: "ami-0123456789abcdef0",
+        instance_type: "m6i.large",
+        security_group_id: &sg.id,
+        user_data: "#!/bin/sh\necho hello\n",
+        zone: None,
+        extra_tags: &[("cloud.questdb.io/purpose", "test")],
+    };
+    let instance = aws.launch_instance(&owner, &launch).await.unwrap();
+    assert_eq!(instance.tags[keys::CLUSTER], "aws-test");
+    assert_eq!(instance.tags["cloud.questdb.io/purpose"], "test");
+    assert_eq!(instance.tags["Name"], "qdb-questdb-db-test");
+    assert!(instance.private_ip.is_some() && !instance.zone.is_empty());
+    let found = aws.find_instances(&owner.owner_uid).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, instance.id);
+    assert_eq!(found[0].state, InstanceState::Running);
+    assert_eq!(found[0].instance_type, "m6i.large");
+
+    // Data volume in the instance's zone, attached, found with its attachment, detached.
+    assert_eq!(aws.find_volume(&owner.owner_uid).await.unwrap(), None, "root volumes are not data volumes");
+    let volume = aws.create_volume(&owner, &instance.zone, 20, "gp3").await.unwrap();
+    assert_eq!((volume.size_gib, volume.volume_type.as_str()), (20, "gp3"));
+    aws.attach_volume(&volume.id, &instance.id, DATA_DEVICE).await.unwrap();
+    let found = aws.find_volume(&owner.owner_uid).await.unwrap().unwrap();
+    assert_eq!(found.id, volume.id);
+    assert_eq!(found.tags[ROLE], ROLE_DATA);
+    assert_eq!(found.attachments.len(), 1);
+    assert_eq!(
+        (found.attachments[0].instance_id.as_str(), found.attachments[0].device.as_str()),
+        (instance.id.as_str(), DATA_DEVICE)
+    );
+    aws.modify_volume_size(&volume.id, 30).await.unwrap();
+    aws.detach_volume(&volume.id, &instance.id).await.unwrap();
+    let found = aws.find_volume(&owner.owner_uid).await.unwrap().unwrap();
+    assert!(found.attachments.is_empty(), "{found:?}");
+    assert_eq!(found.size_gib, 30);
+
+    // Stop, terminate (twice), gone from the owner's instances; the volume outlives it.
+    aws.stop_instance(&instance.id).await.unwrap();
+    assert_eq!(aws.describe_instance(&instance.id).await.unwrap().unwrap().state, InstanceState::Stopped);
+    aws.terminate_instance(&instance.id).await.unwrap();
+    aws.terminate_instance(&instance.id).await.unwrap();
+    assert!(aws.find_instances(&owner.owner_uid).await.unwrap().is_empty());
+    assert_eq!(aws.describe_instance("i-0000000000000dead").await.unwrap(), None);
+
+    aws.delete_volume(&volume.id).await.unwrap();
+    aws.delete_volume(&volume.id).await.unwrap();
+    assert_eq!(aws.find_volume(&owner.owner_uid).await.unwrap(), None);
+    aws.delete_security_group(&sg.id).await.unwrap();
+    aws.delete_security_group(&sg.id).await.unwrap();
+    assert_eq!(aws.find_security_group(&owner.owner_uid).await.unwrap(), None);
+
+    // Every attempt was counted.
+    let mut registry = Registry::with_prefix("qdb_operator");
+    aws.register_metrics(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(
+            r#"qdb_operator_aws_calls_total{service="ec2",operation="RunInstances",outcome="ok"} 1"#
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs the local cloud's AWS emulator"]
+async fn route53_record_lifecycle() {
+    let aws = emulator().await;
+    let zone_name = format!("{}.questdb.example", owner().owner_uid);
+    assert_eq!(aws.hosted_zone(&zone_name, false).await.unwrap(), None);
+    let zone = aws.hosted_zone(&zone_name, true).await.unwrap().unwrap();
+    assert_eq!(aws.hosted_zone(&zone_name, true).await.unwrap().as_deref(), Some(zone.as_str()));
+    assert_eq!(
+        aws.hosted_zone(&format!("{zone_name}."), false).await.unwrap().as_deref(),
+        Some(zone.as_str())
+    );
+
+    let name = format!("db-test.questdb.{zone_name}");
+    assert_eq!(aws.get_a_record(&zone, &name).await.unwrap(), None);
+    aws.upsert_a_record(&zone, &name, "10.0.1.17", 60).await.unwrap();
+    assert_eq!(aws.get_a_record(&zone, &name).await.unwrap(), Some(("10.0.1.17".into(), 60)));
+    aws.upsert_a_record(&zone, &name, "10.0.1.18", 60).await.unwrap();
+    assert_eq!(aws.get_a_record(&zone, &name).await.unwrap(), Some(("10.0.1.18".into(), 60)));
+    // A neighbour sorting right after it is not mistaken for it.
+    assert_eq!(aws.get_a_record(&zone, &format!("a.{name}")).await.unwrap(), None);
+    aws.delete_a_record(&zone, &name).await.unwrap();
+    aws.delete_a_record(&zone, &name).await.unwrap();
+    assert_eq!(aws.get_a_record(&zone, &name).await.unwrap(), None);
+}

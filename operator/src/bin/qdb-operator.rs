@@ -1,0 +1,173 @@
+//! The operator binary: configuration, logs, metrics server, leader election; the work is in
+//! the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use qdb_operator::aws::{Aws, AwsConfig};
+use qdb_operator::context::{Context, Settings};
+use qdb_operator::http::{Health, router};
+use qdb_operator::leader::Elector;
+use qdb_operator::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qdb-operator",
+    about = "Reconciles QuestDB resources into Kubernetes objects and AWS resources"
+)]
+struct Args {
+    /// This cluster's name; tags every AWS resource the operator makes.
+    #[arg(long, env = "QDB_CLUSTER")]
+    cluster: String,
+    /// Route53 zone for database names.
+    #[arg(long, env = "QDB_DNS_ZONE")]
+    dns_zone: String,
+    /// Create the hosted zone when it does not exist (local cloud).
+    #[arg(long, env = "QDB_CREATE_HOSTED_ZONE")]
+    create_hosted_zone: bool,
+    #[arg(long, env = "AWS_REGION")]
+    aws_region: String,
+    /// AWS endpoint override (the local cloud's emulator).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    aws_endpoint: Option<String>,
+    #[arg(long, env = "QDB_EC2_PER_SEC", default_value_t = 20)]
+    ec2_per_sec: u32,
+    #[arg(long, env = "QDB_ROUTE53_PER_SEC", default_value_t = 5)]
+    route53_per_sec: u32,
+    /// Kubeconfig file (default: in-cluster or $KUBECONFIG).
+    #[arg(long, env = "QDB_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Only QuestDB resources in this namespace (default: all namespaces).
+    #[arg(long, env = "QDB_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    #[arg(long, env = "QDB_LISTEN", default_value = "127.0.0.1:9465")]
+    listen: SocketAddr,
+    #[arg(long, env = "QDB_LEASE_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, env = "QDB_LEASE_NAME", default_value = "qdb-operator")]
+    lease_name: String,
+    /// Leader identity (default: host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    #[arg(long, env = "QDB_LEASE_SECS", default_value_t = 15)]
+    lease_secs: u64,
+    #[arg(long, env = "QDB_RESYNC_SECS", default_value_t = 300)]
+    resync_secs: u64,
+    #[arg(long, env = "QDB_POLL_SECS", default_value_t = 3)]
+    poll_secs: u64,
+}
+
+async fn kube_client(path: &Option<PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match path {
+        Some(p) => {
+            let kc = Kubeconfig::read_from(p).with_context(|| format!("reading {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+fn main() -> anyhow::Result<()> {
+    // The AWS SDK's futures are large; in debug builds a reconcile nests deeper than tokio's
+    // default 2 MiB worker stack.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(16 << 20)
+        .build()
+        .context("starting the runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_runtime=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let client = kube_client(&args.kubeconfig).await?;
+    let aws = Aws::new(&AwsConfig {
+        region: args.aws_region.clone(),
+        endpoint: args.aws_endpoint.clone(),
+        ec2_per_sec: args.ec2_per_sec,
+        route53_per_sec: args.route53_per_sec,
+    })
+    .await;
+    let mut metrics = Metrics::new();
+    aws.register_metrics(&mut metrics.registry);
+    let metrics = Arc::new(metrics);
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let app = router(Health { metrics: metrics.clone(), ready: ready.clone() });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+            stop.cancel();
+        }
+    });
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let elector = Elector::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+        Duration::from_secs(args.lease_secs.max(3)),
+    );
+    ready.store(true, Ordering::Relaxed);
+    tokio::select! {
+        _ = elector.acquire() => {}
+        _ = stop.cancelled() => return Ok(()),
+    }
+    metrics.leader.set(1);
+    let settings = Settings {
+        cluster: args.cluster.clone(),
+        dns_zone: args.dns_zone.clone(),
+        create_hosted_zone: args.create_hosted_zone,
+        resync: Duration::from_secs(args.resync_secs),
+        poll: Duration::from_secs(args.poll_secs.max(1)),
+    };
+    let ctx = Arc::new(Context::new(client, aws, settings, metrics.clone()));
+    let lost = CancellationToken::new();
+    let controller = qdb_operator::controller::run(ctx, args.namespace.clone(), {
+        let (stop, lost) = (stop.clone(), lost.clone());
+        async move {
+            tokio::select! { _ = stop.cancelled() => {}, _ = lost.cancelled() => {} }
+        }
+    });
+    tokio::select! {
+        _ = controller => {}
+        _ = elector.hold() => {
+            // Another replica leads now: stop at once rather than reconcile alongside it.
+            lost.cancel();
+            metrics.leader.set(0);
+            anyhow::bail!("lost leadership");
+        }
+    }
+    Ok(())
+}

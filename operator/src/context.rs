@@ -1,0 +1,52 @@
+//! What every reconcile shares: clients, configuration, metrics and the event recorder.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::runtime::events::{Recorder, Reporter};
+use tokio::sync::OnceCell;
+
+use crate::aws::Aws;
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This cluster's name: tags every AWS resource, so one cluster never touches another's.
+    pub cluster: String,
+    /// Zone for default DNS names, e.g. `region-a.questdb.example`.
+    pub dns_zone: String,
+    /// Create the hosted zone when missing (the local cloud's emulator starts empty).
+    pub create_hosted_zone: bool,
+    /// How often a converged database is looked at again (drift in AWS has no watch).
+    pub resync: Duration,
+    /// How often an unconverged one is looked at while waiting on AWS or a node.
+    pub poll: Duration,
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    pub aws: Aws,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub hosted_zone: OnceCell<String>,
+    /// Consecutive failures per resource (namespace/name), for backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: kube::Client, aws: Aws, settings: Settings, metrics: Arc<Metrics>) -> Self {
+        let reporter =
+            Reporter { controller: "qdb-operator".into(), instance: std::env::var("POD_NAME").ok() };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            aws,
+            settings,
+            metrics,
+            hosted_zone: OnceCell::new(),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}

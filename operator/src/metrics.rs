@@ -1,0 +1,70 @@
+//! Prometheus metrics of the operator (names are what the dashboards query).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabels {
+    pub verb: String,
+    pub kind: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: Family<StepLabels, Counter>,
+    pub step_seconds: Family<StepLabels, Histogram>,
+    pub kube_requests: Family<VerbLabels, Counter>,
+    pub queue_depth: Gauge,
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("qdb_operator");
+        let reconciles = Family::<StepLabels, Counter>::default();
+        registry.register("reconciles", "Reconcile steps run, by step and outcome", reconciles.clone());
+        let step_seconds = Family::<StepLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register("step_seconds", "Duration of reconcile steps", step_seconds.clone());
+        let kube_requests = Family::<VerbLabels, Counter>::default();
+        registry.register("kube_requests", "Kubernetes API requests by verb and kind", kube_requests.clone());
+        let queue_depth = Gauge::default();
+        registry.register("queue_depth", "Resources waiting for or in reconcile", queue_depth.clone());
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
+        Metrics { registry, reconciles, step_seconds, kube_requests, queue_depth, leader }
+    }
+
+    pub fn step(&self, step: &str, ok: bool, seconds: f64) {
+        let labels = StepLabels { step: step.into(), outcome: if ok { "ok" } else { "error" }.into() };
+        self.reconciles.get_or_create(&labels).inc();
+        self.step_seconds.get_or_create(&labels).observe(seconds);
+    }
+
+    pub fn kube(&self, verb: &str, kind: &str) {
+        self.kube_requests.get_or_create(&VerbLabels { verb: verb.into(), kind: kind.into() }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

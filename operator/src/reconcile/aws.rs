@@ -1,0 +1,193 @@
+//! The AWS step: security group, dedicated instance, data volume and its attachment, each found
+//! again by the resource's UID tag before anything is created. Also reads the node the instance
+//! joined as, since the volume attaches only to a running instance and the pod runs only on a
+//! Ready node.
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+
+use super::{Error, Facts, aws_err, kube_err, owner_of};
+use crate::aws::{DATA_DEVICE, Instance, InstanceState, Launch};
+use crate::build::Desired;
+use crate::build::security_group::{desired_rules, sg_diff};
+use crate::build::userdata::build_user_data;
+use crate::context::Context;
+
+fn is_live(i: &Instance) -> bool {
+    matches!(i.state, InstanceState::Pending | InstanceState::Running)
+}
+
+pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
+    let aws = &ctx.aws;
+    let owner = owner_of(d, &ctx.settings.cluster);
+    let uid = d.names.uid();
+
+    let sg = match aws.find_security_group(uid).await.map_err(aws_err("finding the security group"))? {
+        Some(sg) => sg,
+        None => {
+            let sg =
+                aws.create_security_group(&owner).await.map_err(aws_err("creating the security group"))?;
+            facts.did("CreatedSecurityGroup", sg.id.clone());
+            sg
+        }
+    };
+    let (add, remove) = sg_diff(&sg.rules, &desired_rules(&d.spec.network.allowed_cidrs));
+    if !add.is_empty() {
+        aws.authorize_ingress(&sg.id, &add).await.map_err(aws_err("opening security group rules"))?;
+        facts.did("OpenedIngress", format!("{} rules on {}", add.len(), sg.id));
+    }
+    if !remove.is_empty() {
+        aws.revoke_ingress(&sg.id, &remove).await.map_err(aws_err("closing security group rules"))?;
+        facts.did("ClosedIngress", format!("{} rules on {}", remove.len(), sg.id));
+    }
+    let sg_id = sg.id.clone();
+    facts.security_group = Some(sg);
+
+    let volume = aws.find_volume(uid).await.map_err(aws_err("finding the volume"))?;
+    let instances = aws.find_instances(uid).await.map_err(aws_err("finding the instance"))?;
+    facts.live_instances = instances.iter().filter(|i| i.state != InstanceState::Terminated).count();
+    facts.volume = volume.clone();
+    if d.spec.paused {
+        // Compute is released after the pod is gone (release_if_paused); the volume stays.
+        facts.instance = instances.into_iter().find(is_live);
+        return Ok(());
+    }
+
+    let instance = match instances.iter().find(|i| is_live(i)) {
+        Some(i) => i.clone(),
+        None => {
+            let user_data = build_user_data(&d.names, &ctx.settings.cluster);
+            let launch = Launch {
+                image_id: &d.spec.node_image,
+                instance_type: &d.spec.instance_type,
+                security_group_id: &sg_id,
+                user_data: &user_data,
+                // An EBS volume attaches only in its own zone.
+                zone: volume.as_ref().map(|v| v.zone.as_str()),
+                extra_tags: &[],
+            };
+            let i = aws.launch_instance(&owner, &launch).await.map_err(aws_err("launching the instance"))?;
+            facts.did(
+                "LaunchedInstance",
+                format!("{} ({}, {}) in {}", i.id, i.instance_type, i.image_id, i.zone),
+            );
+            i
+        }
+    };
+
+    let mut volume = match volume {
+        Some(v) => v,
+        None => {
+            let v = aws
+                .create_volume(&owner, &instance.zone, d.spec.volume.size_gib, d.spec.volume.type_.as_str())
+                .await
+                .map_err(aws_err("creating the volume"))?;
+            facts.did("CreatedVolume", format!("{} ({} GiB) in {}", v.id, v.size_gib, v.zone));
+            v
+        }
+    };
+    if volume.size_gib < d.spec.volume.size_gib {
+        aws.modify_volume_size(&volume.id, d.spec.volume.size_gib)
+            .await
+            .map_err(aws_err("growing the volume"))?;
+        facts.did(
+            "GrewVolume",
+            format!("{} from {} to {} GiB", volume.id, volume.size_gib, d.spec.volume.size_gib),
+        );
+        volume.size_gib = d.spec.volume.size_gib;
+    }
+
+    let attached_here = volume.attachments.iter().any(|a| a.instance_id == instance.id);
+    let elsewhere: Vec<String> = volume
+        .attachments
+        .iter()
+        .filter(|a| a.instance_id != instance.id)
+        .map(|a| a.instance_id.clone())
+        .collect();
+    if attached_here {
+        facts.volume_attached = true;
+    } else if !elsewhere.is_empty() {
+        for other in elsewhere {
+            let still_live = instances.iter().any(|i| i.id == other && is_live(i));
+            if still_live {
+                // Moving the volume off a running instance is node replacement's job, which fences
+                // the old instance first; never detach under a running database.
+                facts.wait("VolumeInUse", format!("{} is attached to running instance {other}", volume.id));
+            } else {
+                aws.detach_volume(&volume.id, &other)
+                    .await
+                    .map_err(aws_err("detaching from a dead instance"))?;
+                facts.did("DetachedVolume", format!("{} from stopped instance {other}", volume.id));
+            }
+        }
+    } else if instance.state == InstanceState::Running {
+        aws.attach_volume(&volume.id, &instance.id, DATA_DEVICE)
+            .await
+            .map_err(aws_err("attaching the volume"))?;
+        facts.did("AttachedVolume", format!("{} to {}", volume.id, instance.id));
+        facts.volume_attached = true;
+    } else {
+        facts.wait("InstanceStarting", format!("{} is {:?}", instance.id, instance.state));
+    }
+    facts.volume = Some(volume);
+
+    facts.node = node_of(ctx, d, &instance).await?;
+    match &facts.node {
+        None => facts.wait("NodeJoining", format!("waiting for {} to join the cluster", instance.id)),
+        Some((name, false)) => facts.wait("NodeNotReady", format!("node {name} is not Ready")),
+        Some(_) => {}
+    }
+    facts.instance = Some(instance);
+    Ok(())
+}
+
+/// The Node of `instance` among those carrying the database's dedicated label.
+async fn node_of(ctx: &Context, d: &Desired, instance: &Instance) -> Result<Option<(String, bool)>, Error> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let selector =
+        d.names.node_labels().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    ctx.metrics.kube("list", "Node");
+    let list = nodes
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("aws", "listing nodes"))?;
+    Ok(list.items.into_iter().find_map(|n| {
+        let provider = n.spec.as_ref().and_then(|s| s.provider_id.clone()).unwrap_or_default();
+        if !provider.ends_with(&format!("/{}", instance.id)) {
+            return None;
+        }
+        let ready = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        Some((n.metadata.name.unwrap_or_default(), ready))
+    }))
+}
+
+/// Pause: once the pod is gone, the instances are terminated; volume and security group stay.
+pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
+    if !d.spec.paused {
+        return Ok(());
+    }
+    if !facts.pod_gone {
+        facts.wait("StoppingDatabase", "waiting for the pod to stop before releasing the node");
+        return Ok(());
+    }
+    let instances =
+        ctx.aws.find_instances(d.names.uid()).await.map_err(aws_err("finding instances to release"))?;
+    for i in instances.iter().filter(|i| i.state != InstanceState::Terminated) {
+        if let Some(v) = &facts.volume
+            && v.attachments.iter().any(|a| a.instance_id == i.id)
+        {
+            ctx.aws.detach_volume(&v.id, &i.id).await.map_err(aws_err("detaching the volume for pause"))?;
+        }
+        ctx.aws.terminate_instance(&i.id).await.map_err(aws_err("releasing the instance"))?;
+        facts.did("ReleasedInstance", format!("{} terminated while paused", i.id));
+    }
+    facts.live_instances = 0;
+    facts.instance = None;
+    facts.node = None;
+    facts.volume_attached = false;
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! The Kubernetes step: every child built by [`crate::build`], server-side applied in a fixed
+//! order under the operator's field manager, and only when it differs from what is there (a
+//! converged database costs reads, never writes). An object with a child's name that is neither
+//! labelled for this database nor owned by it is left alone and reported.
+
+use std::fmt::Debug;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Service};
+use kube::Resource;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use qdb_crd::{OPERATOR_MANAGER, keys};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::subset::is_subset;
+use super::{Error, Facts, kube_err};
+use crate::build::Desired;
+use crate::build::configmap::build_config_map;
+use crate::build::ingress::{
+    TcpRoute, build_ingress_route, build_ingress_route_tcp, ingress_route_resource,
+    ingress_route_tcp_resource,
+};
+use crate::build::service::build_service;
+use crate::build::statefulset::build_statefulset;
+use crate::build::volume::{VolumeFacts, build_pv, build_pvc};
+use crate::context::Context;
+
+/// Whether an existing object may be changed by this database's reconcile: it carries the
+/// database's label (a legacy object to adopt) or is owned by the database.
+fn is_ours(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, d: &Desired) -> bool {
+    let labelled =
+        meta.labels.as_ref().and_then(|l| l.get(keys::DATABASE)).is_some_and(|v| v == d.names.db());
+    let owned = meta.owner_references.as_ref().is_some_and(|o| o.iter().any(|r| r.uid == d.names.uid()));
+    labelled || owned
+}
+
+async fn apply<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    d: &Desired,
+    desired: &K,
+    kind: &str,
+    facts: &mut Facts,
+) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let name = desired.meta().name.clone().unwrap_or_default();
+    ctx.metrics.kube("get", kind);
+    let actual = api.get_opt(&name).await.map_err(kube_err("children", format!("reading {kind} {name}")))?;
+    if let Some(actual) = actual {
+        if !is_ours(actual.meta(), d) {
+            return Err(Error::NotOurs(format!(
+                "{kind} {name} exists but is neither labelled for nor owned by this database; not touching it"
+            )));
+        }
+        let (want, have) = (serde_json::to_value(desired), serde_json::to_value(&actual));
+        if let (Ok(want), Ok(have)) = (want, have)
+            && is_subset(&want, &have)
+        {
+            return Ok(actual);
+        }
+        facts.did("UpdatedChild", format!("{kind} {name}"));
+    } else {
+        facts.did("CreatedChild", format!("{kind} {name}"));
+    }
+    ctx.metrics.kube("apply", kind);
+    let params = PatchParams::apply(OPERATOR_MANAGER).force();
+    api.patch(&name, &params, &Patch::Apply(desired))
+        .await
+        .map_err(kube_err("children", format!("applying {kind} {name}")))
+}
+
+pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
+    let ns = d.names.namespace();
+    let client = ctx.client.clone();
+    apply(
+        ctx,
+        &Api::<ConfigMap>::namespaced(client.clone(), ns),
+        d,
+        &build_config_map(d),
+        "ConfigMap",
+        facts,
+    )
+    .await?;
+    apply(ctx, &Api::<Service>::namespaced(client.clone(), ns), d, &build_service(d), "Service", facts)
+        .await?;
+    if let Some(v) = &facts.volume {
+        let volume = VolumeFacts { volume_id: v.id.clone(), zone: v.zone.clone() };
+        apply(
+            ctx,
+            &Api::<PersistentVolume>::all(client.clone()),
+            d,
+            &build_pv(d, &volume),
+            "PersistentVolume",
+            facts,
+        )
+        .await?;
+        let pvcs = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
+        apply(ctx, &pvcs, d, &build_pvc(d), "PersistentVolumeClaim", facts).await?;
+    }
+    let sts_api = Api::<StatefulSet>::namespaced(client.clone(), ns);
+    let sts = apply(ctx, &sts_api, d, &build_statefulset(d), "StatefulSet", facts).await?;
+    let routes = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ingress_route_resource());
+    apply(ctx, &routes, d, &build_ingress_route(d), "IngressRoute", facts).await?;
+    let tcp = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ingress_route_tcp_resource());
+    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Pgwire), "IngressRouteTCP", facts).await?;
+    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Ilp), "IngressRouteTCP", facts).await?;
+
+    facts.pod_ready = rolled_out_and_ready(&sts);
+    if d.spec.paused {
+        ctx.metrics.kube("get", "Pod");
+        let pods = Api::<Pod>::namespaced(client, ns);
+        let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?;
+        facts.pod_gone = pod.is_none();
+    } else if !facts.pod_ready {
+        facts.wait("StartingDatabase", format!("waiting for pod {} to be Ready", d.names.pod()));
+    }
+    Ok(())
+}
+
+/// The StatefulSet's one pod runs the current template and is Ready.
+pub fn rolled_out_and_ready(sts: &StatefulSet) -> bool {
+    let Some(status) = &sts.status else { return false };
+    let current = status.observed_generation >= sts.metadata.generation;
+    let rolled = status.update_revision.is_some() && status.update_revision == status.current_revision;
+    current && rolled && status.ready_replicas.unwrap_or(0) >= 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::fixtures;
+
+    #[test]
+    fn ownership_by_label_or_reference_only() {
+        let d = fixtures::desired();
+        let mut meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta::default();
+        assert!(!is_ours(&meta, &d), "an unlabelled, unowned object is not ours");
+        meta.labels = Some([(keys::DATABASE.to_string(), "someone-else".to_string())].into());
+        assert!(!is_ours(&meta, &d));
+        meta.labels = Some([(keys::DATABASE.to_string(), d.names.db().to_string())].into());
+        assert!(is_ours(&meta, &d), "a legacy object labelled for the database is adopted");
+        meta.labels = None;
+        meta.owner_references = Some(vec![d.owner.clone()]);
+        assert!(is_ours(&meta, &d));
+    }
+
+    #[test]
+    fn ready_only_when_rolled_out() {
+        let mut sts: StatefulSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x", "generation": 2},
+            "status": {"replicas": 1, "observedGeneration": 2, "readyReplicas": 1,
+                       "currentRevision": "r1", "updateRevision": "r2"}
+        }))
+        .unwrap();
+        assert!(!rolled_out_and_ready(&sts));
+        sts.status.as_mut().unwrap().current_revision = Some("r2".into());
+        assert!(rolled_out_and_ready(&sts));
+        sts.metadata.generation = Some(3);
+        assert!(!rolled_out_and_ready(&sts));
+    }
+}

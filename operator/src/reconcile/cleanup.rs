@@ -1,0 +1,143 @@
+//! Deletion, behind the finalizer, in reverse order: the database pod (StatefulSet and claim,
+//! so the database stops before its node goes), DNS, instances, volume (unless its reclaim policy
+//! is Retain), security group, the cluster-scoped PV. "Not found" counts as done; the finalizer
+//! goes only when AWS shows nothing left. Other namespaced children go with the owner reference.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::Resource;
+use kube::api::{Api, DeleteParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use qdb_crd::{QuestDB, ReclaimPolicy};
+
+use super::{Error, aws_err, kube_err, publish};
+use crate::aws::InstanceState;
+use crate::build::Desired;
+use crate::build::dns::dns_name;
+use crate::context::Context;
+use crate::names::Names;
+
+/// Ok only when everything is gone: the finalizer helper removes the finalizer on Ok, so
+/// unfinished work returns [`Error::CleanupWaiting`].
+pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
+    let reference = q.object_ref(&());
+    let (Some(ns), Some(name), Some(uid)) = (&q.metadata.namespace, &q.metadata.name, &q.metadata.uid) else {
+        return Ok(Action::await_change());
+    };
+    let Ok(names) = Names::new(ns, name, uid) else {
+        // Such a resource never got anything made for it.
+        return Ok(Action::await_change());
+    };
+    if !stop_database(ctx, &names).await? {
+        return Err(Error::CleanupWaiting(format!("pod {} still running", names.pod())));
+    }
+    let aws = &ctx.aws;
+    if let Some(zone) = super::dns::hosted_zone(ctx).await? {
+        let record = Desired::new(&q, &ctx.settings.dns_zone)
+            .map(|d| d.dns_name)
+            .unwrap_or_else(|_| dns_name(&names, &q.spec, &ctx.settings.dns_zone));
+        aws.delete_a_record(&zone, &record).await.map_err(aws_err("deleting the DNS record"))?;
+    }
+    let instances = aws.find_instances(uid).await.map_err(aws_err("finding instances to delete"))?;
+    let mut remaining = 0;
+    for i in &instances {
+        if i.state != InstanceState::Terminated {
+            aws.terminate_instance(&i.id).await.map_err(aws_err("terminating the instance"))?;
+            remaining += 1;
+        }
+    }
+    if remaining > 0 {
+        publish(
+            ctx,
+            &reference,
+            EventType::Normal,
+            "TerminatingInstances",
+            format!("{remaining} instance(s)"),
+        )
+        .await;
+        // Detaching and deleting wait until the instances are gone.
+        let again = aws.find_instances(uid).await.map_err(aws_err("checking instances"))?;
+        if again.iter().any(|i| i.state != InstanceState::Terminated) {
+            return Err(Error::CleanupWaiting("instances still shutting down".into()));
+        }
+    }
+    if let Some(v) = aws.find_volume(uid).await.map_err(aws_err("finding the volume"))? {
+        for a in &v.attachments {
+            aws.detach_volume(&v.id, &a.instance_id).await.map_err(aws_err("detaching the volume"))?;
+        }
+        if q.spec.volume.reclaim_policy == ReclaimPolicy::Delete {
+            aws.delete_volume(&v.id).await.map_err(aws_err("deleting the volume"))?;
+            publish(ctx, &reference, EventType::Normal, "DeletedVolume", v.id.clone()).await;
+        } else {
+            publish(ctx, &reference, EventType::Normal, "RetainedVolume", v.id.clone()).await;
+        }
+    }
+    if let Some(sg) = aws.find_security_group(uid).await.map_err(aws_err("finding the security group"))? {
+        aws.delete_security_group(&sg.id).await.map_err(aws_err("deleting the security group"))?;
+    }
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    ctx.metrics.kube("delete", "PersistentVolume");
+    match pvs.delete(&names.pv(), &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(kube_err("cleanup", "deleting the PV")(e)),
+    }
+    // Only what AWS still shows decides whether the finalizer may go.
+    let left_instances = aws
+        .find_instances(uid)
+        .await
+        .map_err(aws_err("verifying"))?
+        .iter()
+        .any(|i| i.state != InstanceState::Terminated);
+    let left_sg = aws.find_security_group(uid).await.map_err(aws_err("verifying"))?.is_some();
+    let left_volume = q.spec.volume.reclaim_policy == ReclaimPolicy::Delete
+        && aws.find_volume(uid).await.map_err(aws_err("verifying"))?.is_some();
+    if left_instances || left_sg || left_volume {
+        return Err(Error::CleanupWaiting(format!(
+            "AWS still shows instances: {left_instances}, security group: {left_sg}, volume: {left_volume}"
+        )));
+    }
+    publish(ctx, &reference, EventType::Normal, "CleanedUp", "every AWS resource is gone".into()).await;
+    Ok(Action::await_change())
+}
+
+async fn delete_named<K>(ctx: &Context, api: &Api<K>, name: &str, kind: &str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    ctx.metrics.kube("delete", kind);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(kube_err("cleanup", format!("deleting {kind} {name}"))(e)),
+    }
+}
+
+/// Deletes the StatefulSet and the claim; true once the pod is gone.
+async fn stop_database(ctx: &Context, names: &Names) -> Result<bool, Error> {
+    let ns = names.namespace();
+    let client = ctx.client.clone();
+    delete_named(
+        ctx,
+        &Api::<StatefulSet>::namespaced(client.clone(), ns),
+        &names.statefulset(),
+        "StatefulSet",
+    )
+    .await?;
+    delete_named(
+        ctx,
+        &Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
+        &names.pvc(),
+        "PersistentVolumeClaim",
+    )
+    .await?;
+    ctx.metrics.kube("get", "Pod");
+    let pod = Api::<Pod>::namespaced(client, ns)
+        .get_opt(&names.pod())
+        .await
+        .map_err(kube_err("cleanup", "reading the pod"))?;
+    Ok(pod.is_none())
+}

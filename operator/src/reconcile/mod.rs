@@ -1,0 +1,254 @@
+//! Reconcile: one QuestDB resource through the pipeline validate -> aws -> children -> dns ->
+//! status, each step idempotent and finding what it made before by tags and labels, so a crash
+//! anywhere repeats work but never duplicates it. Deletion runs behind a finalizer.
+
+pub mod aws;
+pub mod children;
+pub mod cleanup;
+pub mod dns;
+pub mod status;
+pub mod subset;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::finalizer::{self, Event as Finalizing};
+use kube::{Resource, ResourceExt};
+use qdb_crd::QuestDB;
+use tracing::{info, warn};
+
+use crate::aws::{AwsError, Instance, Owner, SecurityGroup, Volume};
+use crate::build::Desired;
+use crate::build::dns::DnsRecord;
+use crate::context::Context;
+
+pub const FINALIZER: &str = "cloud.questdb.io/cleanup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{step}: AWS")]
+    Aws {
+        step: &'static str,
+        #[source]
+        source: AwsError,
+    },
+    #[error("{step}: Kubernetes {what}")]
+    Kube {
+        step: &'static str,
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{0}")]
+    NotOurs(String),
+    /// Cleanup is under way and not finished; the finalizer must stay (kube removes it on Ok).
+    #[error("cleanup waiting: {0}")]
+    CleanupWaiting(String),
+    #[error("finalizer")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+pub fn aws_err(step: &'static str) -> impl FnOnce(AwsError) -> Error {
+    move |source| Error::Aws { step, source }
+}
+
+pub fn kube_err(step: &'static str, what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Kube { step, what, source }
+}
+
+/// The error and its causes on one line, for events, status and logs.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// What the steps found and did, handed along the pipeline.
+#[derive(Debug, Default, Clone)]
+pub struct Facts {
+    pub security_group: Option<SecurityGroup>,
+    pub instance: Option<Instance>,
+    /// The Kubernetes node of `instance`, and whether it is Ready.
+    pub node: Option<(String, bool)>,
+    pub volume: Option<Volume>,
+    pub volume_attached: bool,
+    pub pod_ready: bool,
+    /// No pod left (pause waits for this before releasing the instance).
+    pub pod_gone: bool,
+    /// Instances of this database still not terminated (pause: 0 when released).
+    pub live_instances: usize,
+    pub dns: Option<DnsRecord>,
+    /// What is being waited for, first unmet step first.
+    pub waiting: Vec<(&'static str, String)>,
+    /// Changes made this round, announced as events.
+    pub actions: Vec<(&'static str, String)>,
+}
+
+impl Facts {
+    pub fn wait(&mut self, reason: &'static str, message: impl Into<String>) {
+        self.waiting.push((reason, message.into()));
+    }
+
+    pub fn did(&mut self, reason: &'static str, message: impl Into<String>) {
+        let message = message.into();
+        info!(reason, %message, "changed");
+        self.actions.push((reason, message));
+    }
+}
+
+pub fn owner_of(d: &Desired, cluster: &str) -> Owner {
+    Owner {
+        cluster: cluster.to_string(),
+        namespace: d.names.namespace().to_string(),
+        database: d.names.db().to_string(),
+        owner_uid: d.names.uid().to_string(),
+    }
+}
+
+async fn timed<T>(ctx: &Context, step: &str, f: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    let t = Instant::now();
+    // Boxed: the steps' futures (AWS SDK calls inside) are too large to nest on the stack.
+    let r = Box::pin(f).await;
+    ctx.metrics.step(step, r.is_ok(), t.elapsed().as_secs_f64());
+    r
+}
+
+pub async fn publish(
+    ctx: &Context,
+    reference: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note.chars().take(1024).collect()),
+        action: reason.to_string(),
+        secondary: None,
+    };
+    ctx.metrics.kube("create", "Event");
+    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+        warn!(error = %e, reason, "publishing an event failed");
+    }
+}
+
+async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
+    let reference = qdb.object_ref(&());
+    let d = match Desired::new(&qdb, &ctx.settings.dns_zone) {
+        Ok(d) => d,
+        Err(invalid) => {
+            let message = invalid.to_string();
+            let new = status::invalid(&qdb, &message);
+            timed(ctx, "status", status::ensure(ctx, &qdb, new)).await?;
+            publish(ctx, &reference, EventType::Warning, "InvalidSpec", message).await;
+            // Nothing will change until the spec does.
+            return Ok(Action::await_change());
+        }
+    };
+    let mut facts = Facts::default();
+    let result = async {
+        timed(ctx, "aws", aws::ensure(ctx, &d, &mut facts)).await?;
+        timed(ctx, "children", children::ensure(ctx, &d, &mut facts)).await?;
+        timed(ctx, "release", aws::release_if_paused(ctx, &d, &mut facts)).await?;
+        timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await
+    }
+    .await;
+    for (reason, note) in std::mem::take(&mut facts.actions) {
+        publish(ctx, &reference, EventType::Normal, reason, note).await;
+    }
+    let error = result.as_ref().err().map(|e| chain(e));
+    let new = status::build(&qdb, &d, &facts, error.as_deref());
+    let transition = status::transition(qdb.status.as_ref(), &new);
+    timed(ctx, "status", status::ensure(ctx, &qdb, new.clone())).await?;
+    if let Some(note) = transition {
+        publish(ctx, &reference, EventType::Normal, "PhaseChanged", note).await;
+    }
+    if let Err(e) = result {
+        publish(ctx, &reference, EventType::Warning, "ReconcileFailed", chain(&e)).await;
+        return Err(e);
+    }
+    Ok(if status::is_converged(&new) {
+        Action::requeue(ctx.settings.resync)
+    } else {
+        Action::requeue(ctx.settings.poll)
+    })
+}
+
+/// The controller's reconcile: apply or, once deleted, clean up behind the finalizer.
+pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = qdb.namespace().unwrap_or_default();
+    let api: Api<QuestDB> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = format!("{ns}/{}", qdb.name_any());
+    let result = finalizer::finalizer(&api, FINALIZER, qdb, |event| async {
+        match event {
+            Finalizing::Apply(q) => apply(q, &ctx).await,
+            Finalizing::Cleanup(q) => cleanup::run(q, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok()
+        && let Ok(mut f) = ctx.failures.lock()
+    {
+        f.remove(&key);
+    }
+    result
+}
+
+/// Per-resource exponential backoff with jitter (backon), reset by the next success.
+pub fn error_policy(qdb: Arc<QuestDB>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::Finalizer(f) = error
+        && let finalizer::Error::CleanupFailed(Error::CleanupWaiting(what)) = f.as_ref()
+    {
+        tracing::debug!(resource = %qdb.name_any(), what, "cleanup in progress");
+        return Action::requeue(ctx.settings.poll);
+    }
+    let key = format!("{}/{}", qdb.namespace().unwrap_or_default(), qdb.name_any());
+    let attempts = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key.clone()).or_insert(0);
+            *n += 1;
+            *n
+        })
+        .unwrap_or(1);
+    let delay = backoff(attempts);
+    warn!(resource = %key, attempts, retry_in_ms = delay.as_millis() as u64, error = %chain(error), "reconcile failed");
+    Action::requeue(delay)
+}
+
+pub fn backoff(attempts: u32) -> Duration {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(60))
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(attempts.saturating_sub(1) as usize)
+        .unwrap_or(Duration::from_secs(60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_attempts_and_is_bounded() {
+        assert!(backoff(1) <= Duration::from_secs(1));
+        assert!(backoff(5) >= Duration::from_secs(8));
+        assert!(backoff(50) <= Duration::from_secs(120));
+    }
+}

@@ -1,0 +1,180 @@
+//! The status step: phase, conditions and details, built purely from the facts of this round,
+//! written (server-side apply on the status subresource) only when something changed.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use qdb_crd::{NodeStatus, OPERATOR_MANAGER, Phase, QuestDB, QuestDBStatus, VolumeStatus, keys};
+use serde_json::json;
+
+use super::{Error, Facts, kube_err};
+use crate::build::Desired;
+use crate::build::dns::endpoints;
+use crate::context::Context;
+
+fn condition(type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        // Never empty: an empty message in a merge patch becomes null on Kubernetes 1.20.
+        message: if message.is_empty() { reason.to_string() } else { message.to_string() },
+        last_transition_time: Time(jiff::Timestamp::now()),
+        observed_generation: generation,
+    }
+}
+
+/// Keeps each condition's transition time when its status did not change.
+fn carry_times(mut new: Vec<Condition>, old: Option<&QuestDBStatus>) -> Vec<Condition> {
+    for c in &mut new {
+        if let Some(prev) = old.and_then(|o| o.conditions.iter().find(|p| p.type_ == c.type_))
+            && prev.status == c.status
+        {
+            c.last_transition_time = prev.last_transition_time.clone();
+        }
+    }
+    new
+}
+
+fn instruction(q: &QuestDB) -> Option<String> {
+    q.annotations().get(keys::INSTRUCTION_ID).cloned()
+}
+
+/// Status of a resource whose spec cannot be reconciled.
+pub fn invalid(q: &QuestDB, message: &str) -> QuestDBStatus {
+    let g = q.metadata.generation;
+    let old = q.status.as_ref();
+    QuestDBStatus {
+        phase: Some(Phase::Failed),
+        conditions: carry_times(
+            vec![
+                condition("Ready", false, "InvalidSpec", message, g),
+                condition("Degraded", true, "InvalidSpec", message, g),
+                condition("Progressing", false, "InvalidSpec", "waiting for a valid spec", g),
+            ],
+            old,
+        ),
+        observed_generation: g,
+        observed_instruction: instruction(q),
+        ..old.cloned().unwrap_or_default()
+    }
+}
+
+pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestDBStatus {
+    let g = q.metadata.generation;
+    let old = q.status.as_ref();
+    let paused = d.spec.paused;
+    let released = paused && f.live_instances == 0;
+    let node_ready = f.node.as_ref().is_some_and(|(_, r)| *r);
+    let ready =
+        !paused && node_ready && f.volume_attached && f.pod_ready && f.dns.is_some() && error.is_none();
+    let was_running =
+        old.and_then(|o| o.phase).is_some_and(|p| matches!(p, Phase::Running | Phase::Updating));
+    let phase = if released {
+        Phase::Paused
+    } else if ready {
+        Phase::Running
+    } else if was_running {
+        Phase::Updating
+    } else {
+        Phase::Provisioning
+    };
+    let (wait_reason, wait_message) =
+        f.waiting.first().map(|(r, m)| (*r, m.as_str())).unwrap_or(("Converged", "nothing to do"));
+    let progressing = !ready && !released;
+    let mut conditions = vec![
+        if ready {
+            condition("Ready", true, "Running", "the database is serving", g)
+        } else if released {
+            condition("Ready", false, "Paused", "paused: no compute is running", g)
+        } else {
+            condition("Ready", false, wait_reason, wait_message, g)
+        },
+        condition(
+            "Progressing",
+            progressing,
+            if progressing { wait_reason } else { "Converged" },
+            wait_message,
+            g,
+        ),
+        match error {
+            Some(e) => condition("Degraded", true, "StepFailed", e, g),
+            None => condition("Degraded", false, "Healthy", "all steps succeeded", g),
+        },
+        condition("Paused", released, if released { "Paused" } else { "Active" }, "", g),
+        match &f.node {
+            Some((name, true)) => condition("NodeReady", true, "NodeReady", name, g),
+            Some((name, false)) => condition("NodeReady", false, "NodeNotReady", name, g),
+            None => condition("NodeReady", false, "NoNode", "no node has joined for this database", g),
+        },
+        condition(
+            "VolumeReady",
+            f.volume_attached,
+            if f.volume_attached { "Attached" } else { "NotAttached" },
+            &f.volume.as_ref().map(|v| v.id.clone()).unwrap_or_default(),
+            g,
+        ),
+        condition(
+            "DnsReady",
+            f.dns.is_some(),
+            if f.dns.is_some() { "RecordSet" } else { "NoRecord" },
+            &f.dns.as_ref().map(|r| format!("{} -> {}", r.name, r.target)).unwrap_or_default(),
+            g,
+        ),
+    ];
+    conditions = carry_times(conditions, old);
+    QuestDBStatus {
+        phase: Some(phase),
+        conditions,
+        observed_generation: g,
+        observed_instruction: instruction(q),
+        node: f.instance.as_ref().map(|i| NodeStatus {
+            name: f
+                .node
+                .as_ref()
+                .map(|(n, _)| n.clone())
+                .or_else(|| i.private_dns.clone())
+                .unwrap_or_default(),
+            instance_id: i.id.clone(),
+            private_ip: i.private_ip.clone(),
+            public_ip: None,
+            image: i.image_id.clone(),
+            instance_type: i.instance_type.clone(),
+            zone: i.zone.clone(),
+        }),
+        volume: f.volume.as_ref().map(|v| VolumeStatus {
+            id: v.id.clone(),
+            size_gib: v.size_gib,
+            zone: v.zone.clone(),
+        }),
+        dns: f.dns.as_ref().map(|r| r.status()),
+        endpoints: if released { None } else { Some(endpoints(&d.dns_name)) },
+        last_failover: old.and_then(|o| o.last_failover.clone()),
+    }
+}
+
+pub fn is_converged(s: &QuestDBStatus) -> bool {
+    matches!(s.phase, Some(Phase::Running | Phase::Paused))
+}
+
+/// A note for the event trail when the phase changes.
+pub fn transition(old: Option<&QuestDBStatus>, new: &QuestDBStatus) -> Option<String> {
+    let from = old.and_then(|o| o.phase);
+    (from != new.phase).then(|| {
+        let name = |p: Option<Phase>| p.map(Phase::as_str).unwrap_or("None");
+        format!("{} -> {}", name(from), name(new.phase))
+    })
+}
+
+pub async fn ensure(ctx: &Context, q: &QuestDB, new: QuestDBStatus) -> Result<(), Error> {
+    if q.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let api: Api<QuestDB> = Api::namespaced(ctx.client.clone(), &q.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": "cloud.questdb.io/v1", "kind": "QuestDB", "status": new});
+    ctx.metrics.kube("apply", "QuestDB/status");
+    api.patch_status(&q.name_any(), &PatchParams::apply(OPERATOR_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(kube_err("status", "writing status"))?;
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The operator on the local cloud: a QuestDB resource becomes an EC2 node (joined by the node
+//! simulator), a volume, a security group, Kubernetes children and a DNS record; drift is
+//! repaired; deletion leaves nothing behind; a standby replica takes over.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::Api;
+use kube::ResourceExt;
+use kube::api::{Patch, PatchParams, PostParams};
+use qdb_crd::{Phase, QuestDB};
+use qdb_operator::aws::{Aws, AwsConfig, InstanceState};
+use qdb_tests::eventually;
+use qdb_tests::rig::Rig;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(90);
+
+fn questdb(name: &str, version: &str) -> Result<QuestDB> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "cloud.questdb.io/v1", "kind": "QuestDB",
+        "metadata": {"name": name},
+        "spec": {"version": version, "instanceType": "m6i.large", "nodeImage": "ami-0a0a0a0a0a0a0a0a0",
+                 "volume": {"sizeGib": 20, "type": "gp3"},
+                 "serverConfig": {"cairo.commit.lag": "1000"},
+                 "network": {"allowedCidrs": ["10.0.0.0/8"]}}
+    }))?)
+}
+
+async fn aws_for(rig: &Rig, cluster: &str) -> Result<Aws> {
+    let cfg = AwsConfig {
+        region: rig.cloud.cluster(cluster)?.aws_region.clone(),
+        endpoint: Some(rig.cloud.aws_endpoint.clone()),
+        ec2_per_sec: 50,
+        route53_per_sec: 50,
+    };
+    let credentials = aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "localcloud");
+    let sdk = qdb_operator::aws::sdk_loader(&cfg).credentials_provider(credentials).load().await;
+    Ok(Aws::from_sdk_config(&sdk, &cfg))
+}
+
+async fn apply(api: &Api<QuestDB>, q: &QuestDB) -> Result<QuestDB> {
+    let name = q.metadata.name.clone().context("name")?;
+    Ok(api.patch(&name, &PatchParams::apply("qdb-provisioner").force(), &Patch::Apply(q)).await?)
+}
+
+async fn wait_phase(api: &Api<QuestDB>, name: &str, phase: Phase, timeout: Duration) -> Result<QuestDB> {
+    eventually(&format!("{name} {phase:?}"), timeout, || async {
+        let q = api.get(name).await?;
+        let at_gen = q.status.as_ref().and_then(|s| s.observed_generation) == q.metadata.generation;
+        let ok = at_gen && q.status.as_ref().and_then(|s| s.phase) == Some(phase);
+        if !ok {
+            let s = q.status.as_ref().map(|s| {
+                (
+                    s.phase,
+                    s.conditions
+                        .iter()
+                        .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+                        .collect::<Vec<_>>(),
+                )
+            });
+            anyhow::bail!("status: {s:?}");
+        }
+        Ok(Some(q))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_builds_everything_and_reports_ready() -> Result<()> {
+    let rig = Rig::new("op-create", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let api = rig.questdbs("region-a").await?;
+    // An unrelated StatefulSet in the same namespace: never touched.
+    let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &rig.namespace);
+    let bystander: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": "bystander"},
+        "spec": {"replicas": 0, "serviceName": "bystander", "selector": {"matchLabels": {"app": "b"}},
+                 "template": {"metadata": {"labels": {"app": "b"}}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}
+    }))?;
+    let bystander = sts_api.create(&PostParams::default(), &bystander).await?;
+
+    apply(&api, &questdb("db1", "8.2.1")?).await?;
+    let q = wait_phase(&api, "db1", Phase::Running, T).await?;
+    let status = q.status.clone().context("status")?;
+    let node = status.node.clone().context("node")?;
+    let volume = status.volume.clone().context("volume")?;
+    let dns = status.dns.clone().context("dns")?;
+    assert_eq!(dns.name, format!("db1.{}.{}", rig.namespace, rig.dns_zone()));
+    assert_eq!(Some(dns.target.clone()), node.private_ip);
+    assert!(status.endpoints.is_some());
+
+    let aws = aws_for(&rig, "region-a").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let instances = aws.find_instances(&uid).await?;
+    ensure!(instances.len() == 1 && instances[0].state == InstanceState::Running, "{instances:?}");
+    assert_eq!(instances[0].id, node.instance_id);
+    assert_eq!(instances[0].image_id, "ami-0a0a0a0a0a0a0a0a0");
+    let vol = aws.find_volume(&uid).await?.context("volume in EC2")?;
+    assert_eq!(vol.id, volume.id);
+    assert!(vol.attachments.iter().any(|a| a.instance_id == node.instance_id), "{vol:?}");
+    let sg = aws.find_security_group(&uid).await?.context("security group")?;
+    assert_eq!(sg.rules.len(), 3, "{sg:?}");
+    let zone = aws.hosted_zone(&rig.dns_zone(), false).await?.context("zone")?;
+    assert_eq!(aws.get_a_record(&zone, &dns.name).await?.map(|r| r.0), node.private_ip);
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &rig.namespace);
+    let pod = pods.get("db1-0").await?;
+    assert_eq!(pod.spec.as_ref().and_then(|s| s.node_name.clone()), Some(node.name.clone()));
+    assert_eq!(pod.status.as_ref().and_then(|s| s.phase.clone()).as_deref(), Some("Running"));
+
+    // kubectl shows it the way on-call reads it.
+    let kubeconfig = rig.cloud.cluster("region-a")?.kubeconfig.display().to_string();
+    let out = std::process::Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig, "-n", &rig.namespace, "get", "qdb", "db1"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("Running") && text.contains("8.2.1") && text.contains(&node.name), "{text}");
+
+    // Its status is the StatefulSet controller's business; nothing of the operator's is on it.
+    let after = sts_api.get("bystander").await?;
+    assert_eq!(after.spec, bystander.spec, "bystander spec untouched");
+    assert_eq!(after.metadata.labels, bystander.metadata.labels);
+    assert!(after.metadata.owner_references.is_none());
+    let managers: Vec<_> =
+        after.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
+    ensure!(!managers.iter().any(|m| m == qdb_crd::OPERATOR_MANAGER), "{managers:?}");
+    Ok(())
+}
+
+async fn running(rig: &Rig, cluster: &str, name: &str) -> Result<(Api<QuestDB>, QuestDB)> {
+    let api = rig.questdbs(cluster).await?;
+    apply(&api, &questdb(name, "8.2.1")?).await?;
+    let q = wait_phase(&api, name, Phase::Running, T).await?;
+    Ok((api, q))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_is_repaired() -> Result<()> {
+    let rig = Rig::new("op-drift", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let (api, q) = running(&rig, "region-a", "db2").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), &rig.namespace);
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &rig.namespace);
+    let aws = aws_for(&rig, "region-a").await?;
+
+    let svc = services.list(&Default::default()).await?.items.into_iter().next().context("a service")?;
+    let svc_name = svc.name_any();
+    services.delete(&svc_name, &Default::default()).await?;
+    eventually("service recreated", T, || async {
+        Ok(services.get_opt(&svc_name).await?.filter(|s| s.metadata.uid != svc.metadata.uid).map(|_| ()))
+    })
+    .await?;
+
+    let image = |s: &StatefulSet| {
+        s.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].image.clone())
+    };
+    let evil = json!({"spec": {"template": {"spec": {"containers": [{"name": "questdb", "image": "questdb/questdb:evil"}]}}}});
+    sts.patch("db2", &PatchParams::default(), &Patch::Strategic(&evil)).await?;
+    eventually("image restored", T, || async {
+        let s = sts.get("db2").await?;
+        Ok((image(&s) == Some(Some("questdb/questdb:8.2.1".into()))).then_some(()))
+    })
+    .await?;
+
+    let sg = aws.find_security_group(&uid).await?.context("sg")?;
+    aws.revoke_ingress(&sg.id, &sg.rules[..1]).await?;
+    eventually("security group rule restored", T, || async {
+        Ok(aws.find_security_group(&uid).await?.filter(|g| g.rules.len() == 3).map(|_| ()))
+    })
+    .await?;
+
+    let dns = q.status.as_ref().and_then(|s| s.dns.clone()).context("dns")?;
+    let zone = aws.hosted_zone(&rig.dns_zone(), false).await?.context("zone")?;
+    aws.upsert_a_record(&zone, &dns.name, "10.9.9.9", 60).await?;
+    eventually("DNS record restored", T, || async {
+        Ok(aws.get_a_record(&zone, &dns.name).await?.filter(|r| r.0 == dns.target).map(|_| ()))
+    })
+    .await?;
+    let q = api.get("db2").await?;
+    assert_eq!(q.status.and_then(|s| s.phase), Some(Phase::Running));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn version_config_restart_and_volume_changes_converge() -> Result<()> {
+    let rig = Rig::new("op-change", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let (api, q) = running(&rig, "region-a", "db3").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &rig.namespace);
+    let template_annotations = |s: &StatefulSet| {
+        s.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default()
+    };
+    let before = template_annotations(&sts.get("db3").await?);
+
+    let mut next = questdb("db3", "8.2.2")?;
+    apply(&api, &next).await?;
+    wait_phase(&api, "db3", Phase::Running, T).await?;
+    let s = sts.get("db3").await?;
+    assert_eq!(
+        s.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].image.clone()),
+        Some(Some("questdb/questdb:8.2.2".into()))
+    );
+
+    next.spec.server_config.insert("query.timeout.sec".into(), "30".into());
+    apply(&api, &next).await?;
+    wait_phase(&api, "db3", Phase::Running, T).await?;
+    let after_config = template_annotations(&sts.get("db3").await?);
+    assert_ne!(after_config.get("cloud.questdb.io/config-hash"), before.get("cloud.questdb.io/config-hash"));
+
+    next.spec.restart_token = Some("r-1".into());
+    apply(&api, &next).await?;
+    wait_phase(&api, "db3", Phase::Running, T).await?;
+    assert_eq!(
+        template_annotations(&sts.get("db3").await?)
+            .get("cloud.questdb.io/restart-token")
+            .map(String::as_str),
+        Some("r-1")
+    );
+
+    next.spec.volume.size_gib = 30;
+    apply(&api, &next).await?;
+    let q = wait_phase(&api, "db3", Phase::Running, T).await?;
+    assert_eq!(q.status.and_then(|s| s.volume).map(|v| v.size_gib), Some(30));
+    let aws = aws_for(&rig, "region-a").await?;
+    assert_eq!(aws.find_volume(&uid).await?.map(|v| v.size_gib), Some(30));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_removes_everything_before_the_resource_goes() -> Result<()> {
+    let rig = Rig::new("op-delete", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let (api, q) = running(&rig, "region-a", "db4").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let dns = q.status.as_ref().and_then(|s| s.dns.clone()).context("dns")?;
+    api.delete("db4", &Default::default()).await?;
+    eventually("resource gone", T, || async { Ok(api.get_opt("db4").await?.is_none().then_some(())) })
+        .await?;
+    let aws = aws_for(&rig, "region-a").await?;
+    let live: Vec<_> = aws
+        .find_instances(&uid)
+        .await?
+        .into_iter()
+        .filter(|i| i.state != InstanceState::Terminated)
+        .collect();
+    ensure!(live.is_empty(), "instances left: {live:?}");
+    ensure!(aws.find_volume(&uid).await?.is_none(), "volume left");
+    ensure!(aws.find_security_group(&uid).await?.is_none(), "security group left");
+    let zone = aws.hosted_zone(&rig.dns_zone(), false).await?.context("zone")?;
+    ensure!(aws.get_a_record(&zone, &dns.name).await?.is_none(), "DNS record left");
+    let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client);
+    // The PV is deleted at once; it goes when the garbage collector has removed its claim.
+    let selector = format!("cloud.questdb.io/owner-uid={uid}");
+    eventually("PV gone", T, || async {
+        let left = pvs.list(&kube::api::ListParams::default().labels(&selector)).await?;
+        Ok(left.items.is_empty().then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_standby_takes_over_when_the_leader_dies() -> Result<()> {
+    let rig = Rig::new("op-lead", 1).await?;
+    let mut a1 = rig.spawn_operator("region-a", "a1", &[])?;
+    a1.wait_ready().await?;
+    eventually("a1 leads", T, || async {
+        Ok(a1.metrics().await?.contains("qdb_operator_leader 1").then_some(()))
+    })
+    .await?;
+    let a2 = rig.spawn_operator("region-a", "a2", &[])?;
+    a2.wait_ready().await?;
+    let (api, _) = running(&rig, "region-a", "db5").await?;
+    ensure!(a2.metrics().await?.contains("qdb_operator_leader 0"), "a2 stands by");
+    a1.kill9()?;
+    apply(&api, &questdb("db5", "8.2.9")?).await?;
+    wait_phase(&api, "db5", Phase::Running, T).await?;
+    ensure!(a2.metrics().await?.contains("qdb_operator_leader 1"), "a2 leads");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_touches_only_its_own_cluster() -> Result<()> {
+    let rig = Rig::new("op-scope", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let b = rig.questdbs("region-b").await?;
+    apply(&b, &questdb("db6", "8.2.1")?).await?;
+    running(&rig, "region-a", "db6").await?;
+    let qb = b.get("db6").await?;
+    ensure!(qb.status.is_none(), "region-b's resource was touched: {:?}", qb.status);
+    ensure!(qb.metadata.finalizers.is_none(), "region-b's resource got a finalizer");
+    let uid = qb.metadata.uid.clone().context("uid")?;
+    for cluster in ["region-a", "region-b"] {
+        let aws = aws_for(&rig, cluster).await?;
+        ensure!(aws.find_instances(&uid).await?.is_empty(), "instance for region-b's resource in {cluster}");
+    }
+    Ok(())
+}
