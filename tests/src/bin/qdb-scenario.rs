@@ -1,0 +1,182 @@
+//! The backend's side of the main job: publishes a scripted scenario of instructions to the local
+//! cloud's `instructions` topic, prints every gossip event as it arrives, and ends with a summary
+//! table. Exits 0 only if every instruction ended as expected.
+//!
+//! Needs the local cloud up with an operator per cluster and the provisioner running
+//! (`localcloud/localcloud main` does all of it).
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use qdb_proto::Message;
+use qdb_proto::v1::{self, GossipEvent, Phase, instruction::Operation};
+use qdb_tests::rig::{ins, is_terminal};
+use qdb_tests::{Cloud, unique};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+struct Step {
+    label: String,
+    instruction: v1::Instruction,
+    expect: Phase,
+}
+
+fn scenario(tag: &str) -> Vec<Step> {
+    let a = format!("{tag}-a");
+    let b = format!("{tag}-b");
+    let step = |label: &str, instruction: v1::Instruction, expect: Phase| Step {
+        label: label.into(),
+        instruction,
+        expect,
+    };
+    let op = |db: &str, cluster: &str, seq: u64, o: Operation| ins::new(db, cluster, seq, o);
+    let modify = |m: v1::Modify| Operation::Modify(m);
+    vec![
+        step("create in region-a", ins::create(&a, "region-a", 1, "8.2.1"), Phase::Succeeded),
+        step("create in region-b", ins::create(&b, "region-b", 1, "8.2.1"), Phase::Succeeded),
+        step("upgrade QuestDB", ins::version(&a, "region-a", 2, "8.2.3"), Phase::Succeeded),
+        step(
+            "change server config",
+            op(
+                &a,
+                "region-a",
+                3,
+                modify(v1::Modify {
+                    set_server_config: [("query.timeout.sec".to_string(), "30".to_string())].into(),
+                    ..Default::default()
+                }),
+            ),
+            Phase::Succeeded,
+        ),
+        step(
+            "grow the volume",
+            op(&a, "region-a", 4, modify(v1::Modify { volume_size_gib: Some(40), ..Default::default() })),
+            Phase::Succeeded,
+        ),
+        step("pause", op(&a, "region-a", 5, Operation::Pause(v1::Pause {})), Phase::Succeeded),
+        step("resume", op(&a, "region-a", 6, Operation::Resume(v1::Resume {})), Phase::Succeeded),
+        step("restart", op(&a, "region-a", 7, Operation::Restart(v1::Restart {})), Phase::Succeeded),
+        step("stale sequence", ins::version(&a, "region-a", 2, "8.2.0"), Phase::Superseded),
+        step("unknown cluster", ins::create(&format!("{tag}-x"), "mars", 1, "8.2.1"), Phase::Rejected),
+        step(
+            "delete in region-b",
+            op(&b, "region-b", 2, Operation::Delete(v1::Delete { retain_volume: false })),
+            Phase::Succeeded,
+        ),
+        step(
+            "delete in region-a",
+            op(&a, "region-a", 8, Operation::Delete(v1::Delete { retain_volume: false })),
+            Phase::Succeeded,
+        ),
+    ]
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    p.as_str_name().trim_start_matches("PHASE_")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cloud = Cloud::load()?;
+    let timeout = Duration::from_secs(
+        std::env::var("QDB_SCENARIO_STEP_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(180),
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &cloud.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()?;
+    let gossip: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cloud.kafka_brokers)
+        .set("group.id", unique("scenario"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "latest")
+        .create()?;
+    gossip.subscribe(&["gossip"])?;
+    // Let the group settle before anything is produced, so no event is missed.
+    let settle = Instant::now();
+    while gossip.assignment().map(|a| a.count()).unwrap_or(0) == 0
+        && settle.elapsed() < Duration::from_secs(30)
+    {
+        let _ = gossip.poll(Duration::from_millis(200));
+    }
+
+    let tag = unique("demo");
+    let steps = scenario(&tag);
+    let started = Instant::now();
+    let mut results = Vec::new();
+    println!("scenario {tag}: {} instructions\n", steps.len());
+    for s in &steps {
+        let i = &s.instruction;
+        println!("==> {} ({} {}, sequence {})", s.label, i.cluster, i.database_id, i.sequence);
+        let t0 = Instant::now();
+        producer
+            .send(
+                FutureRecord::to("instructions").key(i.database_id.as_bytes()).payload(&i.encode_to_vec()),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("producing: {e}"))?;
+        let mut terminal = None;
+        let mut dots = false;
+        while terminal.is_none() && t0.elapsed() < timeout {
+            let Some(Ok(m)) = gossip.poll(Duration::from_millis(250)) else {
+                // A heartbeat while waiting, so a slow step is visibly alive.
+                print!(".");
+                let _ = std::io::stdout().flush();
+                dots = true;
+                continue;
+            };
+            let Ok(ev) = GossipEvent::decode(m.payload().unwrap_or_default()) else { continue };
+            if ev.instruction_id != i.instruction_id {
+                continue;
+            }
+            let detail = if ev.reason.is_empty() {
+                ev.message.clone()
+            } else {
+                format!("{}: {}", ev.reason, ev.message)
+            };
+            if std::mem::take(&mut dots) {
+                println!();
+            }
+            println!("    {:>6.1}s {:<12} {detail}", t0.elapsed().as_secs_f64(), phase_name(ev.phase()));
+            if is_terminal(ev.phase()) {
+                terminal = Some(ev.phase());
+            }
+        }
+        let ok = terminal == Some(s.expect);
+        results.push((s, terminal, t0.elapsed(), ok));
+        if terminal.is_none() {
+            println!("\n    no terminal phase within {timeout:?}");
+        }
+    }
+
+    println!("\n{:<22} {:<28} {:<11} {:<11} {:>8}", "instruction", "database", "expected", "actual", "time");
+    let mut failures = 0;
+    for (s, actual, took, ok) in &results {
+        failures += usize::from(!ok);
+        println!(
+            "{:<22} {:<28} {:<11} {:<11} {:>7.1}s {}",
+            s.label,
+            s.instruction.database_id,
+            phase_name(s.expect),
+            actual.map(phase_name).unwrap_or("none"),
+            took.as_secs_f64(),
+            if *ok { "ok" } else { "MISMATCH" }
+        );
+    }
+    println!(
+        "\n{} of {} as expected in {:.0}s",
+        results.len() - failures,
+        results.len(),
+        started.elapsed().as_secs_f64()
+    );
+    std::mem::forget(gossip);
+    if failures > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
