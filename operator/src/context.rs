@@ -22,6 +22,8 @@ pub struct Settings {
     pub resync: Duration,
     /// How often an unconverged one is looked at while waiting on AWS or a node.
     pub poll: Duration,
+    /// How long a database's node may be not Ready before the node is replaced.
+    pub failover_after: Duration,
 }
 
 pub struct Context {

@@ -57,7 +57,6 @@ pub async fn run(
     let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default().labels(keys::DEDICATED))
         .touched_objects()
         .predicate_filter(node_fingerprint, PredicateConfig::default());
-    let metrics = ctx.metrics.clone();
     controller
         .watches_stream(nodes, move |node: Node| {
             let uid = node.metadata.labels.as_ref().and_then(|l| l.get(keys::DEDICATED)).cloned();
@@ -69,14 +68,10 @@ pub async fn run(
         })
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| {
-            let metrics = metrics.clone();
-            async move {
-                metrics.queue_depth.set(0);
-                match result {
-                    Ok((obj, _)) => tracing::debug!(resource = %obj, "reconciled"),
-                    Err(e) => warn!(error = %chain(&e), "controller"),
-                }
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(resource = %obj, "reconciled"),
+                Err(e) => warn!(error = %chain(&e), "controller"),
             }
         })
         .await;

@@ -24,8 +24,11 @@ pub struct Metrics {
     pub reconciles: Family<StepLabels, Counter>,
     pub step_seconds: Family<StepLabels, Histogram>,
     pub kube_requests: Family<VerbLabels, Counter>,
-    pub queue_depth: Gauge,
+    /// Reconciles running now (kube-runtime does not expose its scheduler queue itself).
+    pub in_flight: Gauge,
     pub leader: Gauge,
+    /// From losing the node to Ready again.
+    pub failover_seconds: Histogram,
 }
 
 impl Metrics {
@@ -39,11 +42,17 @@ impl Metrics {
         registry.register("step_seconds", "Duration of reconcile steps", step_seconds.clone());
         let kube_requests = Family::<VerbLabels, Counter>::default();
         registry.register("kube_requests", "Kubernetes API requests by verb and kind", kube_requests.clone());
-        let queue_depth = Gauge::default();
-        registry.register("queue_depth", "Resources waiting for or in reconcile", queue_depth.clone());
+        let in_flight = Gauge::default();
+        registry.register("reconciles_in_flight", "Reconciles running now", in_flight.clone());
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
-        Metrics { registry, reconciles, step_seconds, kube_requests, queue_depth, leader }
+        let failover_seconds = Histogram::new(exponential_buckets(5.0, 1.5, 12));
+        registry.register(
+            "failover_seconds",
+            "Time from node loss to the database Ready again",
+            failover_seconds.clone(),
+        );
+        Metrics { registry, reconciles, step_seconds, kube_requests, in_flight, leader, failover_seconds }
     }
 
     pub fn step(&self, step: &str, ok: bool, seconds: f64) {

@@ -259,6 +259,10 @@ impl Provisioner {
         Ok(reqwest::get(format!("{}/metrics", self.url)).await?.text().await?)
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill9(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
             c.kill()?;

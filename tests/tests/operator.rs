@@ -309,3 +309,86 @@ async fn an_operator_touches_only_its_own_cluster() -> Result<()> {
     }
     Ok(())
 }
+
+/// Kills the database's node (heartbeats stop, as when a machine dies) and expects the operator
+/// to move the database to a new node with the same volume, checking all along that the volume is
+/// never attached to two running instances.
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_moves_the_database_to_a_new_node_with_the_same_volume() -> Result<()> {
+    let rig = Rig::new("op-failover", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &["--failover-after-secs", "2"])?;
+    let (api, q) = running(&rig, "region-a", "db7").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let before = q.status.clone().context("status")?;
+    let old = before.node.clone().context("node")?;
+    let volume = before.volume.clone().context("volume")?;
+    let aws = aws_for(&rig, "region-a").await?;
+
+    let watch = {
+        let (aws, uid) = (aws_for(&rig, "region-a").await?, uid.clone());
+        tokio::spawn(async move {
+            loop {
+                if let (Ok(Some(v)), Ok(instances)) =
+                    (aws.find_volume(&uid).await, aws.find_instances(&uid).await)
+                {
+                    let running = v
+                        .attachments
+                        .iter()
+                        .filter(|a| {
+                            instances
+                                .iter()
+                                .any(|i| i.id == a.instance_id && i.state == InstanceState::Running)
+                        })
+                        .count();
+                    if running > 1 {
+                        return Err::<(), _>(anyhow::anyhow!(
+                            "volume attached to {running} running instances: {v:?}"
+                        ));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    let nodesim = &rig.cloud.cluster("region-a")?.nodesim;
+    let killed =
+        reqwest::Client::new().post(format!("{nodesim}/nodes/{}/kill", old.instance_id)).send().await?;
+    ensure!(killed.status().is_success(), "kill: {}", killed.status());
+    let q = eventually("Running on a new node", Duration::from_secs(180), || async {
+        let q = api.get("db7").await?;
+        let s = q.status.clone().unwrap_or_default();
+        let moved = s.node.as_ref().is_some_and(|n| n.instance_id != old.instance_id);
+        Ok((moved && s.phase == Some(Phase::Running)).then_some(q))
+    })
+    .await?;
+    ensure!(!watch.is_finished(), "{:?}", watch.await);
+    watch.abort();
+    let s = q.status.context("status")?;
+    let new = s.node.context("node")?;
+    assert_eq!(s.volume.map(|v| v.id), Some(volume.id.clone()), "the same volume");
+    let failover = s.last_failover.context("lastFailover")?;
+    assert_eq!(failover.from_node, old.name);
+    assert!(failover.recovered_at.is_some());
+    let dns = s.dns.context("dns")?;
+    let zone = aws.hosted_zone(&rig.dns_zone(), false).await?.context("zone")?;
+    assert_eq!(aws.get_a_record(&zone, &dns.name).await?.map(|r| r.0), new.private_ip);
+    eventually("old instance terminated", T, || async {
+        let old_live = aws
+            .find_instances(&uid)
+            .await?
+            .into_iter()
+            .any(|i| i.id == old.instance_id && i.state != InstanceState::Terminated);
+        Ok((!old_live).then_some(()))
+    })
+    .await?;
+    // The event trail tells the story.
+    let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, &rig.namespace);
+    let reasons: Vec<String> =
+        events.list(&Default::default()).await?.items.into_iter().filter_map(|e| e.reason).collect();
+    for r in ["LaunchedReplacement", "FencedInstance", "DeletedStuckPod", "FailoverComplete"] {
+        ensure!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! The simulator loop: joins running instances as Nodes, heartbeats them, runs their pods, and
 //! lets go of nodes whose instance stopped, was terminated or was killed on request.
 
+use futures::StreamExt;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -78,6 +79,9 @@ fn now() -> String {
     jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
 }
 
+/// Requests in flight at once per kind of work (heartbeats, pods).
+const CONCURRENCY: usize = 16;
+
 fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
@@ -94,8 +98,10 @@ impl Sim {
 
     async fn tick(&self) -> Result<()> {
         self.sync_instances().await?;
-        self.heartbeats().await;
-        self.run_pods().await
+        // Concurrently: with a hundred nodes, one request after another misses the heartbeat
+        // interval and the controller manager marks healthy nodes unreachable.
+        let ((), pods) = tokio::join!(self.heartbeats(), self.run_pods());
+        pods
     }
 
     /// Brings the simulated machines in line with EC2, joining new ones after the join delay and
@@ -223,14 +229,18 @@ impl Sim {
     }
 
     async fn heartbeats(&self) {
-        for n in self.live() {
-            if n.last_heartbeat.is_some_and(|t| t.elapsed() < self.cfg.heartbeat) {
-                continue;
-            }
-            if let Err(e) = self.heartbeat(&n).await {
-                warn!(node = n.node_name, error = format!("{e:#}"), "heartbeat failed");
-            }
-        }
+        let due: Vec<SimNode> = self
+            .live()
+            .into_iter()
+            .filter(|n| n.last_heartbeat.is_none_or(|t| t.elapsed() >= self.cfg.heartbeat))
+            .collect();
+        futures::stream::iter(due)
+            .for_each_concurrent(CONCURRENCY, |n| async move {
+                if let Err(e) = self.heartbeat(&n).await {
+                    warn!(node = n.node_name, error = format!("{e:#}"), "heartbeat failed");
+                }
+            })
+            .await;
     }
 
     async fn heartbeat(&self, n: &SimNode) -> Result<()> {
@@ -270,15 +280,20 @@ impl Sim {
         }
         let pods: Api<Pod> = Api::all(self.kube.clone());
         let list = pods.list(&ListParams::default()).await.context("listing pods")?;
-        for pod in list {
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).and_then(|n| live.get(n))
-            else {
-                continue;
-            };
-            if let Err(e) = self.run_pod(&pod, node).await {
-                warn!(pod = pod.metadata.name, error = format!("{e:#}"), "running pod failed");
-            }
-        }
+        let mine: Vec<(Pod, &SimNode)> = list
+            .into_iter()
+            .filter_map(|pod| {
+                let node = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).and_then(|n| live.get(n))?;
+                Some((pod, node))
+            })
+            .collect();
+        futures::stream::iter(mine)
+            .for_each_concurrent(CONCURRENCY, |(pod, node)| async move {
+                if let Err(e) = self.run_pod(&pod, node).await {
+                    warn!(pod = pod.metadata.name, error = format!("{e:#}"), "running pod failed");
+                }
+            })
+            .await;
         Ok(())
     }
 
@@ -299,11 +314,14 @@ impl Sim {
                 Err(e) => Err(e).context("confirming pod deletion"),
             };
         }
-        let waiting = self.volume_wait_reason(pod, &ns, &node.instance_id).await?;
+        // Like a kubelet, volumes are checked before the containers start, not again afterwards:
+        // a running pod stays running (and re-reading EC2 for every pod every tick would swamp
+        // the emulator with a hundred databases).
         let ready = pod_is_ready(pod);
-        if ready && waiting.is_none() {
+        if ready {
             return Ok(());
         }
+        let waiting = self.volume_wait_reason(pod, &ns, &node.instance_id).await?;
         let already_waiting =
             pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| {
                 cs.iter().any(|c| {
@@ -311,7 +329,7 @@ impl Sim {
                         == waiting.as_deref()
                 })
             });
-        if !ready && waiting.is_some() && already_waiting {
+        if waiting.is_some() && already_waiting {
             return Ok(());
         }
         let containers: Vec<(String, String)> = pod

@@ -246,6 +246,9 @@ pub struct FailoverStatus {
     pub from_node: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_node: Option<String>,
+    /// When the database was Ready again; minus `at` is the time to recover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_at: Option<Time>,
 }
 
 /// The CRD as YAML, exactly as `crdgen` writes it to deploy/.

@@ -62,6 +62,9 @@ struct Args {
     resync_secs: u64,
     #[arg(long, env = "QDB_POLL_SECS", default_value_t = 3)]
     poll_secs: u64,
+    /// A database whose node is not Ready this long is moved to a new node.
+    #[arg(long, env = "QDB_FAILOVER_AFTER_SECS", default_value_t = 10)]
+    failover_after_secs: u64,
 }
 
 async fn kube_client(path: &Option<PathBuf>) -> anyhow::Result<kube::Client> {
@@ -151,6 +154,7 @@ async fn run() -> anyhow::Result<()> {
         create_hosted_zone: args.create_hosted_zone,
         resync: Duration::from_secs(args.resync_secs),
         poll: Duration::from_secs(args.poll_secs.max(1)),
+        failover_after: Duration::from_secs(args.failover_after_secs),
     };
     let ctx = Arc::new(Context::new(client, aws, settings, metrics.clone()));
     let lost = CancellationToken::new();

@@ -3,8 +3,14 @@
 //! joined as, since the volume attaches only to a running instance and the pod runs only on a
 //! Ready node.
 
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams};
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::{Node, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use qdb_crd::FailoverStatus;
+
+use super::replace::{NodeSeen, Plan, Seen, plan};
 
 use super::{Error, Facts, aws_err, kube_err, owner_of};
 use crate::aws::{DATA_DEVICE, Instance, InstanceState, Launch};
@@ -17,7 +23,12 @@ fn is_live(i: &Instance) -> bool {
     matches!(i.state, InstanceState::Pending | InstanceState::Running)
 }
 
-pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
+pub async fn ensure(
+    ctx: &Context,
+    d: &Desired,
+    active: Option<&str>,
+    facts: &mut Facts,
+) -> Result<(), Error> {
     let aws = &ctx.aws;
     let owner = owner_of(d, &ctx.settings.cluster);
     let uid = d.names.uid();
@@ -53,27 +64,48 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         return Ok(());
     }
 
-    let instance = match instances.iter().find(|i| is_live(i)) {
-        Some(i) => i.clone(),
-        None => {
-            let user_data = build_user_data(&d.names, &ctx.settings.cluster);
-            let launch = Launch {
-                image_id: &d.spec.node_image,
-                instance_type: &d.spec.instance_type,
-                security_group_id: &sg_id,
-                user_data: &user_data,
-                // An EBS volume attaches only in its own zone.
-                zone: volume.as_ref().map(|v| v.zone.as_str()),
-                extra_tags: &[],
-            };
-            let i = aws.launch_instance(&owner, &launch).await.map_err(aws_err("launching the instance"))?;
+    let nodes = nodes_of(ctx, d).await?;
+    let live: Vec<&Instance> = instances.iter().filter(|i| is_live(i)).collect();
+    let seen: Vec<Seen> = live
+        .iter()
+        .map(|i| Seen { id: i.id.clone(), node: nodes.get(&i.id).map(|n| n.1).unwrap_or(NodeSeen::Missing) })
+        .collect();
+    let find = |id: &str| live.iter().find(|i| i.id == id).map(|i| (*i).clone());
+    let zone = volume.as_ref().map(|v| v.zone.clone());
+    let instance = match plan(active, &seen, ctx.settings.failover_after.as_secs()) {
+        Plan::Launch => {
+            let i = launch(ctx, d, &owner, &sg_id, zone.as_deref()).await?;
             facts.did(
                 "LaunchedInstance",
                 format!("{} ({}, {}) in {}", i.id, i.instance_type, i.image_id, i.zone),
             );
             i
         }
+        Plan::Serve(id) => find(&id).ok_or_else(|| Error::NotOurs(format!("instance {id} vanished")))?,
+        Plan::LaunchReplacement { lost, reason } => {
+            let i = launch(ctx, d, &owner, &sg_id, zone.as_deref()).await?;
+            facts.did("LaunchedReplacement", format!("{} to replace {lost}: {reason}", i.id));
+            facts.wait("ReplacingNode", format!("{reason}; replacement {} launched", i.id));
+            find(&lost).unwrap_or(i)
+        }
+        Plan::AwaitReplacement { lost, replacement } => {
+            facts.wait("ReplacingNode", format!("waiting for replacement {replacement}'s node to be Ready"));
+            find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?
+        }
+        Plan::Fence { lost, replacement, reason, lost_for_secs } => {
+            // The lost instance may still be writing to the volume: stopped before anything moves.
+            ctx.aws.stop_instance(&lost).await.map_err(aws_err("fencing the lost instance"))?;
+            let from_node = nodes.get(&lost).map(|n| n.0.clone()).unwrap_or_else(|| lost.clone());
+            let to_node = nodes.get(&replacement).map(|n| n.0.clone());
+            taint_out_of_service(ctx, &from_node).await;
+            facts.did("FencedInstance", format!("{lost} stopped; {reason}; moving to {replacement}"));
+            let at = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(lost_for_secs as i64);
+            facts.failover =
+                Some(FailoverStatus { at: Time(at), reason, from_node, to_node, recovered_at: None });
+            find(&replacement).ok_or_else(|| Error::NotOurs(format!("instance {replacement} vanished")))?
+        }
     };
+    let serving_plan = facts.waiting.is_empty();
 
     let mut volume = match volume {
         Some(v) => v,
@@ -131,18 +163,51 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     }
     facts.volume = Some(volume);
 
-    facts.node = node_of(ctx, d, &instance).await?;
+    facts.node = nodes.get(&instance.id).map(|(name, seen)| (name.clone(), *seen == NodeSeen::Ready));
     match &facts.node {
         None => facts.wait("NodeJoining", format!("waiting for {} to join the cluster", instance.id)),
         Some((name, false)) => facts.wait("NodeNotReady", format!("node {name} is not Ready")),
         Some(_) => {}
     }
+    // Leftovers (a fenced instance once the volume left it, a replacement no longer needed):
+    // retired only while serving normally and holding no volume.
+    if serving_plan && facts.volume_attached {
+        let holding: Vec<String> =
+            facts.volume.iter().flat_map(|v| v.attachments.iter().map(|a| a.instance_id.clone())).collect();
+        for other in instances.iter().filter(|i| i.id != instance.id && i.state != InstanceState::Terminated)
+        {
+            if !holding.contains(&other.id) {
+                ctx.aws.terminate_instance(&other.id).await.map_err(aws_err("retiring an old instance"))?;
+                facts.did("RetiredInstance", format!("{} terminated", other.id));
+            }
+        }
+    }
     facts.instance = Some(instance);
     Ok(())
 }
 
-/// The Node of `instance` among those carrying the database's dedicated label.
-async fn node_of(ctx: &Context, d: &Desired, instance: &Instance) -> Result<Option<(String, bool)>, Error> {
+async fn launch(
+    ctx: &Context,
+    d: &Desired,
+    owner: &crate::aws::Owner,
+    sg_id: &str,
+    zone: Option<&str>,
+) -> Result<Instance, Error> {
+    let user_data = build_user_data(&d.names, &ctx.settings.cluster);
+    let launch = Launch {
+        image_id: &d.spec.node_image,
+        instance_type: &d.spec.instance_type,
+        security_group_id: sg_id,
+        user_data: &user_data,
+        // An EBS volume attaches only in its own zone.
+        zone,
+        extra_tags: &[],
+    };
+    ctx.aws.launch_instance(owner, &launch).await.map_err(aws_err("launching an instance"))
+}
+
+/// The database's nodes by instance id: (node name, readiness).
+async fn nodes_of(ctx: &Context, d: &Desired) -> Result<HashMap<String, (String, NodeSeen)>, Error> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let selector =
         d.names.node_labels().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
@@ -151,19 +216,52 @@ async fn node_of(ctx: &Context, d: &Desired, instance: &Instance) -> Result<Opti
         .list(&ListParams::default().labels(&selector))
         .await
         .map_err(kube_err("aws", "listing nodes"))?;
-    Ok(list.items.into_iter().find_map(|n| {
-        let provider = n.spec.as_ref().and_then(|s| s.provider_id.clone()).unwrap_or_default();
-        if !provider.ends_with(&format!("/{}", instance.id)) {
-            return None;
-        }
-        let ready = n
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        Some((n.metadata.name.unwrap_or_default(), ready))
-    }))
+    let now = jiff::Timestamp::now();
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|n| {
+            let provider = n.spec.as_ref().and_then(|s| s.provider_id.clone())?;
+            let instance = provider.rsplit('/').next()?.to_string();
+            let ready = n.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|c| {
+                c.iter()
+                    .find(|c| c.type_ == "Ready")
+                    .map(|c| (c.status == "True", c.last_transition_time.clone()))
+            });
+            let seen = match ready {
+                Some((true, _)) => NodeSeen::Ready,
+                Some((false, since)) => NodeSeen::NotReady {
+                    for_secs: since.map(|t| now.duration_since(t.0).as_secs().max(0) as u64).unwrap_or(0),
+                },
+                None => NodeSeen::NotReady { for_secs: 0 },
+            };
+            Some((instance, (n.metadata.name.unwrap_or_default(), seen)))
+        })
+        .collect())
 }
+
+/// Marks the lost node out of service, for the record and for anything that honours it.
+async fn taint_out_of_service(ctx: &Context, node: &str) {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let Ok(Some(n)) = nodes.get_opt(node).await else { return };
+    let mut taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
+    if taints.iter().any(|t| t.key == OUT_OF_SERVICE) {
+        return;
+    }
+    taints.push(Taint {
+        key: OUT_OF_SERVICE.into(),
+        value: Some("nodeshutdown".into()),
+        effect: "NoExecute".into(),
+        time_added: None,
+    });
+    ctx.metrics.kube("patch", "Node");
+    let patch = serde_json::json!({"spec": {"taints": taints}});
+    if let Err(e) = nodes.patch(node, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+        tracing::warn!(node, error = %e, "tainting the lost node failed");
+    }
+}
+
+const OUT_OF_SERVICE: &str = "node.kubernetes.io/out-of-service";
 
 /// Pause: once the pod is gone, the instances are terminated; volume and security group stay.
 pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {

@@ -8,7 +8,7 @@ use std::fmt::Debug;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Service};
 use kube::Resource;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use qdb_crd::{OPERATOR_MANAGER, keys};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -100,6 +100,7 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         let pvcs = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
         apply(ctx, &pvcs, d, &build_pvc(d), "PersistentVolumeClaim", facts).await?;
     }
+    remove_stuck_pod(ctx, d, facts).await?;
     let sts_api = Api::<StatefulSet>::namespaced(client.clone(), ns);
     let sts = apply(ctx, &sts_api, d, &build_statefulset(d), "StatefulSet", facts).await?;
     let routes = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ingress_route_resource());
@@ -117,6 +118,32 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     } else if !facts.pod_ready {
         facts.wait("StartingDatabase", format!("waiting for pod {} to be Ready", d.names.pod()));
     }
+    Ok(())
+}
+
+/// After a failover the pod is still bound to the lost node and never goes away on its own (no
+/// kubelet confirms its deletion): once the database serves from another node, it is deleted
+/// outright so the StatefulSet recreates it there.
+async fn remove_stuck_pod(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
+    let Some((active_node, _)) = &facts.node else { return Ok(()) };
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), d.names.namespace());
+    ctx.metrics.kube("get", "Pod");
+    let Some(pod) = pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?
+    else {
+        return Ok(());
+    };
+    let bound = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    if bound.as_ref().is_none_or(|n| n == active_node) {
+        return Ok(());
+    }
+    ctx.metrics.kube("delete", "Pod");
+    let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+    match pods.delete(&d.names.pod(), &params).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(kube_err("children", "deleting the stuck pod")(e)),
+    }
+    facts.did("DeletedStuckPod", format!("{} was bound to {}", d.names.pod(), bound.unwrap_or_default()));
     Ok(())
 }
 

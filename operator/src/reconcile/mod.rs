@@ -6,6 +6,7 @@ pub mod aws;
 pub mod children;
 pub mod cleanup;
 pub mod dns;
+pub mod replace;
 pub mod status;
 pub mod subset;
 
@@ -88,6 +89,8 @@ pub struct Facts {
     /// Instances of this database still not terminated (pause: 0 when released).
     pub live_instances: usize,
     pub dns: Option<DnsRecord>,
+    /// A failover started this round.
+    pub failover: Option<qdb_crd::FailoverStatus>,
     /// What is being waited for, first unmet step first.
     pub waiting: Vec<(&'static str, String)>,
     /// Changes made this round, announced as events.
@@ -158,7 +161,8 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     };
     let mut facts = Facts::default();
     let result = async {
-        timed(ctx, "aws", aws::ensure(ctx, &d, &mut facts)).await?;
+        let active = qdb.status.as_ref().and_then(|s| s.node.as_ref()).map(|n| n.instance_id.clone());
+        timed(ctx, "aws", aws::ensure(ctx, &d, active.as_deref(), &mut facts)).await?;
         timed(ctx, "children", children::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "release", aws::release_if_paused(ctx, &d, &mut facts)).await?;
         timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await
@@ -168,7 +172,12 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, &reference, EventType::Normal, reason, note).await;
     }
     let error = result.as_ref().err().map(|e| chain(e));
-    let new = status::build(&qdb, &d, &facts, error.as_deref());
+    let mut new = status::build(&qdb, &d, &facts, error.as_deref());
+    if let Some(recovered) = status::mark_recovered(&mut new) {
+        ctx.metrics.failover_seconds.observe(recovered.as_secs_f64());
+        let note = format!("Ready again {:.0}s after the node was lost", recovered.as_secs_f64());
+        publish(ctx, &reference, EventType::Normal, "FailoverComplete", note).await;
+    }
     let transition = status::transition(qdb.status.as_ref(), &new);
     timed(ctx, "status", status::ensure(ctx, &qdb, new.clone())).await?;
     if let Some(note) = transition {
@@ -190,6 +199,7 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
     let ns = qdb.namespace().unwrap_or_default();
     let api: Api<QuestDB> = Api::namespaced(ctx.client.clone(), &ns);
     let key = format!("{ns}/{}", qdb.name_any());
+    ctx.metrics.in_flight.inc();
     let result = finalizer::finalizer(&api, FINALIZER, qdb, |event| async {
         match event {
             Finalizing::Apply(q) => apply(q, &ctx).await,
@@ -198,6 +208,7 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.in_flight.dec();
     if result.is_ok()
         && let Ok(mut f) = ctx.failures.lock()
     {

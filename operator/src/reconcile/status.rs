@@ -149,8 +149,18 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
         }),
         dns: f.dns.as_ref().map(|r| r.status()),
         endpoints: if released { None } else { Some(endpoints(&d.dns_name)) },
-        last_failover: old.and_then(|o| o.last_failover.clone()),
+        last_failover: f.failover.clone().or_else(|| old.and_then(|o| o.last_failover.clone())),
     }
+}
+
+/// Completes a failover once the database is Ready again; returns the time it took.
+pub fn mark_recovered(s: &mut QuestDBStatus) -> Option<std::time::Duration> {
+    let ready = s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    let f = s.last_failover.as_mut().filter(|f| f.recovered_at.is_none() && ready)?;
+    let now = jiff::Timestamp::now();
+    f.recovered_at = Some(Time(now));
+    let took = now.duration_since(f.at.0);
+    std::time::Duration::try_from(took).ok()
 }
 
 pub fn is_converged(s: &QuestDBStatus) -> bool {

@@ -1,0 +1,183 @@
+//! Operator benchmark on the local cloud (`localcloud up` first). Prints, from one run:
+//! apiserver writes per database from create to Ready (from the apiserver's own
+//! `apiserver_request_total`, background writes of the other components subtracted), writes
+//! during a steady-state resync (target 0), time for N databases to converge against the time the
+//! apiserver's write capacity allows for the same writes (target >= 0.8), and the operator's RSS
+//! with N databases (target <= 64 MiB).
+//!
+//! Run: `cargo run -p qdb-tests --bin bench-operator -- --databases 200`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use qdb_crd::{Phase, QuestDB};
+use qdb_tests::kube_client;
+use qdb_tests::rig::Rig;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Mutating requests the apiserver has served, from its own metrics.
+async fn apiserver_writes(client: &kube::Client) -> Result<f64> {
+    let text = client.request_text(http::Request::get("/metrics").body(Vec::new())?).await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            ["\"POST\"", "\"PUT\"", "\"PATCH\"", "\"DELETE\""]
+                .iter()
+                .any(|v| l.contains(&format!("verb={v}")))
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum())
+}
+
+/// Writes the operator itself counted (server-side applies, creates, deletes, patches).
+fn operator_writes(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("qdb_operator_kube_requests_total{"))
+        .filter(|l| !l.contains("verb=\"get\"") && !l.contains("verb=\"list\""))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let n = arg("--databases", 200);
+    let rig = Rig::new("bench-op", 1).await?;
+    let admin = kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+
+    // Background: what the other components (controller manager, scheduler, node simulator)
+    // write on their own, to subtract later.
+    let w0 = apiserver_writes(&admin).await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let background = (apiserver_writes(&admin).await? - w0) / 10.0;
+
+    // The apiserver's write capacity here: ConfigMap creates, 32 at a time.
+    let scratch = format!("{}-scratch", rig.namespace);
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": scratch}}))?;
+    Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &ns).await?;
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &scratch);
+    let slots = Arc::new(Semaphore::new(32));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let (cms, slots) = (cms.clone(), slots.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = slots.acquire_owned().await?;
+            let cm: ConfigMap =
+                serde_json::from_value(json!({"metadata": {"name": format!("cm-{i}")}, "data": {"k": "v"}}))?;
+            cms.create(&PostParams::default(), &cm).await?;
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let write_limit = 500.0 / t.elapsed().as_secs_f64();
+
+    let op = rig.spawn_operator("region-a", "bench", &[])?;
+    op.wait_ready().await?;
+    let api: Api<QuestDB> = Api::namespaced(admin.clone(), &rig.namespace);
+    let w_start = apiserver_writes(&admin).await?;
+    let op_start = operator_writes(&op.metrics().await?);
+    let t0 = Instant::now();
+    let slots = Arc::new(Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (api, slots) = (api.clone(), slots.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = slots.acquire_owned().await?;
+            let q: QuestDB = serde_json::from_value(json!({
+                "apiVersion": "cloud.questdb.io/v1", "kind": "QuestDB", "metadata": {"name": format!("db-{i}")},
+                "spec": {"version": "8.2.1", "instanceType": "m6i.large", "nodeImage": "ami-0a0a0a0a0a0a0a0a0",
+                         "volume": {"sizeGib": 20, "type": "gp3"}, "network": {"allowedCidrs": ["10.0.0.0/8"]}}
+            }))?;
+            api.patch(&format!("db-{i}"), &PatchParams::apply("qdb-provisioner").force(), &Patch::Apply(&q)).await?;
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let list = api.list(&ListParams::default()).await?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|q| q.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Running)))
+            .count();
+        if ready == n {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {ready} of {n} Running after 30 minutes");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let converge = t0.elapsed().as_secs_f64();
+    let writes = apiserver_writes(&admin).await? - w_start - background * converge;
+    let op_writes = operator_writes(&op.metrics().await?) - op_start;
+    let rss = op.pid().map(rss_mib).unwrap_or(0.0);
+
+    // Steady state: six resync periods (5 s in the rig) with nothing to do.
+    let w_steady = apiserver_writes(&admin).await?;
+    let op_steady = operator_writes(&op.metrics().await?);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let steady = apiserver_writes(&admin).await? - w_steady - background * 30.0;
+    let op_steady = operator_writes(&op.metrics().await?) - op_steady;
+
+    let per_db = writes / n as f64;
+    let ideal = writes / write_limit;
+    println!("operator benchmark ({n} databases, one apiserver, one operator)");
+    println!("  apiserver write capacity:      {write_limit:.0} writes/s (ConfigMap creates, 32 at a time)");
+    println!("  background writes (others):    {background:.1} writes/s, subtracted below");
+    println!(
+        "  writes per database to Ready:  {per_db:.1} (apiserver count); operator's own count {:.1}",
+        op_writes / n as f64
+    );
+    println!(
+        "  steady-state writes in 30 s:   {:.0} (apiserver count, ~0 expected); operator's own count {op_steady:.0} (target 0)",
+        steady.max(0.0)
+    );
+    println!(
+        "  converged in:                  {converge:.1} s; the same writes at capacity: {ideal:.1} s; ratio {:.2} (target >= 0.8)",
+        ideal / converge
+    );
+    println!("  operator RSS at {n} databases: {rss:.1} MiB (target <= 64 MiB)");
+
+    // Leave the cloud as found: every database deleted (the operator cleans AWS up).
+    for i in 0..n {
+        let _ = api.delete(&format!("db-{i}"), &Default::default()).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while !api.list(&ListParams::default()).await?.items.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let left = api.list(&ListParams::default()).await?.items.len();
+    println!("  cleanup: {left} databases left after deletion");
+    let _ =
+        Api::<Namespace>::all(admin).delete(&scratch, &Default::default()).await.context("scratch namespace");
+    Ok(())
+}
