@@ -56,6 +56,16 @@ pub enum Accepted {
     Stale { last_sequence: i64 },
 }
 
+/// What the journal recorded for an instruction id seen before.
+async fn recorded(conn: &mut PgConnection, id: &str) -> Result<Recorded, JournalError> {
+    let row = sqlx::query("SELECT state, reason, message FROM instructions WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(err("reading duplicate instruction"))?;
+    Ok(Recorded { state: row.get("state"), reason: row.get("reason"), message: row.get("message") })
+}
+
 /// Journals `ins`. Run it inside a transaction together with the outbox insert of the gossip
 /// that reports the result, so either both happen or neither.
 pub async fn accept(conn: &mut PgConnection, ins: &NewInstruction<'_>) -> Result<Accepted, JournalError> {
@@ -77,16 +87,7 @@ pub async fn accept(conn: &mut PgConnection, ins: &NewInstruction<'_>) -> Result
     .await
     .map_err(err("recording instruction"))?;
     if inserted.rows_affected() == 0 {
-        let row = sqlx::query("SELECT state, reason, message FROM instructions WHERE id = $1")
-            .bind(ins.id)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(err("reading duplicate instruction"))?;
-        return Ok(Accepted::Duplicate(Recorded {
-            state: row.get("state"),
-            reason: row.get("reason"),
-            message: row.get("message"),
-        }));
+        return Ok(Accepted::Duplicate(recorded(conn, ins.id).await?));
     }
     // The row lock taken by the upsert serialises concurrent instructions of one database.
     let raised = sqlx::query(
@@ -153,12 +154,7 @@ pub async fn reject(
     if inserted.rows_affected() == 1 {
         return Ok(None);
     }
-    let row = sqlx::query("SELECT state, reason, message FROM instructions WHERE id = $1")
-        .bind(ins.id)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(err("reading duplicate instruction"))?;
-    Ok(Some(Recorded { state: row.get("state"), reason: row.get("reason"), message: row.get("message") }))
+    Ok(Some(recorded(conn, ins.id).await?))
 }
 
 /// Which topic an outbox row goes to.

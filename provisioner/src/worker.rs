@@ -170,17 +170,6 @@ async fn execute(
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Applies one due instruction. Returns whether the database may go on to its next one.
 async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Result<bool, JournalError> {
     let ins = match v1::Instruction::decode(head.payload.as_slice()) {
@@ -248,7 +237,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
         }
         Err(e @ ExecError::Transient { .. }) => {
             let delay = retry_delay(head.attempts, ctx.max_retry_delay);
-            let error = chain(&e);
+            let error = crate::error_chain(&e);
             info!(instruction = %head.id, database = %head.database_id, cluster = %head.cluster,
                 attempts = head.attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %error,
                 "apply failed; will retry");
@@ -306,7 +295,7 @@ async fn work_on(ctx: Arc<Shared>, database_id: String, stop: CancellationToken)
             Ok(Some((h, known))) if h.due => (h, known),
             Ok(_) => break,
             Err(e) => {
-                warn!(database = %database_id, error = %chain(&e), "reading the journal failed");
+                warn!(database = %database_id, error = %crate::error_chain(&e), "reading the journal failed");
                 break;
             }
         };
@@ -314,14 +303,14 @@ async fn work_on(ctx: Arc<Shared>, database_id: String, stop: CancellationToken)
             Ok(true) => {}
             Ok(false) => break,
             Err(e) => {
-                warn!(database = %database_id, error = %chain(&e), "journal write failed; the instruction stays pending");
+                warn!(database = %database_id, error = %crate::error_chain(&e), "journal write failed; the instruction stays pending");
                 break;
             }
         }
     }
     if let Err(e) = journal::release(&ctx.pool, &ctx.replica, &database_id).await {
         // The lease runs out on its own.
-        warn!(database = %database_id, error = %chain(&e), "releasing the database failed");
+        warn!(database = %database_id, error = %crate::error_chain(&e), "releasing the database failed");
     }
     ctx.work_wake.notify_one();
 }
@@ -348,7 +337,7 @@ pub async fn run(ctx: Arc<Shared>, stop: CancellationToken) {
                         });
                     }
                 }
-                Err(e) => warn!(error = %chain(&e), "claiming work failed"),
+                Err(e) => warn!(error = %crate::error_chain(&e), "claiming work failed"),
             }
         }
         if claimed > 0 && claimed == free {
@@ -370,7 +359,9 @@ pub async fn run(ctx: Arc<Shared>, stop: CancellationToken) {
     }
     match journal::release_all(&ctx.pool, &ctx.replica).await {
         Ok(n) => info!(in_flight, released = n, "workers stopped"),
-        Err(e) => warn!(error = %chain(&e), "releasing leases failed; they run out on their own"),
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "releasing leases failed; they run out on their own")
+        }
     }
 }
 

@@ -148,6 +148,16 @@ where
     }
 }
 
+/// `--name N` from the command line of a benchmark binary, or `default`.
+pub fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A name unique to this test run, for objects tests create in shared servers.
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()

@@ -15,19 +15,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use qdb_crd::{Phase, QuestDB};
-use qdb_tests::kube_client;
 use qdb_tests::rig::Rig;
+use qdb_tests::{arg, kube_client};
 use serde_json::json;
 use tokio::sync::Semaphore;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Kinds the operator writes, as the apiserver labels them. Other components write some of
 /// these too (the PV binder updates volumes and claims; controllers emit events); their own
@@ -50,7 +41,11 @@ async fn apiserver_writes(client: &kube::Client) -> Result<f64> {
     Ok(text
         .lines()
         .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter(|l| ["\"POST\"", "\"PUT\"", "\"PATCH\"", "\"DELETE\""].iter().any(|v| l.contains(&format!("verb={v}"))))
+        .filter(|l| {
+            ["\"POST\"", "\"PUT\"", "\"PATCH\"", "\"DELETE\""]
+                .iter()
+                .any(|v| l.contains(&format!("verb={v}")))
+        })
         .filter(|l| OPERATOR_KINDS.iter().any(|k| l.contains(&format!("resource=\"{k}\""))))
         .filter(|l| !l.contains("subresource=\"status\"") || l.contains("resource=\"questdbs\""))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))

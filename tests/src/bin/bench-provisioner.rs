@@ -16,20 +16,11 @@ use qdb_crd::{PROVISIONER_MANAGER, QuestDB};
 use qdb_proto::v1::Phase;
 use qdb_provisioner::mapping::{Action, desired};
 use qdb_provisioner::worker::build_resource;
-use qdb_tests::kube_client;
 use qdb_tests::rig::{Rig, ins, now_ms};
+use qdb_tests::{arg, kube_client};
 use tokio::sync::Semaphore;
 
 const PARALLEL: usize = 64;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
