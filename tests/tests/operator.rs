@@ -182,8 +182,8 @@ async fn drift_is_repaired() -> Result<()> {
         Ok(aws.get_a_record(&zone, &dns.name).await?.filter(|r| r.0 == dns.target).map(|_| ()))
     })
     .await?;
-    let q = api.get("db2").await?;
-    assert_eq!(q.status.and_then(|s| s.phase), Some(Phase::Running));
+    // The image drift rolled the pod; it serves again afterwards.
+    wait_phase(&api, "db2", Phase::Running, T).await?;
     Ok(())
 }
 
@@ -390,5 +390,80 @@ async fn failover_moves_the_database_to_a_new_node_with_the_same_volume() -> Res
     for r in ["LaunchedReplacement", "FencedInstance", "DeletedStuckPod", "FailoverComplete"] {
         ensure!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_spec_is_reported_and_waits_for_a_change() -> Result<()> {
+    let rig = Rig::new("op-invalid", 1).await?;
+    let op = rig.spawn_operator("region-a", "a1", &[])?;
+    let api = rig.questdbs("region-a").await?;
+    // Passes the schema, fails the operator's own check: a server.conf value spanning lines.
+    let mut q = questdb("db8", "8.2.1")?;
+    q.spec.server_config.insert("http.user".into(), "admin\nhttp.password=x".into());
+    apply(&api, &q).await?;
+    let q = wait_phase(&api, "db8", Phase::Failed, T).await?;
+    let s = q.status.context("status")?;
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").context("Degraded")?;
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
+    let uid = q.metadata.uid.context("uid")?;
+    ensure!(aws_for(&rig, "region-a").await?.find_instances(&uid).await?.is_empty(), "nothing launched");
+    // No hot loop: the operator leaves it alone until the spec changes.
+    let reconciles = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("qdb_operator_reconciles_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = reconciles(&op.metrics().await?);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = reconciles(&op.metrics().await?);
+    ensure!(after - before <= 1.0, "{} reconcile steps while nothing changed", after - before);
+    apply(&api, &questdb("db8", "8.2.1")?).await?;
+    wait_phase(&api, "db8", Phase::Running, T).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn labelled_legacy_objects_are_adopted_and_foreign_ones_left_alone() -> Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let rig = Rig::new("op-adopt", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client, &rig.namespace);
+    // What the old provisioner left: the config of db9, labelled for it, owned by nothing.
+    let legacy: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "db9-config", "labels": {"cloud.questdb.io/database": "db9"}},
+        "data": {"server.conf": "old=1\n"}
+    }))?;
+    cms.create(&PostParams::default(), &legacy).await?;
+    // Somebody else's object where db10's config would go.
+    let foreign: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "db10-config"}, "data": {"mine": "yes"}}))?;
+    let foreign = cms.create(&PostParams::default(), &foreign).await?;
+
+    let (_, q9) = running(&rig, "region-a", "db9").await?;
+    let adopted = cms.get("db9-config").await?;
+    let owners = adopted.metadata.owner_references.clone().unwrap_or_default();
+    ensure!(
+        owners.iter().any(|o| Some(&o.uid) == q9.metadata.uid.as_ref()),
+        "owner reference added: {owners:?}"
+    );
+    ensure!(adopted.data.unwrap_or_default().get("server.conf").is_some_and(|c| c.contains("http.bind.to")));
+
+    let api = rig.questdbs("region-a").await?;
+    apply(&api, &questdb("db10", "8.2.1")?).await?;
+    eventually("db10 reports the foreign object", T, || async {
+        let q = api.get("db10").await?;
+        let degraded =
+            q.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded").cloned());
+        Ok(degraded.filter(|c| c.status == "True" && c.message.contains("db10-config")).map(|_| ()))
+    })
+    .await?;
+    let after = cms.get("db10-config").await?;
+    assert_eq!(
+        after.metadata.resource_version, foreign.metadata.resource_version,
+        "foreign object untouched"
+    );
     Ok(())
 }
