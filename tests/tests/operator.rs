@@ -467,3 +467,58 @@ async fn labelled_legacy_objects_are_adopted_and_foreign_ones_left_alone() -> Re
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_releases_the_instance_and_resume_reattaches_the_same_volume() -> Result<()> {
+    let rig = Rig::new("op-pause", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let (api, q) = running(&rig, "region-a", "db11").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?;
+    let first = q.status.as_ref().and_then(|s| s.node.clone()).context("node")?;
+    let aws = aws_for(&rig, "region-a").await?;
+
+    let mut paused = questdb("db11", "8.2.1")?;
+    paused.spec.paused = true;
+    apply(&api, &paused).await?;
+    let q = wait_phase(&api, "db11", Phase::Paused, T).await?;
+    let live: Vec<_> = aws
+        .find_instances(&uid)
+        .await?
+        .into_iter()
+        .filter(|i| i.state != InstanceState::Terminated)
+        .collect();
+    ensure!(live.is_empty(), "instance kept while paused: {live:?}");
+    let v = aws.find_volume(&uid).await?.context("volume kept while paused")?;
+    assert_eq!(v.id, volume.id);
+    ensure!(aws.find_security_group(&uid).await?.is_some(), "security group kept while paused");
+    ensure!(q.status.as_ref().and_then(|s| s.endpoints.clone()).is_none(), "no endpoints while paused");
+
+    apply(&api, &questdb("db11", "8.2.1")?).await?;
+    let q = wait_phase(&api, "db11", Phase::Running, T).await?;
+    let s = q.status.context("status")?;
+    assert_eq!(s.volume.map(|v| v.id), Some(volume.id), "the same volume after resume");
+    ensure!(s.node.is_some_and(|n| n.instance_id != first.instance_id), "a new instance after resume");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_identity_is_denied_what_it_does_not_need() -> Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Secret;
+    let rig = Rig::new("op-rbac", 1).await?;
+    let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.operator_kubeconfig).await?;
+    let denied = |r: kube::Result<()>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &rig.namespace);
+    ensure!(denied(secrets.list(&Default::default()).await.map(|_| ())), "secrets must be denied");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &rig.namespace);
+    ensure!(denied(deployments.list(&Default::default()).await.map(|_| ())), "deployments must be denied");
+    let qdbs: Api<QuestDB> = Api::namespaced(client.clone(), &rig.namespace);
+    ensure!(
+        denied(qdbs.create(&PostParams::default(), &questdb("x", "8.2.1")?).await.map(|_| ())),
+        "creating databases is the provisioner's"
+    );
+    let sts: Api<StatefulSet> = Api::namespaced(client, &rig.namespace);
+    sts.list(&Default::default()).await?;
+    Ok(())
+}
