@@ -1,0 +1,103 @@
+//! The deployment artefacts: kustomize overlays apply (server-side dry run) to a real apiserver,
+//! and docker-compose.yml (which cannot run here) parses and configures the services with
+//! settings the binaries actually have.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use qdb_tests::Cloud;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn bin(name: &str) -> Result<PathBuf> {
+    let cloud = Cloud::load()?;
+    let dir = cloud.vars.get("QDB_BIN_DIR").context("QDB_BIN_DIR in the env file")?;
+    Ok(PathBuf::from(dir).join(name))
+}
+
+#[test]
+fn overlays_build_and_apply_to_the_apiserver() -> Result<()> {
+    let cloud = Cloud::load()?;
+    let kubeconfig = cloud.cluster("region-a")?.kubeconfig.display().to_string();
+    for overlay in ["local", "production"] {
+        let out = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(repo().join("deploy/overlays").join(overlay))
+            .output()?;
+        ensure!(out.status.success(), "{overlay}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = Command::new("kubectl")
+        .args([
+            "--kubeconfig",
+            &kubeconfig,
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "-k",
+        ])
+        .arg(repo().join("deploy/overlays/local"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for kind in [
+        "customresourcedefinition.apiextensions.k8s.io/questdbs.cloud.questdb.io",
+        "deployment.apps/qdb-operator",
+        "deployment.apps/qdb-provisioner",
+        "clusterrole.rbac.authorization.k8s.io/qdb-operator",
+        "networkpolicy.networking.k8s.io/qdb-operator",
+    ] {
+        ensure!(text.contains(kind), "{kind} missing from:\n{text}");
+    }
+    Ok(())
+}
+
+/// Every environment variable clap reads, from `--help` (`[env: NAME=]`).
+fn env_names(binary: &str) -> Result<Vec<String>> {
+    let out = Command::new(bin(binary)?).arg("--help").output()?;
+    let help = String::from_utf8_lossy(&out.stdout);
+    Ok(help.split("[env: ").skip(1).filter_map(|s| s.split(['=', ']']).next().map(str::to_string)).collect())
+}
+
+#[test]
+fn compose_services_use_settings_the_binaries_have() -> Result<()> {
+    let text = std::fs::read_to_string(repo().join("docker-compose.yml"))?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let services = doc.get("services").and_then(|s| s.as_mapping()).context("services")?;
+    for (service, binary, port) in
+        [("operator", "qdb-operator", "9465"), ("provisioner", "qdb-provisioner", "9464")]
+    {
+        let s = services.get(service).with_context(|| format!("service {service}"))?;
+        let env: BTreeMap<String, String> =
+            serde_yaml::from_value(s.get("environment").cloned().context("environment")?)?;
+        let known = env_names(binary)?;
+        for key in env
+            .keys()
+            .filter(|k| k.starts_with("QDB_") || ["KAFKA_BROKERS", "DATABASE_URL"].contains(&k.as_str()))
+        {
+            ensure!(known.contains(key), "{service}: {key} is not a setting of {binary} ({known:?})");
+        }
+        ensure!(env.get("QDB_LISTEN").is_some_and(|l| l.ends_with(port)), "{service} listens on {port}");
+        let ports = serde_yaml::to_string(s.get("ports").context("ports")?)?;
+        ensure!(ports.contains(&format!("{port}:{port}")), "{service} publishes {port}");
+        let target = s.get("build").and_then(|b| b.get("target")).and_then(|t| t.as_str());
+        ensure!(target == Some(service), "{service} builds its own Dockerfile target");
+    }
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/docker/Dockerfile"))?;
+    for (target, binary) in [("operator", "qdb-operator"), ("provisioner", "qdb-provisioner")] {
+        ensure!(dockerfile.contains(&format!("AS {target}")), "Dockerfile target {target}");
+        ensure!(
+            dockerfile.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{binary}\"]")),
+            "{binary} entrypoint"
+        );
+    }
+    ensure!(dockerfile.contains("nonroot"), "runtime image runs as non-root");
+    for infra in ["kafka", "postgres", "aws", "k3s"] {
+        ensure!(services.contains_key(infra), "service {infra}");
+    }
+    Ok(())
+}
