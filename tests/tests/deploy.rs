@@ -101,3 +101,60 @@ fn compose_services_use_settings_the_binaries_have() -> Result<()> {
     }
     Ok(())
 }
+
+/// Metric names a dashboard queries (without the exposition suffixes).
+fn queried(dashboard: &str) -> Result<Vec<String>> {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo().join(dashboard))?)?;
+    let mut names = Vec::new();
+    for panel in json["panels"].as_array().context("panels")? {
+        for target in panel["targets"].as_array().context("targets")? {
+            let expr = target["expr"].as_str().context("expr")?;
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("qdb_") {
+                    let base = ["_total", "_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| word.strip_suffix(s))
+                        .unwrap_or(word);
+                    names.push(base.to_string());
+                }
+            }
+        }
+    }
+    ensure!(!names.is_empty(), "{dashboard} queries no metrics");
+    Ok(names)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_metric_a_dashboard_queries_is_exported() -> Result<()> {
+    let rig = qdb_tests::rig::Rig::new("deploy-metrics", 1).await?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+    let op = rig.spawn_operator("region-a", "a1", &[])?;
+    op.wait_ready().await?;
+    // Families appear once something happened: one database through both tiers.
+    let create = qdb_tests::rig::ins::create("db-m", "region-a", 1, "8.2.1");
+    rig.send(&create).await?;
+    for (dashboard, who) in
+        [("deploy/dashboards/provisioner.json", &p), ("deploy/dashboards/operator.json", &op.0)]
+    {
+        let wanted = queried(dashboard)?;
+        qdb_tests::eventually(
+            &format!("every metric {dashboard} queries"),
+            std::time::Duration::from_secs(90),
+            || async {
+                let metrics = who.metrics().await?;
+                let exported: Vec<&str> = metrics
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("# TYPE "))
+                    .filter_map(|l| l.split(' ').next())
+                    .collect();
+                let missing: Vec<&String> =
+                    wanted.iter().filter(|n| !exported.contains(&n.as_str())).collect();
+                ensure!(missing.is_empty(), "not exported: {missing:?}");
+                Ok(Some(()))
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
