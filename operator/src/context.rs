@@ -1,6 +1,6 @@
 //! What every reconcile shares: clients, configuration, metrics and the event recorder.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ pub struct Settings {
     pub poll: Duration,
     /// How long a database's node may be not Ready before the node is replaced.
     pub failover_after: Duration,
+    /// Node upgrades (image or instance type) in progress at once, operator-wide.
+    pub replacement_budget: usize,
 }
 
 pub struct Context {
@@ -35,6 +37,8 @@ pub struct Context {
     pub hosted_zone: OnceCell<String>,
     /// Consecutive failures per resource (namespace/name), for backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// Databases (UIDs) whose node is being upgraded now, against the replacement budget.
+    pub replacing: Mutex<HashSet<String>>,
 }
 
 impl Context {
@@ -49,6 +53,7 @@ impl Context {
             metrics,
             hosted_zone: OnceCell::new(),
             failures: Mutex::new(HashMap::new()),
+            replacing: Mutex::new(HashSet::new()),
         }
     }
 }

@@ -65,6 +65,9 @@ struct Args {
     /// A database whose node is not Ready this long is moved to a new node.
     #[arg(long, env = "QDB_FAILOVER_AFTER_SECS", default_value_t = 10)]
     failover_after_secs: u64,
+    /// Node image / instance type upgrades in progress at once.
+    #[arg(long, env = "QDB_REPLACEMENT_BUDGET", default_value_t = 2)]
+    replacement_budget: usize,
 }
 
 async fn kube_client(path: &Option<PathBuf>) -> anyhow::Result<kube::Client> {
@@ -155,6 +158,7 @@ async fn run() -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_secs),
         poll: Duration::from_secs(args.poll_secs.max(1)),
         failover_after: Duration::from_secs(args.failover_after_secs),
+        replacement_budget: args.replacement_budget.max(1),
     };
     let ctx = Arc::new(Context::new(client, aws, settings, metrics.clone()));
     let lost = CancellationToken::new();

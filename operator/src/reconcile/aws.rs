@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::core::v1::{Node, Taint};
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use qdb_crd::FailoverStatus;
 
-use super::replace::{NodeSeen, Plan, Seen, plan};
+use super::replace::{NodeSeen, Plan, Seen, Why, plan};
 
 use super::{Error, Facts, aws_err, kube_err, owner_of};
 use crate::aws::{DATA_DEVICE, Instance, InstanceState, Launch};
@@ -68,7 +68,11 @@ pub async fn ensure(
     let live: Vec<&Instance> = instances.iter().filter(|i| is_live(i)).collect();
     let seen: Vec<Seen> = live
         .iter()
-        .map(|i| Seen { id: i.id.clone(), node: nodes.get(&i.id).map(|n| n.1).unwrap_or(NodeSeen::Missing) })
+        .map(|i| Seen {
+            id: i.id.clone(),
+            node: nodes.get(&i.id).map(|n| n.1).unwrap_or(NodeSeen::Missing),
+            current: i.image_id == d.spec.node_image && i.instance_type == d.spec.instance_type,
+        })
         .collect();
     let find = |id: &str| live.iter().find(|i| i.id == id).map(|i| (*i).clone());
     let zone = volume.as_ref().map(|v| v.zone.clone());
@@ -81,28 +85,52 @@ pub async fn ensure(
             );
             i
         }
-        Plan::Serve(id) => find(&id).ok_or_else(|| Error::NotOurs(format!("instance {id} vanished")))?,
-        Plan::LaunchReplacement { lost, reason } => {
-            let i = launch(ctx, d, &owner, &sg_id, zone.as_deref()).await?;
-            facts.did("LaunchedReplacement", format!("{} to replace {lost}: {reason}", i.id));
-            facts.wait("ReplacingNode", format!("{reason}; replacement {} launched", i.id));
-            find(&lost).unwrap_or(i)
+        Plan::Serve(id) => {
+            if live.len() == 1 {
+                release_budget(ctx, uid);
+            }
+            find(&id).ok_or_else(|| Error::NotOurs(format!("instance {id} vanished")))?
         }
-        Plan::AwaitReplacement { lost, replacement } => {
+        Plan::LaunchReplacement { lost, reason, why } => {
+            let serving = find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?;
+            if why == Why::Upgrade && !take_budget(ctx, uid) {
+                facts.wait("UpgradeQueued", format!("{reason}; waiting for the replacement budget"));
+                serving
+            } else {
+                let i = launch(ctx, d, &owner, &sg_id, zone.as_deref()).await?;
+                facts.did("LaunchedReplacement", format!("{} to replace {lost}: {reason}", i.id));
+                facts.wait("ReplacingNode", format!("{reason}; replacement {} launched", i.id));
+                serving
+            }
+        }
+        Plan::AwaitReplacement { lost, replacement, why } => {
+            if why == Why::Upgrade {
+                // Counted even if the budget was taken by an operator that restarted since.
+                take_budget_anyway(ctx, uid);
+            }
             facts.wait("ReplacingNode", format!("waiting for replacement {replacement}'s node to be Ready"));
             find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?
         }
-        Plan::Fence { lost, replacement, reason, lost_for_secs } => {
-            // The lost instance may still be writing to the volume: stopped before anything moves.
-            ctx.aws.stop_instance(&lost).await.map_err(aws_err("fencing the lost instance"))?;
+        Plan::Fence { lost, replacement, reason, lost_for_secs, why } => {
             let from_node = nodes.get(&lost).map(|n| n.0.clone()).unwrap_or_else(|| lost.clone());
             let to_node = nodes.get(&replacement).map(|n| n.0.clone());
-            taint_out_of_service(ctx, &from_node).await;
-            facts.did("FencedInstance", format!("{lost} stopped; {reason}; moving to {replacement}"));
-            let at = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(lost_for_secs as i64);
-            facts.failover =
-                Some(FailoverStatus { at: Time(at), reason, from_node, to_node, recovered_at: None });
-            find(&replacement).ok_or_else(|| Error::NotOurs(format!("instance {replacement} vanished")))?
+            if why == Why::Upgrade && !drained(ctx, d, &from_node, facts).await? {
+                facts
+                    .wait("DrainingOldNode", format!("stopping the database on {from_node} before the move"));
+                find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?
+            } else {
+                // The old instance may still be writing to the volume: stopped before anything moves.
+                ctx.aws.stop_instance(&lost).await.map_err(aws_err("fencing the old instance"))?;
+                taint_out_of_service(ctx, &from_node).await;
+                facts.did("FencedInstance", format!("{lost} stopped; {reason}; moving to {replacement}"));
+                if why == Why::Failover {
+                    let at = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(lost_for_secs as i64);
+                    facts.failover =
+                        Some(FailoverStatus { at: Time(at), reason, from_node, to_node, recovered_at: None });
+                }
+                find(&replacement)
+                    .ok_or_else(|| Error::NotOurs(format!("instance {replacement} vanished")))?
+            }
         }
     };
     let serving_plan = facts.waiting.is_empty();
@@ -238,6 +266,57 @@ async fn nodes_of(ctx: &Context, d: &Desired) -> Result<HashMap<String, (String,
             Some((instance, (n.metadata.name.unwrap_or_default(), seen)))
         })
         .collect())
+}
+
+/// Upgrades replace at most `--replacement-budget` nodes at once, operator-wide.
+fn take_budget(ctx: &Context, uid: &str) -> bool {
+    let Ok(mut replacing) = ctx.replacing.lock() else { return false };
+    if replacing.contains(uid) || replacing.len() < ctx.settings.replacement_budget {
+        replacing.insert(uid.to_string());
+        return true;
+    }
+    false
+}
+
+fn take_budget_anyway(ctx: &Context, uid: &str) {
+    if let Ok(mut replacing) = ctx.replacing.lock() {
+        replacing.insert(uid.to_string());
+    }
+}
+
+fn release_budget(ctx: &Context, uid: &str) {
+    if let Ok(mut replacing) = ctx.replacing.lock() {
+        replacing.remove(uid);
+    }
+}
+
+/// An upgrade stops the database on the old node before fencing it: the node is cordoned and
+/// the pod deleted gracefully (QuestDB flushes on SIGTERM); the StatefulSet recreates it on the
+/// new node, where it starts once the volume has moved. True once no pod runs on the old node.
+async fn drained(ctx: &Context, d: &Desired, old_node: &str, facts: &mut Facts) -> Result<bool, Error> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    ctx.metrics.kube("patch", "Node");
+    let cordon = serde_json::json!({"spec": {"unschedulable": true}});
+    if let Err(e) = nodes.patch(old_node, &PatchParams::default(), &Patch::Merge(&cordon)).await {
+        tracing::warn!(node = old_node, error = %e, "cordoning the old node failed");
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), d.names.namespace());
+    ctx.metrics.kube("get", "Pod");
+    let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("aws", "reading the pod"))?;
+    let on_old =
+        pod.as_ref().is_some_and(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(old_node));
+    if !on_old {
+        return Ok(true);
+    }
+    if pod.as_ref().is_some_and(|p| p.metadata.deletion_timestamp.is_none()) {
+        ctx.metrics.kube("delete", "Pod");
+        match pods.delete(&d.names.pod(), &DeleteParams::default()).await {
+            Ok(_) => facts.did("DrainedPod", format!("{} stopped on {old_node}", d.names.pod())),
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(true),
+            Err(e) => return Err(kube_err("aws", "stopping the pod on the old node")(e)),
+        }
+    }
+    Ok(false)
 }
 
 /// Marks the lost node out of service, for the record and for anything that honours it.
