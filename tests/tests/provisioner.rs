@@ -345,6 +345,10 @@ async fn kill_9_mid_run_loses_nothing_and_applies_nothing_twice() -> Result<()> 
         })
         .await?;
     p.kill9()?;
+    // The killed member's session (10 s) runs out before the next replica joins: tansu gives a
+    // member that joins while a dead one still holds the group no partitions, and no rebalance
+    // follows the dead member's expiry (seen once in CI; see README, known gaps).
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let p2 = rig.spawn("r2", &["--lease-secs", "5"])?;
     p2.wait_ready().await?;
     check_exactly_once(&rig, &all, 5, Duration::from_secs(240)).await?;

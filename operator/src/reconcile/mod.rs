@@ -172,10 +172,13 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, &reference, EventType::Normal, reason, note).await;
     }
     let error = result.as_ref().err().map(|e| chain(e));
-    let mut new = status::build(&qdb, &d, &facts, error.as_deref());
-    if let Some(recovered) = status::mark_recovered(&mut new) {
-        ctx.metrics.failover_seconds.observe(recovered.as_secs_f64());
-        let note = format!("Ready again {:.0}s after the node was lost", recovered.as_secs_f64());
+    let new = status::build(&qdb, &d, &facts, error.as_deref());
+    if let Some(f) = &facts.failover {
+        timed(ctx, "status", status::record_failover(ctx, &qdb, f)).await?;
+    } else if let Some((f, took)) = status::recovered(&qdb, &new) {
+        timed(ctx, "status", status::record_failover(ctx, &qdb, &f)).await?;
+        ctx.metrics.failover_seconds.observe(took.as_secs_f64());
+        let note = format!("Ready again {:.0}s after the node was lost", took.as_secs_f64());
         publish(ctx, &reference, EventType::Normal, "FailoverComplete", note).await;
     }
     let transition = status::transition(qdb.status.as_ref(), &new);

@@ -4,7 +4,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use qdb_crd::{NodeStatus, OPERATOR_MANAGER, Phase, QuestDB, QuestDBStatus, VolumeStatus, keys};
+use qdb_crd::{
+    FailoverStatus, NodeStatus, OPERATOR_MANAGER, Phase, QuestDB, QuestDBStatus, VolumeStatus, keys,
+};
 use serde_json::json;
 
 use super::{Error, Facts, kube_err};
@@ -149,19 +151,37 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
         }),
         dns: f.dns.as_ref().map(|r| r.status()),
         endpoints: if released { None } else { Some(endpoints(&d.dns_name)) },
-        last_failover: f.failover.clone().or_else(|| old.and_then(|o| o.last_failover.clone())),
+        // Written by its own field manager (record_failover): a status built from a stale
+        // snapshot must not drop it.
+        last_failover: None,
     }
 }
 
-/// Completes a failover once the database is Ready again; returns the time it took.
-pub fn mark_recovered(s: &mut QuestDBStatus) -> Option<std::time::Duration> {
-    let ready = s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-    let f = s.last_failover.as_mut().filter(|f| f.recovered_at.is_none() && ready)?;
+/// The failover to complete now that the database is Ready again, and the time it took.
+pub fn recovered(q: &QuestDB, new: &QuestDBStatus) -> Option<(FailoverStatus, std::time::Duration)> {
+    let ready = new.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    let mut f = q.status.as_ref()?.last_failover.clone().filter(|f| f.recovered_at.is_none() && ready)?;
     let now = jiff::Timestamp::now();
     f.recovered_at = Some(Time(now));
-    let took = now.duration_since(f.at.0);
-    std::time::Duration::try_from(took).ok()
+    let took = std::time::Duration::try_from(now.duration_since(f.at.0)).ok()?;
+    Some((f, took))
 }
+
+/// Records `lastFailover` under its own field manager, so the every-round status apply never
+/// removes it.
+pub async fn record_failover(ctx: &Context, q: &QuestDB, f: &FailoverStatus) -> Result<(), Error> {
+    let api: Api<QuestDB> = Api::namespaced(ctx.client.clone(), &q.namespace().unwrap_or_default());
+    let patch =
+        json!({"apiVersion": "cloud.questdb.io/v1", "kind": "QuestDB", "status": {"lastFailover": f}});
+    ctx.metrics.kube("apply", "QuestDB/status");
+    let params = PatchParams::apply(FAILOVER_MANAGER).force();
+    api.patch_status(&q.name_any(), &params, &Patch::Apply(&patch))
+        .await
+        .map_err(kube_err("status", "recording the failover"))?;
+    Ok(())
+}
+
+const FAILOVER_MANAGER: &str = "qdb-operator-failover";
 
 pub fn is_converged(s: &QuestDBStatus) -> bool {
     matches!(s.phase, Some(Phase::Running | Phase::Paused))
@@ -177,7 +197,8 @@ pub fn transition(old: Option<&QuestDBStatus>, new: &QuestDBStatus) -> Option<St
 }
 
 pub async fn ensure(ctx: &Context, q: &QuestDB, new: QuestDBStatus) -> Result<(), Error> {
-    if q.status.as_ref() == Some(&new) {
+    let current = q.status.clone().map(|s| QuestDBStatus { last_failover: None, ..s });
+    if current.as_ref() == Some(&new) {
         return Ok(());
     }
     let api: Api<QuestDB> = Api::namespaced(ctx.client.clone(), &q.namespace().unwrap_or_default());
