@@ -605,3 +605,75 @@ async fn node_image_upgrade_respects_the_budget_and_rolls_back() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// Live (pending or running) instances of a database.
+async fn live_instances(aws: &Aws, uid: &str) -> Result<usize> {
+    Ok(aws
+        .find_instances(uid)
+        .await?
+        .into_iter()
+        .filter(|i| matches!(i.state, InstanceState::Running | InstanceState::Pending))
+        .count())
+}
+
+/// The operator is killed right after it launched a replacement; a new operator finishes the
+/// failover without launching another instance. Then a database is deleted in the middle of a
+/// replacement and nothing is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_killed_mid_replacement_resumes_and_delete_mid_replacement_cleans_up() -> Result<()> {
+    let rig = Rig::new("op-resume", 1).await?;
+    let args = ["--failover-after-secs", "2"];
+    let mut op = rig.spawn_operator("region-a", "a1", &args)?;
+    let (api, q) = running(&rig, "region-a", "db12").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?.id;
+    let aws = aws_for(&rig, "region-a").await?;
+    let nodesim = rig.cloud.cluster("region-a")?.nodesim.clone();
+    let http = reqwest::Client::new();
+
+    // Killed between launching the replacement and fencing the old instance (two live
+    // instances in EC2). The fence and the volume move happen within one reconcile pass against
+    // the emulator (well under a second), too fast to stop an operator in between from here.
+    {
+        let identity = "a2";
+        let before = api.get("db12").await?.status.and_then(|s| s.node).context("node")?;
+        http.post(format!("{nodesim}/nodes/{}/kill", before.instance_id)).send().await?;
+        eventually("a replacement launched", Duration::from_secs(120), || async {
+            Ok((live_instances(&aws, &uid).await? == 2).then_some(()))
+        })
+        .await?;
+        op.kill9()?;
+        ensure!(live_instances(&aws, &uid).await? <= 2, "a duplicate instance");
+        op = rig.spawn_operator("region-a", identity, &args)?;
+        let q = eventually("Running on a new node", Duration::from_secs(180), || async {
+            let q = api.get("db12").await?;
+            let s = q.status.clone().unwrap_or_default();
+            let moved = s.node.as_ref().is_some_and(|n| n.instance_id != before.instance_id);
+            ensure!(live_instances(&aws, &uid).await? <= 2, "a duplicate instance");
+            Ok((moved && s.phase == Some(Phase::Running)).then_some(q))
+        })
+        .await?;
+        assert_eq!(q.status.and_then(|s| s.volume).map(|v| v.id), Some(volume.clone()), "the same volume");
+        eventually("one instance left", T, || async {
+            Ok((live_instances(&aws, &uid).await? == 1).then_some(()))
+        })
+        .await?;
+    }
+
+    let before = api.get("db12").await?.status.and_then(|s| s.node).context("node")?;
+    http.post(format!("{nodesim}/nodes/{}/kill", before.instance_id)).send().await?;
+    eventually("a third replacement launched", Duration::from_secs(120), || async {
+        Ok((live_instances(&aws, &uid).await? == 2).then_some(()))
+    })
+    .await?;
+    api.delete("db12", &Default::default()).await?;
+    eventually("resource gone", Duration::from_secs(120), || async {
+        Ok(api.get_opt("db12").await?.is_none().then_some(()))
+    })
+    .await?;
+    ensure!(live_instances(&aws, &uid).await? == 0, "instances left");
+    ensure!(aws.find_volume(&uid).await?.is_none(), "volume left");
+    ensure!(aws.find_security_group(&uid).await?.is_none(), "security group left");
+    drop(op);
+    Ok(())
+}
