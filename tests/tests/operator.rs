@@ -667,7 +667,7 @@ async fn an_operator_killed_mid_replacement_resumes_and_delete_mid_replacement_c
     })
     .await?;
     api.delete("db12", &Default::default()).await?;
-    eventually("resource gone", Duration::from_secs(120), || async {
+    eventually("resource gone", Duration::from_secs(180), || async {
         Ok(api.get_opt("db12").await?.is_none().then_some(()))
     })
     .await?;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::Resource;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
@@ -135,9 +135,33 @@ async fn stop_database(ctx: &Context, names: &Names) -> Result<bool, Error> {
     )
     .await?;
     ctx.metrics.kube("get", "Pod");
-    let pod = Api::<Pod>::namespaced(client, ns)
-        .get_opt(&names.pod())
-        .await
-        .map_err(kube_err("cleanup", "reading the pod"))?;
-    Ok(pod.is_none())
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let Some(pod) = pods.get_opt(&names.pod()).await.map_err(kube_err("cleanup", "reading the pod"))? else {
+        return Ok(true);
+    };
+    // A pod on a lost node never finishes a graceful deletion (no kubelet confirms it): its
+    // instance is terminated next anyway, so it is removed outright.
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let node_ready = match &node {
+        Some(n) => Api::<Node>::all(client)
+            .get_opt(n)
+            .await
+            .map_err(kube_err("cleanup", "reading the node"))?
+            .is_some_and(|n| {
+                n.status
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            }),
+        None => false,
+    };
+    if !node_ready {
+        ctx.metrics.kube("delete", "Pod");
+        let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
+        match pods.delete(&names.pod(), &params).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err("cleanup", "deleting the pod on a lost node")(e)),
+        }
+    }
+    Ok(false)
 }
