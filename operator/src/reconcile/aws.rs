@@ -12,7 +12,7 @@ use qdb_crd::FailoverStatus;
 
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
 
-use super::{Error, Facts, aws_err, kube_err, owner_of};
+use super::{Error, Facts, aws_err, delete_if_present, kube_err, owner_of};
 use crate::aws::{DATA_DEVICE, Instance, InstanceState, Launch};
 use crate::build::Desired;
 use crate::build::security_group::{desired_rules, sg_diff};
@@ -51,12 +51,11 @@ pub async fn ensure(
         aws.revoke_ingress(&sg.id, &remove).await.map_err(aws_err("closing security group rules"))?;
         facts.did("ClosedIngress", format!("{} rules on {}", remove.len(), sg.id));
     }
-    let sg_id = sg.id.clone();
-    facts.security_group = Some(sg);
+    let sg_id = sg.id;
 
     let volume = aws.find_volume(uid).await.map_err(aws_err("finding the volume"))?;
     let instances = aws.find_instances(uid).await.map_err(aws_err("finding the instance"))?;
-    facts.live_instances = instances.iter().filter(|i| i.state != InstanceState::Terminated).count();
+    facts.instances = instances.iter().filter(|i| i.state != InstanceState::Terminated).cloned().collect();
     facts.volume = volume.clone();
     if d.spec.paused {
         // Compute is released after the pod is gone (release_if_paused); the volume stays.
@@ -309,12 +308,10 @@ async fn drained(ctx: &Context, d: &Desired, old_node: &str, facts: &mut Facts) 
         return Ok(true);
     }
     if pod.as_ref().is_some_and(|p| p.metadata.deletion_timestamp.is_none()) {
-        ctx.metrics.kube("delete", "Pod");
-        match pods.delete(&d.names.pod(), &DeleteParams::default()).await {
-            Ok(_) => facts.did("DrainedPod", format!("{} stopped on {old_node}", d.names.pod())),
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(true),
-            Err(e) => return Err(kube_err("aws", "stopping the pod on the old node")(e)),
+        if !delete_if_present(ctx, &pods, &d.names.pod(), "Pod", &DeleteParams::default()).await? {
+            return Ok(true);
         }
+        facts.did("DrainedPod", format!("{} stopped on {old_node}", d.names.pod()));
     }
     Ok(false)
 }
@@ -351,9 +348,8 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
         facts.wait("StoppingDatabase", "waiting for the pod to stop before releasing the node");
         return Ok(());
     }
-    let instances =
-        ctx.aws.find_instances(d.names.uid()).await.map_err(aws_err("finding instances to release"))?;
-    for i in instances.iter().filter(|i| i.state != InstanceState::Terminated) {
+    // The instances the AWS step found this round (not terminated).
+    for i in std::mem::take(&mut facts.instances) {
         if let Some(v) = &facts.volume
             && v.attachments.iter().any(|a| a.instance_id == i.id)
         {
@@ -362,7 +358,6 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
         ctx.aws.terminate_instance(&i.id).await.map_err(aws_err("releasing the instance"))?;
         facts.did("ReleasedInstance", format!("{} terminated while paused", i.id));
     }
-    facts.live_instances = 0;
     facts.instance = None;
     facts.node = None;
     facts.volume_attached = false;

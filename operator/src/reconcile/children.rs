@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::subset::is_subset;
-use super::{Error, Facts, kube_err};
+use super::{Error, Facts, delete_if_present, kube_err};
 use crate::build::Desired;
 use crate::build::configmap::build_config_map;
 use crate::build::ingress::{
@@ -136,13 +136,8 @@ async fn remove_stuck_pod(ctx: &Context, d: &Desired, facts: &mut Facts) -> Resu
     if bound.as_ref().is_none_or(|n| n == active_node) {
         return Ok(());
     }
-    ctx.metrics.kube("delete", "Pod");
     let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
-    match pods.delete(&d.names.pod(), &params).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(kube_err("children", "deleting the stuck pod")(e)),
-    }
+    delete_if_present(ctx, &pods, &d.names.pod(), "Pod", &params).await?;
     facts.did("DeletedStuckPod", format!("{} was bound to {}", d.names.pod(), bound.unwrap_or_default()));
     Ok(())
 }

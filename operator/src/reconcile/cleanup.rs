@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use qdb_crd::{QuestDB, ReclaimPolicy};
 
-use super::{Error, aws_err, kube_err, publish};
+use super::{Error, aws_err, delete_if_present, kube_err, publish};
 use crate::aws::InstanceState;
 use crate::build::Desired;
 use crate::build::dns::dns_name;
@@ -79,12 +79,7 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         aws.delete_security_group(&sg.id).await.map_err(aws_err("deleting the security group"))?;
     }
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    ctx.metrics.kube("delete", "PersistentVolume");
-    match pvs.delete(&names.pv(), &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(kube_err("cleanup", "deleting the PV")(e)),
-    }
+    delete_if_present(ctx, &pvs, &names.pv(), "PersistentVolume", &DeleteParams::default()).await?;
     // Only what AWS still shows decides whether the finalizer may go.
     let left_instances = aws
         .find_instances(uid)
@@ -104,34 +99,24 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-async fn delete_named<K>(ctx: &Context, api: &Api<K>, name: &str, kind: &str) -> Result<(), Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    ctx.metrics.kube("delete", kind);
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(kube_err("cleanup", format!("deleting {kind} {name}"))(e)),
-    }
-}
-
 /// Deletes the StatefulSet and the claim; true once the pod is gone.
 async fn stop_database(ctx: &Context, names: &Names) -> Result<bool, Error> {
     let ns = names.namespace();
     let client = ctx.client.clone();
-    delete_named(
+    delete_if_present(
         ctx,
         &Api::<StatefulSet>::namespaced(client.clone(), ns),
         &names.statefulset(),
         "StatefulSet",
+        &DeleteParams::default(),
     )
     .await?;
-    delete_named(
+    delete_if_present(
         ctx,
         &Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
         &names.pvc(),
         "PersistentVolumeClaim",
+        &DeleteParams::default(),
     )
     .await?;
     ctx.metrics.kube("get", "Pod");
@@ -155,13 +140,8 @@ async fn stop_database(ctx: &Context, names: &Names) -> Result<bool, Error> {
         None => false,
     };
     if !node_ready {
-        ctx.metrics.kube("delete", "Pod");
         let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
-        match pods.delete(&names.pod(), &params).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(kube_err("cleanup", "deleting the pod on a lost node")(e)),
-        }
+        delete_if_present(ctx, &pods, &names.pod(), "Pod", &params).await?;
     }
     Ok(false)
 }

@@ -22,7 +22,7 @@ use kube::{Resource, ResourceExt};
 use qdb_crd::QuestDB;
 use tracing::{info, warn};
 
-use crate::aws::{AwsError, Instance, Owner, SecurityGroup, Volume};
+use crate::aws::{AwsError, Instance, Owner, Volume};
 use crate::build::Desired;
 use crate::build::dns::DnsRecord;
 use crate::context::Context;
@@ -77,7 +77,6 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 /// What the steps found and did, handed along the pipeline.
 #[derive(Debug, Default, Clone)]
 pub struct Facts {
-    pub security_group: Option<SecurityGroup>,
     pub instance: Option<Instance>,
     /// The Kubernetes node of `instance`, and whether it is Ready.
     pub node: Option<(String, bool)>,
@@ -86,8 +85,8 @@ pub struct Facts {
     pub pod_ready: bool,
     /// No pod left (pause waits for this before releasing the instance).
     pub pod_gone: bool,
-    /// Instances of this database still not terminated (pause: 0 when released).
-    pub live_instances: usize,
+    /// Instances of this database not terminated (pause: none once released).
+    pub instances: Vec<Instance>,
     pub dns: Option<DnsRecord>,
     /// A failover started this round.
     pub failover: Option<qdb_crd::FailoverStatus>,
@@ -106,6 +105,25 @@ impl Facts {
         let message = message.into();
         info!(reason, %message, "changed");
         self.actions.push((reason, message));
+    }
+}
+
+/// Deletes `name`; true if it was there, false if already gone ("not found" counts as done).
+pub async fn delete_if_present<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    name: &str,
+    kind: &str,
+    params: &kube::api::DeleteParams,
+) -> Result<bool, Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    ctx.metrics.kube("delete", kind);
+    match api.delete(name, params).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(kube_err("delete", format!("deleting {kind} {name}"))(e)),
     }
 }
 

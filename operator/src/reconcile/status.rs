@@ -66,7 +66,7 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
     let g = q.metadata.generation;
     let old = q.status.as_ref();
     let paused = d.spec.paused;
-    let released = paused && f.live_instances == 0;
+    let released = paused && f.instances.is_empty();
     let node_ready = f.node.as_ref().is_some_and(|(_, r)| *r);
     let ready =
         !paused && node_ready && f.volume_attached && f.pod_ready && f.dns.is_some() && error.is_none();
