@@ -637,12 +637,15 @@ async fn an_operator_killed_mid_replacement_resumes_and_delete_mid_replacement_c
     {
         let identity = "a2";
         let before = api.get("db12").await?.status.and_then(|s| s.node).context("node")?;
+        // A slow join keeps the replacement launched but not Ready long enough to act in.
+        http.put(format!("{nodesim}/join-delay/15")).send().await?;
         http.post(format!("{nodesim}/nodes/{}/kill", before.instance_id)).send().await?;
         eventually("a replacement launched", Duration::from_secs(120), || async {
             Ok((live_instances(&aws, &uid).await? == 2).then_some(()))
         })
         .await?;
         op.kill9()?;
+        http.put(format!("{nodesim}/join-delay/0")).send().await?;
         ensure!(live_instances(&aws, &uid).await? <= 2, "a duplicate instance");
         op = rig.spawn_operator("region-a", identity, &args)?;
         let q = eventually("Running on a new node", Duration::from_secs(180), || async {
@@ -661,11 +664,14 @@ async fn an_operator_killed_mid_replacement_resumes_and_delete_mid_replacement_c
     }
 
     let before = api.get("db12").await?.status.and_then(|s| s.node).context("node")?;
+    http.put(format!("{nodesim}/join-delay/15")).send().await?;
     http.post(format!("{nodesim}/nodes/{}/kill", before.instance_id)).send().await?;
-    eventually("a third replacement launched", Duration::from_secs(120), || async {
+    let launched = eventually("a third replacement launched", Duration::from_secs(120), || async {
         Ok((live_instances(&aws, &uid).await? == 2).then_some(()))
     })
-    .await?;
+    .await;
+    http.put(format!("{nodesim}/join-delay/0")).send().await?;
+    launched?;
     api.delete("db12", &Default::default()).await?;
     eventually("resource gone", Duration::from_secs(180), || async {
         Ok(api.get_opt("db12").await?.is_none().then_some(()))
