@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use aws_config::{BehaviorVersion, Region};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+pub mod faults;
 pub mod rig;
 
 /// The env file `localcloud up` wrote: `$QDB_ENV`, else the default location for this user.

@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use qdb_crd::QuestDB;
+use qdb_crd::{QuestDB, keys};
 use qdb_proto::Message;
 use qdb_proto::v1::{self, GossipEvent, Phase, instruction::Operation};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -148,12 +148,18 @@ impl Rig {
         let port = free_port()?;
         let log_path = self.dir.join(format!("operator-{cluster}-{identity}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        // A test may put something (a fault proxy) between the operator and the emulator.
+        let endpoint = if extra.contains(&"--aws-endpoint") {
+            vec![]
+        } else {
+            vec!["--aws-endpoint", &self.cloud.aws_endpoint]
+        };
         let child = Command::new(&bin)
             .args(["--cluster", cluster])
             .args(["--dns-zone", &self.dns_zone()])
             .arg("--create-hosted-zone")
             .args(["--aws-region", &c.aws_region])
-            .args(["--aws-endpoint", &self.cloud.aws_endpoint])
+            .args(endpoint)
             .args(["--kubeconfig", &c.operator_kubeconfig.display().to_string()])
             .args(["--namespace", &self.namespace])
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -449,6 +455,54 @@ pub fn now_ms() -> u64 {
 
 pub fn is_terminal(p: Phase) -> bool {
     matches!(p, Phase::Succeeded | Phase::Failed | Phase::Rejected | Phase::Superseded)
+}
+
+/// `dbs` databases alternating between the two regions, each: create at sequence 1, then
+/// version changes at 2..=steps. Returns the instructions in send order.
+pub fn workload(prefix: &str, dbs: usize, steps: u64) -> Vec<v1::Instruction> {
+    let mut out = Vec::new();
+    for d in 0..dbs {
+        let db = format!("{prefix}-{d}");
+        let cluster = if d % 2 == 0 { "region-a" } else { "region-b" };
+        out.push(ins::create(&db, cluster, 1, "8.2.1"));
+        for seq in 2..=steps {
+            out.push(ins::version(&db, cluster, seq, &format!("8.2.{seq}")));
+        }
+    }
+    out
+}
+
+/// Every instruction succeeded once, every resource is at its last instruction, and each
+/// resource's generation counts exactly its spec changes (an older instruction applied again
+/// after a newer one would add generations).
+pub async fn check_exactly_once(
+    rig: &Rig,
+    all: &[v1::Instruction],
+    steps: u64,
+    timeout: Duration,
+) -> Result<()> {
+    let gossip = rig.gossip()?;
+    let ids: Vec<String> = all.iter().map(|i| i.instruction_id.clone()).collect();
+    let terminal = gossip.terminal(&ids, timeout).await?;
+    let not_ok: Vec<_> = terminal.values().filter(|e| e.phase() != Phase::Succeeded).collect();
+    ensure!(not_ok.is_empty(), "{} not succeeded, e.g. {:?}", not_ok.len(), not_ok.first());
+    let journal = rig.journal().await?;
+    let states: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM instructions GROUP BY state").fetch_all(&journal).await?;
+    assert_eq!(states, vec![("succeeded".to_string(), all.len() as i64)]);
+    let mut last: HashMap<&str, &v1::Instruction> = HashMap::new();
+    for i in all {
+        last.insert(&i.database_id, i);
+    }
+    for (db, i) in last {
+        let api = rig.questdbs(&i.cluster).await?;
+        let q = api.get(db).await?;
+        assert_eq!(q.spec.version, format!("8.2.{steps}"), "{db}");
+        let ann = q.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(ann[keys::INSTRUCTION_ID], i.instruction_id, "{db}");
+        assert_eq!(q.metadata.generation, Some(steps as i64), "{db}: one generation per instruction");
+    }
+    Ok(())
 }
 
 /// Instructions as the backend writes them.

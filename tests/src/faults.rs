@@ -1,0 +1,197 @@
+//! Fault injection on the local cloud: restart one of its servers, freeze a process, and an HTTP
+//! proxy that puts AWS throttling between the operator and the emulator.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result, ensure};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use http::{HeaderMap, StatusCode, header};
+
+use crate::Cloud;
+
+impl Cloud {
+    /// Stops and starts one server of the local cloud, keeping its data (`localcloud restart`).
+    pub fn restart(&self, component: &str) -> Result<()> {
+        let script = self.vars.get("QDB_LOCALCLOUD").context("QDB_LOCALCLOUD in env (run localcloud up)")?;
+        let mut cmd = Command::new(script);
+        cmd.args(["restart", component]);
+        // The same cloud the env file describes, whatever this process's own environment says.
+        for k in ["QDB_RUN", "QDB_CACHE", "QDB_PORT_BASE", "QDB_CLUSTERS"] {
+            if let Some(v) = self.vars.get(k) {
+                cmd.env(k, v);
+            }
+        }
+        let out = cmd.output().with_context(|| format!("running {script} restart {component}"))?;
+        ensure!(out.status.success(), "restart {component} failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
+    /// Freezes a server of the local cloud by the pid file named in the env file.
+    pub fn freeze(&self, pid_file_var: &str) -> Result<Frozen> {
+        let file = self.vars.get(pid_file_var).with_context(|| format!("{pid_file_var} in env"))?;
+        let pid = std::fs::read_to_string(file)?.trim().to_string();
+        Frozen::pid(&pid)
+    }
+}
+
+/// A process stopped with SIGSTOP (connections to it hang: the harshest kind of outage),
+/// resumed when dropped, even if the test fails.
+pub struct Frozen(String);
+
+impl Frozen {
+    pub fn pid(pid: &str) -> Result<Frozen> {
+        ensure!(Command::new("kill").args(["-STOP", pid]).status()?.success(), "SIGSTOP {pid}");
+        Ok(Frozen(pid.to_string()))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
+/// An HTTP proxy in front of the AWS emulator that answers a share of requests with the
+/// throttling errors AWS gives (EC2 `RequestLimitExceeded`, Route53 `Throttling`, a bare 503)
+/// instead of forwarding them.
+pub struct FaultProxy {
+    pub url: String,
+    state: Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyState {
+    upstream: String,
+    percent: u64,
+    rng: AtomicU64,
+    forwarded: AtomicU64,
+    injected: AtomicU64,
+    client: reqwest::Client,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str, percent: u64, seed: u64) -> Result<FaultProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = Arc::new(ProxyState {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            percent,
+            rng: AtomicU64::new(seed | 1),
+            forwarded: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+            client: reqwest::Client::new(),
+        });
+        let app = axum::Router::new().fallback(proxy).with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(FaultProxy { url, state, task })
+    }
+
+    pub fn injected(&self) -> u64 {
+        self.state.injected.load(Ordering::Relaxed)
+    }
+
+    pub fn forwarded(&self) -> u64 {
+        self.state.forwarded.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ProxyState {
+    /// xorshift64: a seeded sequence, so a failing run can be repeated with its seed.
+    fn roll(&self) -> u64 {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        loop {
+            let mut y = x;
+            y ^= y << 13;
+            y ^= y >> 7;
+            y ^= y << 17;
+            match self.rng.compare_exchange(x, y, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return y % 100,
+                Err(now) => x = now,
+            }
+        }
+    }
+}
+
+async fn proxy(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
+    let roll = s.roll();
+    let route53 = req.uri().path().starts_with("/2013-04-01/");
+    if roll < s.percent {
+        let n = s.injected.fetch_add(1, Ordering::Relaxed);
+        return throttled(route53, n);
+    }
+    match forward(&s, req).await {
+        Ok(r) => {
+            s.forwarded.fetch_add(1, Ordering::Relaxed);
+            r
+        }
+        Err(e) => Response::builder()
+            .status(StatusCode::BAD_GATEWAY)
+            .body(Body::from(format!("fault proxy: {e:#}")))
+            .unwrap_or_default(),
+    }
+}
+
+fn throttled(route53: bool, n: u64) -> Response {
+    let (status, body) = if route53 {
+        (
+            StatusCode::BAD_REQUEST,
+            "<?xml version=\"1.0\"?><ErrorResponse xmlns=\"https://route53.amazonaws.com/doc/2013-04-01/\">\
+             <Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error>\
+             <RequestId>fault-proxy</RequestId></ErrorResponse>",
+        )
+    } else if n % 2 == 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "<?xml version=\"1.0\"?><Response><Errors><Error><Code>RequestLimitExceeded</Code>\
+             <Message>Request limit exceeded.</Message></Error></Errors><RequestID>fault-proxy</RequestID></Response>",
+        )
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable")
+    };
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/xml")
+        .body(Body::from(body))
+        .unwrap_or_default()
+}
+
+async fn forward(s: &ProxyState, req: Request) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let body = axum::body::to_bytes(body, 64 << 20).await?;
+    // The emulator dispatches on the signed Authorization header, so headers pass through.
+    let headers: HeaderMap = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "host" | "content-length" | "connection" | "transfer-encoding")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let resp = s
+        .client
+        .request(parts.method, format!("{}{path}", s.upstream))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await?;
+    let mut out = Response::builder().status(resp.status());
+    for (k, v) in resp.headers() {
+        if !matches!(k.as_str(), "content-length" | "connection" | "transfer-encoding") {
+            out = out.header(k, v);
+        }
+    }
+    Ok(out.body(Body::from(resp.bytes().await?))?)
+}
