@@ -159,6 +159,18 @@ pub fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// One headline figure of a benchmark, as a line the report (`localcloud bench`) collects into
+/// docs/benchmarks.md: `FIGURE|what|value|target|met`. `target` is empty when the figure is only
+/// reported.
+pub fn figure(what: &str, value: String, target: &str, met: Option<bool>) {
+    let met = match met {
+        Some(true) => "met",
+        Some(false) => "missed",
+        None => "",
+    };
+    println!("FIGURE|{what}|{value}|{target}|{met}");
+}
+
 /// A name unique to this test run, for objects tests create in shared servers.
 pub fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()

@@ -109,10 +109,7 @@ impl Rig {
 
     /// Starts a provisioner replica as its own process.
     pub fn spawn(&self, replica: &str, extra: &[&str]) -> Result<Provisioner> {
-        // The benchmark points this at a release build.
-        let bin = std::env::var("QDB_PROVISIONER_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| bin_dir(&self.cloud).join("qdb-provisioner"));
+        let bin = bin_dir(&self.cloud).join("qdb-provisioner");
         let port = free_port()?;
         let log_path = self.dir.join(format!("{replica}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
@@ -233,7 +230,12 @@ impl Rig {
     }
 }
 
+/// The control plane's binaries: `QDB_BIN_DIR` of this process (the benchmark report points it
+/// at a release build), else the local cloud's debug build.
 fn bin_dir(cloud: &Cloud) -> PathBuf {
+    if let Ok(d) = std::env::var("QDB_BIN_DIR") {
+        return PathBuf::from(d);
+    }
     if let Some(d) = cloud.vars.get("QDB_BIN_DIR") {
         return PathBuf::from(d);
     }

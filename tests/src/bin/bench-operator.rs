@@ -16,7 +16,7 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use qdb_crd::{Phase, QuestDB};
 use qdb_tests::rig::Rig;
-use qdb_tests::{arg, kube_client};
+use qdb_tests::{arg, figure, kube_client};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -174,6 +174,26 @@ async fn main() -> Result<()> {
         ideal / converge
     );
     println!("  operator RSS at {n} databases: {rss:.1} MiB (target <= 64 MiB)");
+    let ratio = ideal / converge;
+    figure("operator: apiserver writes per database, create to Ready", format!("{per_db:.1}"), "", None);
+    figure(
+        "operator: apiserver writes in a 30 s steady-state resync",
+        format!("{:.0}", steady.max(0.0)),
+        "0",
+        Some(steady < 1.0),
+    );
+    figure(
+        &format!("operator: convergence of {n} databases vs the apiserver's write capacity"),
+        format!("{ratio:.2}"),
+        ">= 0.8",
+        Some(ratio >= 0.8),
+    );
+    figure(
+        &format!("operator: RSS at {n} databases"),
+        format!("{rss:.1} MiB"),
+        "<= 64 MiB",
+        Some(rss <= 64.0),
+    );
 
     // Leave the cloud as found: every database deleted (the operator cleans AWS up).
     for i in 0..n {

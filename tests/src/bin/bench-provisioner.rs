@@ -17,7 +17,7 @@ use qdb_proto::v1::Phase;
 use qdb_provisioner::mapping::{Action, desired};
 use qdb_provisioner::worker::build_resource;
 use qdb_tests::rig::{Rig, ins, now_ms};
-use qdb_tests::{arg, kube_client};
+use qdb_tests::{arg, figure, kube_client};
 use tokio::sync::Semaphore;
 
 const PARALLEL: usize = 64;
@@ -138,6 +138,26 @@ async fn main() -> Result<()> {
     println!(
         "  inside the provisioner:   journaled -> applied mean {:.0} ms; outbox lag up to {max_outbox_lag:.1} s",
         apply_mean * 1000.0
+    );
+    let ratio = e2e_rate / raw_rate;
+    figure(
+        "provisioner: raw SSA writes/s (same client, same concurrency)",
+        format!("{raw_rate:.0}"),
+        "",
+        None,
+    );
+    figure(
+        &format!("provisioner: end-to-end instructions/s ({total} over {databases} databases)"),
+        format!("{e2e_rate:.0}"),
+        "",
+        None,
+    );
+    figure("provisioner: ratio end-to-end / raw", format!("{ratio:.2}"), ">= 0.90", Some(ratio >= 0.9));
+    figure(
+        "provisioner: produce -> applied latency",
+        format!("p50 {} ms, p99 {} ms", percentile(&latencies, 0.5), percentile(&latencies, 0.99)),
+        "",
+        None,
     );
     Ok(())
 }
