@@ -324,32 +324,7 @@ async fn failover_moves_the_database_to_a_new_node_with_the_same_volume() -> Res
     let volume = before.volume.clone().context("volume")?;
     let aws = aws_for(&rig, "region-a").await?;
 
-    let watch = {
-        let (aws, uid) = (aws_for(&rig, "region-a").await?, uid.clone());
-        tokio::spawn(async move {
-            loop {
-                if let (Ok(Some(v)), Ok(instances)) =
-                    (aws.find_volume(&uid).await, aws.find_instances(&uid).await)
-                {
-                    let running = v
-                        .attachments
-                        .iter()
-                        .filter(|a| {
-                            instances
-                                .iter()
-                                .any(|i| i.id == a.instance_id && i.state == InstanceState::Running)
-                        })
-                        .count();
-                    if running > 1 {
-                        return Err::<(), _>(anyhow::anyhow!(
-                            "volume attached to {running} running instances: {v:?}"
-                        ));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
+    let watch = watch_safety(aws_for(&rig, "region-a").await?, uid.clone());
 
     let nodesim = &rig.cloud.cluster("region-a")?.nodesim;
     let killed =
@@ -680,6 +655,100 @@ async fn an_operator_killed_mid_replacement_resumes_and_delete_mid_replacement_c
     ensure!(live_instances(&aws, &uid).await? == 0, "instances left");
     ensure!(aws.find_volume(&uid).await?.is_none(), "volume left");
     ensure!(aws.find_security_group(&uid).await?.is_none(), "security group left");
+    drop(op);
+    Ok(())
+}
+
+/// Fails the test as soon as the emulator shows the volume attached to two running instances, or
+/// more than two live instances (the old node and its one replacement).
+fn watch_safety(aws: Aws, uid: String) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::spawn(async move {
+        loop {
+            if let (Ok(Some(v)), Ok(instances)) =
+                (aws.find_volume(&uid).await, aws.find_instances(&uid).await)
+            {
+                let running =
+                    |id: &str| instances.iter().any(|i| i.id == id && i.state == InstanceState::Running);
+                let attached = v.attachments.iter().filter(|a| running(&a.instance_id)).count();
+                ensure!(attached <= 1, "volume attached to {attached} running instances: {v:?}");
+                let live = instances
+                    .iter()
+                    .filter(|i| matches!(i.state, InstanceState::Running | InstanceState::Pending))
+                    .count();
+                ensure!(live <= 2, "{live} live instances: {instances:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// The operator is killed (SIGKILL) every one to four seconds, at whatever step it is in, and
+/// started again at once, through a node image upgrade and then a failover. Both finish on the
+/// same volume, never with the volume on two running instances or a duplicate instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_killed_every_few_seconds_finishes_an_upgrade_and_a_failover_safely() -> Result<()> {
+    let rig = Rig::new("op-chaos", 1).await?;
+    let args = ["--failover-after-secs", "2"];
+    let mut op = rig.spawn_operator("region-a", "a1", &args)?;
+    let (api, q) = running(&rig, "region-a", "db13").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?.id;
+    let first = q.status.as_ref().and_then(|s| s.node.clone()).context("node")?;
+    let aws = aws_for(&rig, "region-a").await?;
+    let safety = watch_safety(aws_for(&rig, "region-a").await?, uid.clone());
+    let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
+    let mut kills = 0;
+
+    // Kills and restarts the operator until `done` says the database got there.
+    macro_rules! kill_until {
+        ($what:expr, $done:expr) => {{
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            loop {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                tokio::time::sleep(Duration::from_millis(1000 + x % 3000)).await;
+                let q = api.get("db13").await?;
+                if $done(&q) {
+                    break q;
+                }
+                ensure!(!safety.is_finished(), "{:?}", safety.await);
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{} not done after 300 s and {kills} kills",
+                    $what
+                );
+                op.kill9()?;
+                kills += 1;
+                op = rig.spawn_operator("region-a", "a1", &args)?;
+            }
+        }};
+    }
+    let running_on = |q: &QuestDB, pred: &dyn Fn(&qdb_crd::NodeStatus) -> bool| {
+        let s = q.status.clone().unwrap_or_default();
+        s.observed_generation == q.metadata.generation
+            && s.phase == Some(Phase::Running)
+            && s.node.as_ref().is_some_and(pred)
+    };
+
+    let image = "ami-0b0b0b0b0b0b0b0b0";
+    api.patch("db13", &PatchParams::default(), &Patch::Merge(json!({"spec": {"nodeImage": image}}))).await?;
+    let upgraded = kill_until!("the upgrade", |q: &QuestDB| running_on(q, &|n| n.image == image));
+    let second = upgraded.status.and_then(|s| s.node).context("node")?;
+    ensure!(second.instance_id != first.instance_id, "upgraded in place");
+
+    let nodesim = rig.cloud.cluster("region-a")?.nodesim.clone();
+    reqwest::Client::new().post(format!("{nodesim}/nodes/{}/kill", second.instance_id)).send().await?;
+    let failed_over =
+        kill_until!("the failover", |q: &QuestDB| running_on(q, &|n| n.instance_id != second.instance_id));
+    println!("operator killed {kills} times");
+    ensure!(!safety.is_finished(), "{:?}", safety.await);
+    safety.abort();
+    assert_eq!(failed_over.status.and_then(|s| s.volume).map(|v| v.id), Some(volume), "the same volume");
+    eventually("one instance left", T, || async {
+        Ok((live_instances(&aws, &uid).await? == 1).then_some(()))
+    })
+    .await?;
     drop(op);
     Ok(())
 }
