@@ -8,6 +8,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use tokio::sync::OnceCell;
 
 use crate::aws::Aws;
+use crate::aws::inventory::Inventory;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub struct Settings {
 pub struct Context {
     pub client: kube::Client,
     pub aws: Aws,
+    /// The cluster's EC2 resources, one snapshot shared by every reconcile.
+    pub inventory: Inventory,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
@@ -49,6 +52,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             aws,
+            inventory: Inventory::new(&settings.cluster, settings.poll),
             settings,
             metrics,
             hosted_zone: OnceCell::new(),

@@ -103,7 +103,7 @@ pub struct Launch<'a> {
 
 const TCP: &str = "tcp";
 
-fn tag_filter(key: &str, value: &str) -> Filter {
+pub fn tag_filter(key: &str, value: &str) -> Filter {
     Filter::builder().name(format!("tag:{key}")).values(value).build()
 }
 
@@ -116,6 +116,32 @@ fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
     tags.iter()
         .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
         .collect()
+}
+
+/// The owner-UID tag of a resource ("" if it has none).
+pub fn owner_of_tags(tags: &[Tag]) -> String {
+    tags.iter()
+        .find(|t| t.key() == Some(keys::OWNER_UID))
+        .and_then(|t| t.value())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The owner-UID tag from a parsed tag map ("" if it has none).
+pub fn owner_of_tags_map(tags: &BTreeMap<String, String>) -> String {
+    tags.get(keys::OWNER_UID).cloned().unwrap_or_default()
+}
+
+/// Oldest launch first.
+pub fn sort_by_launch(instances: &mut [Instance]) {
+    instances.sort_by(|a, b| (a.launched_at_ms, &a.id).cmp(&(b.launched_at_ms, &b.id)));
+}
+
+/// Of one owner's data volumes (with creation times), the one that may hold data: should a crash
+/// have left two, the attached one wins, else the oldest.
+pub fn pick_volume(mut volumes: Vec<(Option<i64>, Volume)>) -> Option<Volume> {
+    volumes.sort_by_key(|(created, v)| (v.attachments.is_empty(), *created, v.id.clone()));
+    volumes.into_iter().next().map(|(_, v)| v)
 }
 
 fn to_instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
@@ -211,16 +237,35 @@ const LIVE_INSTANCE_STATES: [InstanceStateName; 5] = [
 
 impl Aws {
     pub async fn find_security_group(&self, owner_uid: &str) -> Result<Option<SecurityGroup>, AwsError> {
-        const OP: &str = "DescribeSecurityGroups";
-        let req = self.ec2.describe_security_groups().filters(tag_filter(keys::OWNER_UID, owner_uid));
-        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
-        let mut groups = out.security_groups().iter().filter(|g| g.group_id().is_some());
-        let Some(group) = groups.next() else { return Ok(None) };
-        if groups.next().is_some() {
+        let groups = self.list_security_groups(tag_filter(keys::OWNER_UID, owner_uid)).await?;
+        if groups.len() > 1 {
             tracing::warn!(owner_uid, "more than one security group carries this owner; using the first");
         }
-        let (rules, foreign) = to_rules(group.ip_permissions());
-        Ok(Some(SecurityGroup { id: group.group_id().unwrap_or_default().to_string(), rules, foreign }))
+        Ok(groups.into_iter().next().map(|(_, g)| g))
+    }
+
+    /// Security groups matching `filter`, each with its owner-UID tag, in EC2's order.
+    pub async fn list_security_groups(
+        &self,
+        filter: Filter,
+    ) -> Result<Vec<(String, SecurityGroup)>, AwsError> {
+        const OP: &str = "DescribeSecurityGroups";
+        let req = self.ec2.describe_security_groups().filters(filter);
+        let mut groups = Vec::new();
+        let mut token = None;
+        loop {
+            let page = req.clone().set_next_token(token);
+            let out = self.call(Service::Ec2, OP, || page.clone().send()).await?;
+            groups.extend(out.security_groups().iter().filter_map(|g| {
+                let (rules, foreign) = to_rules(g.ip_permissions());
+                let sg = SecurityGroup { id: g.group_id()?.to_string(), rules, foreign };
+                Some((owner_of_tags(g.tags()), sg))
+            }));
+            token = out.next_token().filter(|t| !t.is_empty()).map(str::to_string);
+            if token.is_none() {
+                return Ok(groups);
+            }
+        }
     }
 
     /// In the default VPC, tagged at creation. The group name carries the owner's UID: names are
@@ -305,13 +350,19 @@ impl Aws {
 
     /// Every instance tagged with the UID that is not terminated, oldest launch first.
     pub async fn find_instances(&self, owner_uid: &str) -> Result<Vec<Instance>, AwsError> {
+        let mut instances = self.list_instances(tag_filter(keys::OWNER_UID, owner_uid)).await?;
+        sort_by_launch(&mut instances);
+        Ok(instances)
+    }
+
+    /// Instances matching `filter` that are not terminated.
+    pub async fn list_instances(&self, filter: Filter) -> Result<Vec<Instance>, AwsError> {
         const OP: &str = "DescribeInstances";
         let states = Filter::builder()
             .name("instance-state-name")
             .set_values(Some(LIVE_INSTANCE_STATES.iter().map(|s| s.as_str().to_string()).collect()))
             .build();
-        let req =
-            self.ec2.describe_instances().filters(tag_filter(keys::OWNER_UID, owner_uid)).filters(states);
+        let req = self.ec2.describe_instances().filters(filter).filters(states);
         let mut instances = Vec::new();
         let mut token = None;
         loop {
@@ -320,11 +371,9 @@ impl Aws {
             instances.extend(out.reservations().iter().flat_map(|r| r.instances()).filter_map(to_instance));
             token = out.next_token().filter(|t| !t.is_empty()).map(str::to_string);
             if token.is_none() {
-                break;
+                return Ok(instances);
             }
         }
-        instances.sort_by(|a, b| (a.launched_at_ms, &a.id).cmp(&(b.launched_at_ms, &b.id)));
-        Ok(instances)
     }
 
     /// Tags the instance and its root volume at launch. The data volume is separate
@@ -383,30 +432,39 @@ impl Aws {
         }
     }
 
-    /// The data volume of the owner, ignoring deleted ones. Should a crash have left two, the
-    /// attached one wins, else the oldest: the one that may hold data.
+    /// The data volume of the owner, ignoring deleted ones (see [`pick_volume`]).
     pub async fn find_volume(&self, owner_uid: &str) -> Result<Option<Volume>, AwsError> {
+        let volumes = self.list_volumes(tag_filter(keys::OWNER_UID, owner_uid)).await?;
+        if volumes.len() > 1 {
+            tracing::warn!(owner_uid, count = volumes.len(), "more than one data volume carries this owner");
+        }
+        Ok(pick_volume(volumes))
+    }
+
+    /// Data volumes matching `filter` that still exist, with their creation time.
+    pub async fn list_volumes(&self, filter: Filter) -> Result<Vec<(Option<i64>, Volume)>, AwsError> {
         const OP: &str = "DescribeVolumes";
         let states = Filter::builder()
             .name("status")
             .set_values(Some(LIVE_VOLUME_STATES.iter().map(|s| s.as_str().to_string()).collect()))
             .build();
-        let req = self
-            .ec2
-            .describe_volumes()
-            .filters(tag_filter(keys::OWNER_UID, owner_uid))
-            .filters(tag_filter(ROLE, ROLE_DATA))
-            .filters(states);
-        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
-        let mut volumes: Vec<_> =
-            out.volumes().iter().filter_map(|v| Some((v.create_time().copied(), to_volume(v)?))).collect();
-        if volumes.len() > 1 {
-            tracing::warn!(owner_uid, count = volumes.len(), "more than one data volume carries this owner");
+        let req =
+            self.ec2.describe_volumes().filters(filter).filters(tag_filter(ROLE, ROLE_DATA)).filters(states);
+        let mut volumes = Vec::new();
+        let mut token = None;
+        loop {
+            let page = req.clone().set_next_token(token);
+            let out = self.call(Service::Ec2, OP, || page.clone().send()).await?;
+            volumes.extend(
+                out.volumes()
+                    .iter()
+                    .filter_map(|v| Some((v.create_time().and_then(|t| t.to_millis().ok()), to_volume(v)?))),
+            );
+            token = out.next_token().filter(|t| !t.is_empty()).map(str::to_string);
+            if token.is_none() {
+                return Ok(volumes);
+            }
         }
-        volumes.sort_by_key(|(created, v)| {
-            (v.attachments.is_empty(), created.map(|t| t.as_nanos()), v.id.clone())
-        });
-        Ok(volumes.into_iter().next().map(|(_, v)| v))
     }
 
     /// Encrypted, tagged as the owner's data volume at creation.

@@ -15,6 +15,7 @@ mod error;
 mod limiter;
 
 pub mod ec2;
+pub mod inventory;
 pub mod route53;
 
 #[cfg(test)]

@@ -33,7 +33,9 @@ pub async fn ensure(
     let owner = owner_of(d, &ctx.settings.cluster);
     let uid = d.names.uid();
 
-    let sg = match aws.find_security_group(uid).await.map_err(aws_err("finding the security group"))? {
+    let inventory =
+        ctx.inventory.view(aws, uid).await.map_err(aws_err("listing the cluster's EC2 resources"))?;
+    let sg = match inventory.security_group(uid) {
         Some(sg) => sg,
         None => {
             let sg =
@@ -53,8 +55,8 @@ pub async fn ensure(
     }
     let sg_id = sg.id;
 
-    let volume = aws.find_volume(uid).await.map_err(aws_err("finding the volume"))?;
-    let instances = aws.find_instances(uid).await.map_err(aws_err("finding the instance"))?;
+    let volume = inventory.volume(uid);
+    let instances = inventory.instances(uid);
     facts.instances = instances.iter().filter(|i| i.state != InstanceState::Terminated).cloned().collect();
     facts.volume = volume.clone();
     if d.spec.paused {

@@ -186,6 +186,10 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await
     }
     .await;
+    if !facts.actions.is_empty() || result.is_err() {
+        // What this pass did (or may have done before failing) must show in its next view.
+        ctx.inventory.changed(d.names.uid());
+    }
     for (reason, note) in std::mem::take(&mut facts.actions) {
         publish(ctx, &reference, EventType::Normal, reason, note).await;
     }
@@ -224,7 +228,12 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
     let result = finalizer::finalizer(&api, FINALIZER, qdb, |event| async {
         match event {
             Finalizing::Apply(q) => apply(q, &ctx).await,
-            Finalizing::Cleanup(q) => cleanup::run(q, &ctx).await,
+            Finalizing::Cleanup(q) => {
+                let uid = q.uid().unwrap_or_default();
+                let done = cleanup::run(q, &ctx).await;
+                ctx.inventory.forget(&uid);
+                done
+            }
         }
     })
     .await

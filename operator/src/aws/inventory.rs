@@ -1,0 +1,214 @@
+//! One view of the cluster's EC2 resources, shared by every reconcile. Looking each database's
+//! security group, volume and instances up on its own costs three describe calls per database
+//! per pass, and EC2's describe budget (about 20 per second per account) runs out at a few dozen
+//! databases waiting on a failover at once. One snapshot of everything tagged with the cluster
+//! costs three calls, whatever the number of databases.
+//!
+//! Staleness is bounded in two ways. A snapshot serves for at most `max_age`. It also never serves
+//! a database that changed something in AWS after the snapshot began: each pass that changed
+//! something (or failed part-way) marks its database, and that database's next read waits for a
+//! newer snapshot. A stale view could otherwise miss a replacement just launched and launch
+//! another.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qdb_crd::keys;
+
+use super::ec2::{owner_of_tags_map, pick_volume, sort_by_launch, tag_filter};
+use super::{Aws, AwsError, Instance, SecurityGroup, Volume};
+
+/// The cluster's security groups, data volumes and live instances, by owner UID.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub started: Option<Instant>,
+    groups: HashMap<String, SecurityGroup>,
+    volumes: HashMap<String, Volume>,
+    instances: HashMap<String, Vec<Instance>>,
+}
+
+impl Snapshot {
+    pub fn security_group(&self, uid: &str) -> Option<SecurityGroup> {
+        self.groups.get(uid).cloned()
+    }
+
+    pub fn volume(&self, uid: &str) -> Option<Volume> {
+        self.volumes.get(uid).cloned()
+    }
+
+    /// Not terminated, oldest launch first.
+    pub fn instances(&self, uid: &str) -> Vec<Instance> {
+        self.instances.get(uid).cloned().unwrap_or_default()
+    }
+
+    /// Groups what three cluster-wide listings returned by owner. Anything without an owner tag
+    /// is not ours and is left out.
+    pub fn from_listings(
+        started: Instant,
+        groups: Vec<(String, SecurityGroup)>,
+        volumes: Vec<(Option<i64>, Volume)>,
+        instances: Vec<Instance>,
+    ) -> Snapshot {
+        let mut snapshot = Snapshot { started: Some(started), ..Snapshot::default() };
+        for (owner, g) in groups {
+            if !owner.is_empty() {
+                // The first one, as a lookup by owner would pick it.
+                snapshot.groups.entry(owner).or_insert(g);
+            }
+        }
+        let mut by_owner: HashMap<String, Vec<(Option<i64>, Volume)>> = HashMap::new();
+        for (created, v) in volumes {
+            let owner = owner_of_tags_map(&v.tags);
+            if !owner.is_empty() {
+                by_owner.entry(owner).or_default().push((created, v));
+            }
+        }
+        snapshot.volumes =
+            by_owner.into_iter().filter_map(|(owner, vs)| Some((owner, pick_volume(vs)?))).collect();
+        for i in instances {
+            let owner = owner_of_tags_map(&i.tags);
+            if !owner.is_empty() {
+                snapshot.instances.entry(owner).or_default().push(i);
+            }
+        }
+        snapshot.instances.values_mut().for_each(|v| sort_by_launch(v));
+        snapshot
+    }
+}
+
+/// Whether a snapshot begun at `started` may serve a database last changed at `changed`.
+pub fn is_fresh(started: Instant, now: Instant, max_age: Duration, changed: Option<Instant>) -> bool {
+    now.saturating_duration_since(started) < max_age && changed.is_none_or(|c| started > c)
+}
+
+pub struct Inventory {
+    cluster: String,
+    max_age: Duration,
+    /// Held while fetching, so reconciles waiting at once share one fetch.
+    current: tokio::sync::Mutex<Arc<Snapshot>>,
+    changed: Mutex<HashMap<String, Instant>>,
+}
+
+impl Inventory {
+    pub fn new(cluster: &str, max_age: Duration) -> Inventory {
+        Inventory {
+            cluster: cluster.to_string(),
+            max_age,
+            current: tokio::sync::Mutex::new(Arc::new(Snapshot::default())),
+            changed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A snapshot fresh enough for database `uid`, fetched if the current one is not.
+    pub async fn view(&self, aws: &Aws, uid: &str) -> Result<Arc<Snapshot>, AwsError> {
+        let changed = self.changed.lock().ok().and_then(|c| c.get(uid).copied());
+        let mut current = self.current.lock().await;
+        if let Some(started) = current.started
+            && is_fresh(started, Instant::now(), self.max_age, changed)
+        {
+            return Ok(current.clone());
+        }
+        let started = Instant::now();
+        let by_cluster = || tag_filter(keys::CLUSTER, &self.cluster);
+        let groups = aws.list_security_groups(by_cluster()).await?;
+        let volumes = aws.list_volumes(by_cluster()).await?;
+        let instances = aws.list_instances(by_cluster()).await?;
+        *current = Arc::new(Snapshot::from_listings(started, groups, volumes, instances));
+        Ok(current.clone())
+    }
+
+    /// Database `uid` changed something in AWS (or may have): its next view is fetched anew.
+    pub fn changed(&self, uid: &str) {
+        if let Ok(mut c) = self.changed.lock() {
+            c.insert(uid.to_string(), Instant::now());
+        }
+    }
+
+    /// Forgets a database that is gone.
+    pub fn forget(&self, uid: &str) {
+        if let Ok(mut c) = self.changed.lock() {
+            c.remove(uid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::aws::{Attachment, InstanceState};
+
+    fn tags(owner: &str) -> BTreeMap<String, String> {
+        [(keys::OWNER_UID.to_string(), owner.to_string())].into()
+    }
+
+    fn instance(id: &str, owner: &str, launched: i64) -> Instance {
+        Instance {
+            id: id.into(),
+            state: InstanceState::Running,
+            private_ip: None,
+            private_dns: None,
+            zone: "us-east-1a".into(),
+            image_id: "ami-1".into(),
+            instance_type: "m6i.large".into(),
+            launched_at_ms: Some(launched),
+            tags: tags(owner),
+        }
+    }
+
+    fn volume(id: &str, owner: &str, attached_to: Option<&str>) -> Volume {
+        Volume {
+            id: id.into(),
+            zone: "us-east-1a".into(),
+            size_gib: 20,
+            volume_type: "gp3".into(),
+            state: "available".into(),
+            attachments: attached_to
+                .map(|i| Attachment {
+                    instance_id: i.into(),
+                    device: "/dev/sdf".into(),
+                    state: "attached".into(),
+                })
+                .into_iter()
+                .collect(),
+            tags: tags(owner),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_serves_until_it_is_old_or_older_than_the_databases_last_change() {
+        let t0 = Instant::now();
+        let age = Duration::from_secs(1);
+        assert!(is_fresh(t0, t0 + Duration::from_millis(500), age, None));
+        assert!(!is_fresh(t0, t0 + Duration::from_secs(1), age, None), "too old");
+        // Changed before the snapshot began: the snapshot shows the change.
+        assert!(is_fresh(t0 + Duration::from_millis(10), t0 + Duration::from_millis(20), age, Some(t0)));
+        // Changed after it began (even while it was being fetched): it may not.
+        assert!(!is_fresh(t0, t0 + Duration::from_millis(20), age, Some(t0 + Duration::from_millis(10))));
+        assert!(!is_fresh(t0, t0 + Duration::from_millis(20), age, Some(t0)), "same instant is not after");
+    }
+
+    #[test]
+    fn listings_are_grouped_by_owner_like_the_lookups_by_owner() {
+        let sg = |id: &str| SecurityGroup { id: id.into(), rules: vec![], foreign: vec![] };
+        let s = Snapshot::from_listings(
+            Instant::now(),
+            vec![("a".into(), sg("sg-a")), ("".into(), sg("sg-foreign")), ("a".into(), sg("sg-a2"))],
+            vec![
+                (Some(1), volume("vol-a-old", "a", None)),
+                (Some(2), volume("vol-a-attached", "a", Some("i-a2"))),
+                (Some(3), volume("vol-b", "b", None)),
+            ],
+            vec![instance("i-a2", "a", 20), instance("i-a1", "a", 10), instance("i-b", "b", 5)],
+        );
+        assert_eq!(s.security_group("a").map(|g| g.id), Some("sg-a".into()));
+        assert_eq!(s.security_group("b"), None);
+        assert_eq!(s.volume("a").map(|v| v.id), Some("vol-a-attached".into()), "the attached one wins");
+        assert_eq!(s.volume("b").map(|v| v.id), Some("vol-b".into()));
+        let ids: Vec<_> = s.instances("a").into_iter().map(|i| i.id).collect();
+        assert_eq!(ids, ["i-a1", "i-a2"], "oldest launch first");
+        assert!(s.instances("c").is_empty());
+    }
+}
