@@ -1,14 +1,15 @@
-//! One view of the cluster's EC2 resources, shared by every reconcile. Looking each database's
-//! security group, volume and instances up on its own costs three describe calls per database
-//! per pass, and EC2's describe budget (about 20 per second per account) runs out at a few dozen
-//! databases waiting on a failover at once. One snapshot of everything tagged with the cluster
-//! costs three calls, whatever the number of databases.
+//! One view of the cluster's EC2 resources, shared by the reconciles of databases that are not
+//! changing. Looking each database's security group, volume and instances up on its own costs
+//! three describe calls per database per pass. EC2's describe budget is about 20 per second per
+//! account, so with a thousand databases the resyncs alone would use most of it. One snapshot of
+//! everything tagged with the cluster costs three calls, whatever the number of databases.
 //!
-//! Staleness is bounded in two ways. A snapshot serves for at most `max_age`. It also never serves
-//! a database that changed something in AWS after the snapshot began: each pass that changed
-//! something (or failed part-way) marks its database, and that database's next read waits for a
-//! newer snapshot. A stale view could otherwise miss a replacement just launched and launch
-//! another.
+//! A snapshot serves a database only if it is younger than `max_age` and began after that
+//! database last changed something in AWS. Each pass that changed something (or failed part-way)
+//! marks its database. Until a newer snapshot exists, a marked database is looked up on its own,
+//! as it was before the inventory existed. A database in the middle of a failover therefore never
+//! waits for a whole-cluster listing, and never acts on a view that misses the replacement it just
+//! launched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,18 +29,22 @@ pub struct Snapshot {
     instances: HashMap<String, Vec<Instance>>,
 }
 
-impl Snapshot {
-    pub fn security_group(&self, uid: &str) -> Option<SecurityGroup> {
-        self.groups.get(uid).cloned()
-    }
-
-    pub fn volume(&self, uid: &str) -> Option<Volume> {
-        self.volumes.get(uid).cloned()
-    }
-
+/// One database's part of the inventory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    pub security_group: Option<SecurityGroup>,
+    pub volume: Option<Volume>,
     /// Not terminated, oldest launch first.
-    pub fn instances(&self, uid: &str) -> Vec<Instance> {
-        self.instances.get(uid).cloned().unwrap_or_default()
+    pub instances: Vec<Instance>,
+}
+
+impl Snapshot {
+    pub fn found(&self, uid: &str) -> Found {
+        Found {
+            security_group: self.groups.get(uid).cloned(),
+            volume: self.volumes.get(uid).cloned(),
+            instances: self.instances.get(uid).cloned().unwrap_or_default(),
+        }
     }
 
     /// Groups what three cluster-wide listings returned by owner. Anything without an owner tag
@@ -100,14 +105,26 @@ impl Inventory {
         }
     }
 
-    /// A snapshot fresh enough for database `uid`, fetched if the current one is not.
-    pub async fn view(&self, aws: &Aws, uid: &str) -> Result<Arc<Snapshot>, AwsError> {
+    /// Database `uid`'s security group, data volume and live instances (oldest launch first):
+    /// from the shared snapshot when [`is_fresh`] allows, looked up on their own when the
+    /// database changed since the snapshot began, else from a new snapshot.
+    pub async fn lookup(&self, aws: &Aws, uid: &str) -> Result<Found, AwsError> {
         let changed = self.changed.lock().ok().and_then(|c| c.get(uid).copied());
         let mut current = self.current.lock().await;
-        if let Some(started) = current.started
-            && is_fresh(started, Instant::now(), self.max_age, changed)
-        {
-            return Ok(current.clone());
+        let now = Instant::now();
+        match current.started {
+            Some(started) if is_fresh(started, now, self.max_age, changed) => {
+                return Ok(current.found(uid));
+            }
+            Some(started) if changed.is_some_and(|c| c >= started) => {
+                drop(current);
+                return Ok(Found {
+                    security_group: aws.find_security_group(uid).await?,
+                    volume: aws.find_volume(uid).await?,
+                    instances: aws.find_instances(uid).await?,
+                });
+            }
+            _ => {}
         }
         let started = Instant::now();
         let by_cluster = || tag_filter(keys::CLUSTER, &self.cluster);
@@ -115,7 +132,7 @@ impl Inventory {
         let volumes = aws.list_volumes(by_cluster()).await?;
         let instances = aws.list_instances(by_cluster()).await?;
         *current = Arc::new(Snapshot::from_listings(started, groups, volumes, instances));
-        Ok(current.clone())
+        Ok(current.found(uid))
     }
 
     /// Database `uid` changed something in AWS (or may have): its next view is fetched anew.
@@ -203,12 +220,13 @@ mod tests {
             ],
             vec![instance("i-a2", "a", 20), instance("i-a1", "a", 10), instance("i-b", "b", 5)],
         );
-        assert_eq!(s.security_group("a").map(|g| g.id), Some("sg-a".into()));
-        assert_eq!(s.security_group("b"), None);
-        assert_eq!(s.volume("a").map(|v| v.id), Some("vol-a-attached".into()), "the attached one wins");
-        assert_eq!(s.volume("b").map(|v| v.id), Some("vol-b".into()));
-        let ids: Vec<_> = s.instances("a").into_iter().map(|i| i.id).collect();
+        let (a, b) = (s.found("a"), s.found("b"));
+        assert_eq!(a.security_group.map(|g| g.id), Some("sg-a".into()));
+        assert_eq!(b.security_group, None);
+        assert_eq!(a.volume.map(|v| v.id), Some("vol-a-attached".into()), "the attached one wins");
+        assert_eq!(b.volume.map(|v| v.id), Some("vol-b".into()));
+        let ids: Vec<_> = a.instances.into_iter().map(|i| i.id).collect();
         assert_eq!(ids, ["i-a1", "i-a2"], "oldest launch first");
-        assert!(s.instances("c").is_empty());
+        assert_eq!(s.found("c"), Found { security_group: None, volume: None, instances: vec![] });
     }
 }

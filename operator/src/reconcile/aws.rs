@@ -33,9 +33,8 @@ pub async fn ensure(
     let owner = owner_of(d, &ctx.settings.cluster);
     let uid = d.names.uid();
 
-    let inventory =
-        ctx.inventory.view(aws, uid).await.map_err(aws_err("listing the cluster's EC2 resources"))?;
-    let sg = match inventory.security_group(uid) {
+    let found = ctx.inventory.lookup(aws, uid).await.map_err(aws_err("finding the EC2 resources"))?;
+    let sg = match found.security_group {
         Some(sg) => sg,
         None => {
             let sg =
@@ -55,8 +54,7 @@ pub async fn ensure(
     }
     let sg_id = sg.id;
 
-    let volume = inventory.volume(uid);
-    let instances = inventory.instances(uid);
+    let (volume, instances) = (found.volume, found.instances);
     facts.instances = instances.iter().filter(|i| i.state != InstanceState::Terminated).cloned().collect();
     facts.volume = volume.clone();
     if d.spec.paused {
