@@ -212,11 +212,32 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, &reference, EventType::Warning, "ReconcileFailed", chain(&e)).await;
         return Err(e);
     }
-    Ok(if status::is_converged(&new) {
-        Action::requeue(ctx.settings.resync)
+    Ok(Action::requeue(next_check(&new, &facts.waiting, ctx.settings.resync, ctx.settings.poll)))
+}
+
+/// How often an upgrade queued behind the replacement budget asks again. Polling a thousand
+/// queued databases every few seconds would load the apiserver for nothing.
+const QUEUED_RECHECK: Duration = Duration::from_secs(30);
+
+/// When to look again.
+/// - Converged with nothing awaited: at the resync. The watches bring any change sooner.
+/// - Waiting on something: polled. A database may be serving (phase Running) while it waits, for
+///   example on a replacement, and AWS state such as an instance stopping or a volume detaching
+///   has no watch.
+/// - Only queued for the upgrade budget: at [`QUEUED_RECHECK`].
+pub fn next_check(
+    new: &qdb_crd::QuestDBStatus,
+    waiting: &[(&'static str, String)],
+    resync: Duration,
+    poll: Duration,
+) -> Duration {
+    if waiting.is_empty() {
+        if status::is_converged(new) { resync } else { poll }
+    } else if waiting.iter().all(|(reason, _)| *reason == "UpgradeQueued") {
+        QUEUED_RECHECK.min(resync).max(poll)
     } else {
-        Action::requeue(ctx.settings.poll)
-    })
+        poll
+    }
 }
 
 /// The controller's reconcile: apply or, once deleted, clean up behind the finalizer.
@@ -285,6 +306,20 @@ pub fn backoff(attempts: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_serving_database_that_awaits_something_is_polled() {
+        let (resync, poll) = (Duration::from_secs(300), Duration::from_secs(3));
+        let running = qdb_crd::QuestDBStatus { phase: Some(qdb_crd::Phase::Running), ..Default::default() };
+        assert_eq!(next_check(&running, &[], resync, poll), resync);
+        let waiting = [("ReplacingNode", "waiting for replacement i-2's node to be Ready".to_string())];
+        assert_eq!(next_check(&running, &waiting, resync, poll), poll);
+        let updating = qdb_crd::QuestDBStatus { phase: Some(qdb_crd::Phase::Updating), ..Default::default() };
+        assert_eq!(next_check(&updating, &[], resync, poll), poll);
+        let queued = [("UpgradeQueued", "waiting for the replacement budget".to_string())];
+        assert_eq!(next_check(&running, &queued, resync, poll), QUEUED_RECHECK);
+        assert_eq!(next_check(&running, &queued, Duration::from_secs(5), poll), Duration::from_secs(5));
+    }
 
     #[test]
     fn backoff_grows_with_attempts_and_is_bounded() {
