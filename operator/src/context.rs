@@ -10,6 +10,7 @@ use tokio::sync::OnceCell;
 use crate::aws::Aws;
 use crate::aws::inventory::Inventory;
 use crate::metrics::Metrics;
+use crate::reconcile::dns::SeenRecords;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -38,6 +39,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub hosted_zone: OnceCell<String>,
+    /// Route53 records as last read or written, so passes in between need not read them again.
+    pub dns_records: SeenRecords,
     /// Consecutive failures per resource (namespace/name), for backoff.
     pub failures: Mutex<HashMap<String, u32>>,
     /// Databases (UIDs) whose node is being upgraded now, against the replacement budget.
@@ -56,6 +59,7 @@ impl Context {
             settings,
             metrics,
             hosted_zone: OnceCell::new(),
+            dns_records: SeenRecords::default(),
             failures: Mutex::new(HashMap::new()),
             replacing: Mutex::new(HashSet::new()),
         }

@@ -56,6 +56,33 @@ async fn all_running(api: &Api<QuestDB>, names: &[String], image: &str, timeout:
     }
 }
 
+/// Sum of every sample of `metric` whose labels contain `filter`, in Prometheus text.
+fn total(text: &str, metric: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Between two scrapes of the operator: reconcile passes, mean time per pass in each step, and
+/// AWS calls (throttled ones apart).
+fn time_spent(before: &str, after: &str) -> String {
+    let d = |metric: &str, filter: &str| total(after, metric, filter) - total(before, metric, filter);
+    let passes = d("qdb_operator_step_seconds_count", "step=\"aws\"");
+    let mut out = format!("{passes:.0} passes;");
+    for step in ["aws", "children", "release", "dns", "status"] {
+        let f = format!("step=\"{step}\"");
+        let (sum, n) = (d("qdb_operator_step_seconds_sum", &f), d("qdb_operator_step_seconds_count", &f));
+        if n > 0.0 {
+            out.push_str(&format!(" {step} {:.0} ms,", 1000.0 * sum / n));
+        }
+    }
+    let calls = d("qdb_operator_aws_calls_total", "");
+    let throttled = d("qdb_operator_aws_calls_total", "outcome=\"throttled\"");
+    out.push_str(&format!(" {calls:.0} AWS calls ({throttled:.0} throttled)"));
+    out
+}
+
 /// "p50 .., max .." and the max.
 fn summary(mut v: Vec<f64>) -> (String, f64) {
     v.sort_by(f64::total_cmp);
@@ -134,7 +161,7 @@ async fn main() -> Result<()> {
     let admin = kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
     let api: Api<QuestDB> = Api::namespaced(admin.clone(), &rig.namespace);
     let sts: Api<StatefulSet> = Api::namespaced(admin, &rig.namespace);
-    let _op = rig.spawn_operator(
+    let op = rig.spawn_operator(
         "region-a",
         "bench",
         &["--failover-after-secs", "5", "--replacement-budget", &many.to_string()],
@@ -146,7 +173,12 @@ async fn main() -> Result<()> {
         let names: Vec<String> = (0..n).map(|i| format!("r{round}-db{i}")).collect();
         apply_all(&api, &names, "ami-0a0a0a0a0a0a0a0a0").await?;
         all_running(&api, &names, "ami-0a0a0a0a0a0a0a0a0", Duration::from_secs(300)).await?;
+        let before = op.metrics().await.unwrap_or_default();
         let (mttr, worst) = summary(failover(&rig, &api, &names).await?);
+        println!(
+            "      where the operator's time went: {}",
+            time_spent(&before, &op.metrics().await.unwrap_or_default())
+        );
         println!("  {n:>3} database(s) failover, kill -> Ready elsewhere: {mttr} (target <= 40 s)");
         figure(
             &format!("lifecycle: failover MTTR, {n} database(s) at once"),
