@@ -1,15 +1,13 @@
-//! One view of the cluster's EC2 resources, shared by the reconciles of databases that are not
-//! changing. Looking each database's security group, volume and instances up on its own costs
-//! three describe calls per database per pass. EC2's describe budget is about 20 per second per
-//! account, so with a thousand databases the resyncs alone would use most of it. One snapshot of
-//! everything tagged with the cluster costs three calls, whatever the number of databases.
+//! One view of the cluster's EC2 resources, shared by every reconcile. Looking each database's
+//! security group, volume and instances up on its own costs three describe calls per database per
+//! pass. EC2's describe budget is about 20 per second per account, and 20 databases failing over at
+//! once already spent most of their time queued for it. One snapshot of everything tagged with the
+//! cluster costs three calls, whatever the number of databases.
 //!
-//! A snapshot serves a database only if it is younger than `max_age` and began after that
-//! database last changed something in AWS. Each pass that changed something (or failed part-way)
-//! marks its database. Until a newer snapshot exists, a marked database is looked up on its own,
-//! as it was before the inventory existed. A database in the middle of a failover therefore never
-//! waits for a whole-cluster listing, and never acts on a view that misses the replacement it just
-//! launched.
+//! A snapshot serves a database only if it is younger than `max_age` and began after that database
+//! last changed something in AWS. Each pass that changed something (or failed part-way) marks its
+//! database, and that database's next read waits for a newer snapshot. A stale view could otherwise
+//! miss a replacement just launched and launch another. Reads that wait together share one fetch.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -105,26 +103,16 @@ impl Inventory {
         }
     }
 
-    /// Database `uid`'s security group, data volume and live instances (oldest launch first):
-    /// from the shared snapshot when [`is_fresh`] allows, looked up on their own when the
-    /// database changed since the snapshot began, else from a new snapshot.
+    /// Database `uid`'s security group, data volume and live instances (oldest launch first), from
+    /// the shared snapshot when [`is_fresh`] allows, else from a new one.
     pub async fn lookup(&self, aws: &Aws, uid: &str) -> Result<Found, AwsError> {
         let changed = self.changed.lock().ok().and_then(|c| c.get(uid).copied());
         let mut current = self.current.lock().await;
         let now = Instant::now();
-        match current.started {
-            Some(started) if is_fresh(started, now, self.max_age, changed) => {
-                return Ok(current.found(uid));
-            }
-            Some(started) if changed.is_some_and(|c| c >= started) => {
-                drop(current);
-                return Ok(Found {
-                    security_group: aws.find_security_group(uid).await?,
-                    volume: aws.find_volume(uid).await?,
-                    instances: aws.find_instances(uid).await?,
-                });
-            }
-            _ => {}
+        if let Some(started) = current.started
+            && is_fresh(started, now, self.max_age, changed)
+        {
+            return Ok(current.found(uid));
         }
         let started = Instant::now();
         let by_cluster = || tag_filter(keys::CLUSTER, &self.cluster);
