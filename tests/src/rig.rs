@@ -224,6 +224,20 @@ impl Rig {
         Ok(Api::namespaced(kube_client(&c.kubeconfig).await?, &self.namespace))
     }
 
+    /// An AWS client for `cluster`'s region of the emulator, built as the operator builds its own.
+    pub async fn aws(&self, cluster: &str) -> Result<qdb_operator::aws::Aws> {
+        let cfg = qdb_operator::aws::AwsConfig {
+            region: self.cloud.cluster(cluster)?.aws_region.clone(),
+            endpoint: Some(self.cloud.aws_endpoint.clone()),
+            ec2_per_sec: 50,
+            route53_per_sec: 50,
+        };
+        let credentials =
+            aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "localcloud");
+        let sdk = qdb_operator::aws::sdk_loader(&cfg).credentials_provider(credentials).load().await;
+        Ok(qdb_operator::aws::Aws::from_sdk_config(&sdk, &cfg))
+    }
+
     /// The journal of this rig's provisioner.
     pub async fn journal(&self) -> Result<sqlx::PgPool> {
         Ok(sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&self.database_url).await?)

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use qdb_operator::aws::{Aws, AwsConfig, InstanceState};
+use qdb_operator::aws::InstanceState;
 use qdb_proto::Message;
 use qdb_proto::v1::{self, Phase, instruction::Operation};
 use qdb_tests::faults::FaultProxy;
@@ -119,18 +119,6 @@ async fn disruptive_apiserver_restart_mid_run() -> Result<()> {
     restart_mid_run("fault-api", "region-b-apiserver").await
 }
 
-async fn aws_for(rig: &Rig) -> Result<Aws> {
-    let cfg = AwsConfig {
-        region: rig.cloud.cluster("region-a")?.aws_region.clone(),
-        endpoint: Some(rig.cloud.aws_endpoint.clone()),
-        ec2_per_sec: 50,
-        route53_per_sec: 50,
-    };
-    let credentials = aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "localcloud");
-    let sdk = qdb_operator::aws::sdk_loader(&cfg).credentials_provider(credentials).load().await;
-    Ok(Aws::from_sdk_config(&sdk, &cfg))
-}
-
 async fn all_succeed(gossip: &Reader<v1::GossipEvent>, batch: &[v1::Instruction]) -> Result<()> {
     let ids: Vec<String> = batch.iter().map(|i| i.instruction_id.clone()).collect();
     let terminal = gossip.terminal(&ids, RUN).await?;
@@ -183,7 +171,7 @@ where
         sqlx::query_as("SELECT state, count(*) FROM instructions GROUP BY state").fetch_all(&journal).await?;
     assert_eq!(states, vec![("succeeded".to_string(), 3 * n as i64)]);
     // Nothing leaked.
-    let aws = aws_for(rig).await?;
+    let aws = rig.aws("region-a").await?;
     for uid in &uids {
         let live: Vec<_> = aws
             .find_instances(uid)

@@ -11,7 +11,7 @@ use kube::Api;
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams, PostParams};
 use qdb_crd::{Phase, QuestDB};
-use qdb_operator::aws::{Aws, AwsConfig, InstanceState};
+use qdb_operator::aws::{Aws, InstanceState};
 use qdb_tests::eventually;
 use qdb_tests::rig::Rig;
 use serde_json::json;
@@ -27,18 +27,6 @@ fn questdb(name: &str, version: &str) -> Result<QuestDB> {
                  "serverConfig": {"cairo.commit.lag": "1000"},
                  "network": {"allowedCidrs": ["10.0.0.0/8"]}}
     }))?)
-}
-
-async fn aws_for(rig: &Rig, cluster: &str) -> Result<Aws> {
-    let cfg = AwsConfig {
-        region: rig.cloud.cluster(cluster)?.aws_region.clone(),
-        endpoint: Some(rig.cloud.aws_endpoint.clone()),
-        ec2_per_sec: 50,
-        route53_per_sec: 50,
-    };
-    let credentials = aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "localcloud");
-    let sdk = qdb_operator::aws::sdk_loader(&cfg).credentials_provider(credentials).load().await;
-    Ok(Aws::from_sdk_config(&sdk, &cfg))
 }
 
 async fn apply(api: &Api<QuestDB>, q: &QuestDB) -> Result<QuestDB> {
@@ -93,7 +81,7 @@ async fn create_builds_everything_and_reports_ready() -> Result<()> {
     assert_eq!(Some(dns.target.clone()), node.private_ip);
     assert!(status.endpoints.is_some());
 
-    let aws = aws_for(&rig, "region-a").await?;
+    let aws = rig.aws("region-a").await?;
     let uid = q.metadata.uid.clone().context("uid")?;
     let instances = aws.find_instances(&uid).await?;
     ensure!(instances.len() == 1 && instances[0].state == InstanceState::Running, "{instances:?}");
@@ -147,7 +135,7 @@ async fn drift_is_repaired() -> Result<()> {
     let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), &rig.namespace);
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &rig.namespace);
-    let aws = aws_for(&rig, "region-a").await?;
+    let aws = rig.aws("region-a").await?;
 
     let svc = services.list(&Default::default()).await?.items.into_iter().next().context("a service")?;
     let svc_name = svc.name_any();
@@ -233,7 +221,7 @@ async fn version_config_restart_and_volume_changes_converge() -> Result<()> {
     apply(&api, &next).await?;
     let q = wait_phase(&api, "db3", Phase::Running, T).await?;
     assert_eq!(q.status.and_then(|s| s.volume).map(|v| v.size_gib), Some(30));
-    let aws = aws_for(&rig, "region-a").await?;
+    let aws = rig.aws("region-a").await?;
     assert_eq!(aws.find_volume(&uid).await?.map(|v| v.size_gib), Some(30));
     Ok(())
 }
@@ -248,7 +236,7 @@ async fn delete_removes_everything_before_the_resource_goes() -> Result<()> {
     api.delete("db4", &Default::default()).await?;
     eventually("resource gone", T, || async { Ok(api.get_opt("db4").await?.is_none().then_some(())) })
         .await?;
-    let aws = aws_for(&rig, "region-a").await?;
+    let aws = rig.aws("region-a").await?;
     let live: Vec<_> = aws
         .find_instances(&uid)
         .await?
@@ -304,7 +292,7 @@ async fn an_operator_touches_only_its_own_cluster() -> Result<()> {
     ensure!(qb.metadata.finalizers.is_none(), "region-b's resource got a finalizer");
     let uid = qb.metadata.uid.clone().context("uid")?;
     for cluster in ["region-a", "region-b"] {
-        let aws = aws_for(&rig, cluster).await?;
+        let aws = rig.aws(cluster).await?;
         ensure!(aws.find_instances(&uid).await?.is_empty(), "instance for region-b's resource in {cluster}");
     }
     Ok(())
@@ -322,9 +310,9 @@ async fn failover_moves_the_database_to_a_new_node_with_the_same_volume() -> Res
     let before = q.status.clone().context("status")?;
     let old = before.node.clone().context("node")?;
     let volume = before.volume.clone().context("volume")?;
-    let aws = aws_for(&rig, "region-a").await?;
+    let aws = rig.aws("region-a").await?;
 
-    let watch = watch_safety(aws_for(&rig, "region-a").await?, uid.clone());
+    let watch = watch_safety(rig.aws("region-a").await?, uid.clone());
 
     let nodesim = &rig.cloud.cluster("region-a")?.nodesim;
     let killed =
@@ -385,7 +373,7 @@ async fn an_invalid_spec_is_reported_and_waits_for_a_change() -> Result<()> {
     let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").context("Degraded")?;
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
     let uid = q.metadata.uid.context("uid")?;
-    ensure!(aws_for(&rig, "region-a").await?.find_instances(&uid).await?.is_empty(), "nothing launched");
+    ensure!(rig.aws("region-a").await?.find_instances(&uid).await?.is_empty(), "nothing launched");
     // No hot loop: the operator leaves it alone until the spec changes.
     let reconciles = |m: &str| {
         m.lines()
@@ -454,7 +442,7 @@ async fn pause_releases_the_instance_and_resume_reattaches_the_same_volume() -> 
     let uid = q.metadata.uid.clone().context("uid")?;
     let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?;
     let first = q.status.as_ref().and_then(|s| s.node.clone()).context("node")?;
-    let aws = aws_for(&rig, "region-a").await?;
+    let aws = rig.aws("region-a").await?;
 
     let mut paused = questdb("db11", "8.2.1")?;
     paused.spec.paused = true;
@@ -519,11 +507,11 @@ async fn node_image_upgrade_respects_the_budget_and_rolls_back() -> Result<()> {
         let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?.id;
         before.push((n, uid, volume));
     }
-    let aws = aws_for(&rig, "region-a").await?;
+    let aws = rig.aws("region-a").await?;
     let uids: Vec<String> = before.iter().map(|b| b.1.clone()).collect();
     let watch =
         {
-            let aws = aws_for(&rig, "region-a").await?;
+            let aws = rig.aws("region-a").await?;
             tokio::spawn(async move {
                 let mut most = 0;
                 loop {
@@ -602,7 +590,7 @@ async fn an_operator_killed_mid_replacement_resumes_and_delete_mid_replacement_c
     let (api, q) = running(&rig, "region-a", "db12").await?;
     let uid = q.metadata.uid.clone().context("uid")?;
     let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?.id;
-    let aws = aws_for(&rig, "region-a").await?;
+    let aws = rig.aws("region-a").await?;
     let nodesim = rig.cloud.cluster("region-a")?.nodesim.clone();
     let http = reqwest::Client::new();
 
@@ -694,8 +682,8 @@ async fn an_operator_killed_every_few_seconds_finishes_an_upgrade_and_a_failover
     let uid = q.metadata.uid.clone().context("uid")?;
     let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?.id;
     let first = q.status.as_ref().and_then(|s| s.node.clone()).context("node")?;
-    let aws = aws_for(&rig, "region-a").await?;
-    let safety = watch_safety(aws_for(&rig, "region-a").await?, uid.clone());
+    let aws = rig.aws("region-a").await?;
+    let safety = watch_safety(rig.aws("region-a").await?, uid.clone());
     let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
     let mut kills = 0;
 
