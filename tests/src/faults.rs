@@ -2,8 +2,8 @@
 //! proxy that puts AWS throttling between the operator and the emulator.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, ensure};
 use axum::body::Body;
@@ -38,6 +38,31 @@ impl Cloud {
     }
 }
 
+/// The random choices of a fault test (xorshift64): seeded from `QDB_FAULT_SEED`, else the
+/// clock, and the seed printed, so a failing run can be repeated.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env() -> Rng {
+        let seed = std::env::var("QDB_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+        println!("QDB_FAULT_SEED={seed}");
+        Rng(seed | 1)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
 /// A process stopped with SIGSTOP (connections to it hang: the harshest kind of outage),
 /// resumed when dropped, even if the test fails.
 pub struct Frozen(String);
@@ -67,20 +92,20 @@ pub struct FaultProxy {
 struct ProxyState {
     upstream: String,
     percent: u64,
-    rng: AtomicU64,
+    rng: Mutex<Rng>,
     forwarded: AtomicU64,
     injected: AtomicU64,
     client: reqwest::Client,
 }
 
 impl FaultProxy {
-    pub async fn start(upstream: &str, percent: u64, seed: u64) -> Result<FaultProxy> {
+    pub async fn start(upstream: &str, percent: u64, rng: Rng) -> Result<FaultProxy> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let state = Arc::new(ProxyState {
             upstream: upstream.trim_end_matches('/').to_string(),
             percent,
-            rng: AtomicU64::new(seed | 1),
+            rng: Mutex::new(rng),
             forwarded: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             client: reqwest::Client::new(),
@@ -107,25 +132,8 @@ impl Drop for FaultProxy {
     }
 }
 
-impl ProxyState {
-    /// xorshift64: a seeded sequence, so a failing run can be repeated with its seed.
-    fn roll(&self) -> u64 {
-        let mut x = self.rng.load(Ordering::Relaxed);
-        loop {
-            let mut y = x;
-            y ^= y << 13;
-            y ^= y >> 7;
-            y ^= y << 17;
-            match self.rng.compare_exchange(x, y, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return y % 100,
-                Err(now) => x = now,
-            }
-        }
-    }
-}
-
 async fn proxy(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
-    let roll = s.roll();
+    let roll = s.rng.lock().map(|mut r| r.below(100)).unwrap_or(u64::MAX);
     let route53 = req.uri().path().starts_with("/2013-04-01/");
     if roll < s.percent {
         let n = s.injected.fetch_add(1, Ordering::Relaxed);
@@ -151,7 +159,7 @@ fn throttled(route53: bool, n: u64) -> Response {
              <Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error>\
              <RequestId>fault-proxy</RequestId></ErrorResponse>",
         )
-    } else if n % 2 == 0 {
+    } else if n.is_multiple_of(2) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "<?xml version=\"1.0\"?><Response><Errors><Error><Code>RequestLimitExceeded</Code>\

@@ -521,6 +521,18 @@ pub async fn check_exactly_once(
     Ok(())
 }
 
+/// Nothing of database `uid` is left in EC2: no instance that is not terminated, no data
+/// volume, no security group.
+pub async fn nothing_left_in_ec2(aws: &qdb_operator::aws::Aws, uid: &str) -> Result<()> {
+    use qdb_operator::aws::InstanceState;
+    let live: Vec<_> =
+        aws.find_instances(uid).await?.into_iter().filter(|i| i.state != InstanceState::Terminated).collect();
+    ensure!(live.is_empty(), "instances left for {uid}: {live:?}");
+    ensure!(aws.find_volume(uid).await?.is_none(), "volume left for {uid}");
+    ensure!(aws.find_security_group(uid).await?.is_none(), "security group left for {uid}");
+    Ok(())
+}
+
 /// Instructions as the backend writes them.
 pub mod ins {
     use super::*;

@@ -7,27 +7,14 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use qdb_operator::aws::InstanceState;
 use qdb_proto::Message;
 use qdb_proto::v1::{self, Phase, instruction::Operation};
-use qdb_tests::faults::FaultProxy;
-use qdb_tests::rig::{Reader, Rig, check_exactly_once, fake_operator, ins, workload};
+use qdb_tests::faults::{FaultProxy, Rng};
+use qdb_tests::rig::{Reader, Rig, check_exactly_once, fake_operator, ins, nothing_left_in_ec2, workload};
 
 const T: Duration = Duration::from_secs(60);
 /// A whole run under a fault, on a busy two-core machine.
 const RUN: Duration = Duration::from_secs(300);
-
-fn seed() -> u64 {
-    let seed = std::env::var("QDB_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    });
-    // Printed so a failing run can be repeated: QDB_FAULT_SEED=<seed>.
-    println!("QDB_FAULT_SEED={seed}");
-    seed
-}
 
 /// How many distinct instructions have reached `phase`.
 fn count(gossip: &Reader<v1::GossipEvent>, phase: Phase) -> usize {
@@ -52,15 +39,8 @@ async fn kill_9_at_random_points_of_1000_instructions_loses_nothing_and_applies_
     let operators =
         [fake_operator(rig.questdbs("region-a").await?), fake_operator(rig.questdbs("region-b").await?)];
     // Three kills at random points of the run (by instructions applied so far).
-    let mut x = seed();
-    let mut kills: Vec<usize> = (0..3)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            100 + (x % 800) as usize
-        })
-        .collect();
+    let mut rng = Rng::from_env();
+    let mut kills: Vec<usize> = (0..3).map(|_| 100 + rng.below(800) as usize).collect();
     kills.sort_unstable();
     println!("killing at {kills:?} applied");
     let all = workload("db-k", 200, 5);
@@ -173,15 +153,7 @@ where
     // Nothing leaked.
     let aws = rig.aws("region-a").await?;
     for uid in &uids {
-        let live: Vec<_> = aws
-            .find_instances(uid)
-            .await?
-            .into_iter()
-            .filter(|i| i.state != InstanceState::Terminated)
-            .collect();
-        ensure!(live.is_empty(), "instances left for {uid}: {live:?}");
-        ensure!(aws.find_volume(uid).await?.is_none(), "volume left for {uid}");
-        ensure!(aws.find_security_group(uid).await?.is_none(), "security group left for {uid}");
+        nothing_left_in_ec2(&aws, uid).await?;
     }
     let zone = aws.hosted_zone(&rig.dns_zone(), false).await?.context("zone")?;
     for d in &dbs {
@@ -194,7 +166,7 @@ where
 #[tokio::test(flavor = "multi_thread")]
 async fn aws_throttling_on_a_fifth_of_calls_is_absorbed() -> Result<()> {
     let rig = Rig::new("fault-throttle", 2).await?;
-    let proxy = FaultProxy::start(&rig.cloud.aws_endpoint, 20, seed()).await?;
+    let proxy = FaultProxy::start(&rig.cloud.aws_endpoint, 20, Rng::from_env()).await?;
     let op = rig.spawn_operator("region-a", "a1", &["--aws-endpoint", &proxy.url])?;
     lifecycle_under(&rig, 3, || async { Ok(()) }).await?;
     let (injected, forwarded) = (proxy.injected(), proxy.forwarded());

@@ -13,7 +13,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use qdb_crd::{Phase, QuestDB};
 use qdb_operator::aws::{Aws, InstanceState};
 use qdb_tests::eventually;
-use qdb_tests::rig::Rig;
+use qdb_tests::rig::{Rig, nothing_left_in_ec2};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(90);
@@ -237,15 +237,7 @@ async fn delete_removes_everything_before_the_resource_goes() -> Result<()> {
     eventually("resource gone", T, || async { Ok(api.get_opt("db4").await?.is_none().then_some(())) })
         .await?;
     let aws = rig.aws("region-a").await?;
-    let live: Vec<_> = aws
-        .find_instances(&uid)
-        .await?
-        .into_iter()
-        .filter(|i| i.state != InstanceState::Terminated)
-        .collect();
-    ensure!(live.is_empty(), "instances left: {live:?}");
-    ensure!(aws.find_volume(&uid).await?.is_none(), "volume left");
-    ensure!(aws.find_security_group(&uid).await?.is_none(), "security group left");
+    nothing_left_in_ec2(&aws, &uid).await?;
     let zone = aws.hosted_zone(&rig.dns_zone(), false).await?.context("zone")?;
     ensure!(aws.get_a_record(&zone, &dns.name).await?.is_none(), "DNS record left");
     let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
@@ -684,7 +676,7 @@ async fn an_operator_killed_every_few_seconds_finishes_an_upgrade_and_a_failover
     let first = q.status.as_ref().and_then(|s| s.node.clone()).context("node")?;
     let aws = rig.aws("region-a").await?;
     let safety = watch_safety(rig.aws("region-a").await?, uid.clone());
-    let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
+    let mut rng = qdb_tests::faults::Rng::from_env();
     let mut kills = 0;
 
     // Kills and restarts the operator until `done` says the database got there.
@@ -692,10 +684,7 @@ async fn an_operator_killed_every_few_seconds_finishes_an_upgrade_and_a_failover
         ($what:expr, $done:expr) => {{
             let deadline = std::time::Instant::now() + Duration::from_secs(300);
             loop {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                tokio::time::sleep(Duration::from_millis(1000 + x % 3000)).await;
+                tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
                 let q = api.get("db13").await?;
                 if $done(&q) {
                     break q;

@@ -118,15 +118,6 @@ fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The owner-UID tag of a resource ("" if it has none).
-pub fn owner_of_tags(tags: &[Tag]) -> String {
-    tags.iter()
-        .find(|t| t.key() == Some(keys::OWNER_UID))
-        .and_then(|t| t.value())
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// The owner-UID tag from a parsed tag map ("" if it has none).
 pub fn owner_of_tags_map(tags: &BTreeMap<String, String>) -> String {
     tags.get(keys::OWNER_UID).cloned().unwrap_or_default()
@@ -259,7 +250,7 @@ impl Aws {
             groups.extend(out.security_groups().iter().filter_map(|g| {
                 let (rules, foreign) = to_rules(g.ip_permissions());
                 let sg = SecurityGroup { id: g.group_id()?.to_string(), rules, foreign };
-                Some((owner_of_tags(g.tags()), sg))
+                Some((owner_of_tags_map(&tag_map(g.tags())), sg))
             }));
             token = out.next_token().filter(|t| !t.is_empty()).map(str::to_string);
             if token.is_none() {

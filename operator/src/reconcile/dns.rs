@@ -65,18 +65,21 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     Ok(())
 }
 
-/// What the operator last read or wrote in Route53, per record name, and when.
+/// An A record's target and TTL, as Route53 returns them.
+type Record = (String, i64);
+
+/// What the operator last read or wrote in Route53, per record name (None: absent), and when.
 #[derive(Default)]
-pub struct SeenRecords(Mutex<HashMap<String, (Option<(String, i64)>, Instant)>>);
+pub struct SeenRecords(Mutex<HashMap<String, (Option<Record>, Instant)>>);
 
 impl SeenRecords {
     /// The record as seen within `max_age`, if it was: `Some(None)` means seen absent.
-    pub fn recent(&self, name: &str, max_age: Duration) -> Option<Option<(String, i64)>> {
+    pub fn recent(&self, name: &str, max_age: Duration) -> Option<Option<Record>> {
         let seen = self.0.lock().ok()?;
         seen.get(name).filter(|(_, at)| at.elapsed() < max_age).map(|(value, _)| value.clone())
     }
 
-    pub fn saw(&self, name: &str, value: Option<(String, i64)>) {
+    pub fn saw(&self, name: &str, value: Option<Record>) {
         if let Ok(mut seen) = self.0.lock() {
             seen.insert(name.to_string(), (value, Instant::now()));
         }
