@@ -14,7 +14,7 @@ use qdb_operator::aws::{Aws, AwsConfig};
 use qdb_proto::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::Row;
@@ -143,16 +143,7 @@ fn read_dlq(brokers: &str, topic: &str) -> Result<Vec<Letter>> {
         }
         let Some(m) = consumer.poll(Duration::from_millis(500)) else { continue };
         let m = m?;
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = qdb_provisioner::consumer::text_headers(&m);
         out.push(Letter {
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),

@@ -86,17 +86,17 @@ pub fn consumer(
     cfg.create_with_context(IntakeContext { metrics })
 }
 
+/// A message's headers as text (values decoded lossily), for dead letters and for people.
+pub fn text_headers<M: Message, C: FromIterator<(String, String)>>(m: &M) -> C {
+    m.headers()
+        .into_iter()
+        .flat_map(|h| h.iter())
+        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+        .collect()
+}
+
 fn source_of(m: &OwnedMessage) -> Source {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let headers = text_headers(m);
     Source {
         topic: m.topic().to_string(),
         partition: m.partition(),
