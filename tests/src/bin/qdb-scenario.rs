@@ -59,6 +59,21 @@ fn scenario(tag: &str) -> Vec<Step> {
         step("pause", op(&a, "region-a", 5, Operation::Pause(v1::Pause {})), Phase::Succeeded),
         step("resume", op(&a, "region-a", 6, Operation::Resume(v1::Resume {})), Phase::Succeeded),
         step("restart", op(&a, "region-a", 7, Operation::Restart(v1::Restart {})), Phase::Succeeded),
+        step(
+            "restart after failover",
+            op(&a, "region-a", 8, Operation::Restart(v1::Restart {})),
+            Phase::Succeeded,
+        ),
+        step(
+            "upgrade the node image",
+            op(
+                &a,
+                "region-a",
+                9,
+                modify(v1::Modify { node_image: Some("ami-0b0b0b0b0b0b0b0b0".into()), ..Default::default() }),
+            ),
+            Phase::Succeeded,
+        ),
         step("stale sequence", ins::version(&a, "region-a", 2, "8.2.0"), Phase::Superseded),
         step("unknown cluster", ins::create(&format!("{tag}-x"), "mars", 1, "8.2.1"), Phase::Rejected),
         step(
@@ -68,10 +83,37 @@ fn scenario(tag: &str) -> Vec<Step> {
         ),
         step(
             "delete in region-a",
-            op(&a, "region-a", 8, Operation::Delete(v1::Delete { retain_volume: false })),
+            op(&a, "region-a", 10, Operation::Delete(v1::Delete { retain_volume: false })),
             Phase::Succeeded,
         ),
     ]
+}
+
+/// Kills the database's node through the node simulator and waits until the operator has failed
+/// it over (Ready again on a new node).
+async fn kill_node(cloud: &Cloud, db: &str) -> Result<()> {
+    let c = cloud.cluster("region-a")?;
+    let api: kube::Api<qdb_crd::QuestDB> =
+        kube::Api::namespaced(qdb_tests::kube_client(&c.kubeconfig).await?, "questdb");
+    let old = api.get(db).await?.status.and_then(|s| s.node).map(|n| n.instance_id).unwrap_or_default();
+    reqwest::Client::new()
+        .post(format!("{}/nodes/{old}/kill", c.nodesim))
+        .send()
+        .await?
+        .error_for_status()?;
+    println!("    killed node of {old}; waiting for the failover");
+    let t0 = Instant::now();
+    loop {
+        let s = api.get(db).await?.status.unwrap_or_default();
+        let moved = s.node.as_ref().is_some_and(|n| n.instance_id != old);
+        if moved && s.phase == Some(qdb_crd::Phase::Running) {
+            let n = s.node.map(|n| n.instance_id).unwrap_or_default();
+            println!("    {:>6.1}s failed over to {n}", t0.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(180), "no failover within 180 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn phase_name(p: Phase) -> &'static str {
@@ -113,6 +155,9 @@ async fn main() -> Result<()> {
         let i = &s.instruction;
         println!("==> {} ({} {}, sequence {})", s.label, i.cluster, i.database_id, i.sequence);
         let t0 = Instant::now();
+        if s.label == "restart after failover" {
+            kill_node(&cloud, &i.database_id).await?;
+        }
         producer
             .send(
                 FutureRecord::to("instructions").key(i.database_id.as_bytes()).payload(&i.encode_to_vec()),
