@@ -54,7 +54,13 @@ pub fn judge(operation: &str, generation: Option<i64>, qdb: Option<&QuestDB>) ->
             });
         return Verdict::Failed { reason, message };
     }
-    let done = if operation == "pause" { is_true(q, "Paused") } else { is_true(q, "Ready") };
+    // Ready alone is not done: during a node replacement the old node keeps serving while the
+    // operator still reports Progressing.
+    let done = if operation == "pause" {
+        is_true(q, "Paused")
+    } else {
+        is_true(q, "Ready") && progressing(q).is_none()
+    };
     if done {
         return Verdict::Succeeded;
     }
@@ -124,6 +130,33 @@ mod tests {
         assert_eq!(judge("create", Some(1), Some(&q)), Verdict::Progress("NodeLaunching: i-1".into()));
         let idle = qdb(1, Phase::Provisioning, vec![cond("Progressing", "False", "Idle", "")]);
         assert_eq!(judge("create", Some(1), Some(&idle)), Verdict::Wait);
+    }
+
+    #[test]
+    fn serving_while_still_progressing_is_not_yet_success() {
+        let replacing = qdb(
+            2,
+            Phase::Updating,
+            vec![
+                cond("Ready", "True", "Running", "the database is serving"),
+                cond(
+                    "Progressing",
+                    "True",
+                    "ReplacingNode",
+                    "waiting for replacement i-2's node to be Ready",
+                ),
+            ],
+        );
+        assert_eq!(
+            judge("modify", Some(2), Some(&replacing)),
+            Verdict::Progress("ReplacingNode: waiting for replacement i-2's node to be Ready".into())
+        );
+        let settled = qdb(
+            2,
+            Phase::Running,
+            vec![cond("Ready", "True", "Running", ""), cond("Progressing", "False", "Converged", "")],
+        );
+        assert_eq!(judge("modify", Some(2), Some(&settled)), Verdict::Succeeded);
     }
 
     #[test]

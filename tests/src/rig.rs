@@ -426,7 +426,12 @@ impl Reader<GossipEvent> {
     }
 
     pub fn phases(&self, id: &str) -> Vec<Phase> {
-        self.all().iter().filter(|e| e.instruction_id == id).map(|e| e.phase()).collect()
+        self.events(id).iter().map(|e| e.phase()).collect()
+    }
+
+    /// Every event of instruction `id` so far, in arrival order.
+    pub fn events(&self, id: &str) -> Vec<GossipEvent> {
+        self.all().into_iter().filter(|e| e.instruction_id == id).collect()
     }
 
     /// The terminal event of each of `ids`, once all have one.

@@ -70,20 +70,24 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
     let node_ready = f.node.as_ref().is_some_and(|(_, r)| *r);
     let ready =
         !paused && node_ready && f.volume_attached && f.pod_ready && f.dns.is_some() && error.is_none();
+    // Serving is not the same as done: during a node replacement the old node keeps serving
+    // (Ready) while the change is still under way (Progressing), as a Deployment's Available and
+    // Progressing conditions do. The provisioner reports success only once both settle.
+    let settled = ready && f.waiting.is_empty();
     let was_running =
         old.and_then(|o| o.phase).is_some_and(|p| matches!(p, Phase::Running | Phase::Updating));
     let phase = if released {
         Phase::Paused
-    } else if ready {
+    } else if settled {
         Phase::Running
-    } else if was_running {
+    } else if was_running || ready {
         Phase::Updating
     } else {
         Phase::Provisioning
     };
     let (wait_reason, wait_message) =
         f.waiting.first().map(|(r, m)| (*r, m.as_str())).unwrap_or(("Converged", "nothing to do"));
-    let progressing = !ready && !released;
+    let progressing = !settled && !released;
     let mut conditions = vec![
         if ready {
             condition("Ready", true, "Running", "the database is serving", g)
@@ -208,4 +212,57 @@ pub async fn ensure(ctx: &Context, q: &QuestDB, new: QuestDBStatus) -> Result<()
         .await
         .map_err(kube_err("status", "writing status"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::dns::DnsRecord;
+    use crate::build::fixtures::{desired, questdb};
+
+    fn serving() -> Facts {
+        Facts {
+            node: Some(("ip-10-0-0-1".into(), true)),
+            volume_attached: true,
+            pod_ready: true,
+            dns: Some(DnsRecord { name: "db.example".into(), target: "10.0.0.1".into(), ttl: 60 }),
+            ..Facts::default()
+        }
+    }
+
+    fn get<'a>(s: &'a QuestDBStatus, type_: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn serving_with_nothing_awaited_is_running_and_settled() {
+        let s = build(&questdb(), &desired(), &serving(), None);
+        assert_eq!(s.phase, Some(Phase::Running));
+        assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(
+            (get(&s, "Progressing").status.as_str(), get(&s, "Progressing").reason.as_str()),
+            ("False", "Converged")
+        );
+    }
+
+    #[test]
+    fn serving_during_a_replacement_is_ready_but_still_progressing() {
+        let mut f = serving();
+        f.wait("ReplacingNode", "waiting for replacement i-2's node to be Ready");
+        let s = build(&questdb(), &desired(), &f, None);
+        assert_eq!(get(&s, "Ready").status, "True");
+        let p = get(&s, "Progressing");
+        assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", "ReplacingNode"));
+        assert_eq!(s.phase, Some(Phase::Updating));
+    }
+
+    #[test]
+    fn not_yet_serving_is_provisioning() {
+        let mut f = Facts::default();
+        f.wait("NodeJoining", "waiting for i-1 to join the cluster");
+        let s = build(&questdb(), &desired(), &f, None);
+        assert_eq!(s.phase, Some(Phase::Provisioning));
+        assert_eq!(get(&s, "Ready").status, "False");
+        assert_eq!(get(&s, "Progressing").reason, "NodeJoining");
+    }
 }
