@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use aws_config::{BehaviorVersion, Region};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+pub mod cpu;
 pub mod faults;
 pub mod rig;
 
@@ -96,6 +97,16 @@ impl Cloud {
         })
     }
 
+    /// Starts measuring the CPU of every server of the local cloud, of this process (the
+    /// benchmark's own clients) and of `extra` processes it started.
+    pub fn cpu_meter(&self, extra: &[(&str, Option<u32>)]) -> cpu::CpuMeter {
+        let run = self.vars.get("QDB_RUN").map(PathBuf::from).unwrap_or_default();
+        let mut names = cpu::servers(&run);
+        names.push(("benchmark".into(), std::process::id()));
+        names.extend(extra.iter().filter_map(|(n, pid)| Some((n.to_string(), (*pid)?))));
+        cpu::CpuMeter::start(names)
+    }
+
     pub fn cluster(&self, name: &str) -> Result<&ClusterEnv> {
         self.clusters.iter().find(|c| c.name == name).with_context(|| format!("no cluster {name}"))
     }
@@ -169,6 +180,35 @@ pub fn figure(what: &str, value: String, target: &str, met: Option<bool>) {
         None => "",
     };
     println!("FIGURE|{what}|{value}|{target}|{met}");
+}
+
+/// The sum of every sample of `metric` whose line contains `filter`, in Prometheus text.
+pub fn metric_total(text: &str, metric: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Between two scrapes of the operator's /metrics: reconcile passes, mean time per pass in each
+/// step, and AWS calls (throttled ones apart).
+pub fn time_spent(before: &str, after: &str) -> String {
+    let d = |metric: &str, filter: &str| {
+        metric_total(after, metric, filter) - metric_total(before, metric, filter)
+    };
+    let passes = d("qdb_operator_step_seconds_count", "step=\"aws\"");
+    let mut out = format!("{passes:.0} passes;");
+    for step in ["aws", "children", "release", "dns", "status"] {
+        let f = format!("step=\"{step}\"");
+        let (sum, n) = (d("qdb_operator_step_seconds_sum", &f), d("qdb_operator_step_seconds_count", &f));
+        if n > 0.0 {
+            out.push_str(&format!(" {step} {:.0} ms,", 1000.0 * sum / n));
+        }
+    }
+    let calls = d("qdb_operator_aws_calls_total", "");
+    let throttled = d("qdb_operator_aws_calls_total", "outcome=\"throttled\"");
+    out.push_str(&format!(" {calls:.0} AWS calls ({throttled:.0} throttled)"));
+    out
 }
 
 /// A name unique to this test run, for objects tests create in shared servers.

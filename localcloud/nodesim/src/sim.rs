@@ -79,6 +79,11 @@ fn now() -> String {
     jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
 }
 
+/// A Lease's renewTime is a MicroTime: the apiserver refuses any other precision.
+fn now_micros() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
 /// Requests in flight at once per kind of work (heartbeats, pods).
 const CONCURRENCY: usize = 16;
 
@@ -257,7 +262,7 @@ impl Sim {
             .await
             .context("patching Node status")?;
         let leases: Api<Lease> = Api::namespaced(self.kube.clone(), "kube-node-lease");
-        let lease = build_lease(&n.node_name, n.node_uid.as_deref().unwrap_or_default(), &now);
+        let lease = build_lease(&n.node_name, n.node_uid.as_deref().unwrap_or_default(), &now_micros());
         leases
             .patch(&n.node_name, &PatchParams::apply("nodesim").force(), &Patch::Apply(lease))
             .await
@@ -406,6 +411,13 @@ mod tests {
     use k8s_openapi::api::core::v1::{
         AWSElasticBlockStoreVolumeSource, CSIPersistentVolumeSource, PersistentVolumeSpec,
     };
+
+    #[test]
+    fn lease_times_have_microseconds() {
+        let t = now_micros();
+        assert_eq!(t.len(), "2026-11-26T15:23:32.000000Z".len(), "{t}");
+        assert!(t.ends_with('Z') && t.as_bytes()[19] == b'.', "{t}");
+    }
 
     #[test]
     fn volume_id_from_csi_and_in_tree_sources() {

@@ -35,6 +35,15 @@ fn is_ours(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, d:
     labelled || owned
 }
 
+/// Whether `apply` may create a missing object, or only keep an existing one as desired.
+#[derive(Clone, Copy, PartialEq)]
+enum Create {
+    Yes,
+    NotYet,
+}
+
+/// Server-side applies `desired` if it differs from what is there; returns the object as it now
+/// is, or None when it is missing and may not be created yet.
 async fn apply<K>(
     ctx: &Context,
     api: &Api<K>,
@@ -42,13 +51,17 @@ async fn apply<K>(
     desired: &K,
     kind: &str,
     facts: &mut Facts,
-) -> Result<K, Error>
+    create: Create,
+) -> Result<Option<K>, Error>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
 {
     let name = desired.meta().name.clone().unwrap_or_default();
     ctx.metrics.kube("get", kind);
     let actual = api.get_opt(&name).await.map_err(kube_err("children", format!("reading {kind} {name}")))?;
+    if actual.is_none() && create == Create::NotYet {
+        return Ok(None);
+    }
     if let Some(actual) = actual {
         if !is_ours(actual.meta(), d) {
             return Err(Error::NotOurs(format!(
@@ -59,7 +72,7 @@ where
         if let (Ok(want), Ok(have)) = (want, have)
             && is_subset(&want, &have)
         {
-            return Ok(actual);
+            return Ok(Some(actual));
         }
         facts.did("UpdatedChild", format!("{kind} {name}"));
     } else {
@@ -69,56 +82,70 @@ where
     let params = PatchParams::apply(OPERATOR_MANAGER).force();
     api.patch(&name, &params, &Patch::Apply(desired))
         .await
+        .map(Some)
         .map_err(kube_err("children", format!("applying {kind} {name}")))
 }
 
 pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
+    use Create::{NotYet, Yes};
     let ns = d.names.namespace();
     let client = ctx.client.clone();
-    apply(
-        ctx,
-        &Api::<ConfigMap>::namespaced(client.clone(), ns),
-        d,
-        &build_config_map(d),
-        "ConfigMap",
-        facts,
-    )
-    .await?;
-    apply(ctx, &Api::<Service>::namespaced(client.clone(), ns), d, &build_service(d), "Service", facts)
-        .await?;
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    apply(ctx, &config_maps, d, &build_config_map(d), "ConfigMap", facts, Yes).await?;
+    let services = Api::<Service>::namespaced(client.clone(), ns);
+    apply(ctx, &services, d, &build_service(d), "Service", facts, Yes).await?;
+    let mut claim_bound = false;
     if let Some(v) = &facts.volume {
         let volume = VolumeFacts { volume_id: v.id.clone(), zone: v.zone.clone() };
-        apply(
-            ctx,
-            &Api::<PersistentVolume>::all(client.clone()),
-            d,
-            &build_pv(d, &volume),
-            "PersistentVolume",
-            facts,
-        )
-        .await?;
-        let pvcs = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
-        apply(ctx, &pvcs, d, &build_pvc(d), "PersistentVolumeClaim", facts).await?;
+        let pvs = Api::<PersistentVolume>::all(client.clone());
+        let pv = apply(ctx, &pvs, d, &build_pv(d, &volume), "PersistentVolume", facts, Yes).await?;
+        if pv.as_ref().is_some_and(binder_has_seen) {
+            let pvcs = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
+            let pvc = apply(ctx, &pvcs, d, &build_pvc(d), "PersistentVolumeClaim", facts, Yes).await?;
+            claim_bound = pvc.as_ref().is_some_and(is_bound);
+        } else {
+            facts.wait("BindingVolume", format!("waiting for the volume binder to see {}", d.names.pv()));
+        }
     }
     remove_stuck_pod(ctx, d, facts).await?;
+    // A first pod that cannot be scheduled yet (no node, claim unbound) fails scheduling, and the
+    // scheduler backs it off for up to 10 s per failure: the StatefulSet is created only once
+    // its pod can be placed, then the node and claim watches bring the next pass.
+    let node_ready = facts.node.as_ref().is_some_and(|(_, ready)| *ready);
+    let placeable = d.spec.paused || (node_ready && facts.volume_attached && claim_bound);
     let sts_api = Api::<StatefulSet>::namespaced(client.clone(), ns);
-    let sts = apply(ctx, &sts_api, d, &build_statefulset(d), "StatefulSet", facts).await?;
+    let create_sts = if placeable { Yes } else { NotYet };
+    let sts = apply(ctx, &sts_api, d, &build_statefulset(d), "StatefulSet", facts, create_sts).await?;
     let routes = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ingress_route_resource());
-    apply(ctx, &routes, d, &build_ingress_route(d), "IngressRoute", facts).await?;
+    apply(ctx, &routes, d, &build_ingress_route(d), "IngressRoute", facts, Yes).await?;
     let tcp = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ingress_route_tcp_resource());
-    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Pgwire), "IngressRouteTCP", facts).await?;
-    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Ilp), "IngressRouteTCP", facts).await?;
+    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Pgwire), "IngressRouteTCP", facts, Yes).await?;
+    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Ilp), "IngressRouteTCP", facts, Yes).await?;
 
-    facts.pod_ready = rolled_out_and_ready(&sts);
+    facts.pod_ready = sts.as_ref().is_some_and(rolled_out_and_ready);
     if d.spec.paused {
         ctx.metrics.kube("get", "Pod");
         let pods = Api::<Pod>::namespaced(client, ns);
         let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?;
         facts.pod_gone = pod.is_none();
+    } else if sts.is_none() {
+        facts.wait("PlacingDatabase", "waiting for the node and the volume before starting the database");
     } else if !facts.pod_ready {
         facts.wait("StartingDatabase", format!("waiting for pod {} to be Ready", d.names.pod()));
     }
     Ok(())
+}
+
+fn is_bound(pvc: &PersistentVolumeClaim) -> bool {
+    pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+}
+
+/// Whether the PersistentVolume controller has seen the volume: it sets the phase (Available, or
+/// Bound) once the volume is in its cache. A claim created before that is bound only at the
+/// controller's next periodic resync (15 s by default): its claim-side sync finds no volume, and
+/// the volume's later arrival does not requeue the claim. So the claim comes after.
+pub fn binder_has_seen(pv: &PersistentVolume) -> bool {
+    pv.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p != "Pending")
 }
 
 /// After a failover the pod is still bound to the lost node and never goes away on its own (no
@@ -167,6 +194,20 @@ mod tests {
         meta.labels = None;
         meta.owner_references = Some(vec![d.owner.clone()]);
         assert!(is_ours(&meta, &d));
+    }
+
+    #[test]
+    fn the_claim_waits_until_the_binder_has_seen_the_volume() {
+        let pv = |phase: Option<&str>| -> PersistentVolume {
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "pv"}, "status": {"phase": phase}}),
+            )
+            .unwrap()
+        };
+        assert!(!binder_has_seen(&pv(None)), "just created, no phase yet");
+        assert!(!binder_has_seen(&pv(Some("Pending"))));
+        assert!(binder_has_seen(&pv(Some("Available"))));
+        assert!(binder_has_seen(&pv(Some("Bound"))));
     }
 
     #[test]

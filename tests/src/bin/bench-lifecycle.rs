@@ -14,7 +14,7 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use qdb_crd::{Phase, QuestDB};
 use qdb_tests::rig::Rig;
-use qdb_tests::{arg, figure, kube_client};
+use qdb_tests::{arg, figure, kube_client, time_spent};
 use serde_json::json;
 
 fn questdb(name: &str, image: &str) -> Result<QuestDB> {
@@ -57,32 +57,6 @@ async fn all_running(api: &Api<QuestDB>, names: &[String], image: &str, timeout:
 }
 
 /// Sum of every sample of `metric` whose labels contain `filter`, in Prometheus text.
-fn total(text: &str, metric: &str, filter: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(metric) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Between two scrapes of the operator: reconcile passes, mean time per pass in each step, and
-/// AWS calls (throttled ones apart).
-fn time_spent(before: &str, after: &str) -> String {
-    let d = |metric: &str, filter: &str| total(after, metric, filter) - total(before, metric, filter);
-    let passes = d("qdb_operator_step_seconds_count", "step=\"aws\"");
-    let mut out = format!("{passes:.0} passes;");
-    for step in ["aws", "children", "release", "dns", "status"] {
-        let f = format!("step=\"{step}\"");
-        let (sum, n) = (d("qdb_operator_step_seconds_sum", &f), d("qdb_operator_step_seconds_count", &f));
-        if n > 0.0 {
-            out.push_str(&format!(" {step} {:.0} ms,", 1000.0 * sum / n));
-        }
-    }
-    let calls = d("qdb_operator_aws_calls_total", "");
-    let throttled = d("qdb_operator_aws_calls_total", "outcome=\"throttled\"");
-    out.push_str(&format!(" {calls:.0} AWS calls ({throttled:.0} throttled)"));
-    out
-}
-
 /// "p50 .., max .." and the max.
 fn summary(mut v: Vec<f64>) -> (String, f64) {
     v.sort_by(f64::total_cmp);

@@ -16,7 +16,7 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use qdb_crd::{Phase, QuestDB};
 use qdb_tests::rig::Rig;
-use qdb_tests::{arg, figure, kube_client};
+use qdb_tests::{arg, figure, kube_client, metric_total, time_spent};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -34,6 +34,10 @@ const OPERATOR_KINDS: [&str; 9] = [
     "ingressroutetcps",
     "events",
 ];
+
+/// The operator's AWS request budgets in this run (its defaults, passed explicitly).
+const EC2_PER_SEC: u32 = 20;
+const ROUTE53_PER_SEC: u32 = 5;
 
 /// Mutating requests the apiserver has served for the operator's kinds, from its own metrics.
 async fn apiserver_writes(client: &kube::Client) -> Result<f64> {
@@ -106,11 +110,15 @@ async fn main() -> Result<()> {
     }
     let write_limit = 500.0 / t.elapsed().as_secs_f64();
 
-    let op = rig.spawn_operator("region-a", "bench", &[])?;
+    let budgets =
+        ["--ec2-per-sec", &EC2_PER_SEC.to_string(), "--route53-per-sec", &ROUTE53_PER_SEC.to_string()];
+    let op = rig.spawn_operator("region-a", "bench", &budgets)?;
     op.wait_ready().await?;
     let api: Api<QuestDB> = Api::namespaced(admin.clone(), &rig.namespace);
+    let cpu = rig.cloud.cpu_meter(&[("operator", op.pid())]);
     let w_start = apiserver_writes(&admin).await?;
-    let op_start = operator_writes(&op.metrics().await?);
+    let metrics_start = op.metrics().await?;
+    let op_start = operator_writes(&metrics_start);
     let t0 = Instant::now();
     let slots = Arc::new(Semaphore::new(32));
     let mut tasks = Vec::new();
@@ -145,8 +153,16 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let converge = t0.elapsed().as_secs_f64();
+    let cpu = cpu.since();
     let writes = apiserver_writes(&admin).await? - w_start - background * converge;
-    let op_writes = operator_writes(&op.metrics().await?) - op_start;
+    let metrics_end = op.metrics().await?;
+    let op_writes = operator_writes(&metrics_end) - op_start;
+    let calls = |service: &str| {
+        let f = format!("service=\"{service}\"");
+        metric_total(&metrics_end, "qdb_operator_aws_calls_total", &f)
+            - metric_total(&metrics_start, "qdb_operator_aws_calls_total", &f)
+    };
+    let (ec2, route53) = (calls("ec2"), calls("route53"));
     let rss = op.pid().map(rss_mib).unwrap_or(0.0);
 
     // Steady state: six resync periods (5 s in the rig) with nothing to do.
@@ -158,6 +174,8 @@ async fn main() -> Result<()> {
 
     let per_db = writes / n as f64;
     let ideal = writes / write_limit;
+    // The AWS budgets bound convergence too: the same calls at the account's request rates.
+    let aws_bound = (ec2 / EC2_PER_SEC as f64).max(route53 / ROUTE53_PER_SEC as f64);
     println!("operator benchmark ({n} databases, one apiserver, one operator)");
     println!("  apiserver write capacity:      {write_limit:.0} writes/s (ConfigMap creates, 32 at a time)");
     println!("  background writes (others):    {background:.1} writes/s, subtracted below");
@@ -174,6 +192,16 @@ async fn main() -> Result<()> {
         ideal / converge
     );
     println!("  operator RSS at {n} databases: {rss:.1} MiB (target <= 64 MiB)");
+    println!("  CPU while converging:          {}", cpu.line());
+    println!("  operator's time:               {}", time_spent(&metrics_start, &metrics_end));
+    println!(
+        "  AWS calls:                     {ec2:.0} EC2 ({:.1} per database), {route53:.0} Route53; at the budgets ({EC2_PER_SEC}/s, {ROUTE53_PER_SEC}/s) they take {aws_bound:.1} s",
+        ec2 / n as f64
+    );
+    println!(
+        "  convergence vs the tighter of the write capacity and the AWS budgets: {:.2}",
+        ideal.max(aws_bound) / converge
+    );
     let ratio = ideal / converge;
     figure("operator: apiserver writes per database, create to Ready", format!("{per_db:.1}"), "", None);
     figure(
@@ -187,6 +215,12 @@ async fn main() -> Result<()> {
         format!("{ratio:.2}"),
         ">= 0.8",
         Some(ratio >= 0.8),
+    );
+    figure(
+        &format!("operator: convergence of {n} databases vs the tighter of write capacity and AWS budgets"),
+        format!("{:.2}", ideal.max(aws_bound) / converge),
+        "",
+        None,
     );
     figure(
         &format!("operator: RSS at {n} databases"),

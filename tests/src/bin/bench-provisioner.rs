@@ -41,6 +41,7 @@ async fn main() -> Result<()> {
     let client = kube_client(&region.provisioner_kubeconfig).await?;
     let api: Api<QuestDB> = Api::namespaced(client, &rig.namespace);
     let slots = Arc::new(Semaphore::new(PARALLEL));
+    let raw_cpu = rig.cloud.cpu_meter(&[]);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for d in 0..databases {
@@ -67,6 +68,7 @@ async fn main() -> Result<()> {
         t.await??;
     }
     let raw_secs = started.elapsed().as_secs_f64();
+    let raw_cpu = raw_cpu.since();
     let raw_rate = total as f64 / raw_secs;
 
     // 2. The provisioner, end to end through Kafka, PostgreSQL and the apiserver.
@@ -85,6 +87,7 @@ async fn main() -> Result<()> {
             all.push(ins::version(&db, "region-a", seq, &format!("8.2.{seq}")));
         }
     }
+    let e2e_cpu = rig.cloud.cpu_meter(&[("provisioner", p.pid())]);
     let started_ms = now_ms();
     let started = Instant::now();
     for chunk in all.chunks_mut(500) {
@@ -106,6 +109,7 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let e2e_cpu = e2e_cpu.since();
     ensure!(applied.len() >= total, "only {} of {total} applied within 10 minutes", applied.len());
     let issued: std::collections::HashMap<_, _> =
         all.iter().map(|i| (i.instruction_id.clone(), i.issued_at_ms as u64)).collect();
@@ -138,6 +142,16 @@ async fn main() -> Result<()> {
     println!(
         "  inside the provisioner:   journaled -> applied mean {:.0} ms; outbox lag up to {max_outbox_lag:.1} s",
         apply_mean * 1000.0
+    );
+    // The apiserver and its etcd serve both runs; what else ran beside them took CPU from them.
+    let server = |u: &qdb_tests::cpu::CpuUse| u.of("region-a-apiserver") + u.of("region-a-etcd");
+    let (raw_share, e2e_share) = (server(&raw_cpu) / raw_cpu.wall_secs, server(&e2e_cpu) / e2e_cpu.wall_secs);
+    println!("  CPU, raw run:             {}", raw_cpu.line());
+    println!("  CPU, end to end:          {}", e2e_cpu.line());
+    println!(
+        "  apiserver + etcd got:     {raw_share:.2} cores in the raw run, {e2e_share:.2} end to end; CPU per write {:.1} ms raw, {:.1} ms per instruction end to end",
+        server(&raw_cpu) * 1000.0 / total as f64,
+        server(&e2e_cpu) * 1000.0 / total as f64
     );
     let ratio = e2e_rate / raw_rate;
     figure(
