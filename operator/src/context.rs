@@ -5,12 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::runtime::events::{Recorder, Reporter};
-use tokio::sync::OnceCell;
 
 use crate::aws::Aws;
 use crate::aws::inventory::Inventory;
 use crate::metrics::Metrics;
-use crate::reconcile::dns::SeenRecords;
+use crate::reconcile::dns::ZoneRecords;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -28,6 +27,8 @@ pub struct Settings {
     pub failover_after: Duration,
     /// Node upgrades (image or instance type) in progress at once, operator-wide.
     pub replacement_budget: usize,
+    /// Reconciles running at once.
+    pub concurrency: u16,
 }
 
 pub struct Context {
@@ -38,9 +39,9 @@ pub struct Context {
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    pub hosted_zone: OnceCell<String>,
+    pub hosted_zone: tokio::sync::Mutex<Option<String>>,
     /// Route53 records as last read or written, so passes in between need not read them again.
-    pub dns_records: SeenRecords,
+    pub dns_records: ZoneRecords,
     /// Consecutive failures per resource (namespace/name), for backoff.
     pub failures: Mutex<HashMap<String, u32>>,
     /// Databases (UIDs) whose node is being upgraded now, against the replacement budget.
@@ -58,8 +59,8 @@ impl Context {
             inventory: Inventory::new(&settings.cluster, settings.poll),
             settings,
             metrics,
-            hosted_zone: OnceCell::new(),
-            dns_records: SeenRecords::default(),
+            hosted_zone: tokio::sync::Mutex::new(None),
+            dns_records: ZoneRecords::default(),
             failures: Mutex::new(HashMap::new()),
             replacing: Mutex::new(HashSet::new()),
         }

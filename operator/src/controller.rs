@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Service};
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
+use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, controller, watcher};
 use qdb_crd::{OPERATOR_MANAGER, QuestDB, keys};
 use tracing::{info, warn};
 
@@ -49,6 +49,7 @@ pub async fn run(
     let ns = namespace.as_deref();
     let ours = watcher::Config::default().labels(&format!("{}={OPERATOR_MANAGER}", keys::MANAGED_BY));
     let controller = Controller::new(api::<QuestDB>(&client, ns), watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(ctx.settings.concurrency))
         .owns(api::<StatefulSet>(&client, ns), ours.clone())
         .owns(api::<Service>(&client, ns), ours.clone())
         .owns(api::<ConfigMap>(&client, ns), ours.clone())

@@ -145,24 +145,26 @@ impl Rig {
         let port = free_port()?;
         let log_path = self.dir.join(format!("operator-{cluster}-{identity}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        // A test may put something (a fault proxy) between the operator and the emulator.
-        let endpoint = if extra.contains(&"--aws-endpoint") {
-            vec![]
-        } else {
-            vec!["--aws-endpoint", &self.cloud.aws_endpoint]
-        };
+        // Defaults a caller may override in `extra`: a test may put something (a fault proxy)
+        // between the operator and the emulator, a benchmark may resync less often.
+        let defaults = [
+            ("--aws-endpoint", self.cloud.aws_endpoint.as_str()),
+            ("--resync-secs", "5"),
+            ("--poll-secs", "1"),
+            ("--lease-secs", "6"),
+        ];
+        let defaults = defaults.iter().filter(|(flag, _)| !extra.contains(flag)).flat_map(|(f, v)| [*f, *v]);
         let child = Command::new(&bin)
             .args(["--cluster", cluster])
             .args(["--dns-zone", &self.dns_zone()])
             .arg("--create-hosted-zone")
             .args(["--aws-region", &c.aws_region])
-            .args(endpoint)
+            .args(defaults)
             .args(["--kubeconfig", &c.operator_kubeconfig.display().to_string()])
             .args(["--namespace", &self.namespace])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--lease-namespace", &self.namespace])
             .args(["--identity", identity])
-            .args(["--resync-secs", "5", "--poll-secs", "1", "--lease-secs", "6"])
             .args(extra)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")

@@ -1,5 +1,5 @@
-//! The whole module against the local cloud's AWS emulator (moto): ignored by default, run with
-//! `cargo nextest run -p qdb-operator --run-ignored all aws`. Each run uses a fresh owner UID, so
+//! The whole module against the local cloud's AWS emulator (moto): ignored by a plain test run,
+//! run by `localcloud test` (or `cargo nextest run -p qdb-operator --run-ignored all aws`). Each run uses a fresh owner UID, so
 //! runs neither see nor disturb each other's resources.
 
 use aws_sdk_ec2::config::Credentials;
@@ -144,4 +144,26 @@ async fn route53_record_lifecycle() {
     aws.delete_a_record(&zone, &name).await.unwrap();
     aws.delete_a_record(&zone, &name).await.unwrap();
     assert_eq!(aws.get_a_record(&zone, &name).await.unwrap(), None);
+}
+
+#[tokio::test]
+#[ignore = "needs the local cloud's AWS emulator"]
+async fn route53_listing_pages_through_the_whole_zone() {
+    let aws = emulator().await;
+    let zone_name = format!("list-{}.questdb.example", owner().owner_uid);
+    let zone = aws.hosted_zone(&zone_name, true).await.unwrap().unwrap();
+    let names: Vec<String> = (0..5).map(|i| format!("db-{i}.{zone_name}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        aws.upsert_a_record(&zone, name, &format!("10.0.2.{i}"), 60).await.unwrap();
+    }
+    // Two records a page: three pages, and the zone's own NS and SOA records are left out.
+    let mut listed = aws.list_a_records_paged(&zone, 2).await.unwrap();
+    listed.sort();
+    let want: Vec<(String, (String, i64))> =
+        names.iter().enumerate().map(|(i, n)| (n.clone(), (format!("10.0.2.{i}"), 60))).collect();
+    assert_eq!(listed, want);
+    for name in &names {
+        aws.delete_a_record(&zone, name).await.unwrap();
+    }
+    assert_eq!(aws.list_a_records(&zone).await.unwrap(), vec![]);
 }

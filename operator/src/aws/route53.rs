@@ -76,6 +76,39 @@ impl Aws {
             .cloned())
     }
 
+    /// Every A record in the zone as `(name, (ip, ttl))`, names without the trailing dot: one
+    /// paginated listing (300 records a page) instead of one read per database.
+    pub async fn list_a_records(&self, zone_id: &str) -> Result<Vec<(String, (String, i64))>, AwsError> {
+        self.list_a_records_paged(zone_id, 300).await
+    }
+
+    pub(crate) async fn list_a_records_paged(
+        &self,
+        zone_id: &str,
+        page_size: i32,
+    ) -> Result<Vec<(String, (String, i64))>, AwsError> {
+        const OP: &str = "ListResourceRecordSets";
+        let mut out = Vec::new();
+        let mut next: Option<(String, RrType)> = None;
+        loop {
+            let mut req =
+                self.route53.list_resource_record_sets().hosted_zone_id(zone_id).max_items(page_size);
+            if let Some((name, kind)) = &next {
+                req = req.start_record_name(name).start_record_type(kind.clone());
+            }
+            let page = self.call(Service::Route53, OP, || req.clone().send()).await?;
+            for r in page.resource_record_sets().iter().filter(|r| r.r#type() == &RrType::A) {
+                let ip = r.resource_records().first().map(|v| v.value().to_string()).unwrap_or_default();
+                out.push((r.name().trim_end_matches('.').to_string(), (ip, r.ttl().unwrap_or_default())));
+            }
+            next = match (page.is_truncated(), page.next_record_name(), page.next_record_type()) {
+                (true, Some(name), Some(kind)) => Some((name.to_string(), kind.clone())),
+                _ => break,
+            };
+        }
+        Ok(out)
+    }
+
     /// `(ip, ttl)` of the A record `name`, if there is one.
     pub async fn get_a_record(&self, zone_id: &str, name: &str) -> Result<Option<(String, i64)>, AwsError> {
         let Some(record) = self.find_a_record(zone_id, name).await? else { return Ok(None) };

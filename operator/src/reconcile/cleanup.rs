@@ -39,8 +39,8 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         let record = Desired::new(&q, &ctx.settings.dns_zone)
             .map(|d| d.dns_name)
             .unwrap_or_else(|_| dns_name(&names, &q.spec, &ctx.settings.dns_zone));
-        ctx.dns_records.forget(&record);
         aws.delete_a_record(&zone, &record).await.map_err(aws_err("deleting the DNS record"))?;
+        ctx.dns_records.saw(&record, None).await;
     }
     let instances = aws.find_instances(uid).await.map_err(aws_err("finding instances to delete"))?;
     let mut remaining = 0;

@@ -2,16 +2,19 @@
 //! is withdrawn while paused, when there is no node to point at.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{Error, Facts, aws_err};
+use crate::aws::{Aws, AwsError};
 use crate::build::Desired;
 use crate::build::dns::dns_record;
 use crate::context::Context;
 
+/// The hosted zone's id, looked up (or created) once; concurrent first passes share the lookup,
+/// so the zone is never created twice.
 pub async fn hosted_zone(ctx: &Context) -> Result<Option<String>, Error> {
-    if let Some(id) = ctx.hosted_zone.get() {
+    let mut known = ctx.hosted_zone.lock().await;
+    if let Some(id) = known.as_ref() {
         return Ok(Some(id.clone()));
     }
     let found = ctx
@@ -19,9 +22,7 @@ pub async fn hosted_zone(ctx: &Context) -> Result<Option<String>, Error> {
         .hosted_zone(&ctx.settings.dns_zone, ctx.settings.create_hosted_zone)
         .await
         .map_err(aws_err("finding the hosted zone"))?;
-    if let Some(id) = &found {
-        let _ = ctx.hosted_zone.set(id.clone());
-    }
+    known.clone_from(&found);
     Ok(found)
 }
 
@@ -31,12 +32,13 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         return Ok(());
     };
     let ip = facts.instance.as_ref().and_then(|i| i.private_ip.clone());
-    // Route53 allows five requests a second per account: a record read within the last resync
-    // interval is taken as still true. Drift is still repaired, at the next resync.
-    let current = match ctx.dns_records.recent(&d.dns_name, ctx.settings.resync) {
-        Some(seen) => seen,
-        None => ctx.aws.get_a_record(&zone, &d.dns_name).await.map_err(aws_err("reading the DNS record"))?,
-    };
+    // Route53 allows five requests a second per account: the zone is listed once per resync
+    // for every database, not read per database. Drift is repaired at the next listing.
+    let current = ctx
+        .dns_records
+        .get(&ctx.aws, &zone, &d.dns_name, ctx.settings.resync)
+        .await
+        .map_err(aws_err("listing the DNS records"))?;
     let now = match ip {
         Some(ip) if !d.spec.paused => {
             let want = dns_record(&d.dns_name, &ip);
@@ -61,34 +63,62 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         }
         _ => current,
     };
-    ctx.dns_records.saw(&d.dns_name, now);
+    ctx.dns_records.saw(&d.dns_name, now).await;
     Ok(())
 }
 
 /// An A record's target and TTL, as Route53 returns them.
 type Record = (String, i64);
 
-/// What the operator last read or wrote in Route53, per record name (None: absent), and when.
+/// The zone's A records as last listed, with the operator's own writes since, shared by every
+/// reconcile. Reads that find the listing old share one new listing.
 #[derive(Default)]
-pub struct SeenRecords(Mutex<HashMap<String, (Option<Record>, Instant)>>);
+pub struct ZoneRecords(tokio::sync::Mutex<Listing>);
 
-impl SeenRecords {
-    /// The record as seen within `max_age`, if it was: `Some(None)` means seen absent.
-    pub fn recent(&self, name: &str, max_age: Duration) -> Option<Option<Record>> {
-        let seen = self.0.lock().ok()?;
-        seen.get(name).filter(|(_, at)| at.elapsed() < max_age).map(|(value, _)| value.clone())
+#[derive(Default)]
+struct Listing {
+    at: Option<Instant>,
+    records: HashMap<String, Record>,
+}
+
+/// Route53 names end in a dot and compare case-insensitively.
+fn key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl Listing {
+    fn is_fresh(&self, max_age: Duration) -> bool {
+        self.at.is_some_and(|at| at.elapsed() < max_age)
+    }
+}
+
+impl ZoneRecords {
+    /// The A record `name` from a listing younger than `max_age`, else from a new one.
+    pub async fn get(
+        &self,
+        aws: &Aws,
+        zone: &str,
+        name: &str,
+        max_age: Duration,
+    ) -> Result<Option<Record>, AwsError> {
+        let mut listing = self.0.lock().await;
+        if !listing.is_fresh(max_age) {
+            let at = Instant::now();
+            let records = aws.list_a_records(zone).await?;
+            *listing =
+                Listing { at: Some(at), records: records.into_iter().map(|(n, r)| (key(&n), r)).collect() };
+        }
+        Ok(listing.records.get(&key(name)).cloned())
     }
 
-    pub fn saw(&self, name: &str, value: Option<Record>) {
-        if let Ok(mut seen) = self.0.lock() {
-            seen.insert(name.to_string(), (value, Instant::now()));
-        }
-    }
-
-    pub fn forget(&self, name: &str) {
-        if let Ok(mut seen) = self.0.lock() {
-            seen.remove(name);
-        }
+    /// What the operator itself just wrote (None: deleted), so the listing stays true without
+    /// another read.
+    pub async fn saw(&self, name: &str, value: Option<Record>) {
+        let mut listing = self.0.lock().await;
+        match value {
+            Some(v) => listing.records.insert(key(name), v),
+            None => listing.records.remove(&key(name)),
+        };
     }
 }
 
@@ -97,15 +127,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_record_seen_recently_is_remembered_until_it_is_old_or_forgotten() {
-        let seen = SeenRecords::default();
-        assert_eq!(seen.recent("db.zone", Duration::from_secs(60)), None, "never seen");
-        seen.saw("db.zone", Some(("10.0.0.1".into(), 60)));
-        assert_eq!(seen.recent("db.zone", Duration::from_secs(60)), Some(Some(("10.0.0.1".into(), 60))));
-        assert_eq!(seen.recent("db.zone", Duration::ZERO), None, "too old");
-        seen.saw("db.zone", None);
-        assert_eq!(seen.recent("db.zone", Duration::from_secs(60)), Some(None), "seen absent");
-        seen.forget("db.zone");
-        assert_eq!(seen.recent("db.zone", Duration::from_secs(60)), None);
+    fn names_compare_without_the_trailing_dot_and_case() {
+        assert_eq!(key("DB-1.ns.Zone.example."), key("db-1.ns.zone.example"));
+    }
+
+    #[tokio::test]
+    async fn the_operators_own_writes_update_the_listing() {
+        let zone = ZoneRecords::default();
+        {
+            let mut l = zone.0.lock().await;
+            l.at = Some(Instant::now());
+            l.records.insert(key("a.zone"), ("10.0.0.1".into(), 60));
+        }
+        zone.saw("b.zone.", Some(("10.0.0.2".into(), 60))).await;
+        zone.saw("a.zone", None).await;
+        let l = zone.0.lock().await;
+        assert!(l.is_fresh(Duration::from_secs(60)) && !l.is_fresh(Duration::ZERO));
+        assert_eq!(l.records.get("b.zone"), Some(&("10.0.0.2".to_string(), 60)));
+        assert!(!l.records.contains_key("a.zone"));
     }
 }

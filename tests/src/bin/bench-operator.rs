@@ -5,7 +5,8 @@
 //! apiserver's write capacity allows for the same writes (target >= 0.8), and the operator's RSS
 //! with N databases (target <= 64 MiB).
 //!
-//! Run: `cargo run -p qdb-tests --bin bench-operator -- --databases 200`.
+//! Run: `cargo run -p qdb-tests --bin bench-operator -- --databases 200` (add `--paused` for
+//! paused databases: every Kubernetes object and a security group, no node, volume or DNS).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,8 @@ const OPERATOR_KINDS: [&str; 9] = [
 /// The operator's AWS request budgets in this run (its defaults, passed explicitly).
 const EC2_PER_SEC: u32 = 20;
 const ROUTE53_PER_SEC: u32 = 5;
+/// Resync interval: the steady state below spans three.
+const RESYNC_SECS: u64 = 10;
 
 /// Mutating requests the apiserver has served for the operator's kinds, from its own metrics.
 async fn apiserver_writes(client: &kube::Client) -> Result<f64> {
@@ -78,6 +81,10 @@ fn rss_mib(pid: u32) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let n = arg("--databases", 200);
+    // Paused databases get every Kubernetes object and a security group but no node, volume or
+    // DNS record: how the operator scales in objects, without the node simulator's limits.
+    let paused = std::env::args().any(|a| a == "--paused");
+    let (converged, what) = if paused { (Phase::Paused, "paused ") } else { (Phase::Running, "") };
     let rig = Rig::new("bench-op", 1).await?;
     let admin = kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
 
@@ -110,9 +117,10 @@ async fn main() -> Result<()> {
     }
     let write_limit = 500.0 / t.elapsed().as_secs_f64();
 
-    let budgets =
-        ["--ec2-per-sec", &EC2_PER_SEC.to_string(), "--route53-per-sec", &ROUTE53_PER_SEC.to_string()];
-    let op = rig.spawn_operator("region-a", "bench", &budgets)?;
+    let (ec2_rate, route53_rate) = (EC2_PER_SEC.to_string(), ROUTE53_PER_SEC.to_string());
+    let resync = RESYNC_SECS.to_string();
+    let args = ["--ec2-per-sec", &ec2_rate, "--route53-per-sec", &route53_rate, "--resync-secs", &resync];
+    let op = rig.spawn_operator("region-a", "bench", &args)?;
     op.wait_ready().await?;
     let api: Api<QuestDB> = Api::namespaced(admin.clone(), &rig.namespace);
     let cpu = rig.cloud.cpu_meter(&[("operator", op.pid())]);
@@ -129,7 +137,8 @@ async fn main() -> Result<()> {
             let q: QuestDB = serde_json::from_value(json!({
                 "apiVersion": "cloud.questdb.io/v1", "kind": "QuestDB", "metadata": {"name": format!("db-{i}")},
                 "spec": {"version": "8.2.1", "instanceType": "m6i.large", "nodeImage": "ami-0a0a0a0a0a0a0a0a0",
-                         "volume": {"sizeGib": 20, "type": "gp3"}, "network": {"allowedCidrs": ["10.0.0.0/8"]}}
+                         "volume": {"sizeGib": 20, "type": "gp3"}, "network": {"allowedCidrs": ["10.0.0.0/8"]},
+                         "paused": paused}
             }))?;
             api.patch(&format!("db-{i}"), &PatchParams::apply("qdb-provisioner").force(), &Patch::Apply(&q)).await?;
             anyhow::Ok(())
@@ -144,12 +153,12 @@ async fn main() -> Result<()> {
         let ready = list
             .items
             .iter()
-            .filter(|q| q.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Running)))
+            .filter(|q| q.status.as_ref().is_some_and(|s| s.phase == Some(converged)))
             .count();
         if ready == n {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "only {ready} of {n} Running after 30 minutes");
+        anyhow::ensure!(Instant::now() < deadline, "only {ready} of {n} {converged:?} after 30 minutes");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let converge = t0.elapsed().as_secs_f64();
@@ -165,7 +174,7 @@ async fn main() -> Result<()> {
     let (ec2, route53) = (calls("ec2"), calls("route53"));
     let rss = op.pid().map(rss_mib).unwrap_or(0.0);
 
-    // Steady state: six resync periods (5 s in the rig) with nothing to do.
+    // Steady state: three resync periods with nothing to do.
     let w_steady = apiserver_writes(&admin).await?;
     let op_steady = operator_writes(&op.metrics().await?);
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -176,7 +185,7 @@ async fn main() -> Result<()> {
     let ideal = writes / write_limit;
     // The AWS budgets bound convergence too: the same calls at the account's request rates.
     let aws_bound = (ec2 / EC2_PER_SEC as f64).max(route53 / ROUTE53_PER_SEC as f64);
-    println!("operator benchmark ({n} databases, one apiserver, one operator)");
+    println!("operator benchmark ({n} {what}databases, one apiserver, one operator)");
     println!("  apiserver write capacity:      {write_limit:.0} writes/s (ConfigMap creates, 32 at a time)");
     println!("  background writes (others):    {background:.1} writes/s, subtracted below");
     println!(
@@ -203,27 +212,34 @@ async fn main() -> Result<()> {
         ideal.max(aws_bound) / converge
     );
     let ratio = ideal / converge;
-    figure("operator: apiserver writes per database, create to Ready", format!("{per_db:.1}"), "", None);
     figure(
-        "operator: apiserver writes in a 30 s steady-state resync",
+        &format!("operator: apiserver writes per {what}database, create to converged"),
+        format!("{per_db:.1}"),
+        "",
+        None,
+    );
+    figure(
+        &format!("operator: apiserver writes in a 30 s steady-state resync ({n} {what}databases)"),
         format!("{:.0}", steady.max(0.0)),
         "0",
         Some(steady < 1.0),
     );
     figure(
-        &format!("operator: convergence of {n} databases vs the apiserver's write capacity"),
+        &format!("operator: convergence of {n} {what}databases vs the apiserver's write capacity"),
         format!("{ratio:.2}"),
         ">= 0.8",
         Some(ratio >= 0.8),
     );
     figure(
-        &format!("operator: convergence of {n} databases vs the tighter of write capacity and AWS budgets"),
+        &format!(
+            "operator: convergence of {n} {what}databases vs the tighter of write capacity and AWS budgets"
+        ),
         format!("{:.2}", ideal.max(aws_bound) / converge),
         "",
         None,
     );
     figure(
-        &format!("operator: RSS at {n} databases"),
+        &format!("operator: RSS at {n} {what}databases"),
         format!("{rss:.1} MiB"),
         "<= 64 MiB",
         Some(rss <= 64.0),
