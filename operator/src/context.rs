@@ -56,7 +56,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             aws,
-            inventory: Inventory::new(&settings.cluster, settings.poll),
+            inventory: Inventory::new(&settings.cluster),
             settings,
             metrics,
             hosted_zone: tokio::sync::Mutex::new(None),

@@ -4,10 +4,12 @@
 //! once already spent most of their time queued for it. One snapshot of everything tagged with the
 //! cluster costs three calls, whatever the number of databases.
 //!
-//! A snapshot serves a database only if it is younger than `max_age` and began after that database
-//! last changed something in AWS. Each pass that changed something (or failed part-way) marks its
-//! database, and that database's next read waits for a newer snapshot. A stale view could otherwise
-//! miss a replacement just launched and launch another. Reads that wait together share one fetch.
+//! A snapshot serves a database only if it is younger than the age the caller allows (the poll
+//! interval for a database waiting on AWS, the resync interval for a converged one) and began
+//! after that database last changed something in AWS. Each pass that changed something (or failed
+//! part-way) marks its database, and that database's next read waits for a newer snapshot. A stale
+//! view could otherwise miss a replacement just launched and launch another. Reads that wait
+//! together share one fetch.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -87,30 +89,28 @@ pub fn is_fresh(started: Instant, now: Instant, max_age: Duration, changed: Opti
 
 pub struct Inventory {
     cluster: String,
-    max_age: Duration,
     /// Held while fetching, so reconciles waiting at once share one fetch.
     current: tokio::sync::Mutex<Arc<Snapshot>>,
     changed: Mutex<HashMap<String, Instant>>,
 }
 
 impl Inventory {
-    pub fn new(cluster: &str, max_age: Duration) -> Inventory {
+    pub fn new(cluster: &str) -> Inventory {
         Inventory {
             cluster: cluster.to_string(),
-            max_age,
             current: tokio::sync::Mutex::new(Arc::new(Snapshot::default())),
             changed: Mutex::new(HashMap::new()),
         }
     }
 
     /// Database `uid`'s security group, data volume and live instances (oldest launch first), from
-    /// the shared snapshot when [`is_fresh`] allows, else from a new one.
-    pub async fn lookup(&self, aws: &Aws, uid: &str) -> Result<Found, AwsError> {
+    /// the shared snapshot when [`is_fresh`] allows it to serve at `max_age`, else from a new one.
+    pub async fn lookup(&self, aws: &Aws, uid: &str, max_age: Duration) -> Result<Found, AwsError> {
         let changed = self.changed.lock().ok().and_then(|c| c.get(uid).copied());
         let mut current = self.current.lock().await;
         let now = Instant::now();
         if let Some(started) = current.started
-            && is_fresh(started, now, self.max_age, changed)
+            && is_fresh(started, now, max_age, changed)
         {
             return Ok(current.found(uid));
         }

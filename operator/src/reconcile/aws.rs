@@ -27,13 +27,15 @@ pub async fn ensure(
     ctx: &Context,
     d: &Desired,
     active: Option<&str>,
+    max_age: std::time::Duration,
     facts: &mut Facts,
 ) -> Result<(), Error> {
     let aws = &ctx.aws;
     let owner = owner_of(d, &ctx.settings.cluster);
     let uid = d.names.uid();
 
-    let found = ctx.inventory.lookup(aws, uid).await.map_err(aws_err("finding the EC2 resources"))?;
+    let found =
+        ctx.inventory.lookup(aws, uid, max_age).await.map_err(aws_err("finding the EC2 resources"))?;
     let sg = match found.security_group {
         Some(sg) => sg,
         None => {

@@ -180,7 +180,12 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     let mut facts = Facts::default();
     let result = async {
         let active = qdb.status.as_ref().and_then(|s| s.node.as_ref()).map(|n| n.instance_id.clone());
-        timed(ctx, "aws", aws::ensure(ctx, &d, active.as_deref(), &mut facts)).await?;
+        // A converged database's pass (a resync, or a watch event) may read EC2 as it was up to
+        // a resync ago: what changes EC2 is this operator, and a change forces a new view. One
+        // waiting on AWS needs it fresh.
+        let settled = qdb.status.as_ref().is_some_and(status::is_converged);
+        let max_age = if settled { ctx.settings.resync } else { ctx.settings.poll };
+        timed(ctx, "aws", aws::ensure(ctx, &d, active.as_deref(), max_age, &mut facts)).await?;
         timed(ctx, "children", children::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "release", aws::release_if_paused(ctx, &d, &mut facts)).await?;
         timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await
