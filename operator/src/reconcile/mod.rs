@@ -245,6 +245,13 @@ pub fn next_check(
     }
 }
 
+/// The finalizer helper answers "wait for the change" after adding the finalizer, trusting the
+/// watch event of its own patch to bring the next pass. With a thousand databases one such event
+/// was lost and its database never got a status; a database is always looked at again.
+pub fn look_again(action: Action, poll: Duration) -> Action {
+    if action == Action::await_change() { Action::requeue(poll) } else { action }
+}
+
 /// The controller's reconcile: apply or, once deleted, clean up behind the finalizer.
 pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = qdb.namespace().unwrap_or_default();
@@ -263,6 +270,7 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
         }
     })
     .await
+    .map(|action| look_again(action, ctx.settings.poll))
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics.in_flight.dec();
     if result.is_ok()
@@ -324,6 +332,14 @@ mod tests {
         let queued = [("UpgradeQueued", "waiting for the replacement budget".to_string())];
         assert_eq!(next_check(&running, &queued, resync, poll), QUEUED_RECHECK);
         assert_eq!(next_check(&running, &queued, Duration::from_secs(5), poll), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn no_pass_ends_waiting_only_for_a_watch_event() {
+        let poll = Duration::from_secs(3);
+        assert_eq!(look_again(Action::await_change(), poll), Action::requeue(poll));
+        let later = Action::requeue(Duration::from_secs(300));
+        assert_eq!(look_again(later.clone(), poll), later);
     }
 
     #[test]
