@@ -11,6 +11,7 @@ pub mod status;
 pub mod subset;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -247,7 +248,8 @@ pub fn next_check(
 
 /// The finalizer helper answers "wait for the change" after adding the finalizer, trusting the
 /// watch event of its own patch to bring the next pass. With a thousand databases one such event
-/// was lost and its database never got a status; a database is always looked at again.
+/// was lost and its database never got a status, so its answer becomes a poll. (A pass of ours
+/// may still wait for a change on purpose: an invalid spec.)
 pub fn look_again(action: Action, poll: Duration) -> Action {
     if action == Action::await_change() { Action::requeue(poll) } else { action }
 }
@@ -258,7 +260,10 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
     let api: Api<QuestDB> = Api::namespaced(ctx.client.clone(), &ns);
     let key = format!("{ns}/{}", qdb.name_any());
     ctx.metrics.in_flight.inc();
+    // Whether a pass of ours ran, or the finalizer helper answered on its own.
+    let ours = AtomicBool::new(false);
     let result = finalizer::finalizer(&api, FINALIZER, qdb, |event| async {
+        ours.store(true, Ordering::Relaxed);
         match event {
             Finalizing::Apply(q) => apply(q, &ctx).await,
             Finalizing::Cleanup(q) => {
@@ -270,7 +275,7 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
         }
     })
     .await
-    .map(|action| look_again(action, ctx.settings.poll))
+    .map(|action| if ours.load(Ordering::Relaxed) { action } else { look_again(action, ctx.settings.poll) })
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics.in_flight.dec();
     if result.is_ok()
