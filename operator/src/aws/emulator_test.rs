@@ -1,6 +1,6 @@
 //! The whole module against the local cloud's AWS emulator (moto): ignored by a plain test run,
-//! run by `localcloud test` (or `cargo nextest run -p qdb-operator --run-ignored all aws`). Each run uses a fresh owner UID, so
-//! runs neither see nor disturb each other's resources.
+//! run by `localcloud test` (or `cargo nextest run -p qdb-operator --run-ignored all aws`). Each
+//! run uses a fresh owner UID, so runs neither see nor disturb each other's resources.
 
 use aws_sdk_ec2::config::Credentials;
 use prometheus_client::registry::Registry;

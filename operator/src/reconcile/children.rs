@@ -144,7 +144,7 @@ fn is_bound(pvc: &PersistentVolumeClaim) -> bool {
 /// Bound) once the volume is in its cache. A claim created before that is bound only at the
 /// controller's next periodic resync (15 s by default): its claim-side sync finds no volume, and
 /// the volume's later arrival does not requeue the claim. So the claim comes after.
-pub fn binder_has_seen(pv: &PersistentVolume) -> bool {
+fn binder_has_seen(pv: &PersistentVolume) -> bool {
     pv.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p != "Pending")
 }
 

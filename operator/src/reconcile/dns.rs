@@ -39,7 +39,7 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         .get(&ctx.aws, &zone, &d.dns_name, ctx.settings.resync)
         .await
         .map_err(aws_err("listing the DNS records"))?;
-    let now = match ip {
+    match ip {
         Some(ip) if !d.spec.paused => {
             let want = dns_record(&d.dns_name, &ip);
             let value = (want.target.clone(), want.ttl);
@@ -48,22 +48,21 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
                     .upsert_a_record(&zone, &want.name, &want.target, want.ttl)
                     .await
                     .map_err(aws_err("writing the DNS record"))?;
+                ctx.dns_records.saw(&d.dns_name, Some(value)).await;
                 facts.did("UpdatedDns", format!("{} -> {}", want.name, want.target));
             }
             facts.dns = Some(want);
-            Some(value)
         }
         _ if d.spec.paused && current.is_some() => {
             ctx.aws
                 .delete_a_record(&zone, &d.dns_name)
                 .await
                 .map_err(aws_err("withdrawing the DNS record"))?;
+            ctx.dns_records.saw(&d.dns_name, None).await;
             facts.did("WithdrewDns", format!("{} while paused", d.dns_name));
-            None
         }
-        _ => current,
-    };
-    ctx.dns_records.saw(&d.dns_name, now).await;
+        _ => {}
+    }
     Ok(())
 }
 

@@ -340,7 +340,7 @@ mod tests {
     }
 
     #[test]
-    fn no_pass_ends_waiting_only_for_a_watch_event() {
+    fn the_finalizer_helpers_wait_for_a_watch_event_becomes_a_poll() {
         let poll = Duration::from_secs(3);
         assert_eq!(look_again(Action::await_change(), poll), Action::requeue(poll));
         let later = Action::requeue(Duration::from_secs(300));

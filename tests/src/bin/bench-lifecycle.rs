@@ -56,7 +56,6 @@ async fn all_running(api: &Api<QuestDB>, names: &[String], image: &str, timeout:
     }
 }
 
-/// Sum of every sample of `metric` whose labels contain `filter`, in Prometheus text.
 /// "p50 .., max .." and the max.
 fn summary(mut v: Vec<f64>) -> (String, f64) {
     v.sort_by(f64::total_cmp);
