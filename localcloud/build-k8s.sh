@@ -1,37 +1,48 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager and kube-scheduler 1.20.2 from Debian's source
-# package into "$1" (no prebuilt Kubernetes binaries can be fetched on these machines).
-# Idempotent: does nothing when the three binaries are already there.
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler and kubectl VERSION (e.g. 1.37.2)
+# from Go modules into OUT_DIR (no prebuilt Kubernetes binaries can be fetched on these machines;
+# kubectl too, so the tests' client matches the server instead of whatever the machine has).
+#
+# k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every staging module with a
+# path inside its own tree. A wrapper module requires it and replaces each staging module with
+# its matching published v0.<minor>.<patch> instead; the list is read from its own go.mod.
+# Idempotent: builds only the binaries that are missing.
 set -euo pipefail
-out=${1:?usage: build-k8s.sh OUT_DIR}
-bins=(kube-apiserver kube-controller-manager kube-scheduler)
+version=${1:?usage: build-k8s.sh VERSION OUT_DIR}
+out=${2:?usage: build-k8s.sh VERSION OUT_DIR}
+bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 have_all() { for b in "${bins[@]}"; do [[ -x "$out/$b" ]] || return 1; done; }
 have_all && exit 0
 
-work=$(dirname "$out")/k8s-build
+work=$out.build
+rm -rf "$work"
 mkdir -p "$work" "$out"
 cd "$work"
-if ! ls kubernetes_*.orig.tar.gz >/dev/null 2>&1; then
-  apt-get source --download-only kubernetes
-fi
-src=$work/kubernetes-1.20.2
-if [[ ! -d $src ]]; then
-  tar xzf kubernetes_*.orig.tar.gz
-fi
-# The vendored reflect2 v1.0.1 segfaults under Go >= 1.18 on the first custom resource write;
-# Debian's 1.0.2 source is a drop-in replacement.
-r2=$src/vendor/github.com/modern-go/reflect2
-if [[ ! -f $r2/.qdb-replaced ]]; then
-  rm -rf "$r2"
-  cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$r2"
-  rm -f "$r2/go.mod" "$r2/go.sum"
-  touch "$r2/.qdb-replaced"
-fi
-mkdir -p "$src/.go/src/k8s.io"
-ln -sfn ../../.. "$src/.go/src/k8s.io/kubernetes"
-cd "$src"
-GOPATH=$src/.go CGO_ENABLED=0 GOFLAGS= make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler"
-for b in "${bins[@]}"; do
-  cp "_output/local/bin/linux/amd64/$b" "$out/$b.tmp" && mv "$out/$b.tmp" "$out/$b"
+export GOFLAGS=-mod=mod CGO_ENABLED=0
+staging_version=v0.${version#*.}
+go mod init qdb.local/k8s-build >/dev/null 2>&1
+gomod=$(go mod download -json "k8s.io/kubernetes@v$version" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')
+[[ -f $gomod ]] || { echo "no go.mod for k8s.io/kubernetes@v$version" >&2; exit 1; }
+mapfile -t staging < <(awk '$2 == "=>" && $3 ~ /^\.\/staging\// { print $1 }' "$gomod")
+((${#staging[@]} > 20)) || { echo "found only ${#staging[@]} staging modules in $gomod" >&2; exit 1; }
+for m in "${staging[@]}"; do go mod edit "-replace=$m=$m@$staging_version"; done
+go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@v$version" \
+  "k8s.io/kubernetes/cmd/kube-controller-manager@v$version" "k8s.io/kubernetes/cmd/kube-scheduler@v$version" \
+  "k8s.io/kubernetes/cmd/kubectl@v$version"
+
+major=${version%%.*} rest=${version#*.}
+minor=${rest%%.*}
+ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  ldflags+=" -X $pkg.gitVersion=v$version -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
+for b in "${bins[@]}"; do
+  [[ -x $out/$b ]] && continue
+  echo "building $b v$version"
+  go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$ldflags" -o "$out/$b.tmp" "k8s.io/kubernetes/cmd/$b"
+  mv "$out/$b.tmp" "$out/$b"
+done
+cd /
+rm -rf "$work"
 have_all

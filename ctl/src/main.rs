@@ -151,8 +151,7 @@ fn read_dlq(brokers: &str, topic: &str) -> Result<Vec<Letter>> {
             payload: m.payload().unwrap_or_default().to_vec(),
         });
     }
-    // The client's destroy can block against some brokers after reading; the process ends anyway.
-    std::mem::forget(consumer);
+    drop(consumer);
     Ok(out)
 }
 

@@ -59,6 +59,7 @@ fn instructions() -> Vec<(&'static str, Instruction)> {
                     set_server_config: BTreeMap::from([("line.tcp.enabled".to_string(), "true".to_string())]),
                     remove_server_config: vec!["cairo.commit.lag".into()],
                     allowed_cidrs: Some(CidrList { cidrs: vec!["192.0.2.0/24".into()] }),
+                    allow_version_downgrade: false,
                 }),
             ),
         ),

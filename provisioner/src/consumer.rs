@@ -23,9 +23,21 @@ use crate::metrics::{Metrics, PartitionLabels};
 
 pub struct IntakeContext {
     metrics: Arc<Metrics>,
+    /// The client's last error and the broker's reason (e.g. a refused SASL handshake), so a
+    /// failed start-up check can say why rather than only "transport failure".
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl ClientContext for IntakeContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::error!(error = %error, reason, "librdkafka error");
+        // "All brokers are down" follows every other failure and says nothing of its cause.
+        let says_why = error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown);
+        if says_why && let Ok(mut last) = self.last_error.lock() {
+            *last = Some(reason.to_string());
+        }
+    }
+
     fn stats(&self, stats: Statistics) {
         for (topic, t) in stats.topics {
             for (partition, p) in t.partitions {
@@ -64,6 +76,42 @@ impl ConsumerContext for IntakeContext {
 
 pub type IntakeConsumer = StreamConsumer<IntakeContext>;
 
+/// Why the broker could not be used at start.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}{}", .reason.as_ref().map(|r| format!(" (last client error: {r})")).unwrap_or_default())]
+pub struct ConnectError {
+    error: rdkafka::error::KafkaError,
+    reason: Option<String>,
+}
+
+/// Metadata round trips to the instructions topic, for up to 30 s: bad credentials or TLS
+/// settings fail here, with the broker's reason, instead of as an endless reconnect loop in the
+/// background. The client reports such a reason asynchronously, as an event on its queue, so each
+/// failed try serves the queue for a moment; a broker that is merely still starting gets the
+/// other tries.
+pub async fn check_connection(consumer: &IntakeConsumer, topic: &str) -> Result<(), ConnectError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // A blocking librdkafka call: off the runtime's worker.
+        let fetched =
+            tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(5)));
+        let error = match fetched.map(|m| m.topics().first().and_then(|t| t.error())) {
+            Ok(None) => return Ok(()),
+            Ok(Some(code)) => rdkafka::error::KafkaError::MetadataFetch(code.into()),
+            Err(e) => e,
+        };
+        // Serving the consumer's queue delivers the client's pending error events (nothing is
+        // subscribed yet, so no message can be taken here).
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await {
+            debug!(error = %e, "consumer event while checking the connection");
+        }
+        let reason = consumer.context().last_error.lock().ok().and_then(|l| l.clone());
+        if reason.is_some() || tokio::time::Instant::now() >= deadline {
+            return Err(ConnectError { error, reason });
+        }
+    }
+}
+
 pub fn consumer(
     brokers: &str,
     group: &str,
@@ -83,7 +131,7 @@ pub fn consumer(
     for (k, v) in props {
         cfg.set(k, v);
     }
-    cfg.create_with_context(IntakeContext { metrics })
+    cfg.create_with_context(IntakeContext { metrics, last_error: Default::default() })
 }
 
 /// A message's headers as text (values decoded lossily), for dead letters and for people.
@@ -186,11 +234,9 @@ pub async fn run(ctx: Arc<Shared>, consumer: IntakeConsumer, topic: String, stop
         Err(e) => debug!(error = %e, "nothing to commit at shutdown"),
     }
     consumer.unsubscribe();
-    // Destroying the client has been seen to block against the local broker after leaving the
-    // group; the group is already left, so give up on it after a while.
-    let dropped = tokio::task::spawn_blocking(move || drop(consumer));
-    if tokio::time::timeout(Duration::from_secs(10), dropped).await.is_err() {
-        warn!("consumer client destroy still blocked after 10s; exiting anyway");
+    // Destroying the client is a blocking call (it waits for librdkafka's threads).
+    if let Err(e) = tokio::task::spawn_blocking(move || drop(consumer)).await {
+        warn!(error = %e, "destroying the consumer client failed");
     }
     info!("consumer stopped");
 }

@@ -80,6 +80,9 @@ pub enum StartError {
     Registry(#[from] clusters::RegistryError),
     #[error("creating the Kafka consumer")]
     Kafka(#[source] rdkafka::error::KafkaError),
+    /// Wrong brokers, TLS settings or credentials: refused at start, not retried forever.
+    #[error("cannot reach Kafka at {brokers} (check the brokers and the security settings)")]
+    KafkaUnreachable { brokers: String, source: consumer::ConnectError },
     #[error("listening on {addr}")]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
 }
@@ -153,6 +156,9 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
     let consumer =
         consumer::consumer(&config.brokers, &config.group_id, &kafka_with(&kafka, &config), metrics)
             .map_err(StartError::Kafka)?;
+    consumer::check_connection(&consumer, &config.instructions_topic)
+        .await
+        .map_err(|source| StartError::KafkaUnreachable { brokers: config.brokers.clone(), source })?;
     info!(replica = %ctx.replica, clusters = ctx.views.len(), listen = %config.listen, "provisioner starting");
 
     // Tasks stop in order: consumer first, then workers, watches and sweep, the outbox last.

@@ -29,6 +29,8 @@ pub enum MapError {
     NotFound,
     #[error("volume cannot shrink from {from} GiB to {to} GiB")]
     VolumeShrink { from: u32, to: u32 },
+    #[error("version {to} is older than {from}: a rollback must set allow_version_downgrade")]
+    VersionDowngrade { from: String, to: String },
     #[error("invalid spec: {}", join(.0))]
     Invalid(Vec<SpecError>),
     #[error("database id {0:?} is not a lowercase DNS label of at most 63 characters")]
@@ -44,6 +46,7 @@ impl MapError {
             MapError::MissingSpec
             | MapError::UnknownVolumeType(_)
             | MapError::VolumeShrink { .. }
+            | MapError::VersionDowngrade { .. }
             | MapError::Invalid(_) => "INVALID_SPEC",
             MapError::InvalidDatabaseId(_) => "INVALID_DATABASE_ID",
         }
@@ -63,7 +66,6 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
         Operation::Create(create) => {
             let mut spec = from_proto(create.spec.as_ref().ok_or(MapError::MissingSpec)?)?;
             if let Some(cur) = current {
-                check_growth(cur, &spec)?;
                 spec.paused = cur.paused;
                 spec.restart_token = cur.restart_token.clone();
             }
@@ -90,15 +92,18 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
             if let Some(cidrs) = &m.allowed_cidrs {
                 spec.network.allowed_cidrs = cidrs.cidrs.clone();
             }
-            check_growth(current.ok_or(MapError::NotFound)?, &spec)?;
+            spec.allow_version_downgrade = m.allow_version_downgrade;
             spec
         }
-        Operation::Pause(_) => QuestDBSpec { paused: true, ..existing()? },
-        Operation::Resume(_) => QuestDBSpec { paused: false, ..existing()? },
+        // Only the instruction that rolls back carries the permission: it is not left behind.
+        Operation::Pause(_) => QuestDBSpec { paused: true, allow_version_downgrade: false, ..existing()? },
+        Operation::Resume(_) => QuestDBSpec { paused: false, allow_version_downgrade: false, ..existing()? },
         // The instruction id is unique, so each restart instruction changes the token once.
-        Operation::Restart(_) => {
-            QuestDBSpec { restart_token: Some(instruction.instruction_id.clone()), ..existing()? }
-        }
+        Operation::Restart(_) => QuestDBSpec {
+            restart_token: Some(instruction.instruction_id.clone()),
+            allow_version_downgrade: false,
+            ..existing()?
+        },
         Operation::Delete(d) => {
             let retain = match (d.retain_volume, current) {
                 (true, Some(cur)) => {
@@ -111,7 +116,11 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
             return Ok(Action::Delete { retain });
         }
     };
+    // Validity first: a transition is only judged between valid specs.
     validate(&spec).map_err(MapError::Invalid)?;
+    if let Some(cur) = current {
+        check_transition(cur, &spec)?;
+    }
     Ok(Action::Apply(spec))
 }
 
@@ -130,6 +139,7 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
         server_config: Default::default(),
         paused: false,
         restart_token: None,
+        allow_version_downgrade: false,
         network: NetworkSpec::default(),
     };
     let current = match instruction.operation {
@@ -137,7 +147,10 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
         _ => Some(&reference),
     };
     match desired(instruction, current) {
-        Ok(_) | Err(MapError::NotFound | MapError::VolumeShrink { .. }) => Ok(()),
+        Ok(_)
+        | Err(MapError::NotFound | MapError::VolumeShrink { .. } | MapError::VersionDowngrade { .. }) => {
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }
@@ -152,11 +165,26 @@ fn is_dns_label(s: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
-fn check_growth(current: &QuestDBSpec, next: &QuestDBSpec) -> Result<(), MapError> {
+/// What the cluster's transition rules refuse (deploy/crd: volume only grows, no silent
+/// version downgrade), refused here first with the instruction's own words.
+fn check_transition(current: &QuestDBSpec, next: &QuestDBSpec) -> Result<(), MapError> {
     if next.volume.size_gib < current.volume.size_gib {
         return Err(MapError::VolumeShrink { from: current.volume.size_gib, to: next.volume.size_gib });
     }
+    if !next.allow_version_downgrade && semver(&next.version) < semver(&current.version) {
+        return Err(MapError::VersionDowngrade { from: current.version.clone(), to: next.version.clone() });
+    }
     Ok(())
+}
+
+/// A validated `major.minor.patch` as numbers (anything else sorts first and is caught by
+/// `validate`).
+fn semver(v: &str) -> [u64; 3] {
+    let mut out = [0; 3];
+    for (slot, part) in out.iter_mut().zip(v.split('.')) {
+        *slot = part.parse().unwrap_or(0);
+    }
+    out
 }
 
 /// A protobuf database spec as a resource spec (not yet validated).
@@ -176,6 +204,7 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
         server_config: spec.server_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         paused: false,
         restart_token: None,
+        allow_version_downgrade: false,
         network: NetworkSpec { allowed_cidrs: spec.allowed_cidrs.clone(), dns_name: None },
     })
 }
@@ -294,6 +323,28 @@ mod tests {
             Err(MapError::VolumeShrink { from: 100, to: 50 })
         );
         assert_eq!(desired(&ins(Operation::Modify(Modify::default())), None), Err(MapError::NotFound));
+    }
+
+    #[test]
+    fn a_version_downgrade_needs_its_permission_and_does_not_keep_it() {
+        let older = Modify { questdb_version: Some("8.1.9".into()), ..Default::default() };
+        assert_eq!(
+            desired(&ins(Operation::Modify(older.clone())), Some(&current())),
+            Err(MapError::VersionDowngrade { from: "8.2.1".into(), to: "8.1.9".into() })
+        );
+        // Compared as numbers, not text: 8.10.0 is newer than 8.9.0.
+        let mut at_8_9 = current();
+        at_8_9.version = "8.9.0".into();
+        let newer = Modify { questdb_version: Some("8.10.0".into()), ..Default::default() };
+        assert_eq!(applied(desired(&ins(Operation::Modify(newer)), Some(&at_8_9))).version, "8.10.0");
+
+        let rollback = Modify { allow_version_downgrade: true, ..older };
+        let rolled = applied(desired(&ins(Operation::Modify(rollback)), Some(&current())));
+        assert_eq!(rolled.version, "8.1.9");
+        assert!(rolled.allow_version_downgrade);
+        let paused = applied(desired(&ins(Operation::Pause(Pause {})), Some(&rolled)));
+        assert!(!paused.allow_version_downgrade, "the permission goes with the instruction that used it");
+        assert_eq!(paused.version, "8.1.9");
     }
 
     #[test]

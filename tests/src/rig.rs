@@ -109,13 +109,19 @@ impl Rig {
 
     /// Starts a provisioner replica as its own process.
     pub fn spawn(&self, replica: &str, extra: &[&str]) -> Result<Provisioner> {
+        self.spawn_with_brokers(replica, &self.cloud.kafka_brokers, extra)
+    }
+
+    /// A replica that reaches Kafka through `brokers` (another listener of the same broker),
+    /// with `extra` carrying its security settings (`-X key=value`).
+    pub fn spawn_with_brokers(&self, replica: &str, brokers: &str, extra: &[&str]) -> Result<Provisioner> {
         let bin = bin_dir(&self.cloud).join("qdb-provisioner");
         let port = free_port()?;
         let log_path = self.dir.join(format!("{replica}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let child = Command::new(&bin)
             .args(["--config", &self.config.display().to_string()])
-            .args(["--brokers", &self.cloud.kafka_brokers])
+            .args(["--brokers", brokers])
             .args(["--group-id", &self.group])
             .args(["--instructions-topic", &self.instructions])
             .args(["--gossip-topic", &self.gossip])
@@ -130,6 +136,20 @@ impl Rig {
             .spawn()
             .with_context(|| format!("starting {} (built by localcloud up)", bin.display()))?;
         Ok(Provisioner { child: Some(child), url: format!("http://127.0.0.1:{port}"), log: log_path })
+    }
+
+    /// Has the local cloud's Prometheus scrape `process` (its `/metrics`) as job `job`, until
+    /// the rig's target file is removed. Returns the file.
+    pub fn scrape(&self, job: &str, process: &Provisioner) -> Result<PathBuf> {
+        let dir = self.cloud.vars.get("QDB_PROMETHEUS_TARGETS").context("QDB_PROMETHEUS_TARGETS")?;
+        let target = process.url.trim_start_matches("http://");
+        let file = PathBuf::from(dir).join(format!("{}-{job}.json", self.name));
+        let body = json!([{"targets": [target], "labels": {"job": job, "rig": self.name}}]);
+        // Written whole, then renamed: Prometheus may read the directory at any moment.
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&body)?)?;
+        std::fs::rename(&tmp, &file)?;
+        Ok(file)
     }
 
     /// The DNS zone this rig's operators use (one per rig: the emulator would make a second
@@ -293,6 +313,26 @@ impl Provisioner {
             c.wait()?;
         }
         Ok(())
+    }
+
+    /// Waits for the process to exit on its own (a start-up refusal).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(c) = self.child.as_mut() else { bail!("not running") };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("provisioner still running after {timeout:?} (log {})", self.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM and wait for the exit code.

@@ -84,6 +84,58 @@ async fn crd_validates_on_the_apiserver() -> Result<()> {
             assert!(text.contains("Invalid") && text.contains(field), "{name}: unclear rejection: {text}");
         }
 
+        // Transition rules (CEL) the schema alone cannot say: the volume only grows.
+        let mut shrunk = created.clone();
+        shrunk.spec.volume.size_gib = 50;
+        let err =
+            api.replace("good", &PostParams::default(), &shrunk).await.expect_err("a shrink is refused");
+        let text = err.to_string();
+        assert!(text.contains("volume.sizeGib can only grow"), "unclear rejection: {text}");
+        let mut grown = api.get("good").await?;
+        grown.spec.volume.size_gib = 200;
+        api.replace("good", &PostParams::default(), &grown).await.context("growing the volume refused")?;
+
+        // ... and the version goes down only as a deliberate rollback.
+        let mut older = api.get("good").await?;
+        older.spec.version = "8.1.9".into();
+        let err = api.replace("good", &PostParams::default(), &older).await.expect_err("a silent downgrade");
+        let text = err.to_string();
+        assert!(
+            text.contains("version 8.1.9 is older than 8.2.1: a rollback must set allowVersionDowngrade"),
+            "unclear rejection: {text}"
+        );
+        older.spec.allow_version_downgrade = true;
+        api.replace("good", &PostParams::default(), &older).await.context("an allowed rollback refused")?;
+
+        // The provisioner's own write path: server-side apply of whole specs. Emptying the
+        // server config is a valid spec (it once left `serverConfig: null`, which the schema
+        // refused, so a config could never be emptied).
+        let ssa = PatchParams::apply(qdb_crd::PROVISIONER_MANAGER).force();
+        let mut applied: QuestDB = serde_json::from_value(valid("ssa"))?;
+        api.patch("ssa", &ssa, &Patch::Apply(&applied)).await.context("first apply")?;
+        applied.spec.server_config.clear();
+        let emptied =
+            api.patch("ssa", &ssa, &Patch::Apply(&applied)).await.context("emptying serverConfig")?;
+        assert!(emptied.spec.server_config.is_empty(), "{:?}", emptied.spec.server_config);
+
+        // The cluster refuses an older spec (deploy/crd/sequence-policy.yaml): a write may not
+        // lower the instruction sequence the resource carries.
+        let at = |seq: u64| -> Result<QuestDB> {
+            let mut q: QuestDB = serde_json::from_value(valid("seq"))?;
+            q.metadata.annotations =
+                Some([(qdb_crd::keys::INSTRUCTION_SEQUENCE.to_string(), seq.to_string())].into());
+            Ok(q)
+        };
+        api.patch("seq", &ssa, &Patch::Apply(&at(5)?)).await.context("sequence 5")?;
+        let err = api.patch("seq", &ssa, &Patch::Apply(&at(3)?)).await.expect_err("sequence 3 after 5");
+        let text = err.to_string();
+        assert!(
+            text.contains("stale instruction sequence 3: the resource already reflects sequence 5"),
+            "unclear rejection: {text}"
+        );
+        api.patch("seq", &ssa, &Patch::Apply(&at(5)?)).await.context("the same sequence again")?;
+        api.patch("seq", &ssa, &Patch::Apply(&at(6)?)).await.context("sequence 6")?;
+
         // The printer columns on-call engineers see.
         let out = std::process::Command::new("kubectl")
             .args(["--kubeconfig", &env.kubeconfig.to_string_lossy(), "get", "qdb", "-n", &ns])

@@ -50,6 +50,9 @@ fn overlays_build_and_apply_to_the_apiserver() -> Result<()> {
         "deployment.apps/qdb-provisioner",
         "clusterrole.rbac.authorization.k8s.io/qdb-operator",
         "networkpolicy.networking.k8s.io/qdb-operator",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/questdb-instruction-sequence",
+        "poddisruptionbudget.policy/qdb-operator",
+        "poddisruptionbudget.policy/qdb-provisioner",
     ] {
         ensure!(text.contains(kind), "{kind} missing from:\n{text}");
     }
@@ -103,6 +106,24 @@ fn compose_services_use_settings_the_binaries_have() -> Result<()> {
 }
 
 /// Metric names a dashboard queries (without the exposition suffixes).
+/// Every PromQL expression of a dashboard, with Grafana's variables substituted as Grafana
+/// would before sending it (`$__rate_interval` becomes a window, `${datasource}` is not in exprs).
+fn expressions(dashboard: &str) -> Result<Vec<String>> {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo().join(dashboard))?)?;
+    let mut exprs = Vec::new();
+    for panel in json["panels"].as_array().context("panels")? {
+        for target in panel["targets"].as_array().context("targets")? {
+            let expr = target["expr"].as_str().context("expr")?;
+            exprs.push(expr.replace("$__rate_interval", "1m").replace("${__rate_interval}", "1m"));
+        }
+    }
+    ensure!(
+        exprs.iter().all(|e| !e.contains('$')),
+        "{dashboard} has a variable this test does not know: {exprs:?}"
+    );
+    Ok(exprs)
+}
+
 fn queried(dashboard: &str) -> Result<Vec<String>> {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo().join(dashboard))?)?;
     let mut names = Vec::new();
@@ -155,6 +176,36 @@ async fn every_metric_a_dashboard_queries_is_exported() -> Result<()> {
             },
         )
         .await?;
+    }
+
+    // The same dashboards against the local cloud's Prometheus, scraping both processes: every
+    // query evaluates and returns at least one series.
+    let prometheus = rig.cloud.vars.get("QDB_PROMETHEUS").context("QDB_PROMETHEUS")?.clone();
+    let targets = [rig.scrape("qdb-provisioner", &p)?, rig.scrape("qdb-operator", &op.0)?];
+    let http = reqwest::Client::new();
+    for dashboard in ["deploy/dashboards/provisioner.json", "deploy/dashboards/operator.json"] {
+        for expr in expressions(dashboard)? {
+            qdb_tests::eventually(
+                &format!("{dashboard}: {expr}"),
+                std::time::Duration::from_secs(90),
+                || async {
+                    let answer: serde_json::Value = http
+                        .get(format!("{prometheus}/api/v1/query"))
+                        .query(&[("query", expr.as_str())])
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    ensure!(answer["status"] == "success", "Prometheus refused the query: {answer}");
+                    let series = answer["data"]["result"].as_array().map_or(0, Vec::len);
+                    Ok((series > 0).then_some(()))
+                },
+            )
+            .await?;
+        }
+    }
+    for t in targets {
+        std::fs::remove_file(t)?;
     }
     Ok(())
 }

@@ -121,7 +121,7 @@ fn scenario(run: &Path) -> Result<()> {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("not installed:") && err.contains("tansu") && err.contains("kube-apiserver"),
+        err.contains("not installed:") && err.contains("Apache Kafka") && err.contains("kube-apiserver"),
         "{err}"
     );
     assert!(err.contains("run: localcloud install"), "{err}");
@@ -134,7 +134,7 @@ fn scenario(run: &Path) -> Result<()> {
         let status = localcloud(run, &[], &["status"])?;
         assert!(status.status.success(), "status after up: {}", String::from_utf8_lossy(&status.stdout));
         let pids = recorded_pids(run)?;
-        assert_eq!(pids.len(), 8, "postgres, kafka, moto and five cluster processes: {pids:?}");
+        assert_eq!(pids.len(), 10, "postgres, kafka, moto, prometheus and six cluster processes: {pids:?}");
         let out = localcloud(run, &[], &["down"])?;
         assert!(out.status.success(), "down failed: {}", stderr(&out));
         assert_all_stopped(run, &pids)?;

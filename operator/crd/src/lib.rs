@@ -61,10 +61,21 @@ pub const OPERATOR_MANAGER: &str = "qdb-operator";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.allowVersionDowngrade) && self.allowVersionDowngrade) || !isSemver(self.version) || !isSemver(oldSelf.version) || !semver(self.version).isLessThan(semver(oldSelf.version))",
+    "messageExpression": "'version ' + self.version + ' is older than ' + oldSelf.version + ': a rollback must set allowVersionDowngrade'",
+    "reason": "FieldValueForbidden",
+    "fieldPath": ".version",
+}]))]
 pub struct QuestDBSpec {
     /// QuestDB release, e.g. "8.2.1" (the container image tag).
-    #[schemars(regex(pattern = r"^[0-9]+\.[0-9]+\.[0-9]+$"))]
+    // The length bound keeps the CEL rule's cost estimate within the apiserver's budget.
+    #[schemars(regex(pattern = r"^[0-9]+\.[0-9]+\.[0-9]+$"), length(max = 32))]
     pub version: String,
+    /// This spec's version may be older than the one before it: a deliberate rollback. Without
+    /// it the apiserver refuses a downgrade.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_version_downgrade: bool,
     /// EC2 instance type of the dedicated node, e.g. "m6i.xlarge".
     #[schemars(regex(pattern = r"^[a-z][a-z0-9-]*\.[a-z0-9]+$"))]
     pub instance_type: String,
@@ -85,8 +96,15 @@ pub struct QuestDBSpec {
     pub network: NetworkSpec,
 }
 
+/// The apiserver itself refuses a shrink (a CEL transition rule), whoever writes the spec: EBS
+/// volumes and their filesystems only grow.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.sizeGib >= oldSelf.sizeGib",
+    "message": "volume.sizeGib can only grow",
+    "reason": "FieldValueForbidden",
+}]))]
 pub struct VolumeSpec {
     /// Size of the EBS data volume in GiB; it can only grow.
     #[schemars(range(min = 1, max = 16384))]

@@ -130,6 +130,7 @@ mod tests {
             server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
             paused: false,
             restart_token: None,
+            allow_version_downgrade: false,
             network: NetworkSpec {
                 allowed_cidrs: vec!["203.0.113.0/24".into()],
                 dns_name: Some("db1.example.com".into()),

@@ -1,4 +1,4 @@
-//! Traefik routes (`traefik.io/v1alpha1`, as installed by localcloud/traefik-crds.yaml and k3s):
+//! Traefik routes (`traefik.io/v1alpha1`, the CRDs Traefik ships, as the local cloud installs them):
 //! an `IngressRoute` for HTTP and one `IngressRouteTCP` each for pgwire and ILP, all to the
 //! database's Service. They are `DynamicObject`s: the CRDs are Traefik's, not ours, and the few
 //! fields we set read best as the JSON Traefik documents.

@@ -103,6 +103,11 @@ pub struct Modify {
     /// When present, replaces the whole list of allowed CIDRs (an empty list closes the database).
     #[prost(message, optional, tag = "7")]
     pub allowed_cidrs: ::core::option::Option<CidrList>,
+    /// A questdb_version older than the current one is a deliberate rollback only when this is
+    /// set; without it the instruction is rejected (INVALID_SPEC), and the cluster itself refuses
+    /// such a spec.
+    #[prost(bool, tag = "8")]
+    pub allow_version_downgrade: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CidrList {
