@@ -105,7 +105,6 @@ fn compose_services_use_settings_the_binaries_have() -> Result<()> {
     Ok(())
 }
 
-/// Metric names a dashboard queries (without the exposition suffixes).
 /// Every PromQL expression of a dashboard, with Grafana's variables substituted as Grafana
 /// would before sending it (`$__rate_interval` becomes a window, `${datasource}` is not in exprs).
 fn expressions(dashboard: &str) -> Result<Vec<String>> {
@@ -124,20 +123,17 @@ fn expressions(dashboard: &str) -> Result<Vec<String>> {
     Ok(exprs)
 }
 
+/// Metric names a dashboard queries (without the exposition suffixes).
 fn queried(dashboard: &str) -> Result<Vec<String>> {
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo().join(dashboard))?)?;
     let mut names = Vec::new();
-    for panel in json["panels"].as_array().context("panels")? {
-        for target in panel["targets"].as_array().context("targets")? {
-            let expr = target["expr"].as_str().context("expr")?;
-            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if word.starts_with("qdb_") {
-                    let base = ["_total", "_bucket", "_sum", "_count"]
-                        .iter()
-                        .find_map(|s| word.strip_suffix(s))
-                        .unwrap_or(word);
-                    names.push(base.to_string());
-                }
+    for expr in expressions(dashboard)? {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("qdb_") {
+                let base = ["_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                names.push(base.to_string());
             }
         }
     }
