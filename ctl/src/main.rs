@@ -241,8 +241,14 @@ async fn status(
         }
         if let Some(v) = aws.find_volume(uid).await? {
             let to: Vec<String> =
-                v.attachments.iter().map(|a| format!("{} ({})", a.instance_id, a.state)).collect();
-            println!("   volume {} {} GiB {} attached to [{}]", v.id, v.size_gib, v.state, to.join(", "));
+                v.attachments.iter().map(|a| format!("{} ({})", a.instance_id, a.state.as_str())).collect();
+            println!(
+                "   volume {} {} GiB {} attached to [{}]",
+                v.id,
+                v.size_gib,
+                v.state.as_str(),
+                to.join(", ")
+            );
         }
         if let Some(g) = aws.find_security_group(uid).await? {
             println!("   security group {} with {} rules", g.id, g.rules.len());

@@ -27,6 +27,9 @@ pub struct Settings {
     pub failover_after: Duration,
     /// Node upgrades (image or instance type) in progress at once, operator-wide.
     pub replacement_budget: usize,
+    /// How long a replacement instance may take to join as a Ready node before it is retired
+    /// and another is launched.
+    pub replacement_join_timeout: Duration,
     /// Reconciles running at once.
     pub concurrency: u16,
 }

@@ -261,6 +261,42 @@ pub async fn claim(
     .map_err(err("claiming databases"))
 }
 
+/// Extends `owner`'s lease on a database it still holds; false if the lease ran out or another
+/// replica holds it now (the work must stop: anything it writes would be refused anyway).
+pub async fn renew(
+    pool: &PgPool,
+    owner: &str,
+    database_id: &str,
+    lease: Duration,
+) -> Result<bool, JournalError> {
+    let done = sqlx::query(
+        "UPDATE databases SET lease_until = now() + make_interval(secs => $3)
+         WHERE database_id = $1 AND lease_owner = $2 AND lease_until > now()",
+    )
+    .bind(database_id)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await
+    .map_err(err("renewing the lease"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The condition every journal write after a claim carries (`$lease` is the owner, or NULL for
+/// writes that need no lease): the writer still holds a live lease on the database.
+macro_rules! holds_lease {
+    ($owner:literal) => {
+        concat!(
+            "(",
+            $owner,
+            "::text IS NULL OR EXISTS (SELECT 1 FROM databases l
+               WHERE l.database_id = instructions.database_id AND l.lease_owner = ",
+            $owner,
+            " AND l.lease_until > now()))"
+        )
+    };
+}
+
 pub async fn release(pool: &PgPool, owner: &str, database_id: &str) -> Result<(), JournalError> {
     sqlx::query(
         "UPDATE databases SET lease_owner = NULL, lease_until = NULL
@@ -370,28 +406,32 @@ pub async fn applied(
 
 /// Pending -> applied, in one statement: records the spec now on the cluster (None after a
 /// delete) and queues the gossip `applied` event. Returns the seconds since the instruction was
-/// received, or None if it was no longer pending.
+/// received, or None if it was no longer pending or `owner` no longer holds the lease.
+#[allow(clippy::too_many_arguments)]
 pub async fn record_applied(
     pool: &PgPool,
+    owner: &str,
     id: &str,
     generation: Option<i64>,
     deadline: Duration,
     spec: Option<&qdb_crd::QuestDBSpec>,
     gossip: &Outgoing,
 ) -> Result<Option<f64>, JournalError> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(concat!(
         "WITH done AS (
              UPDATE instructions SET state = 'applied', generation = $2, applied_at = now(),
                  deadline_at = now() + make_interval(secs => $3), attempts = attempts + 1, message = ''
-             WHERE id = $1 AND state = 'pending'
+             WHERE id = $1 AND state = 'pending' AND ",
+        holds_lease!("$8"),
+        "
              RETURNING database_id, extract(epoch FROM now() - received_at)::float8 AS secs),
          known AS (
              UPDATE databases SET spec = $4 WHERE database_id IN (SELECT database_id FROM done)),
          queued AS (
              INSERT INTO outbox (topic, database_id, key, headers, payload)
              SELECT 'gossip', database_id, $5, $6, $7 FROM done)
-         SELECT secs FROM done",
-    )
+         SELECT secs FROM done"
+    ))
     .bind(id)
     .bind(generation)
     .bind(deadline.as_secs_f64())
@@ -399,27 +439,33 @@ pub async fn record_applied(
     .bind(gossip.key.as_deref())
     .bind(sqlx::types::Json(&gossip.headers))
     .bind(&gossip.payload)
+    .bind(owner)
     .fetch_optional(pool)
     .await
     .map_err(err("recording the apply"))
 }
 
-/// Open -> terminal. False if another replica got there first (nothing to announce then).
+/// Open -> terminal. False if another replica got there first, or (`lease` Some) the writer no
+/// longer holds the database's lease: nothing to announce then. The tracker judges applied
+/// instructions from the resource's status and needs no lease (`None`).
 pub async fn finish(
     conn: &mut PgConnection,
+    lease: Option<&str>,
     id: &str,
     state: &str,
     reason: &str,
     message: &str,
 ) -> Result<bool, JournalError> {
-    let done = sqlx::query(
+    let done = sqlx::query(concat!(
         "UPDATE instructions SET state = $2, reason = $3, message = $4, finished_at = now()
-         WHERE id = $1 AND state IN ('pending', 'applied')",
-    )
+         WHERE id = $1 AND state IN ('pending', 'applied') AND ",
+        holds_lease!("$5")
+    ))
     .bind(id)
     .bind(state)
     .bind(reason)
     .bind(message)
+    .bind(lease)
     .execute(conn)
     .await
     .map_err(err("finishing instruction"))?;
@@ -440,23 +486,27 @@ pub async fn set_progress(conn: &mut PgConnection, id: &str, progress: &str) -> 
 }
 
 /// A failed attempt: the database's pending instructions wait `delay`, so its order holds.
+/// Written only while `owner` holds the lease.
 pub async fn retry_later(
     pool: &PgPool,
+    owner: &str,
     head: &Open,
     delay: Duration,
     error: &str,
 ) -> Result<(), JournalError> {
-    sqlx::query(
+    sqlx::query(concat!(
         "UPDATE instructions
          SET next_attempt_at = now() + make_interval(secs => $3),
              attempts = attempts + CASE WHEN id = $2 THEN 1 ELSE 0 END,
              message = CASE WHEN id = $2 THEN $4 ELSE message END
-         WHERE database_id = $1 AND state = 'pending'",
-    )
+         WHERE database_id = $1 AND state = 'pending' AND ",
+        holds_lease!("$5")
+    ))
     .bind(&head.database_id)
     .bind(&head.id)
     .bind(delay.as_secs_f64())
     .bind(error)
+    .bind(owner)
     .execute(pool)
     .await
     .map_err(err("scheduling a retry"))?;

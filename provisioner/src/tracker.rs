@@ -82,7 +82,7 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
         }
     };
     let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
-    if journal::finish(&mut tx, &row.id, state, &reason, &message).await? {
+    if journal::finish(&mut tx, None, &row.id, state, &reason, &message).await? {
         journal::enqueue(&mut tx, &gossip::event(&subject, phase, &reason, &message, status)).await?;
         tx.commit().await.map_err(journal::tx_error)?;
         ctx.metrics.count(state);

@@ -177,7 +177,15 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
         Err(e) => {
             // Journaled payloads decoded on arrival; this is corruption, not input.
             let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
-            journal::finish(&mut tx, &head.id, "failed", "JOURNAL_CORRUPT", &e.to_string()).await?;
+            journal::finish(
+                &mut tx,
+                Some(&ctx.replica),
+                &head.id,
+                "failed",
+                "JOURNAL_CORRUPT",
+                &e.to_string(),
+            )
+            .await?;
             tx.commit().await.map_err(journal::tx_error)?;
             return Ok(true);
         }
@@ -198,9 +206,16 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
             };
             let event = gossip::event(&subject, Phase::Applied, "", &message, status);
             let spec = applied.spec.as_ref();
-            let recorded =
-                journal::record_applied(&ctx.pool, &head.id, applied.generation, deadline, spec, &event)
-                    .await?;
+            let recorded = journal::record_applied(
+                &ctx.pool,
+                &ctx.replica,
+                &head.id,
+                applied.generation,
+                deadline,
+                spec,
+                &event,
+            )
+            .await?;
             if let Some(secs) = recorded {
                 ctx.metrics.apply_seconds.observe(secs);
                 ctx.metrics.count("applied");
@@ -211,8 +226,13 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
                 if let Some(view) = ctx.views.get(&head.cluster) {
                     crate::tracker::evaluate_if_judgeable(ctx, view, head, applied.generation).await;
                 }
+                Ok(true)
+            } else {
+                // The lease ran out during the apply (or another replica recorded it): whoever
+                // holds the database now owns its journal; this replica stops here.
+                lease_lost(ctx, head);
+                Ok(false)
             }
-            Ok(true)
         }
         Err(ExecError::Rejected(e)) => {
             let message = e.to_string();
@@ -241,7 +261,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
             info!(instruction = %head.id, database = %head.database_id, cluster = %head.cluster,
                 attempts = head.attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %error,
                 "apply failed; will retry");
-            journal::retry_later(&ctx.pool, head, delay, &error).await?;
+            journal::retry_later(&ctx.pool, &ctx.replica, head, delay, &error).await?;
             ctx.metrics.count("retried");
             Ok(false)
         }
@@ -261,7 +281,8 @@ async fn terminal(
     dead_letter: Option<&v1::Instruction>,
 ) -> Result<(), JournalError> {
     let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
-    if journal::finish(&mut tx, &head.id, state, reason, message).await? {
+    let written = journal::finish(&mut tx, Some(&ctx.replica), &head.id, state, reason, message).await?;
+    if written {
         journal::enqueue(&mut tx, &gossip::event(subject, phase, reason, message, None)).await?;
         if dead_letter.is_some() {
             let source = Source {
@@ -279,10 +300,21 @@ async fn terminal(
         }
     }
     tx.commit().await.map_err(journal::tx_error)?;
+    if !written {
+        lease_lost(ctx, head);
+        return Ok(());
+    }
     ctx.metrics.count(state);
     ctx.outbox_wake.notify_one();
     warn!(instruction = %head.id, database = %head.database_id, reason, message, "instruction {state}");
     Ok(())
+}
+
+/// A write after the claim found the lease gone: nothing was written, nothing is announced.
+fn lease_lost(ctx: &Shared, head: &Open) {
+    ctx.metrics.count("lease_lost");
+    warn!(instruction = %head.id, database = %head.database_id,
+        "the database's lease ran out or moved to another replica; this replica's result is dropped");
 }
 
 /// Works through one claimed database's due instructions, then gives the database back.
@@ -290,6 +322,20 @@ async fn work_on(ctx: Arc<Shared>, database_id: String, stop: CancellationToken)
     loop {
         if stop.is_cancelled() {
             break;
+        }
+        // Renewed per instruction: an apply may take long, and a replica that stalled past its
+        // lease (paused, partitioned) must find out before it acts again.
+        match journal::renew(&ctx.pool, &ctx.replica, &database_id, ctx.lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(database = %database_id, "lease lost; leaving the database to whoever holds it");
+                ctx.work_wake.notify_one();
+                return;
+            }
+            Err(e) => {
+                warn!(database = %database_id, error = %crate::error_chain(&e), "renewing the lease failed");
+                break;
+            }
         }
         let (head, known) = match journal::head(&ctx.pool, &database_id).await {
             Ok(Some((h, known))) if h.due => (h, known),

@@ -11,6 +11,7 @@ use aws_config::{BehaviorVersion, Region};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 pub mod cpu;
+pub mod ec2_calls;
 pub mod faults;
 pub mod rig;
 

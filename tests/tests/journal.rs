@@ -1,11 +1,12 @@
 //! The provisioner's journal on the local cloud's PostgreSQL: an instruction id acts once, the
 //! per-database sequence fence supersedes stale instructions, and concurrent deliveries of one
-//! message (two replicas during a rebalance) still record exactly one effect.
+//! message (two replicas during a rebalance) still record exactly one effect, and a replica whose
+//! lease ran out writes nothing.
 
 use anyhow::Result;
 use qdb_proto::v1::Phase;
 use qdb_provisioner::gossip::{Subject, event};
-use qdb_provisioner::journal::{Accepted, NewInstruction, accept, enqueue};
+use qdb_provisioner::journal::{Accepted, NewInstruction, accept, enqueue, finish, record_applied, renew};
 use qdb_tests::{Cloud, unique};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -111,5 +112,58 @@ async fn concurrent_deliveries_record_one_effect() -> Result<()> {
     }
     assert_eq!(new, 1);
     assert_eq!(states(&pool, &db).await?.len(), 1);
+    Ok(())
+}
+
+/// What `claim` does for one database, without taking other databases' work.
+async fn hold(pool: &PgPool, db: &str, owner: &str, secs: f64) -> Result<()> {
+    sqlx::query("UPDATE databases SET lease_owner = $2, lease_until = now() + make_interval(secs => $3) WHERE database_id = $1")
+        .bind(db)
+        .bind(owner)
+        .bind(secs)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Before leases fenced the journal, a replica that stalled past its lease (paused mid-apply)
+/// still recorded its result over the work of the replica that took over.
+#[tokio::test]
+async fn a_replica_whose_lease_ran_out_writes_nothing() -> Result<()> {
+    let pool = pool().await?;
+    let db = unique("db");
+    let id = unique("ins");
+    assert_eq!(accept_committed(&pool, &ins(&id, &db, 1)).await?, Accepted::New);
+    let short = std::time::Duration::from_secs(1);
+    hold(&pool, &db, "replica-a", 1.0).await?;
+    assert!(renew(&pool, "replica-a", &db, short).await?, "a live lease is renewed");
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    assert!(!renew(&pool, "replica-a", &db, short).await?, "a lease that ran out is not renewed");
+    hold(&pool, &db, "replica-b", 60.0).await?;
+
+    let subject = Subject { instruction_id: id.clone(), database_id: db.clone(), ..Default::default() };
+    let applied = event(&subject, Phase::Applied, "", "applied", None);
+    let deadline = std::time::Duration::from_secs(60);
+    assert_eq!(record_applied(&pool, "replica-a", &id, Some(1), deadline, None, &applied).await?, None);
+    let mut tx = pool.begin().await?;
+    assert!(!finish(&mut tx, Some("replica-a"), &id, "rejected", "REFUSED_BY_CLUSTER", "stale").await?);
+    tx.commit().await?;
+    assert_eq!(
+        states(&pool, &db).await?,
+        vec![(1, "pending".to_string())],
+        "nothing written without the lease"
+    );
+    let queued: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE database_id = $1 AND payload = $2")
+            .bind(&db)
+            .bind(&applied.payload)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(queued, 0, "no gossip from the replica without the lease");
+
+    assert!(record_applied(&pool, "replica-b", &id, Some(1), deadline, None, &applied).await?.is_some());
+    assert!(!renew(&pool, "replica-a", &db, short).await?, "the lease is replica-b's");
+    assert!(renew(&pool, "replica-b", &db, short).await?);
+    assert_eq!(states(&pool, &db).await?, vec![(1, "applied".to_string())]);
     Ok(())
 }

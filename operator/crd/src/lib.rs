@@ -179,6 +179,10 @@ pub struct QuestDBStatus {
     pub endpoints: Option<Endpoints>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover: Option<FailoverStatus>,
+    /// A node replacement under way (failover, node image or instance type change): the step it
+    /// reached, so an operator restarted at any point resumes there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacement: Option<ReplacementStatus>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -267,6 +271,48 @@ pub struct FailoverStatus {
     /// When the database was Ready again; minus `at` is the time to recover.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered_at: Option<Time>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplacementStatus {
+    /// The instance being replaced.
+    pub from_instance: String,
+    /// The instance that takes over.
+    pub to_instance: String,
+    pub why: ReplaceWhy,
+    pub reason: String,
+    pub step: ReplaceStep,
+    pub started_at: Time,
+    /// When EC2 confirmed the old instance stopped or terminated: from then on nothing else can
+    /// write to the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_at: Option<Time>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ReplaceWhy {
+    /// The node is lost: no time to drain.
+    Failover,
+    /// Node image or instance type changed: drained first, within the replacement budget.
+    Upgrade,
+}
+
+/// The steps of a node replacement, in their fixed order (the design's fencing order).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+pub enum ReplaceStep {
+    /// The replacement is launched; waiting for its node to be Ready.
+    Launched,
+    /// Upgrade only: the database is being stopped on the old node.
+    Draining,
+    /// StopInstances sent for the old instance; waiting for EC2 to say stopped or terminated.
+    StopIssued,
+    /// EC2 confirmed the old instance stopped: out-of-service taint and pod force-delete done.
+    Fenced,
+    /// DetachVolume sent; waiting for the volume to be available.
+    Detaching,
+    /// AttachVolume to the replacement sent; waiting for the attachment.
+    Attaching,
 }
 
 /// The CRD as YAML, exactly as `crdgen` writes it to deploy/.

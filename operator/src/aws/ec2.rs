@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use aws_sdk_ec2::types::{
     Filter, InstanceStateName, IpPermission, IpRange, Placement, ResourceType, Tag, TagSpecification,
-    VolumeState,
 };
 use base64::Engine;
 use qdb_crd::keys;
@@ -65,18 +64,91 @@ pub struct Volume {
     pub zone: String,
     pub size_gib: u32,
     pub volume_type: String,
-    /// creating | available | in-use | deleting | deleted | error
-    pub state: String,
+    pub state: VolumeState,
     pub attachments: Vec<Attachment>,
     pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeState {
+    Creating,
+    Available,
+    InUse,
+    Deleting,
+    Deleted,
+    Error,
+    Unknown,
+}
+
+impl VolumeState {
+    /// EC2's name for it, as the console and the CLI show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Available => "available",
+            Self::InUse => "in-use",
+            Self::Deleting => "deleting",
+            Self::Deleted => "deleted",
+            Self::Error => "error",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    fn from_ec2(state: Option<&aws_sdk_ec2::types::VolumeState>) -> Self {
+        use aws_sdk_ec2::types::VolumeState as S;
+        match state {
+            Some(S::Creating) => Self::Creating,
+            Some(S::Available) => Self::Available,
+            Some(S::InUse) => Self::InUse,
+            Some(S::Deleting) => Self::Deleting,
+            Some(S::Deleted) => Self::Deleted,
+            Some(S::Error) => Self::Error,
+            _ => Self::Unknown,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attachment {
     pub instance_id: String,
     pub device: String,
-    /// attaching | attached | detaching | detached | busy
-    pub state: String,
+    pub state: AttachmentState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachmentState {
+    Attaching,
+    Attached,
+    Detaching,
+    Detached,
+    Busy,
+    Unknown,
+}
+
+impl AttachmentState {
+    /// EC2's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Attaching => "attaching",
+            Self::Attached => "attached",
+            Self::Detaching => "detaching",
+            Self::Detached => "detached",
+            Self::Busy => "busy",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    fn from_ec2(state: Option<&aws_sdk_ec2::types::VolumeAttachmentState>) -> Self {
+        use aws_sdk_ec2::types::VolumeAttachmentState as S;
+        match state {
+            Some(S::Attaching) => Self::Attaching,
+            Some(S::Attached) => Self::Attached,
+            Some(S::Detaching) => Self::Detaching,
+            Some(S::Detached) => Self::Detached,
+            Some(S::Busy) => Self::Busy,
+            _ => Self::Unknown,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,14 +227,14 @@ fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Option<Volume> {
         zone: v.availability_zone().unwrap_or_default().to_string(),
         size_gib: v.size().and_then(|s| u32::try_from(s).ok()).unwrap_or_default(),
         volume_type: v.volume_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
-        state: v.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+        state: VolumeState::from_ec2(v.state()),
         attachments: v
             .attachments()
             .iter()
             .map(|a| Attachment {
                 instance_id: a.instance_id().unwrap_or_default().to_string(),
                 device: a.device().unwrap_or_default().to_string(),
-                state: a.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+                state: AttachmentState::from_ec2(a.state()),
             })
             .collect(),
         tags: tag_map(v.tags()),
@@ -214,8 +286,10 @@ fn to_permissions(rules: &[Rule]) -> Vec<IpPermission> {
 }
 
 /// Volumes that still exist (a deleted volume stays visible for a while).
-const LIVE_VOLUME_STATES: [VolumeState; 4] =
-    [VolumeState::Creating, VolumeState::Available, VolumeState::InUse, VolumeState::Error];
+const LIVE_VOLUME_STATES: [aws_sdk_ec2::types::VolumeState; 4] = {
+    use aws_sdk_ec2::types::VolumeState as S;
+    [S::Creating, S::Available, S::InUse, S::Error]
+};
 
 /// Every state but terminated: a shutting-down instance may still write, so fencing must see it.
 const LIVE_INSTANCE_STATES: [InstanceStateName; 5] = [
@@ -405,11 +479,11 @@ impl Aws {
         }
     }
 
-    /// Forced: this is the fencing step, used when the node may be unreachable; the pod has been
-    /// stopped before (or the node is lost), so there is nothing left to shut down gracefully.
-    pub async fn stop_instance(&self, id: &str) -> Result<(), AwsError> {
+    /// The fencing step. `force` for a lost node: a machine that may be unreachable may never
+    /// finish a graceful shutdown, and its database is already gone.
+    pub async fn stop_instance(&self, id: &str, force: bool) -> Result<(), AwsError> {
         const OP: &str = "StopInstances";
-        let req = self.ec2.stop_instances().instance_ids(id).force(true);
+        let req = self.ec2.stop_instances().instance_ids(id).force(force);
         self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
     }
 
@@ -487,7 +561,7 @@ impl Aws {
             zone: out.availability_zone().unwrap_or(zone).to_string(),
             size_gib: out.size().and_then(|s| u32::try_from(s).ok()).unwrap_or(size_gib),
             volume_type: out.volume_type().map_or(volume_type, |t| t.as_str()).to_string(),
-            state: out.state().map_or("creating", |s| s.as_str()).to_string(),
+            state: out.state().map_or(VolumeState::Creating, |s| VolumeState::from_ec2(Some(s))),
             attachments: Vec::new(),
             tags: if out.tags().is_empty() { tags.into_iter().collect() } else { tag_map(out.tags()) },
         })

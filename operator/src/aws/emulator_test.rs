@@ -21,6 +21,23 @@ async fn emulator() -> Aws {
     Aws::from_sdk_config(&sdk, &cfg)
 }
 
+/// Polls `f` until it returns `Some`, as a client of EC2 must: states change over seconds and a
+/// Describe can lag a write (the local cloud's emulator has EC2's timing).
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} not seen within 60 s");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
 fn owner() -> Owner {
     let uid = client_token("00000000-test");
     Owner {
@@ -40,6 +57,10 @@ async fn ec2_lifecycle() {
     // Security group: nothing yet, create, authorize (twice: idempotent), find, revoke.
     assert_eq!(aws.find_security_group(&owner.owner_uid).await.unwrap(), None);
     let sg = aws.create_security_group(&owner).await.unwrap();
+    eventually("the new security group", || async {
+        aws.find_security_group(&owner.owner_uid).await.unwrap()
+    })
+    .await;
     let rules = vec![
         Rule { port: 8812, cidr: "10.0.0.0/8".into() },
         Rule { port: 9000, cidr: "10.0.0.0/8".into() },
@@ -67,7 +88,11 @@ async fn ec2_lifecycle() {
     assert_eq!(instance.tags["cloud.questdb.io/purpose"], "test");
     assert_eq!(instance.tags["Name"], "qdb-questdb-db-test");
     assert!(instance.private_ip.is_some() && !instance.zone.is_empty());
-    let found = aws.find_instances(&owner.owner_uid).await.unwrap();
+    let found = eventually("the instance running", || async {
+        let found = aws.find_instances(&owner.owner_uid).await.unwrap();
+        found.iter().any(|i| i.state == InstanceState::Running).then_some(found)
+    })
+    .await;
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].id, instance.id);
     assert_eq!(found[0].state, InstanceState::Running);
@@ -77,8 +102,16 @@ async fn ec2_lifecycle() {
     assert_eq!(aws.find_volume(&owner.owner_uid).await.unwrap(), None, "root volumes are not data volumes");
     let volume = aws.create_volume(&owner, &instance.zone, 20, "gp3").await.unwrap();
     assert_eq!((volume.size_gib, volume.volume_type.as_str()), (20, "gp3"));
+    eventually("the volume available", || async {
+        aws.find_volume(&owner.owner_uid).await.unwrap().filter(|v| v.state == VolumeState::Available)
+    })
+    .await;
     aws.attach_volume(&volume.id, &instance.id, DATA_DEVICE).await.unwrap();
-    let found = aws.find_volume(&owner.owner_uid).await.unwrap().unwrap();
+    let found = eventually("the attachment", || async {
+        let v = aws.find_volume(&owner.owner_uid).await.unwrap()?;
+        v.attachments.iter().any(|a| a.state == AttachmentState::Attached).then_some(v)
+    })
+    .await;
     assert_eq!(found.id, volume.id);
     assert_eq!(found.tags[ROLE], ROLE_DATA);
     assert_eq!(found.attachments.len(), 1);
@@ -87,17 +120,30 @@ async fn ec2_lifecycle() {
         (instance.id.as_str(), DATA_DEVICE)
     );
     aws.modify_volume_size(&volume.id, 30).await.unwrap();
+
+    // Stopped first (as the operator fences), then detached: the volume is released only once
+    // the machine is really stopped.
+    aws.stop_instance(&instance.id, true).await.unwrap();
+    eventually("the instance stopped", || async {
+        let i = aws.describe_instance(&instance.id).await.unwrap()?;
+        (i.state == InstanceState::Stopped).then_some(())
+    })
+    .await;
     aws.detach_volume(&volume.id, &instance.id).await.unwrap();
-    let found = aws.find_volume(&owner.owner_uid).await.unwrap().unwrap();
+    let found = eventually("the volume detached", || async {
+        aws.find_volume(&owner.owner_uid).await.unwrap().filter(|v| v.state == VolumeState::Available)
+    })
+    .await;
     assert!(found.attachments.is_empty(), "{found:?}");
     assert_eq!(found.size_gib, 30);
 
-    // Stop, terminate (twice), gone from the owner's instances; the volume outlives it.
-    aws.stop_instance(&instance.id).await.unwrap();
-    assert_eq!(aws.describe_instance(&instance.id).await.unwrap().unwrap().state, InstanceState::Stopped);
+    // Terminate (twice), gone from the owner's instances; the volume outlives it.
     aws.terminate_instance(&instance.id).await.unwrap();
     aws.terminate_instance(&instance.id).await.unwrap();
-    assert!(aws.find_instances(&owner.owner_uid).await.unwrap().is_empty());
+    eventually("the instance terminated", || async {
+        aws.find_instances(&owner.owner_uid).await.unwrap().is_empty().then_some(())
+    })
+    .await;
     assert_eq!(aws.describe_instance("i-0000000000000dead").await.unwrap(), None);
 
     aws.delete_volume(&volume.id).await.unwrap();

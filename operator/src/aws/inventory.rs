@@ -169,12 +169,12 @@ mod tests {
             zone: "us-east-1a".into(),
             size_gib: 20,
             volume_type: "gp3".into(),
-            state: "available".into(),
+            state: crate::aws::VolumeState::Available,
             attachments: attached_to
                 .map(|i| Attachment {
                     instance_id: i.into(),
                     device: "/dev/sdf".into(),
-                    state: "attached".into(),
+                    state: crate::aws::AttachmentState::Attached,
                 })
                 .into_iter()
                 .collect(),

@@ -37,7 +37,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use qdb_crd::{OPERATOR_MANAGER, keys};
 
-pub use ec2::{Attachment, DATA_DEVICE, Instance, InstanceState, Launch, SecurityGroup, Volume};
+pub use ec2::{
+    Attachment, AttachmentState, DATA_DEVICE, Instance, InstanceState, Launch, SecurityGroup, Volume,
+    VolumeState,
+};
 pub use error::AwsError;
 use limiter::TokenBucket;
 

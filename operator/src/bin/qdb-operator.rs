@@ -68,6 +68,9 @@ struct Args {
     /// Node image / instance type upgrades in progress at once.
     #[arg(long, env = "QDB_REPLACEMENT_BUDGET", default_value_t = 2)]
     replacement_budget: usize,
+    /// A replacement whose node is not Ready this long is terminated and launched again.
+    #[arg(long, env = "QDB_REPLACEMENT_JOIN_TIMEOUT_SECS", default_value_t = 600)]
+    replacement_join_timeout_secs: u64,
     /// Databases reconciled at once. Each pass holds its built objects while it waits on AWS's
     /// request budget, so this bounds memory; more would only queue on the budget.
     #[arg(long, env = "QDB_MAX_CONCURRENT_RECONCILES", default_value_t = 32)]
@@ -163,6 +166,7 @@ async fn run() -> anyhow::Result<()> {
         poll: Duration::from_secs(args.poll_secs.max(1)),
         failover_after: Duration::from_secs(args.failover_after_secs),
         replacement_budget: args.replacement_budget.max(1),
+        replacement_join_timeout: Duration::from_secs(args.replacement_join_timeout_secs),
         concurrency: args.max_concurrent_reconciles.max(1),
     };
     let ctx = Arc::new(Context::new(client, aws, settings, metrics.clone()));

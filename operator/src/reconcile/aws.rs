@@ -5,15 +5,13 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::core::v1::{Node, Pod, Taint};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use qdb_crd::FailoverStatus;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
 
+use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
-
-use super::{Error, Facts, aws_err, delete_if_present, kube_err, owner_of};
-use crate::aws::{DATA_DEVICE, Instance, InstanceState, Launch};
+use super::{Error, Facts, aws_err, kube_err, owner_of};
+use crate::aws::{Attachment, AttachmentState, DATA_DEVICE, Instance, InstanceState, Launch, VolumeState};
 use crate::build::Desired;
 use crate::build::security_group::{desired_rules, sg_diff};
 use crate::build::userdata::build_user_data;
@@ -60,8 +58,10 @@ pub async fn ensure(
     facts.instances = instances.iter().filter(|i| i.state != InstanceState::Terminated).cloned().collect();
     facts.volume = volume.clone();
     if d.spec.paused {
-        // Compute is released after the pod is gone (release_if_paused); the volume stays.
+        // Compute is released after the pod is gone (release_if_paused); the volume stays. A move
+        // under way has nothing left to move.
         facts.instance = instances.into_iter().find(is_live);
+        facts.replacement = None;
         return Ok(());
     }
 
@@ -77,63 +77,87 @@ pub async fn ensure(
         .collect();
     let find = |id: &str| live.iter().find(|i| i.id == id).map(|i| (*i).clone());
     let zone = volume.as_ref().map(|v| v.zone.clone());
-    let instance = match plan(active, &seen, ctx.settings.failover_after.as_secs()) {
-        Plan::Launch => {
-            let i = launch(ctx, d, &owner, &sg_id, zone.as_deref()).await?;
-            facts.did(
-                "LaunchedInstance",
-                format!("{} ({}, {}) in {}", i.id, i.instance_type, i.image_id, i.zone),
-            );
-            i
-        }
-        Plan::Serve(id) => {
-            if live.len() == 1 {
-                release_budget(ctx, uid);
-            }
-            find(&id).ok_or_else(|| Error::NotOurs(format!("instance {id} vanished")))?
-        }
-        Plan::LaunchReplacement { lost, reason, why } => {
-            let serving = find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?;
-            if why == Why::Upgrade && !take_budget(ctx, uid) {
-                facts.wait("UpgradeQueued", format!("{reason}; waiting for the replacement budget"));
-                serving
-            } else {
+    // A move under way goes on from its recorded step. One started by an operator that died
+    // before recording it is taken up from what EC2 and the nodes show.
+    if facts.replacement.is_none() {
+        let instance = match plan(active, &seen, ctx.settings.failover_after.as_secs()) {
+            Plan::Launch => {
                 let i = launch(ctx, d, &owner, &sg_id, zone.as_deref()).await?;
-                facts.did("LaunchedReplacement", format!("{} to replace {lost}: {reason}", i.id));
-                facts.wait("ReplacingNode", format!("{reason}; replacement {} launched", i.id));
+                facts.did(
+                    "LaunchedInstance",
+                    format!("{} ({}, {}) in {}", i.id, i.instance_type, i.image_id, i.zone),
+                );
+                i
+            }
+            Plan::Serve(id) => {
+                if live.len() == 1 {
+                    release_budget(ctx, uid);
+                }
+                find(&id).ok_or_else(|| Error::NotOurs(format!("instance {id} vanished")))?
+            }
+            Plan::LaunchReplacement { lost, reason, why } => {
+                let serving =
+                    find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?;
+                if why == Why::Upgrade && !take_budget(ctx, uid) {
+                    facts.wait("UpgradeQueued", format!("{reason}; waiting for the replacement budget"));
+                } else {
+                    let i = launch(ctx, d, &owner, &sg_id, zone.as_deref()).await?;
+                    facts.did("LaunchedReplacement", format!("{} to replace {lost}: {reason}", i.id));
+                    facts.wait("ReplacingNode", format!("{reason}; replacement {} launched", i.id));
+                    facts.replacement = Some(node_move::record(&lost, &i.id, why, reason));
+                }
                 serving
             }
-        }
-        Plan::AwaitReplacement { lost, replacement, why } => {
-            if why == Why::Upgrade {
-                // Counted even if the budget was taken by an operator that restarted since.
-                take_budget_anyway(ctx, uid);
-            }
-            facts.wait("ReplacingNode", format!("waiting for replacement {replacement}'s node to be Ready"));
-            find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?
-        }
-        Plan::Fence { lost, replacement, reason, lost_for_secs, why } => {
-            let from_node = nodes.get(&lost).map(|n| n.0.clone()).unwrap_or_else(|| lost.clone());
-            let to_node = nodes.get(&replacement).map(|n| n.0.clone());
-            if why == Why::Upgrade && !drained(ctx, d, &from_node, facts).await? {
-                facts
-                    .wait("DrainingOldNode", format!("stopping the database on {from_node} before the move"));
+            Plan::AwaitReplacement { lost, replacement, why } => {
+                let reason = format!("{lost} is being replaced by {replacement}");
+                facts.replacement = Some(node_move::record(&lost, &replacement, why, reason));
                 find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?
-            } else {
-                // The old instance may still be writing to the volume: stopped before anything moves.
-                ctx.aws.stop_instance(&lost).await.map_err(aws_err("fencing the old instance"))?;
-                taint_out_of_service(ctx, &from_node).await;
-                facts.did("FencedInstance", format!("{lost} stopped; {reason}; moving to {replacement}"));
-                if why == Why::Failover {
-                    let at = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(lost_for_secs as i64);
-                    facts.failover =
-                        Some(FailoverStatus { at: Time(at), reason, from_node, to_node, recovered_at: None });
-                }
-                find(&replacement)
-                    .ok_or_else(|| Error::NotOurs(format!("instance {replacement} vanished")))?
             }
+            Plan::Fence { lost, replacement, reason, why, .. } => {
+                facts.replacement = Some(node_move::record(&lost, &replacement, why, reason));
+                find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?
+            }
+        };
+        if facts.replacement.is_none() || volume.is_none() {
+            // Nothing to move (a volume not made yet goes where the instance is).
+            facts.replacement = None;
+            return finish(ctx, d, instance, volume, instances, &nodes, facts).await;
         }
+    }
+    let (Some(volume), Some(m)) = (volume, facts.replacement.as_ref()) else {
+        return Ok(());
     };
+    if m.why == Why::Upgrade {
+        // Counted even if the budget was taken by an operator that restarted since.
+        take_budget_anyway(ctx, uid);
+    }
+    let instance = node_move::drive(ctx, d, &instances, &nodes, &volume, facts).await?;
+    facts.volume_attached = facts.replacement.is_none();
+    facts.volume = Some(volume);
+    facts.node = instance
+        .as_ref()
+        .and_then(|i| nodes.get(&i.id))
+        .map(|(n, seen)| (n.clone(), *seen == NodeSeen::Ready));
+    if facts.node.is_none() {
+        facts.wait("NodeJoining", "waiting for the replacement's node");
+    }
+    facts.instance = instance;
+    Ok(())
+}
+
+/// The ordinary steps once no move is under way: the volume is created, grown, attached, and
+/// leftover instances retired.
+async fn finish(
+    ctx: &Context,
+    d: &Desired,
+    instance: Instance,
+    volume: Option<crate::aws::Volume>,
+    instances: Vec<Instance>,
+    nodes: &HashMap<String, (String, NodeSeen)>,
+    facts: &mut Facts,
+) -> Result<(), Error> {
+    let aws = &ctx.aws;
+    let owner = owner_of(d, &ctx.settings.cluster);
     let serving_plan = facts.waiting.is_empty();
 
     let mut volume = match volume {
@@ -158,35 +182,44 @@ pub async fn ensure(
         volume.size_gib = d.spec.volume.size_gib;
     }
 
-    let attached_here = volume.attachments.iter().any(|a| a.instance_id == instance.id);
-    let elsewhere: Vec<String> = volume
-        .attachments
-        .iter()
-        .filter(|a| a.instance_id != instance.id)
-        .map(|a| a.instance_id.clone())
-        .collect();
-    if attached_here {
-        facts.volume_attached = true;
+    let here = volume.attachments.iter().find(|a| a.instance_id == instance.id);
+    let elsewhere: Vec<&Attachment> =
+        volume.attachments.iter().filter(|a| a.instance_id != instance.id).collect();
+    if let Some(a) = here {
+        facts.volume_attached = a.state == AttachmentState::Attached;
+        if !facts.volume_attached {
+            facts.wait("VolumeAttaching", format!("{} is {:?} on {}", volume.id, a.state, instance.id));
+        }
     } else if !elsewhere.is_empty() {
-        for other in elsewhere {
-            let still_live = instances.iter().any(|i| i.id == other && is_live(i));
-            if still_live {
-                // Moving the volume off a running instance is node replacement's job, which fences
-                // the old instance first; never detach under a running database.
-                facts.wait("VolumeInUse", format!("{} is attached to running instance {other}", volume.id));
+        for a in elsewhere {
+            // Only a holder EC2 shows stopped or terminated (or no longer lists) lets go of the
+            // volume: one stopping or running may still be writing. Moving it off a live
+            // instance is the node replacement's job (node_move), which fences first.
+            let holder = instances.iter().find(|i| i.id == a.instance_id);
+            if holder.is_some_and(|i| !i.state.is_fenced()) {
+                let state = holder.map(|i| i.state).unwrap_or(InstanceState::Unknown);
+                facts.wait(
+                    "VolumeInUse",
+                    format!("{} is attached to {} ({state:?})", volume.id, a.instance_id),
+                );
+            } else if a.state == AttachmentState::Detaching {
+                facts
+                    .wait("VolumeDetaching", format!("{} is being released by {}", volume.id, a.instance_id));
             } else {
-                aws.detach_volume(&volume.id, &other)
+                aws.detach_volume(&volume.id, &a.instance_id)
                     .await
-                    .map_err(aws_err("detaching from a dead instance"))?;
-                facts.did("DetachedVolume", format!("{} from stopped instance {other}", volume.id));
+                    .map_err(aws_err("detaching from a fenced instance"))?;
+                facts.did("DetachedVolume", format!("{} from stopped instance {}", volume.id, a.instance_id));
             }
         }
+    } else if volume.state != VolumeState::Available {
+        facts.wait("VolumeCreating", format!("{} is {:?}", volume.id, volume.state));
     } else if instance.state == InstanceState::Running {
         aws.attach_volume(&volume.id, &instance.id, DATA_DEVICE)
             .await
             .map_err(aws_err("attaching the volume"))?;
         facts.did("AttachedVolume", format!("{} to {}", volume.id, instance.id));
-        facts.volume_attached = true;
+        facts.wait("VolumeAttaching", format!("{} attaching to {}", volume.id, instance.id));
     } else {
         facts.wait("InstanceStarting", format!("{} is {:?}", instance.id, instance.state));
     }
@@ -291,56 +324,6 @@ fn release_budget(ctx: &Context, uid: &str) {
     }
 }
 
-/// An upgrade stops the database on the old node before fencing it: the node is cordoned and
-/// the pod deleted gracefully (QuestDB flushes on SIGTERM); the StatefulSet recreates it on the
-/// new node, where it starts once the volume has moved. True once no pod runs on the old node.
-async fn drained(ctx: &Context, d: &Desired, old_node: &str, facts: &mut Facts) -> Result<bool, Error> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    ctx.metrics.kube("patch", "Node");
-    let cordon = serde_json::json!({"spec": {"unschedulable": true}});
-    if let Err(e) = nodes.patch(old_node, &PatchParams::default(), &Patch::Merge(&cordon)).await {
-        tracing::warn!(node = old_node, error = %e, "cordoning the old node failed");
-    }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), d.names.namespace());
-    ctx.metrics.kube("get", "Pod");
-    let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("aws", "reading the pod"))?;
-    let on_old =
-        pod.as_ref().is_some_and(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(old_node));
-    if !on_old {
-        return Ok(true);
-    }
-    if pod.as_ref().is_some_and(|p| p.metadata.deletion_timestamp.is_none()) {
-        if !delete_if_present(ctx, &pods, &d.names.pod(), "Pod", &DeleteParams::default()).await? {
-            return Ok(true);
-        }
-        facts.did("DrainedPod", format!("{} stopped on {old_node}", d.names.pod()));
-    }
-    Ok(false)
-}
-
-/// Marks the lost node out of service, for the record and for anything that honours it.
-async fn taint_out_of_service(ctx: &Context, node: &str) {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let Ok(Some(n)) = nodes.get_opt(node).await else { return };
-    let mut taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
-    if taints.iter().any(|t| t.key == OUT_OF_SERVICE) {
-        return;
-    }
-    taints.push(Taint {
-        key: OUT_OF_SERVICE.into(),
-        value: Some("nodeshutdown".into()),
-        effect: "NoExecute".into(),
-        time_added: None,
-    });
-    ctx.metrics.kube("patch", "Node");
-    let patch = serde_json::json!({"spec": {"taints": taints}});
-    if let Err(e) = nodes.patch(node, &PatchParams::default(), &Patch::Strategic(&patch)).await {
-        tracing::warn!(node, error = %e, "tainting the lost node failed");
-    }
-}
-
-const OUT_OF_SERVICE: &str = "node.kubernetes.io/out-of-service";
-
 /// Pause: once the pod is gone, the instances are terminated; volume and security group stay.
 pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
     if !d.spec.paused {
@@ -350,15 +333,16 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
         facts.wait("StoppingDatabase", "waiting for the pod to stop before releasing the node");
         return Ok(());
     }
-    // The instances the AWS step found this round (not terminated).
-    for i in std::mem::take(&mut facts.instances) {
-        if let Some(v) = &facts.volume
-            && v.attachments.iter().any(|a| a.instance_id == i.id)
-        {
-            ctx.aws.detach_volume(&v.id, &i.id).await.map_err(aws_err("detaching the volume for pause"))?;
+    // The instances the AWS step found this round (not terminated). Terminating releases the
+    // volume (its attachment is not deleted on termination) once the machine is really gone;
+    // a detach first would pull the disk from a machine that may still be running.
+    // Paused is reported once EC2 no longer lists them (terminated).
+    for i in facts.instances.clone() {
+        if i.state != InstanceState::ShuttingDown {
+            ctx.aws.terminate_instance(&i.id).await.map_err(aws_err("releasing the instance"))?;
+            facts.did("ReleasedInstance", format!("{} terminated while paused", i.id));
         }
-        ctx.aws.terminate_instance(&i.id).await.map_err(aws_err("releasing the instance"))?;
-        facts.did("ReleasedInstance", format!("{} terminated while paused", i.id));
+        facts.wait("ReleasingNode", format!("waiting for EC2 to confirm {} terminated", i.id));
     }
     facts.instance = None;
     facts.node = None;

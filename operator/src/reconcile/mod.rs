@@ -6,6 +6,7 @@ pub mod aws;
 pub mod children;
 pub mod cleanup;
 pub mod dns;
+pub mod node_move;
 pub mod replace;
 pub mod status;
 pub mod subset;
@@ -91,6 +92,8 @@ pub struct Facts {
     pub dns: Option<DnsRecord>,
     /// A failover started this round.
     pub failover: Option<qdb_crd::FailoverStatus>,
+    /// The node replacement under way (from status at the start of the pass, as far as it got).
+    pub replacement: Option<qdb_crd::ReplacementStatus>,
     /// What is being waited for, first unmet step first.
     pub waiting: Vec<(&'static str, String)>,
     /// Changes made this round, announced as events.
@@ -178,7 +181,8 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
-    let mut facts = Facts::default();
+    let mut facts =
+        Facts { replacement: qdb.status.as_ref().and_then(|s| s.replacement.clone()), ..Facts::default() };
     let result = async {
         let active = qdb.status.as_ref().and_then(|s| s.node.as_ref()).map(|n| n.instance_id.clone());
         // A converged database's pass (a resync, or a watch event) may read EC2 as it was up to

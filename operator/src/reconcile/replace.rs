@@ -28,14 +28,11 @@ pub struct Seen {
     pub current: bool,
 }
 
-/// Why a node is being replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Why {
-    /// The node is lost: no time to drain.
-    Failover,
-    /// Node image or instance type changed: drain first, within the replacement budget.
-    Upgrade,
-}
+pub use qdb_crd::ReplaceStep as Step;
+/// Why a node is being replaced (recorded in status with the move).
+pub use qdb_crd::ReplaceWhy as Why;
+
+use crate::aws::InstanceState;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
@@ -78,6 +75,132 @@ pub fn plan(active: Option<&str>, live: &[Seen], failover_after_secs: u64) -> Pl
             why,
         },
         Some(r) => Plan::AwaitReplacement { lost: current.id.clone(), replacement: r.id.clone(), why },
+    }
+}
+
+/// What EC2 and Kubernetes show of one move under way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveSeen {
+    /// The old instance's state; `None` when it is no longer listed (the listings leave out
+    /// terminated instances, and it is too old to be hidden by EC2's eventual consistency).
+    pub old: Option<InstanceState>,
+    /// The replacement's state and node; `None` when it is no longer listed.
+    pub replacement: Option<(InstanceState, NodeSeen)>,
+    pub volume: VolumeSeen,
+    /// A pod of the database is still bound to the old node.
+    pub pod_on_old: bool,
+    /// Seconds since the move started.
+    pub age_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSeen {
+    /// Not created yet, or still `creating`, or not listed.
+    Unknown,
+    Available,
+    /// Attached (or attaching, `settled: false`) to the old instance.
+    OnOld {
+        settled: bool,
+    },
+    /// Attached (or attaching) to the replacement.
+    OnReplacement {
+        settled: bool,
+    },
+    /// Being detached from whatever held it.
+    Detaching,
+    /// Attached to an instance that is neither: someone else's doing.
+    Elsewhere(String),
+}
+
+/// What to do next in a move, and the step it brings the move to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoveAction {
+    /// Nothing to do this pass but wait for what `Waiting` names.
+    Wait(Waiting),
+    /// The replacement never joined (or vanished): terminate it and start over.
+    GiveUpReplacement,
+    /// Upgrade: stop the database on the old node (graceful pod delete).
+    Drain,
+    /// StopInstances for the old instance (`force` on failover: a lost machine may never stop
+    /// gracefully).
+    Stop {
+        force: bool,
+    },
+    /// EC2 says the old instance is stopped: taint its node out of service, force-delete its pod.
+    MarkFenced,
+    Detach,
+    Attach,
+    /// The volume is on the replacement: the move is over.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    ReplacementJoining,
+    Draining,
+    Fencing,
+    VolumeDetaching,
+    VolumeAttaching,
+    /// The volume is attached to an instance this move does not know: never touched.
+    VolumeElsewhere,
+}
+
+/// The next action of a move that reached `step`. The safety rule is here and nowhere else:
+/// nothing touches the volume before EC2 has confirmed the old instance stopped or terminated,
+/// whatever step the status claims.
+pub fn next_move(step: Step, why: Why, seen: &MoveSeen, join_timeout_secs: u64) -> (Step, MoveAction) {
+    let fenced = seen.old.is_none_or(InstanceState::is_fenced);
+    // An old instance on its way down was sent its stop (by an operator that died before
+    // recording it): resume from there rather than from the status.
+    let step = match seen.old {
+        Some(InstanceState::Stopping | InstanceState::ShuttingDown) => step.max(Step::StopIssued),
+        _ => step,
+    };
+    if step < Step::StopIssued && !fenced {
+        match seen.replacement {
+            Some((_, NodeSeen::Ready)) => {}
+            // Not listed yet is what EC2 shows of a just-launched instance for a few seconds.
+            _ if seen.age_secs < join_timeout_secs => {
+                return (Step::Launched, MoveAction::Wait(Waiting::ReplacementJoining));
+            }
+            _ => return (Step::Launched, MoveAction::GiveUpReplacement),
+        }
+        if why == Why::Upgrade && seen.pod_on_old {
+            return (Step::Draining, MoveAction::Drain);
+        }
+        return (Step::StopIssued, MoveAction::Stop { force: why == Why::Failover });
+    }
+    if !fenced {
+        // Sent, but EC2 shows it running: the stop was lost (or the instance was started
+        // again by hand); stopping is idempotent, so ask again.
+        return match seen.old {
+            Some(InstanceState::Running | InstanceState::Pending) => {
+                (Step::StopIssued, MoveAction::Stop { force: why == Why::Failover })
+            }
+            _ => (Step::StopIssued, MoveAction::Wait(Waiting::Fencing)),
+        };
+    }
+    if step < Step::Fenced {
+        return (Step::Fenced, MoveAction::MarkFenced);
+    }
+    match &seen.volume {
+        VolumeSeen::OnOld { .. } => (Step::Detaching, MoveAction::Detach),
+        VolumeSeen::Detaching | VolumeSeen::Unknown => {
+            (step.max(Step::Detaching), MoveAction::Wait(Waiting::VolumeDetaching))
+        }
+        VolumeSeen::Elsewhere(_) => (step, MoveAction::Wait(Waiting::VolumeElsewhere)),
+        VolumeSeen::Available => match seen.replacement {
+            Some((InstanceState::Running | InstanceState::Stopped, _)) => {
+                (Step::Attaching, MoveAction::Attach)
+            }
+            // The old instance is fenced but the replacement is gone: start over with a new one
+            // (the volume waits, available, for it).
+            _ => (step, MoveAction::GiveUpReplacement),
+        },
+        VolumeSeen::OnReplacement { settled: false } => {
+            (Step::Attaching, MoveAction::Wait(Waiting::VolumeAttaching))
+        }
+        VolumeSeen::OnReplacement { settled: true } => (Step::Attaching, MoveAction::Done),
     }
 }
 
@@ -187,5 +310,140 @@ mod tests {
         assert!(
             matches!(plan(Some("i-1"), &live, 10), Plan::Fence { replacement, .. } if replacement == "i-3")
         );
+    }
+
+    fn moving(old: Option<InstanceState>, volume: VolumeSeen) -> MoveSeen {
+        MoveSeen {
+            old,
+            replacement: Some((InstanceState::Running, NodeSeen::Ready)),
+            volume,
+            pod_on_old: false,
+            age_secs: 30,
+        }
+    }
+
+    #[test]
+    fn a_move_waits_for_the_replacement_and_gives_up_after_the_timeout() {
+        let mut s = moving(Some(InstanceState::Running), VolumeSeen::OnOld { settled: true });
+        s.replacement = None;
+        assert_eq!(
+            next_move(Step::Launched, Why::Failover, &s, 600),
+            (Step::Launched, MoveAction::Wait(Waiting::ReplacementJoining)),
+            "a just-launched instance missing from Describe is eventual consistency, not loss"
+        );
+        s.replacement = Some((InstanceState::Running, NodeSeen::Missing));
+        s.age_secs = 601;
+        assert_eq!(
+            next_move(Step::Launched, Why::Failover, &s, 600),
+            (Step::Launched, MoveAction::GiveUpReplacement)
+        );
+    }
+
+    #[test]
+    fn failover_stops_with_force_upgrade_drains_first() {
+        let s = moving(Some(InstanceState::Running), VolumeSeen::OnOld { settled: true });
+        assert_eq!(
+            next_move(Step::Launched, Why::Failover, &s, 600),
+            (Step::StopIssued, MoveAction::Stop { force: true })
+        );
+        let draining = MoveSeen { pod_on_old: true, ..s.clone() };
+        assert_eq!(
+            next_move(Step::Launched, Why::Upgrade, &draining, 600),
+            (Step::Draining, MoveAction::Drain)
+        );
+        assert_eq!(
+            next_move(Step::Draining, Why::Upgrade, &s, 600),
+            (Step::StopIssued, MoveAction::Stop { force: false })
+        );
+    }
+
+    #[test]
+    fn nothing_touches_the_volume_until_ec2_confirms_the_stop() {
+        for old in [
+            InstanceState::Running,
+            InstanceState::Pending,
+            InstanceState::Stopping,
+            InstanceState::ShuttingDown,
+            InstanceState::Unknown,
+        ] {
+            for step in [Step::StopIssued, Step::Fenced, Step::Detaching, Step::Attaching] {
+                for volume in
+                    [VolumeSeen::OnOld { settled: true }, VolumeSeen::Available, VolumeSeen::Detaching]
+                {
+                    let (_, action) = next_move(step, Why::Failover, &moving(Some(old), volume.clone()), 600);
+                    assert!(
+                        matches!(action, MoveAction::Stop { .. } | MoveAction::Wait(Waiting::Fencing)),
+                        "{old:?} at {step:?} with {volume:?}: {action:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_fenced_move_taints_detaches_attaches_in_order() {
+        let stopped = Some(InstanceState::Stopped);
+        let on_old = VolumeSeen::OnOld { settled: true };
+        assert_eq!(
+            next_move(Step::StopIssued, Why::Failover, &moving(stopped, on_old.clone()), 600),
+            (Step::Fenced, MoveAction::MarkFenced)
+        );
+        assert_eq!(
+            next_move(Step::Fenced, Why::Failover, &moving(stopped, on_old), 600),
+            (Step::Detaching, MoveAction::Detach)
+        );
+        assert_eq!(
+            next_move(Step::Detaching, Why::Failover, &moving(stopped, VolumeSeen::Detaching), 600),
+            (Step::Detaching, MoveAction::Wait(Waiting::VolumeDetaching))
+        );
+        assert_eq!(
+            next_move(Step::Detaching, Why::Failover, &moving(stopped, VolumeSeen::Available), 600),
+            (Step::Attaching, MoveAction::Attach)
+        );
+        assert_eq!(
+            next_move(
+                Step::Attaching,
+                Why::Failover,
+                &moving(stopped, VolumeSeen::OnReplacement { settled: false }),
+                600
+            ),
+            (Step::Attaching, MoveAction::Wait(Waiting::VolumeAttaching))
+        );
+        assert_eq!(
+            next_move(
+                Step::Attaching,
+                Why::Failover,
+                &moving(stopped, VolumeSeen::OnReplacement { settled: true }),
+                600
+            ),
+            (Step::Attaching, MoveAction::Done)
+        );
+    }
+
+    #[test]
+    fn a_vanished_old_instance_counts_as_terminated() {
+        assert_eq!(
+            next_move(Step::Launched, Why::Failover, &moving(None, VolumeSeen::OnOld { settled: true }), 600),
+            (Step::Fenced, MoveAction::MarkFenced)
+        );
+    }
+
+    #[test]
+    fn a_volume_held_by_a_stranger_is_never_touched() {
+        let s = moving(Some(InstanceState::Stopped), VolumeSeen::Elsewhere("i-x".into()));
+        assert_eq!(
+            next_move(Step::Fenced, Why::Failover, &s, 600),
+            (Step::Fenced, MoveAction::Wait(Waiting::VolumeElsewhere))
+        );
+    }
+
+    #[test]
+    fn a_restart_resumes_from_what_ec2_shows() {
+        // Killed after StopInstances but before the status said so: EC2 shows it stopping.
+        let s = moving(Some(InstanceState::Stopping), VolumeSeen::OnOld { settled: true });
+        assert_eq!(next_move(Step::Launched, Why::Failover, &s, 600).1, MoveAction::Wait(Waiting::Fencing));
+        // Killed after AttachVolume: the volume is on the replacement already.
+        let s = moving(Some(InstanceState::Stopped), VolumeSeen::OnReplacement { settled: true });
+        assert_eq!(next_move(Step::Detaching, Why::Failover, &s, 600), (Step::Attaching, MoveAction::Done));
     }
 }

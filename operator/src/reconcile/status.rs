@@ -78,6 +78,8 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
         old.and_then(|o| o.phase).is_some_and(|p| matches!(p, Phase::Running | Phase::Updating));
     let phase = if released {
         Phase::Paused
+    } else if f.replacement.is_some() {
+        Phase::Replacing
     } else if settled {
         Phase::Running
     } else if was_running || ready {
@@ -158,6 +160,7 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
         // Written by its own field manager (record_failover): a status built from a stale
         // snapshot must not drop it.
         last_failover: None,
+        replacement: f.replacement.clone(),
     }
 }
 
