@@ -9,12 +9,14 @@ still stopping). So this wraps moto's EC2 backend in-process, before its server 
 - instances: pending -> running, stopping -> stopped, shutting-down -> terminated each take
   QDB_AWS_INSTANCE_SECONDS (a range "lo-hi", jittered); a volume stays attached until its
   instance is really stopped or terminated;
-- volumes: creating -> available, attaching -> attached and detaching -> available take QDB_AWS_VOLUME_SECONDS; a detach
-  (without Force) completes only after the instance holding the volume is stopped or terminated;
-  an attach of a volume that is not `available`, or to an instance that is not running or
+- volumes: creating -> available, attaching -> attached and detaching -> available take
+  QDB_AWS_VOLUME_SECONDS; a detach completes only after the instance holding the volume is
+  stopped or terminated; an attach of a volume that is not `available`, or to an instance that is not running or
   stopped, is refused as EC2 refuses it;
 - eventual consistency: an instance, volume or security group just created is missing from
   Describe calls (listings, and by id as NotFound) for up to QDB_AWS_DESCRIBE_LAG_SECONDS;
+- ClientToken: a RunInstances or CreateVolume repeated with the same token returns the first
+  result, as EC2 does (moto ignores it);
 - every AttachVolume / DetachVolume / StopInstances / TerminateInstances is appended to
   QDB_AWS_CALL_LOG (JSON lines) with the true state, at that moment, of every instance that ever
   held the volume, so a test can prove the fencing order from the calls themselves.
@@ -36,6 +38,7 @@ from moto.ec2.models import EC2Backend
 from moto.ec2.models.elastic_block_store import Volume
 from moto.ec2.models.instances import Instance, InstanceState
 from moto.ec2.models.security_groups import SecurityGroup
+from moto.ec2.responses.elastic_block_store import ElasticBlockStore
 
 STOPPED = ("stopped", "terminated")
 
@@ -57,6 +60,8 @@ _log_lock = threading.Lock()
 # Calls moto makes to itself (an instance's root volume at launch, the detach inside a
 # termination) are not the client's calls: they take no time and are not logged.
 _internal = threading.local()
+# The request being answered, for what moto's backend is not told (CreateVolume's ClientToken).
+_request = threading.local()
 
 
 class EC2IncorrectState(ec2_errors.EC2ClientError):
@@ -129,9 +134,16 @@ def install():
     original_run = EC2Backend.run_instances
 
     def run_instances(self, *args, **kwargs):
+        # EC2 answers a repeated ClientToken with the first launch, not a second instance.
+        token = kwargs.get("client_token")
+        tokens = self.__dict__.setdefault("_qdb_tokens", {})
+        if token and token != "ABCDE" and ("run", token) in tokens:
+            return tokens[("run", token)]
         # The instance's own root volume is attached by moto inside the launch.
         with internal():
             reservation = original_run(self, *args, **kwargs)
+        if token and token != "ABCDE":
+            tokens[("run", token)] = reservation
         for instance in reservation.instances:
             stamp_created(instance)
             generation = set_state(instance, "pending", 0)
@@ -245,7 +257,14 @@ def install():
     original_detach = EC2Backend.detach_volume
 
     def create_volume(self, *args, **kwargs):
+        token = getattr(_request, "client_token", None)
+        tokens = self.__dict__.setdefault("_qdb_tokens", {})
+        earlier = tokens.get(("volume", token)) if token else None
+        if earlier is not None and earlier.id in self.volumes:
+            return earlier
         volume = original_create_volume(self, *args, **kwargs)
+        if token:
+            tokens[("volume", token)] = volume
         stamp_created(volume)
         if not is_internal():
             volume._qdb_available_at = time.monotonic() + jitter(VOLUME_SECONDS)
@@ -332,6 +351,18 @@ def install():
         return attachment
 
     EC2Backend.create_volume = create_volume
+
+    # moto's backend never sees CreateVolume's ClientToken; the request handler hands it over.
+    original_create_volume_response = ElasticBlockStore.create_volume
+
+    def create_volume_response(self):
+        _request.client_token = self._get_param("ClientToken")
+        try:
+            return original_create_volume_response(self)
+        finally:
+            _request.client_token = None
+
+    ElasticBlockStore.create_volume = create_volume_response
     EC2Backend.describe_volumes = describe_volumes
     EC2Backend.attach_volume = attach_volume
     EC2Backend.detach_volume = detach_volume

@@ -285,6 +285,11 @@ fn to_permissions(rules: &[Rule]) -> Vec<IpPermission> {
         .collect()
 }
 
+/// The ClientToken of a database's data volume (UIDs are 36 characters; EC2 allows 64).
+fn data_volume_token(owner_uid: &str) -> String {
+    format!("{owner_uid}-data")
+}
+
 /// Volumes that still exist (a deleted volume stays visible for a while).
 const LIVE_VOLUME_STATES: [aws_sdk_ec2::types::VolumeState; 4] = {
     use aws_sdk_ec2::types::VolumeState as S;
@@ -553,7 +558,9 @@ impl Aws {
             .volume_type(volume_type.into())
             .encrypted(true)
             .tag_specifications(tag_spec(ResourceType::Volume, &tags))
-            .client_token(client_token(&owner.owner_uid));
+            // A database has one data volume in its life: the same token for every try, so a
+            // create that timed out and is tried again (in a later pass) cannot make a second.
+            .client_token(data_volume_token(&owner.owner_uid));
         let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
         let id = out.volume_id().ok_or_else(|| AwsError::unexpected(OP, "no volume id in the reply"))?;
         Ok(Volume {

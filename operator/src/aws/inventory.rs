@@ -87,11 +87,49 @@ pub fn is_fresh(started: Instant, now: Instant, max_age: Duration, changed: Opti
     now.saturating_duration_since(started) < max_age && changed.is_none_or(|c| started > c)
 }
 
+/// How long something this operator created may be missing from EC2's listings: EC2's Describe
+/// calls lag its writes by seconds (eventual consistency); a minute covers that with room.
+pub const LISTING_LAG: Duration = Duration::from_secs(60);
+
+/// What this operator created for one database, with when: EC2 may not list it yet.
+#[derive(Debug, Default, Clone)]
+struct Created {
+    group: Option<(SecurityGroup, Instant)>,
+    volume: Option<(Volume, Instant)>,
+    instances: Vec<(Instance, Instant)>,
+}
+
+impl Created {
+    /// Fills in what the listing left out but was created within [`LISTING_LAG`] of `now`, so a
+    /// pass never creates a second one of what EC2 has not shown yet.
+    fn fill(&self, found: &mut Found, now: Instant) {
+        let young = |at: &Instant| now.saturating_duration_since(*at) < LISTING_LAG;
+        if found.security_group.is_none()
+            && let Some((g, at)) = &self.group
+            && young(at)
+        {
+            found.security_group = Some(g.clone());
+        }
+        if found.volume.is_none()
+            && let Some((v, at)) = &self.volume
+            && young(at)
+        {
+            found.volume = Some(v.clone());
+        }
+        for (i, at) in &self.instances {
+            if young(at) && !found.instances.iter().any(|f| f.id == i.id) {
+                found.instances.push(i.clone());
+            }
+        }
+    }
+}
+
 pub struct Inventory {
     cluster: String,
     /// Held while fetching, so reconciles waiting at once share one fetch.
     current: tokio::sync::Mutex<Arc<Snapshot>>,
     changed: Mutex<HashMap<String, Instant>>,
+    created: Mutex<HashMap<String, Created>>,
 }
 
 impl Inventory {
@@ -100,7 +138,45 @@ impl Inventory {
             cluster: cluster.to_string(),
             current: tokio::sync::Mutex::new(Arc::new(Snapshot::default())),
             changed: Mutex::new(HashMap::new()),
+            created: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Remembers a security group, volume or instance just created for `uid`.
+    pub fn created_group(&self, uid: &str, g: &SecurityGroup) {
+        self.remember(uid, |c| c.group = Some((g.clone(), Instant::now())));
+    }
+
+    pub fn created_volume(&self, uid: &str, v: &Volume) {
+        self.remember(uid, |c| c.volume = Some((v.clone(), Instant::now())));
+    }
+
+    pub fn created_instance(&self, uid: &str, i: &Instance) {
+        self.remember(uid, |c| {
+            c.instances.retain(|(_, at)| at.elapsed() < LISTING_LAG);
+            c.instances.push((i.clone(), Instant::now()));
+        });
+    }
+
+    /// An instance this operator terminated is not filled in again from memory.
+    pub fn terminated_instance(&self, uid: &str, id: &str) {
+        self.remember(uid, |c| c.instances.retain(|(i, _)| i.id != id));
+    }
+
+    fn remember(&self, uid: &str, f: impl FnOnce(&mut Created)) {
+        if let Ok(mut c) = self.created.lock() {
+            f(c.entry(uid.to_string()).or_default());
+        }
+    }
+
+    fn with_created(&self, uid: &str, mut found: Found) -> Found {
+        if let Ok(c) = self.created.lock()
+            && let Some(created) = c.get(uid)
+        {
+            created.fill(&mut found, Instant::now());
+            sort_by_launch(&mut found.instances);
+        }
+        found
     }
 
     /// Database `uid`'s security group, data volume and live instances (oldest launch first), from
@@ -112,7 +188,7 @@ impl Inventory {
         if let Some(started) = current.started
             && is_fresh(started, now, max_age, changed)
         {
-            return Ok(current.found(uid));
+            return Ok(self.with_created(uid, current.found(uid)));
         }
         let started = Instant::now();
         let by_cluster = || tag_filter(keys::CLUSTER, &self.cluster);
@@ -120,7 +196,7 @@ impl Inventory {
         let volumes = aws.list_volumes(by_cluster()).await?;
         let instances = aws.list_instances(by_cluster()).await?;
         *current = Arc::new(Snapshot::from_listings(started, groups, volumes, instances));
-        Ok(current.found(uid))
+        Ok(self.with_created(uid, current.found(uid)))
     }
 
     /// Database `uid` changed something in AWS (or may have): its next view is fetched anew.
@@ -133,6 +209,9 @@ impl Inventory {
     /// Forgets a database that is gone.
     pub fn forget(&self, uid: &str) {
         if let Ok(mut c) = self.changed.lock() {
+            c.remove(uid);
+        }
+        if let Ok(mut c) = self.created.lock() {
             c.remove(uid);
         }
     }

@@ -25,6 +25,7 @@ pub async fn ensure(
     ctx: &Context,
     d: &Desired,
     active: Option<&str>,
+    known_volume: Option<&str>,
     max_age: std::time::Duration,
     facts: &mut Facts,
 ) -> Result<(), Error> {
@@ -39,6 +40,7 @@ pub async fn ensure(
         None => {
             let sg =
                 aws.create_security_group(&owner).await.map_err(aws_err("creating the security group"))?;
+            ctx.inventory.created_group(uid, &sg);
             facts.did("CreatedSecurityGroup", sg.id.clone());
             sg
         }
@@ -121,7 +123,7 @@ pub async fn ensure(
         if facts.replacement.is_none() || volume.is_none() {
             // Nothing to move (a volume not made yet goes where the instance is).
             facts.replacement = None;
-            return finish(ctx, d, instance, volume, instances, &nodes, facts).await;
+            return finish(ctx, d, instance, volume, known_volume, instances, &nodes, facts).await;
         }
     }
     let (Some(volume), Some(m)) = (volume, facts.replacement.as_ref()) else {
@@ -152,6 +154,7 @@ async fn finish(
     d: &Desired,
     instance: Instance,
     volume: Option<crate::aws::Volume>,
+    known_volume: Option<&str>,
     instances: Vec<Instance>,
     nodes: &HashMap<String, (String, NodeSeen)>,
     facts: &mut Facts,
@@ -162,11 +165,22 @@ async fn finish(
 
     let mut volume = match volume {
         Some(v) => v,
+        None if let Some(id) = known_volume => {
+            // Status names a data volume that EC2 does not list: never replace it with an empty
+            // one. It may be EC2's listing lagging (it shows up), or it was deleted by hand.
+            facts.wait(
+                "VolumeNotListed",
+                format!("{id} (in status) is not listed by EC2; not creating another"),
+            );
+            facts.instance = Some(instance);
+            return Ok(());
+        }
         None => {
             let v = aws
                 .create_volume(&owner, &instance.zone, d.spec.volume.size_gib, d.spec.volume.type_.as_str())
                 .await
                 .map_err(aws_err("creating the volume"))?;
+            ctx.inventory.created_volume(d.names.uid(), &v);
             facts.did("CreatedVolume", format!("{} ({} GiB) in {}", v.id, v.size_gib, v.zone));
             v
         }
@@ -238,10 +252,16 @@ async fn finish(
             facts.volume.iter().flat_map(|v| v.attachments.iter().map(|a| a.instance_id.clone())).collect();
         for other in instances.iter().filter(|i| i.id != instance.id && i.state != InstanceState::Terminated)
         {
-            if !holding.contains(&other.id) {
+            if holding.contains(&other.id) {
+                continue;
+            }
+            if other.state != InstanceState::ShuttingDown {
                 ctx.aws.terminate_instance(&other.id).await.map_err(aws_err("retiring an old instance"))?;
+                ctx.inventory.terminated_instance(d.names.uid(), &other.id);
                 facts.did("RetiredInstance", format!("{} terminated", other.id));
             }
+            // Done once EC2 says so: a change that replaced the node ends with the old one gone.
+            facts.wait("RetiringInstance", format!("waiting for EC2 to confirm {} terminated", other.id));
         }
     }
     facts.instance = Some(instance);
@@ -265,7 +285,9 @@ async fn launch(
         zone,
         extra_tags: &[],
     };
-    ctx.aws.launch_instance(owner, &launch).await.map_err(aws_err("launching an instance"))
+    let i = ctx.aws.launch_instance(owner, &launch).await.map_err(aws_err("launching an instance"))?;
+    ctx.inventory.created_instance(d.names.uid(), &i);
+    Ok(i)
 }
 
 /// The database's nodes by instance id: (node name, readiness).

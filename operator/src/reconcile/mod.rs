@@ -190,7 +190,9 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         // waiting on AWS needs it fresh.
         let settled = qdb.status.as_ref().is_some_and(status::is_converged);
         let max_age = if settled { ctx.settings.resync } else { ctx.settings.poll };
-        timed(ctx, "aws", aws::ensure(ctx, &d, active.as_deref(), max_age, &mut facts)).await?;
+        let known_volume = qdb.status.as_ref().and_then(|s| s.volume.as_ref()).map(|v| v.id.clone());
+        let step = aws::ensure(ctx, &d, active.as_deref(), known_volume.as_deref(), max_age, &mut facts);
+        timed(ctx, "aws", step).await?;
         timed(ctx, "children", children::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "release", aws::release_if_paused(ctx, &d, &mut facts)).await?;
         timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await

@@ -114,6 +114,7 @@ pub async fn drive(
                     .terminate_instance(&m.to_instance)
                     .await
                     .map_err(aws_err("retiring a replacement"))?;
+                ctx.inventory.terminated_instance(d.names.uid(), &m.to_instance);
             }
             facts.did(
                 "ReplacementGivenUp",
