@@ -310,11 +310,12 @@ async fn terminal(
     Ok(())
 }
 
-/// A write after the claim found the lease gone: nothing was written, nothing is announced.
+/// A conditional write after the claim wrote nothing: the lease ran out or moved to another
+/// replica, or the instruction was already ended by whoever holds it. Nothing is announced.
 fn lease_lost(ctx: &Shared, head: &Open) {
     ctx.metrics.count("lease_lost");
     warn!(instruction = %head.id, database = %head.database_id,
-        "the database's lease ran out or moved to another replica; this replica's result is dropped");
+        "lease gone or instruction already ended; this replica's result is dropped");
 }
 
 /// Works through one claimed database's due instructions, then gives the database back.

@@ -149,6 +149,7 @@ pub async fn ensure(
 
 /// The ordinary steps once no move is under way: the volume is created, grown, attached, and
 /// leftover instances retired.
+#[allow(clippy::too_many_arguments)]
 async fn finish(
     ctx: &Context,
     d: &Desired,

@@ -81,7 +81,8 @@ pub async fn drive(
     let Some(mut m) = facts.replacement.clone() else { return Ok(None) };
     let find = |id: &str| instances.iter().find(|i| i.id == id);
     let from_node = nodes.get(&m.from_instance).map(|n| n.0.clone());
-    let pod_node = pod_node(ctx, d).await?;
+    let pod = read_pod(ctx, d).await?;
+    let pod_node = pod.as_ref().and_then(|p| p.spec.as_ref()?.node_name.clone());
     let age = jiff::Timestamp::now().duration_since(m.started_at.0).as_secs().max(0) as u64;
     let seen = MoveSeen {
         old: find(&m.from_instance).map(|i| i.state),
@@ -129,7 +130,7 @@ pub async fn drive(
         }
         MoveAction::Drain => {
             if let Some(node) = &from_node {
-                drain(ctx, d, node, facts).await?;
+                drain(ctx, d, node, pod.as_ref(), facts).await?;
             }
             facts.wait(
                 "DrainingOldNode",
@@ -187,6 +188,9 @@ pub async fn drive(
                 "ReplacedNode",
                 format!("{} now serves; {} is retired next", m.to_instance, m.from_instance),
             );
+            // The old instance is retired by the next pass; until EC2 confirms it terminated the
+            // change is not over (status stays Progressing).
+            facts.wait("RetiringInstance", format!("{} is retired next", m.from_instance));
             facts.replacement = None;
             return Ok(serving);
         }
@@ -218,18 +222,24 @@ async fn mark_fenced(
     Ok(())
 }
 
-/// The node the database's pod is bound to, if there is a pod.
-async fn pod_node(ctx: &Context, d: &Desired) -> Result<Option<String>, Error> {
+/// The database's pod, if there is one: read once per pass, for where it runs and whether it is
+/// already going.
+async fn read_pod(ctx: &Context, d: &Desired) -> Result<Option<Pod>, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), d.names.namespace());
     ctx.metrics.kube("get", "Pod");
-    let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("aws", "reading the pod"))?;
-    Ok(pod.and_then(|p| p.spec.and_then(|s| s.node_name)))
+    pods.get_opt(&d.names.pod()).await.map_err(kube_err("aws", "reading the pod"))
 }
 
 /// An upgrade stops the database on the old node before fencing it: the node is cordoned and
 /// the pod deleted gracefully (QuestDB flushes on SIGTERM); the StatefulSet recreates it on the
 /// new node, where it starts once the volume has moved.
-async fn drain(ctx: &Context, d: &Desired, old_node: &str, facts: &mut Facts) -> Result<(), Error> {
+async fn drain(
+    ctx: &Context,
+    d: &Desired,
+    old_node: &str,
+    pod: Option<&Pod>,
+    facts: &mut Facts,
+) -> Result<(), Error> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     ctx.metrics.kube("patch", "Node");
     let cordon = serde_json::json!({"spec": {"unschedulable": true}});
@@ -237,8 +247,6 @@ async fn drain(ctx: &Context, d: &Desired, old_node: &str, facts: &mut Facts) ->
         tracing::warn!(node = old_node, error = %e, "cordoning the old node failed");
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), d.names.namespace());
-    ctx.metrics.kube("get", "Pod");
-    let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("aws", "reading the pod"))?;
     if pod.is_some_and(|p| p.metadata.deletion_timestamp.is_none())
         && delete_if_present(ctx, &pods, &d.names.pod(), "Pod", &DeleteParams::default()).await?
     {
