@@ -203,3 +203,84 @@ async fn forward(s: &ProxyState, req: Request) -> Result<Response> {
     }
     Ok(out.body(Body::from(resp.bytes().await?))?)
 }
+
+/// A TCP proxy that can hold everything in flight: while held, bytes in either direction wait
+/// in the proxy (a request sent meanwhile reaches the server only on release), as a network
+/// partition between one process and one server would do. TLS passes through untouched.
+pub struct TcpHold {
+    pub addr: std::net::SocketAddr,
+    held: tokio::sync::watch::Sender<bool>,
+    waiting: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpHold {
+    pub async fn start(upstream: std::net::SocketAddr) -> Result<TcpHold> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (held, rx) = tokio::sync::watch::channel(false);
+        let waiting = Arc::new(AtomicU64::new(0));
+        let counter = waiting.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (rx, counter) = (rx.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(pipe(cr, sw, rx.clone(), counter.clone()), pipe(sr, cw, rx, counter));
+                });
+            }
+        });
+        Ok(TcpHold { addr, held, waiting, task })
+    }
+
+    /// From now on nothing passes until `release`.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+
+    /// Bytes that arrived while held and have not passed yet.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpHold {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies one direction of a connection, parking each chunk while the proxy is held.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: tokio::sync::watch::Receiver<bool>,
+    waiting: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let parked = *held.borrow();
+        if parked {
+            waiting.fetch_add(n as u64, Ordering::Relaxed);
+            if held.wait_for(|h| !*h).await.is_err() {
+                break;
+            }
+            waiting.fetch_sub(n as u64, Ordering::Relaxed);
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}

@@ -4,7 +4,7 @@
 //! instructions, reads gossip) and, where a test needs it, the operator (writes CR status).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -115,12 +115,55 @@ impl Rig {
     /// A replica that reaches Kafka through `brokers` (another listener of the same broker),
     /// with `extra` carrying its security settings (`-X key=value`).
     pub fn spawn_with_brokers(&self, replica: &str, brokers: &str, extra: &[&str]) -> Result<Provisioner> {
+        self.spawn_process(replica, brokers, &self.config, extra)
+    }
+
+    /// A replica with its own cluster registry (see `config_through`).
+    pub fn spawn_with_config(&self, replica: &str, config: &Path, extra: &[&str]) -> Result<Provisioner> {
+        self.spawn_process(replica, &self.cloud.kafka_brokers, config, extra)
+    }
+
+    /// A cluster registry like the rig's, except that `cluster`'s apiserver is reached through
+    /// `addr` (a proxy in front of it; the apiserver's certificate names 127.0.0.1, so TLS holds).
+    pub fn config_through(&self, cluster: &str, addr: std::net::SocketAddr) -> Result<PathBuf> {
+        let mut registry: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&self.config)?)?;
+        let entry = &mut registry["clusters"][cluster];
+        let original = entry["kubeconfig"].as_str().context("kubeconfig in the rig's registry")?.to_string();
+        let mut kubeconfig: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&original)?)?;
+        for c in kubeconfig["clusters"].as_sequence_mut().context("clusters in kubeconfig")? {
+            c["cluster"]["server"] = format!("https://{addr}").into();
+        }
+        let kubeconfig_path = self.dir.join(format!("{cluster}-through-{}.kubeconfig", addr.port()));
+        std::fs::write(&kubeconfig_path, serde_yaml::to_string(&kubeconfig)?)?;
+        entry["kubeconfig"] = kubeconfig_path.display().to_string().into();
+        let path = self.dir.join(format!("provisioner-through-{}.yaml", addr.port()));
+        std::fs::write(&path, serde_yaml::to_string(&registry)?)?;
+        Ok(path)
+    }
+
+    /// The address `cluster`'s apiserver listens on.
+    pub fn apiserver_addr(&self, cluster: &str) -> Result<std::net::SocketAddr> {
+        let c = self.cloud.clusters.iter().find(|c| c.name == cluster).context("no such cluster")?;
+        let kubeconfig: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&c.kubeconfig)?)?;
+        let server =
+            kubeconfig["clusters"][0]["cluster"]["server"].as_str().context("server in kubeconfig")?;
+        let hostport = server.trim_start_matches("https://").trim_end_matches('/');
+        hostport.parse().with_context(|| format!("apiserver address {hostport}"))
+    }
+
+    fn spawn_process(
+        &self,
+        replica: &str,
+        brokers: &str,
+        config: &Path,
+        extra: &[&str],
+    ) -> Result<Provisioner> {
         let bin = bin_dir(&self.cloud).join("qdb-provisioner");
         let port = free_port()?;
         let log_path = self.dir.join(format!("{replica}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let child = Command::new(&bin)
-            .args(["--config", &self.config.display().to_string()])
+            .args(["--config", &config.display().to_string()])
             .args(["--brokers", brokers])
             .args(["--group-id", &self.group])
             .args(["--instructions-topic", &self.instructions])

@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use qdb_proto::Message;
 use qdb_proto::v1::{self, Phase, instruction::Operation};
-use qdb_tests::faults::{FaultProxy, Rng};
+use qdb_tests::eventually;
+use qdb_tests::faults::{FaultProxy, Frozen, Rng, TcpHold};
 use qdb_tests::rig::{Reader, Rig, check_exactly_once, fake_operator, ins, nothing_left_in_ec2, workload};
 
 const T: Duration = Duration::from_secs(60);
@@ -291,6 +292,110 @@ async fn the_bad_input_corpus_is_rejected_dead_lettered_and_the_partition_keeps_
     }
     let m = p.metrics().await?;
     assert!(m.contains("qdb_provisioner_instructions_total{outcome=\"rejected\"} 9"), "{m}");
+    operator.abort();
+    Ok(())
+}
+
+/// Issue 14, item 1: a replica frozen mid-apply past its lease while another replica finishes
+/// newer instructions cannot land its older spec when it resumes: the cluster refuses the lower
+/// sequence (deploy/crd/sequence-policy.yaml) and the journal refuses its writes (its lease is
+/// gone). Without the policy the held apply would put 8.2.3 back over 8.2.4; without the lease
+/// fence the resumed replica would journal and gossip its own outcome for an instruction another
+/// replica already finished.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_frozen_mid_apply_past_its_lease_cannot_land_an_older_spec() -> Result<()> {
+    let rig = Rig::new("fault-freeze", 1).await?;
+    let gossip = rig.gossip()?;
+    let api = rig.questdbs("region-a").await?;
+    let operator = fake_operator(api.clone());
+    let proxy = TcpHold::start(rig.apiserver_addr("region-a")?).await?;
+    let through = rig.config_through("region-a", proxy.addr)?;
+    let lease = ["--lease-secs", "5"];
+    let a = rig.spawn_with_config("a", &through, &lease)?;
+    a.wait_ready().await?;
+    let db = "db-freeze";
+    let create = ins::create(db, "region-a", 1, "8.2.1");
+    rig.send(&create).await?;
+    gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
+
+    // A's next apply is sent into a partition and parked there.
+    proxy.hold();
+    let older = ins::version(db, "region-a", 2, "8.2.3");
+    rig.send(&older).await?;
+    let journal = rig.journal().await?;
+    eventually("a claims the database and sends its apply", T, || async {
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT lease_owner FROM databases WHERE database_id = $1 AND lease_until > now()",
+        )
+        .bind(db)
+        .fetch_optional(&journal)
+        .await?
+        .flatten();
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM instructions WHERE id = $1 AND state = 'pending'")
+                .bind(&older.instruction_id)
+                .fetch_one(&journal)
+                .await?;
+        Ok((owner.as_deref() == Some("a") && pending == 1 && proxy.waiting() > 0).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let parked = proxy.waiting();
+    let frozen = Frozen::pid(&a.pid().context("a's pid")?.to_string())?;
+
+    // B carries on once A's lease and Kafka session run out, and finishes a newer instruction.
+    let b = rig.spawn("b", &lease)?;
+    b.wait_ready().await?;
+    let newer = ins::version(db, "region-a", 3, "8.2.4");
+    rig.send(&newer).await?;
+    let done = gossip.terminal(&[older.instruction_id.clone(), newer.instruction_id.clone()], RUN).await?;
+    ensure!(
+        done[&newer.instruction_id].phase() == Phase::Succeeded,
+        "newer: {:?}",
+        done[&newer.instruction_id]
+    );
+    ensure!(api.get(db).await?.spec.version == "8.2.4", "b applied the newer spec");
+
+    // The parked apply reaches the apiserver now, behind the newer one; then A wakes up.
+    proxy.release();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(frozen);
+    eventually("a notices it lost the lease", T, || {
+        let log = a.log_text();
+        async move { Ok(log.contains("lease lost").then_some(()).or(log.contains("lease gone").then_some(()))) }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let log = a.log_text();
+    println!(
+        "parked {parked} bytes; a saw the cluster refuse its stale apply: {}",
+        log.contains("stale instruction sequence 2")
+    );
+
+    let q = api.get(db).await?;
+    let ann = q.metadata.annotations.clone().unwrap_or_default();
+    ensure!(q.spec.version == "8.2.4", "the resource went back to {}", q.spec.version);
+    ensure!(
+        ann[qdb_crd::keys::INSTRUCTION_SEQUENCE] == "3",
+        "resource at sequence {}",
+        ann[qdb_crd::keys::INSTRUCTION_SEQUENCE]
+    );
+    let states: Vec<(i64, String)> =
+        sqlx::query_as("SELECT sequence, state FROM instructions WHERE database_id = $1 ORDER BY sequence")
+            .bind(db)
+            .fetch_all(&journal)
+            .await?;
+    ensure!(states.last() == Some(&(3, "succeeded".to_string())), "journal: {states:?}");
+    ensure!(!matches!(states[1].1.as_str(), "rejected" | "failed" | "pending"), "journal: {states:?}");
+    // Gossip tells one story per instruction: nothing after its terminal event, and nothing from A
+    // about the older instruction once B had ended it.
+    for i in [&older, &newer] {
+        let phases = gossip.phases(&i.instruction_id);
+        let ends = phases.iter().filter(|p| qdb_tests::rig::is_terminal(**p)).count();
+        ensure!(ends == 1 && phases.last().is_some_and(|p| qdb_tests::rig::is_terminal(*p)), "{phases:?}");
+        ensure!(!phases.contains(&Phase::Rejected), "{phases:?}");
+    }
+    drop(b);
     operator.abort();
     Ok(())
 }
