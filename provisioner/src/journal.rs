@@ -234,6 +234,21 @@ pub async fn outbox_delete(conn: &mut PgConnection, ids: &[i64]) -> Result<(), J
     Ok(())
 }
 
+/// Moves a message that can never be published out of the outbox, with the reason.
+pub async fn outbox_park(conn: &mut PgConnection, id: i64, reason: &str) -> Result<(), JournalError> {
+    sqlx::query(
+        "WITH gone AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
+         INSERT INTO outbox_parked (id, topic, database_id, key, headers, payload, created_at, reason)
+         SELECT id, topic, database_id, key, headers, payload, created_at, $2 FROM gone",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(conn)
+    .await
+    .map_err(err("setting aside an unpublishable message"))?;
+    Ok(())
+}
+
 /// Takes up to `limit` databases that have instructions due and no live lease.
 pub async fn claim(
     pool: &PgPool,
@@ -335,6 +350,11 @@ pub struct Open {
     pub progress: String,
     /// Due now (pending) or past its deadline (applied).
     pub due: bool,
+    /// Since the instruction was journaled: the deadline of one not yet applied counts from here.
+    pub age: Duration,
+    /// Where it was consumed from (-1 when unknown), for its dead-letter copy.
+    pub source_partition: i32,
+    pub source_offset: i64,
 }
 
 fn open_from(r: &sqlx::postgres::PgRow) -> Open {
@@ -349,12 +369,17 @@ fn open_from(r: &sqlx::postgres::PgRow) -> Open {
         generation: r.get("generation"),
         progress: r.get("progress"),
         due: r.get("due"),
+        age: Duration::try_from_secs_f64(r.get::<f64, _>("age_secs")).unwrap_or_default(),
+        source_partition: r.get("source_partition"),
+        source_offset: r.get("source_offset"),
     }
 }
 
 macro_rules! open_columns {
     () => {
-        "id, database_id, cluster, sequence, operation, payload, attempts, generation, progress"
+        "id, database_id, cluster, sequence, operation, payload, attempts, generation, progress,
+         greatest(extract(epoch FROM now() - received_at), 0)::float8 AS age_secs,
+         coalesce(source_partition, -1) AS source_partition, coalesce(source_offset, -1) AS source_offset"
     };
 }
 
@@ -470,6 +495,23 @@ pub async fn finish(
     .await
     .map_err(err("finishing instruction"))?;
     Ok(done.rows_affected() == 1)
+}
+
+/// The instruction that replaced `row`: the next one applied after it that changed the spec
+/// again, or deleted it (None if the journal knows of none, e.g. the spec was written by hand).
+pub async fn successor(pool: &PgPool, row: &Open) -> Result<Option<String>, JournalError> {
+    sqlx::query_scalar(
+        "SELECT id FROM instructions
+         WHERE database_id = $1 AND sequence > $2 AND applied_at IS NOT NULL
+           AND (generation IS NULL OR generation > coalesce($3, 0))
+         ORDER BY sequence LIMIT 1",
+    )
+    .bind(&row.database_id)
+    .bind(row.sequence)
+    .bind(row.generation)
+    .fetch_optional(pool)
+    .await
+    .map_err(err("reading the superseding instruction"))
 }
 
 /// Records a new progress text; false if it is what was announced last.
