@@ -10,7 +10,9 @@ use anyhow::{Context, Result, ensure};
 use qdb_proto::Message;
 use qdb_proto::v1::{self, Phase, instruction::Operation};
 use qdb_tests::faults::{FaultProxy, Rng};
-use qdb_tests::rig::{Reader, Rig, check_exactly_once, fake_operator, ins, nothing_left_in_ec2, workload};
+use qdb_tests::rig::{
+    Reader, Rig, check_exactly_once, fake_operator, ins, is_terminal, nothing_left_in_ec2, workload,
+};
 
 const T: Duration = Duration::from_secs(60);
 /// A whole run under a fault, on a busy two-core machine.
@@ -256,8 +258,20 @@ async fn the_bad_input_corpus_is_rejected_dead_lettered_and_the_partition_keeps_
         assert_eq!(ev.reason, reason, "{ev:?}");
         assert!(!ev.message.is_empty());
     }
-    for i in [&newer, &create, &later, &good] {
+    for i in [&newer, &later, &good] {
         gossip.phase(&i.instruction_id, Phase::Succeeded, T).await?;
+    }
+    // The later version was applied right after the create: the create ends SUCCEEDED only if
+    // its own generation was seen Ready first, else SUPERSEDED by the later one.
+    let end = gossip
+        .wait("the create terminal", T, |e| {
+            e.instruction_id == create.instruction_id && is_terminal(e.phase())
+        })
+        .await?;
+    match end.phase() {
+        Phase::Succeeded => {}
+        Phase::Superseded => assert_eq!(end.superseded_by, later.instruction_id, "{end:?}"),
+        other => panic!("the create ended {other:?}: {end:?}"),
     }
     let ev = gossip.phase(&stale.instruction_id, Phase::Superseded, T).await?;
     assert_eq!(ev.reason, "STALE_SEQUENCE");
