@@ -4,7 +4,7 @@ use qdb_crd::{Phase as CrPhase, QuestDB};
 use qdb_proto::Message;
 use qdb_proto::v1::{self, Phase};
 
-use crate::journal::{Outgoing, Topic};
+use crate::journal::{Outgoing, State, Topic};
 
 /// The instruction an event is about.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -171,15 +171,14 @@ pub fn record_bytes(out: &Outgoing) -> usize {
 }
 
 /// The gossip phase that announces a journal state again (for a duplicate delivery).
-pub fn phase_of_state(state: &str) -> Phase {
+pub fn phase_of_state(state: State) -> Phase {
     match state {
-        "pending" => Phase::Accepted,
-        "applied" => Phase::Applied,
-        "succeeded" => Phase::Succeeded,
-        "failed" => Phase::Failed,
-        "rejected" => Phase::Rejected,
-        "superseded" => Phase::Superseded,
-        _ => Phase::Unspecified,
+        State::Pending => Phase::Accepted,
+        State::Applied => Phase::Applied,
+        State::Succeeded => Phase::Succeeded,
+        State::Failed => Phase::Failed,
+        State::Rejected => Phase::Rejected,
+        State::Superseded => Phase::Superseded,
     }
 }
 
@@ -279,9 +278,12 @@ mod tests {
     }
 
     #[test]
-    fn every_journal_state_has_a_phase() {
-        for s in ["pending", "applied", "succeeded", "failed", "rejected", "superseded"] {
-            assert_ne!(phase_of_state(s), Phase::Unspecified, "{s}");
+    fn every_journal_state_has_its_own_phase() {
+        let phases: std::collections::HashSet<_> = State::ALL.into_iter().map(phase_of_state).collect();
+        assert_eq!(phases.len(), State::ALL.len());
+        assert!(!phases.contains(&Phase::Unspecified));
+        for s in State::ALL {
+            assert_eq!(State::parse(s.as_str()), Some(s));
         }
     }
 }

@@ -169,7 +169,7 @@ fn announce_again(subject: &Subject, rec: &journal::Recorded) -> journal::Outgoi
     } else {
         format!("duplicate delivery; recorded outcome announced again: {}", rec.message)
     };
-    gossip::event(subject, gossip::phase_of_state(&rec.state), &rec.reason, &message, None)
+    gossip::event(subject, gossip::phase_of_state(rec.state), &rec.reason, &message, None)
 }
 
 #[cfg(test)]

@@ -37,10 +37,44 @@ pub struct NewInstruction<'a> {
     pub source_offset: Option<i64>,
 }
 
+/// An instruction's state in the journal (the `instructions.state` column and its CHECK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Journaled, waiting for its turn to be applied.
+    Pending,
+    /// Written to the cluster, waiting for the operator's word.
+    Applied,
+    Succeeded,
+    Failed,
+    Rejected,
+    Superseded,
+}
+
+impl State {
+    pub const ALL: [State; 6] =
+        [State::Pending, State::Applied, State::Succeeded, State::Failed, State::Rejected, State::Superseded];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Applied => "applied",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Rejected => "rejected",
+            State::Superseded => "superseded",
+        }
+    }
+
+    /// The column's text; the CHECK constraint allows nothing else.
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
 /// What the journal already says about an instruction id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
-    pub state: String,
+    pub state: State,
     pub reason: String,
     pub message: String,
 }
@@ -63,7 +97,12 @@ async fn recorded(conn: &mut PgConnection, id: &str) -> Result<Recorded, Journal
         .fetch_one(&mut *conn)
         .await
         .map_err(err("reading duplicate instruction"))?;
-    Ok(Recorded { state: row.get("state"), reason: row.get("reason"), message: row.get("message") })
+    let text: String = row.get("state");
+    let state = State::parse(&text).ok_or(JournalError {
+        what: "reading duplicate instruction",
+        source: sqlx::Error::Decode(format!("unknown journal state {text:?}").into()),
+    })?;
+    Ok(Recorded { state, reason: row.get("reason"), message: row.get("message") })
 }
 
 /// Journals `ins`. Run it inside a transaction together with the outbox insert of the gossip
@@ -477,7 +516,7 @@ pub async fn finish(
     conn: &mut PgConnection,
     lease: Option<&str>,
     id: &str,
-    state: &str,
+    state: State,
     reason: &str,
     message: &str,
 ) -> Result<bool, JournalError> {
@@ -487,7 +526,7 @@ pub async fn finish(
         holds_lease!("$5")
     ))
     .bind(id)
-    .bind(state)
+    .bind(state.as_str())
     .bind(reason)
     .bind(message)
     .bind(lease)

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::Shared;
 use crate::gossip::{self, Subject};
-use crate::journal::{self, JournalError, Open};
+use crate::journal::{self, JournalError, Open, State};
 
 use crate::progress::{self, Verdict};
 
@@ -57,8 +57,8 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
     };
     let status = qdb.map(gossip::database_status);
     let (state, phase, reason, message) = match verdict {
-        Verdict::Succeeded => ("succeeded", Phase::Succeeded, String::new(), String::new()),
-        Verdict::Failed { reason, message } => ("failed", Phase::Failed, reason, message),
+        Verdict::Succeeded => (State::Succeeded, Phase::Succeeded, String::new(), String::new()),
+        Verdict::Failed { reason, message } => (State::Failed, Phase::Failed, reason, message),
         Verdict::Superseded => {
             // The journal knows which instruction came next; the resource only the latest.
             let by = match journal::successor(&ctx.pool, row).await? {
@@ -70,10 +70,10 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
             let message = format!("replaced by instruction {by} before its own state was observed Ready");
             let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
             let reason = gossip::SUPERSEDED_BY_LATER;
-            if journal::finish(&mut tx, None, &row.id, "superseded", reason, &message).await? {
+            if journal::finish(&mut tx, None, &row.id, State::Superseded, reason, &message).await? {
                 journal::enqueue(&mut tx, &gossip::superseded(&subject, &by, &message, status)).await?;
                 tx.commit().await.map_err(journal::tx_error)?;
-                ctx.metrics.count("superseded");
+                ctx.metrics.count(State::Superseded.as_str());
                 ctx.outbox_wake.notify_one();
                 info!(instruction = %row.id, database = %row.database_id, by = %by, "instruction superseded");
             }
@@ -98,16 +98,17 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
                 row.operation,
                 ctx.deadline(&row.operation).as_secs()
             );
-            ("failed", Phase::Failed, "DEADLINE_EXCEEDED".to_string(), message)
+            (State::Failed, Phase::Failed, "DEADLINE_EXCEEDED".to_string(), message)
         }
     };
     let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
     if journal::finish(&mut tx, None, &row.id, state, &reason, &message).await? {
         journal::enqueue(&mut tx, &gossip::event(&subject, phase, &reason, &message, status)).await?;
         tx.commit().await.map_err(journal::tx_error)?;
-        ctx.metrics.count(state);
+        ctx.metrics.count(state.as_str());
         ctx.outbox_wake.notify_one();
-        info!(instruction = %row.id, database = %row.database_id, state, reason = %reason, "instruction finished");
+        info!(instruction = %row.id, database = %row.database_id, state = state.as_str(), reason = %reason,
+            "instruction finished");
     }
     Ok(())
 }

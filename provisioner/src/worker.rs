@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::Shared;
 use crate::clusters::Cluster;
 use crate::gossip::{self, Source, Subject};
-use crate::journal::{self, JournalError, Open};
+use crate::journal::{self, JournalError, Open, State};
 use crate::mapping::{self, Action, MapError};
 
 /// The resource that reflects `instruction`: its spec, and which instruction wrote it.
@@ -236,7 +236,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
                 &mut tx,
                 Some(&ctx.replica),
                 &head.id,
-                "failed",
+                State::Failed,
                 "JOURNAL_CORRUPT",
                 &e.to_string(),
             )
@@ -248,7 +248,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
     let subject = Subject::of(&ins);
     let Some(cluster) = ctx.registry.get(&head.cluster) else {
         let message = format!("cluster {:?} is no longer in this provisioner's registry", head.cluster);
-        terminal(ctx, head, &subject, "failed", Phase::Failed, "UNKNOWN_CLUSTER", &message, None).await?;
+        terminal(ctx, head, &subject, State::Failed, "UNKNOWN_CLUSTER", &message, None).await?;
         return Ok(true);
     };
     match execute(ctx, cluster, &ins, known).await {
@@ -292,8 +292,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
         }
         Err(ExecError::Rejected(e)) => {
             let message = e.to_string();
-            terminal(ctx, head, &subject, "rejected", Phase::Rejected, e.reason(), &message, Some(&ins))
-                .await?;
+            terminal(ctx, head, &subject, State::Rejected, e.reason(), &message, Some(&ins)).await?;
             Ok(true)
         }
         Err(e @ ExecError::Refused { refusal, .. }) => {
@@ -303,7 +302,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
                 // disagree on what a valid spec is, and that is for the provisioner to fix.
                 ctx.metrics.spec_refused(&head.cluster);
             }
-            terminal(ctx, head, &subject, "failed", Phase::Failed, refusal.reason(), &message, None).await?;
+            terminal(ctx, head, &subject, State::Failed, refusal.reason(), &message, None).await?;
             Ok(true)
         }
         Err(e @ ExecError::Transient { .. }) => {
@@ -318,8 +317,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
                     deadline.as_secs(),
                     head.attempts + 1
                 );
-                terminal(ctx, head, &subject, "failed", Phase::Failed, "DEADLINE_EXCEEDED", &message, None)
-                    .await?;
+                terminal(ctx, head, &subject, State::Failed, "DEADLINE_EXCEEDED", &message, None).await?;
                 return Ok(true);
             }
             let delay =
@@ -340,8 +338,7 @@ async fn terminal(
     ctx: &Shared,
     head: &Open,
     subject: &Subject,
-    state: &str,
-    phase: Phase,
+    state: State,
     reason: &str,
     message: &str,
     dead_letter: Option<&v1::Instruction>,
@@ -349,6 +346,7 @@ async fn terminal(
     let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
     let written = journal::finish(&mut tx, Some(&ctx.replica), &head.id, state, reason, message).await?;
     if written {
+        let phase = gossip::phase_of_state(state);
         journal::enqueue(&mut tx, &gossip::event(subject, phase, reason, message, None)).await?;
         if dead_letter.is_some() {
             let source = Source {
@@ -377,9 +375,9 @@ async fn terminal(
         lease_lost(ctx, head);
         return Ok(());
     }
-    ctx.metrics.count(state);
+    ctx.metrics.count(state.as_str());
     ctx.outbox_wake.notify_one();
-    warn!(instruction = %head.id, database = %head.database_id, reason, message, "instruction {state}");
+    warn!(instruction = %head.id, database = %head.database_id, reason, message, "instruction {}", state.as_str());
     Ok(())
 }
 
