@@ -6,6 +6,12 @@ use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool, Row};
 
+use crate::lease::holds_lease;
+// The outbox and the leases have modules of their own; what the journal's callers used from
+// here stays reachable here.
+pub use crate::lease::{claim, release, release_all, renew};
+pub use crate::outbox::{Outgoing, Topic, enqueue, outbox_batch, outbox_delete, outbox_park};
+
 #[derive(Debug, thiserror::Error)]
 #[error("journal: {what}")]
 pub struct JournalError {
@@ -14,7 +20,7 @@ pub struct JournalError {
     source: sqlx::Error,
 }
 
-fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> JournalError {
+pub(crate) fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> JournalError {
     move |source| JournalError { what, source }
 }
 
@@ -194,185 +200,6 @@ pub async fn reject(
         return Ok(None);
     }
     Ok(Some(recorded(conn, ins.id).await?))
-}
-
-/// Which topic an outbox row goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Topic {
-    Gossip,
-    DeadLetter,
-}
-
-impl Topic {
-    fn as_str(self) -> &'static str {
-        match self {
-            Topic::Gossip => "gossip",
-            Topic::DeadLetter => "dlq",
-        }
-    }
-
-    fn parse(s: &str) -> Topic {
-        if s == "dlq" { Topic::DeadLetter } else { Topic::Gossip }
-    }
-}
-
-/// One message to publish once the transaction that queued it commits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
-    pub id: i64,
-    pub topic: Topic,
-    pub database_id: String,
-    pub key: Option<Vec<u8>>,
-    pub headers: Vec<(String, String)>,
-    pub payload: Vec<u8>,
-}
-
-/// Queues a message in the outbox.
-pub async fn enqueue(conn: &mut PgConnection, out: &Outgoing) -> Result<(), JournalError> {
-    sqlx::query("INSERT INTO outbox (topic, database_id, key, headers, payload) VALUES ($1, $2, $3, $4, $5)")
-        .bind(out.topic.as_str())
-        .bind(&out.database_id)
-        .bind(out.key.as_deref())
-        .bind(sqlx::types::Json(&out.headers))
-        .bind(&out.payload)
-        .execute(conn)
-        .await
-        .map_err(err("queueing outgoing message"))?;
-    Ok(())
-}
-
-/// The oldest queued messages, locked for this transaction.
-pub async fn outbox_batch(conn: &mut PgConnection, limit: i64) -> Result<Vec<Outgoing>, JournalError> {
-    let rows = sqlx::query(
-        "SELECT id, topic, database_id, key, headers, payload FROM outbox
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-    .map_err(err("reading the outbox"))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Outgoing {
-            id: r.get("id"),
-            topic: Topic::parse(r.get("topic")),
-            database_id: r.get("database_id"),
-            key: r.get("key"),
-            headers: r.get::<sqlx::types::Json<Vec<(String, String)>>, _>("headers").0,
-            payload: r.get("payload"),
-        })
-        .collect())
-}
-
-pub async fn outbox_delete(conn: &mut PgConnection, ids: &[i64]) -> Result<(), JournalError> {
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(conn)
-        .await
-        .map_err(err("removing published messages"))?;
-    Ok(())
-}
-
-/// Moves a message that can never be published out of the outbox, with the reason.
-pub async fn outbox_park(conn: &mut PgConnection, id: i64, reason: &str) -> Result<(), JournalError> {
-    sqlx::query(
-        "WITH gone AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
-         INSERT INTO outbox_parked (id, topic, database_id, key, headers, payload, created_at, reason)
-         SELECT id, topic, database_id, key, headers, payload, created_at, $2 FROM gone",
-    )
-    .bind(id)
-    .bind(reason)
-    .execute(conn)
-    .await
-    .map_err(err("setting aside an unpublishable message"))?;
-    Ok(())
-}
-
-/// Takes up to `limit` databases that have instructions due and no live lease.
-pub async fn claim(
-    pool: &PgPool,
-    owner: &str,
-    limit: i64,
-    lease: Duration,
-) -> Result<Vec<String>, JournalError> {
-    sqlx::query_scalar(
-        "WITH due AS (
-             SELECT d.database_id FROM databases d
-             WHERE d.database_id IN (SELECT i.database_id FROM instructions i
-                                     WHERE i.state = 'pending' AND i.next_attempt_at <= now())
-               AND (d.lease_until IS NULL OR d.lease_until < now())
-             LIMIT $2
-             FOR UPDATE OF d SKIP LOCKED)
-         UPDATE databases d SET lease_owner = $1, lease_until = now() + make_interval(secs => $3)
-         FROM due WHERE d.database_id = due.database_id
-         RETURNING d.database_id",
-    )
-    .bind(owner)
-    .bind(limit)
-    .bind(lease.as_secs_f64())
-    .fetch_all(pool)
-    .await
-    .map_err(err("claiming databases"))
-}
-
-/// Extends `owner`'s lease on a database it still holds; false if the lease ran out or another
-/// replica holds it now (the work must stop: anything it writes would be refused anyway).
-pub async fn renew(
-    pool: &PgPool,
-    owner: &str,
-    database_id: &str,
-    lease: Duration,
-) -> Result<bool, JournalError> {
-    let done = sqlx::query(
-        "UPDATE databases SET lease_until = now() + make_interval(secs => $3)
-         WHERE database_id = $1 AND lease_owner = $2 AND lease_until > now()",
-    )
-    .bind(database_id)
-    .bind(owner)
-    .bind(lease.as_secs_f64())
-    .execute(pool)
-    .await
-    .map_err(err("renewing the lease"))?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// The condition every journal write after a claim carries (`$lease` is the owner, or NULL for
-/// writes that need no lease): the writer still holds a live lease on the database.
-macro_rules! holds_lease {
-    ($owner:literal) => {
-        concat!(
-            "(",
-            $owner,
-            "::text IS NULL OR EXISTS (SELECT 1 FROM databases l
-               WHERE l.database_id = instructions.database_id AND l.lease_owner = ",
-            $owner,
-            " AND l.lease_until > now()))"
-        )
-    };
-}
-
-pub async fn release(pool: &PgPool, owner: &str, database_id: &str) -> Result<(), JournalError> {
-    sqlx::query(
-        "UPDATE databases SET lease_owner = NULL, lease_until = NULL
-         WHERE database_id = $1 AND lease_owner = $2",
-    )
-    .bind(database_id)
-    .bind(owner)
-    .execute(pool)
-    .await
-    .map_err(err("releasing database"))?;
-    Ok(())
-}
-
-/// Gives up every lease of `owner` (at shutdown), so other replicas continue at once.
-pub async fn release_all(pool: &PgPool, owner: &str) -> Result<u64, JournalError> {
-    let done =
-        sqlx::query("UPDATE databases SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1")
-            .bind(owner)
-            .execute(pool)
-            .await
-            .map_err(err("releasing databases"))?;
-    Ok(done.rows_affected())
 }
 
 /// A journaled instruction that is not yet terminal.

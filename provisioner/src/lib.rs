@@ -15,6 +15,7 @@ pub mod gossip;
 pub mod http;
 pub mod intake;
 pub mod journal;
+pub mod lease;
 pub mod mapping;
 pub mod metrics;
 pub mod outbox;

@@ -1,6 +1,7 @@
-//! The outbox drainer: publishes committed gossip and dead-letter copies with an idempotent
-//! producer, then deletes them. At-least-once: a crash between publish and delete publishes
-//! again (events carry unique ids for consumers to drop repeats).
+//! The transactional outbox: messages queued in the transaction of the state change they
+//! report, and the drainer that publishes committed gossip and dead-letter copies with an
+//! idempotent producer, then deletes them. At-least-once: a crash between publish and delete
+//! publishes again (events carry unique ids for consumers to drop repeats).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,9 +15,103 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::journal::{self, JournalError, Topic};
+use sqlx::{PgConnection, Row};
+
+use crate::journal::{self, JournalError, err};
 use crate::metrics::{OutcomeLabels, ParkedLabels};
 use crate::{Shared, gossip};
+
+/// Which topic an outbox row goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    Gossip,
+    DeadLetter,
+}
+
+impl Topic {
+    fn as_str(self) -> &'static str {
+        match self {
+            Topic::Gossip => "gossip",
+            Topic::DeadLetter => "dlq",
+        }
+    }
+
+    fn parse(s: &str) -> Topic {
+        if s == "dlq" { Topic::DeadLetter } else { Topic::Gossip }
+    }
+}
+
+/// One message to publish once the transaction that queued it commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub id: i64,
+    pub topic: Topic,
+    pub database_id: String,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+    pub payload: Vec<u8>,
+}
+
+/// Queues a message in the outbox.
+pub async fn enqueue(conn: &mut PgConnection, out: &Outgoing) -> Result<(), JournalError> {
+    sqlx::query("INSERT INTO outbox (topic, database_id, key, headers, payload) VALUES ($1, $2, $3, $4, $5)")
+        .bind(out.topic.as_str())
+        .bind(&out.database_id)
+        .bind(out.key.as_deref())
+        .bind(sqlx::types::Json(&out.headers))
+        .bind(&out.payload)
+        .execute(conn)
+        .await
+        .map_err(err("queueing outgoing message"))?;
+    Ok(())
+}
+
+/// The oldest queued messages, locked for this transaction.
+pub async fn outbox_batch(conn: &mut PgConnection, limit: i64) -> Result<Vec<Outgoing>, JournalError> {
+    let rows = sqlx::query(
+        "SELECT id, topic, database_id, key, headers, payload FROM outbox
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .map_err(err("reading the outbox"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Outgoing {
+            id: r.get("id"),
+            topic: Topic::parse(r.get("topic")),
+            database_id: r.get("database_id"),
+            key: r.get("key"),
+            headers: r.get::<sqlx::types::Json<Vec<(String, String)>>, _>("headers").0,
+            payload: r.get("payload"),
+        })
+        .collect())
+}
+
+pub async fn outbox_delete(conn: &mut PgConnection, ids: &[i64]) -> Result<(), JournalError> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await
+        .map_err(err("removing published messages"))?;
+    Ok(())
+}
+
+/// Moves a message that can never be published out of the outbox, with the reason.
+pub async fn outbox_park(conn: &mut PgConnection, id: i64, reason: &str) -> Result<(), JournalError> {
+    sqlx::query(
+        "WITH gone AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
+         INSERT INTO outbox_parked (id, topic, database_id, key, headers, payload, created_at, reason)
+         SELECT id, topic, database_id, key, headers, payload, created_at, $2 FROM gone",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(conn)
+    .await
+    .map_err(err("setting aside an unpublishable message"))?;
+    Ok(())
+}
 
 /// One drainer at a time across replicas keeps each database's events in order; the row locks
 /// (FOR UPDATE SKIP LOCKED) keep a row from being taken twice even without it.
@@ -84,7 +179,7 @@ async fn drain_once(ctx: &Shared, producer: &FutureProducer) -> Result<usize, Ou
     if !locked {
         return Ok(0);
     }
-    let batch = journal::outbox_batch(&mut tx, BATCH).await?;
+    let batch = outbox_batch(&mut tx, BATCH).await?;
     if batch.is_empty() {
         return Ok(0);
     }
@@ -140,7 +235,7 @@ async fn drain_once(ctx: &Shared, producer: &FutureProducer) -> Result<usize, Ou
                 delivered.push(out.id);
             }
             Fate::Parked(reason) => {
-                journal::outbox_park(&mut tx, out.id, &reason).await?;
+                outbox_park(&mut tx, out.id, &reason).await?;
                 parked += 1;
                 let label = ParkedLabels { topic: role.into(), reason: "refused".into() };
                 ctx.metrics.outbox_parked.get_or_create(&label).inc();
@@ -153,7 +248,7 @@ async fn drain_once(ctx: &Shared, producer: &FutureProducer) -> Result<usize, Ou
             }
         }
     }
-    journal::outbox_delete(&mut tx, &delivered).await?;
+    outbox_delete(&mut tx, &delivered).await?;
     tx.commit().await.map_err(journal::tx_error)?;
     match again {
         Some(e) => Err(e),
