@@ -94,6 +94,7 @@ fn gossip(phase: Phase, reason: &str, with_status: bool) -> GossipEvent {
             observed_generation: 3,
         }),
         emitted_at_ms: 1_764_000_001_000,
+        superseded_by: String::new(),
     }
 }
 

@@ -52,6 +52,10 @@ pub struct Config {
     /// Larger instructions are rejected as oversized.
     #[arg(long, env = "QDB_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
     pub max_message_bytes: usize,
+    /// The largest record this replica publishes (the producer's `message.max.bytes`; keep it
+    /// at or under the broker's and the topics' limits). Dead-letter copies are cut to fit it.
+    #[arg(long, env = "QDB_PUBLISH_MAX_BYTES", default_value_t = 1_000_000)]
+    pub publish_max_bytes: usize,
     /// Time an applied instruction may take to succeed before it is failed, in seconds.
     #[arg(long, env = "QDB_DEADLINE_SECS", default_value_t = 1800)]
     pub deadline_secs: u64,

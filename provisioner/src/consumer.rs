@@ -164,7 +164,8 @@ async fn journal_batch(ctx: &Shared, batch: &[OwnedMessage]) -> Result<Vec<&'sta
         if let Verdict::Reject { reason, message, .. } = &verdict {
             warn!(partition = m.partition(), offset = m.offset(), reason, message = %message, "instruction rejected");
         }
-        let outcome = intake::record(&mut tx, &verdict, payload, &source_of(m)).await?;
+        let outcome =
+            intake::record(&mut tx, &verdict, payload, &source_of(m), ctx.publish_max_bytes).await?;
         outcomes.push(outcome.as_str());
     }
     tx.commit().await.map_err(journal::tx_error)?;

@@ -4,7 +4,7 @@ use qdb_crd::{Phase as CrPhase, QuestDB};
 use qdb_proto::Message;
 use qdb_proto::v1::{self, Phase};
 
-use crate::journal::{Outgoing, Topic};
+use crate::journal::{Outgoing, State, Topic};
 
 /// The instruction an event is about.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,7 +34,17 @@ pub fn event(
     message: &str,
     status: Option<v1::DatabaseStatus>,
 ) -> Outgoing {
-    let ev = v1::GossipEvent {
+    encode(build(subject, phase, reason, message, status))
+}
+
+fn build(
+    subject: &Subject,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+    status: Option<v1::DatabaseStatus>,
+) -> v1::GossipEvent {
+    v1::GossipEvent {
         event_id: uuid::Uuid::new_v4().to_string(),
         instruction_id: subject.instruction_id.clone(),
         database_id: subject.database_id.clone(),
@@ -45,13 +55,34 @@ pub fn event(
         message: message.to_string(),
         status,
         emitted_at_ms: now_ms(),
-    };
+        superseded_by: String::new(),
+    }
+}
+
+/// The event that ends an applied instruction replaced by the later instruction `by`.
+pub fn superseded(
+    subject: &Subject,
+    by: &str,
+    message: &str,
+    status: Option<v1::DatabaseStatus>,
+) -> Outgoing {
+    let mut ev = build(subject, Phase::Superseded, SUPERSEDED_BY_LATER, message, status);
+    ev.superseded_by = by.to_string();
+    encode(ev)
+}
+
+/// The reason of an applied instruction replaced before it was observed Ready.
+pub const SUPERSEDED_BY_LATER: &str = "SUPERSEDED_BY_LATER_INSTRUCTION";
+
+fn encode(ev: v1::GossipEvent) -> Outgoing {
+    let phase = ev.phase();
+    let database_id = ev.database_id.clone();
     Outgoing {
         id: 0,
         topic: Topic::Gossip,
-        database_id: subject.database_id.clone(),
         // Keyed by database so one database's events stay in order on one partition.
-        key: Some(subject.database_id.clone().into_bytes()),
+        key: Some(database_id.clone().into_bytes()),
+        database_id,
         headers: vec![("qdb.phase".into(), phase.as_str_name().into())],
         payload: ev.encode_to_vec(),
     }
@@ -67,42 +98,87 @@ pub struct Source {
     pub headers: Vec<(String, String)>,
 }
 
-/// The rejected bytes as received, with the reason in headers (the original headers kept).
+/// What a record takes beyond its key, value and headers (record and batch framing), with room
+/// to spare.
+const RECORD_OVERHEAD: usize = 1024;
+/// The rejection message is for people: the first part says it.
+const MAX_REASON_MESSAGE: usize = 1024;
+
+/// The rejected bytes as received, with the reason and the source in headers (the original
+/// headers kept), always small enough to publish: a dead letter that the broker refuses would
+/// block every message queued behind it. The payload is cut to fit `max_bytes` (the publishable
+/// size of one record) and then says so: `qdb.dlq.truncated` and `qdb.dlq.original.bytes`.
+/// Original headers and key too large to keep beside it are dropped, and their count said.
 pub fn dead_letter(
     source: &Source,
     payload: &[u8],
     database_id: &str,
     reason: &str,
     message: &str,
+    max_bytes: usize,
 ) -> Outgoing {
-    let mut headers = source.headers.clone();
-    headers.extend([
+    let size = |h: &[(String, String)]| h.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>();
+    let mut headers = vec![
         ("qdb.reject.reason".to_string(), reason.to_string()),
-        ("qdb.reject.message".to_string(), message.to_string()),
+        ("qdb.reject.message".to_string(), cut_str(message, MAX_REASON_MESSAGE).to_string()),
         ("qdb.source.topic".to_string(), source.topic.clone()),
         ("qdb.source.partition".to_string(), source.partition.to_string()),
         ("qdb.source.offset".to_string(), source.offset.to_string()),
-    ]);
+    ];
+    // Room for the headers that say what was dropped or cut, added below if needed.
+    let mut used = RECORD_OVERHEAD + size(&headers) + 256;
+    let key = source.key.clone().filter(|k| used + k.len() <= max_bytes / 4);
+    used += key.as_ref().map_or(0, Vec::len);
+    if used + size(&source.headers) <= max_bytes / 2 {
+        used += size(&source.headers);
+        headers.splice(0..0, source.headers.iter().cloned());
+    } else {
+        headers.push(("qdb.dlq.headers.dropped".to_string(), source.headers.len().to_string()));
+    }
+    let room = max_bytes.saturating_sub(used);
+    let kept = if payload.len() > room {
+        headers.push(("qdb.dlq.truncated".to_string(), "true".to_string()));
+        headers.push(("qdb.dlq.original.bytes".to_string(), payload.len().to_string()));
+        &payload[..room]
+    } else {
+        payload
+    };
     Outgoing {
         id: 0,
         topic: Topic::DeadLetter,
         database_id: database_id.to_string(),
-        key: source.key.clone(),
+        key,
         headers,
-        payload: payload.to_vec(),
+        payload: kept.to_vec(),
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn cut_str(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The bytes a record of `out` takes on the wire, as far as the broker's limit goes (framing
+/// apart).
+pub fn record_bytes(out: &Outgoing) -> usize {
+    out.payload.len()
+        + out.key.as_ref().map_or(0, Vec::len)
+        + out.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum::<usize>()
+}
+
 /// The gossip phase that announces a journal state again (for a duplicate delivery).
-pub fn phase_of_state(state: &str) -> Phase {
+pub fn phase_of_state(state: State) -> Phase {
     match state {
-        "pending" => Phase::Accepted,
-        "applied" => Phase::Applied,
-        "succeeded" => Phase::Succeeded,
-        "failed" => Phase::Failed,
-        "rejected" => Phase::Rejected,
-        "superseded" => Phase::Superseded,
-        _ => Phase::Unspecified,
+        State::Pending => Phase::Accepted,
+        State::Applied => Phase::Applied,
+        State::Succeeded => Phase::Succeeded,
+        State::Failed => Phase::Failed,
+        State::Rejected => Phase::Rejected,
+        State::Superseded => Phase::Superseded,
     }
 }
 
@@ -162,7 +238,7 @@ mod tests {
             key: Some(b"k".to_vec()),
             headers: vec![("trace".into(), "t1".into())],
         };
-        let out = dead_letter(&src, b"\xff\x00", "", "UNDECODABLE", "bad wire type");
+        let out = dead_letter(&src, b"\xff\x00", "", "UNDECODABLE", "bad wire type", 1_000_000);
         assert_eq!(out.topic, Topic::DeadLetter);
         assert_eq!(out.payload, b"\xff\x00");
         assert_eq!(out.key.as_deref(), Some(&b"k"[..]));
@@ -170,12 +246,44 @@ mod tests {
         assert_eq!(h["trace"], "t1");
         assert_eq!(h["qdb.reject.reason"], "UNDECODABLE");
         assert_eq!(h["qdb.source.offset"], "41");
+        assert!(!h.contains_key("qdb.dlq.truncated"));
     }
 
     #[test]
-    fn every_journal_state_has_a_phase() {
-        for s in ["pending", "applied", "succeeded", "failed", "rejected", "superseded"] {
-            assert_ne!(phase_of_state(s), Phase::Unspecified, "{s}");
+    fn dead_letter_always_fits_and_says_what_was_cut() {
+        let max = 1_000_000;
+        let src = Source {
+            topic: "instructions".into(),
+            partition: 4,
+            offset: 7,
+            key: Some(vec![b'k'; 2_000_000]),
+            headers: vec![("big".into(), "x".repeat(900_000)), ("trace".into(), "t1".into())],
+        };
+        for len in [max - 100, max, max + 48, 8 * max] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let out = dead_letter(&src, &payload, "db", "OVERSIZED", &"m".repeat(10_000), max);
+            assert!(record_bytes(&out) + RECORD_OVERHEAD <= max, "{len}: {}", record_bytes(&out));
+            assert!(payload.starts_with(&out.payload), "a prefix of what was received");
+            let h: std::collections::HashMap<_, _> = out.headers.iter().cloned().collect();
+            assert_eq!(h["qdb.dlq.truncated"], "true");
+            assert_eq!(h["qdb.dlq.original.bytes"], len.to_string());
+            assert_eq!((h["qdb.source.partition"].as_str(), h["qdb.source.offset"].as_str()), ("4", "7"));
+            assert_eq!(h["qdb.dlq.headers.dropped"], "2");
+            assert!(out.key.is_none(), "a key too large to keep is dropped");
+        }
+        // A small message is copied whole, multi-byte text cut at a character boundary.
+        let out = dead_letter(&src, b"abc", "db", "OVERSIZED", &"é".repeat(1000), max);
+        assert_eq!(out.payload, b"abc");
+        assert!(out.headers.iter().any(|(k, v)| k == "qdb.reject.message" && v.len() <= MAX_REASON_MESSAGE));
+    }
+
+    #[test]
+    fn every_journal_state_has_its_own_phase() {
+        let phases: std::collections::HashSet<_> = State::ALL.into_iter().map(phase_of_state).collect();
+        assert_eq!(phases.len(), State::ALL.len());
+        assert!(!phases.contains(&Phase::Unspecified));
+        for s in State::ALL {
+            assert_eq!(State::parse(s.as_str()), Some(s));
         }
     }
 }

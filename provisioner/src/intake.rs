@@ -97,6 +97,7 @@ pub async fn record(
     verdict: &Verdict,
     payload: &[u8],
     source: &Source,
+    publish_max_bytes: usize,
 ) -> Result<Outcome, JournalError> {
     fn new<'a>(ins: &'a v1::Instruction, payload: &'a [u8], source: &Source) -> NewInstruction<'a> {
         NewInstruction {
@@ -152,8 +153,11 @@ pub async fn record(
                 .await?;
             }
             let database_id = instruction.as_ref().map(|i| i.database_id.as_str()).unwrap_or_default();
-            journal::enqueue(conn, &gossip::dead_letter(source, payload, database_id, reason, message))
-                .await?;
+            journal::enqueue(
+                conn,
+                &gossip::dead_letter(source, payload, database_id, reason, message, publish_max_bytes),
+            )
+            .await?;
             Ok(Outcome::Rejected)
         }
     }
@@ -165,7 +169,7 @@ fn announce_again(subject: &Subject, rec: &journal::Recorded) -> journal::Outgoi
     } else {
         format!("duplicate delivery; recorded outcome announced again: {}", rec.message)
     };
-    gossip::event(subject, gossip::phase_of_state(&rec.state), &rec.reason, &message, None)
+    gossip::event(subject, gossip::phase_of_state(rec.state), &rec.reason, &message, None)
 }
 
 #[cfg(test)]

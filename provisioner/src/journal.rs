@@ -6,6 +6,12 @@ use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool, Row};
 
+use crate::lease::holds_lease;
+// The outbox and the leases have modules of their own; what the journal's callers used from
+// here stays reachable here.
+pub use crate::lease::{claim, release, release_all, renew};
+pub use crate::outbox::{Outgoing, Topic, enqueue, outbox_batch, outbox_delete, outbox_park};
+
 #[derive(Debug, thiserror::Error)]
 #[error("journal: {what}")]
 pub struct JournalError {
@@ -14,7 +20,7 @@ pub struct JournalError {
     source: sqlx::Error,
 }
 
-fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> JournalError {
+pub(crate) fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> JournalError {
     move |source| JournalError { what, source }
 }
 
@@ -37,10 +43,44 @@ pub struct NewInstruction<'a> {
     pub source_offset: Option<i64>,
 }
 
+/// An instruction's state in the journal (the `instructions.state` column and its CHECK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Journaled, waiting for its turn to be applied.
+    Pending,
+    /// Written to the cluster, waiting for the operator's word.
+    Applied,
+    Succeeded,
+    Failed,
+    Rejected,
+    Superseded,
+}
+
+impl State {
+    pub const ALL: [State; 6] =
+        [State::Pending, State::Applied, State::Succeeded, State::Failed, State::Rejected, State::Superseded];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Applied => "applied",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Rejected => "rejected",
+            State::Superseded => "superseded",
+        }
+    }
+
+    /// The column's text; the CHECK constraint allows nothing else.
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
 /// What the journal already says about an instruction id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
-    pub state: String,
+    pub state: State,
     pub reason: String,
     pub message: String,
 }
@@ -63,7 +103,12 @@ async fn recorded(conn: &mut PgConnection, id: &str) -> Result<Recorded, Journal
         .fetch_one(&mut *conn)
         .await
         .map_err(err("reading duplicate instruction"))?;
-    Ok(Recorded { state: row.get("state"), reason: row.get("reason"), message: row.get("message") })
+    let text: String = row.get("state");
+    let state = State::parse(&text).ok_or(JournalError {
+        what: "reading duplicate instruction",
+        source: sqlx::Error::Decode(format!("unknown journal state {text:?}").into()),
+    })?;
+    Ok(Recorded { state, reason: row.get("reason"), message: row.get("message") })
 }
 
 /// Journals `ins`. Run it inside a transaction together with the outbox insert of the gossip
@@ -157,170 +202,6 @@ pub async fn reject(
     Ok(Some(recorded(conn, ins.id).await?))
 }
 
-/// Which topic an outbox row goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Topic {
-    Gossip,
-    DeadLetter,
-}
-
-impl Topic {
-    fn as_str(self) -> &'static str {
-        match self {
-            Topic::Gossip => "gossip",
-            Topic::DeadLetter => "dlq",
-        }
-    }
-
-    fn parse(s: &str) -> Topic {
-        if s == "dlq" { Topic::DeadLetter } else { Topic::Gossip }
-    }
-}
-
-/// One message to publish once the transaction that queued it commits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
-    pub id: i64,
-    pub topic: Topic,
-    pub database_id: String,
-    pub key: Option<Vec<u8>>,
-    pub headers: Vec<(String, String)>,
-    pub payload: Vec<u8>,
-}
-
-/// Queues a message in the outbox.
-pub async fn enqueue(conn: &mut PgConnection, out: &Outgoing) -> Result<(), JournalError> {
-    sqlx::query("INSERT INTO outbox (topic, database_id, key, headers, payload) VALUES ($1, $2, $3, $4, $5)")
-        .bind(out.topic.as_str())
-        .bind(&out.database_id)
-        .bind(out.key.as_deref())
-        .bind(sqlx::types::Json(&out.headers))
-        .bind(&out.payload)
-        .execute(conn)
-        .await
-        .map_err(err("queueing outgoing message"))?;
-    Ok(())
-}
-
-/// The oldest queued messages, locked for this transaction.
-pub async fn outbox_batch(conn: &mut PgConnection, limit: i64) -> Result<Vec<Outgoing>, JournalError> {
-    let rows = sqlx::query(
-        "SELECT id, topic, database_id, key, headers, payload FROM outbox
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-    .map_err(err("reading the outbox"))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Outgoing {
-            id: r.get("id"),
-            topic: Topic::parse(r.get("topic")),
-            database_id: r.get("database_id"),
-            key: r.get("key"),
-            headers: r.get::<sqlx::types::Json<Vec<(String, String)>>, _>("headers").0,
-            payload: r.get("payload"),
-        })
-        .collect())
-}
-
-pub async fn outbox_delete(conn: &mut PgConnection, ids: &[i64]) -> Result<(), JournalError> {
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(conn)
-        .await
-        .map_err(err("removing published messages"))?;
-    Ok(())
-}
-
-/// Takes up to `limit` databases that have instructions due and no live lease.
-pub async fn claim(
-    pool: &PgPool,
-    owner: &str,
-    limit: i64,
-    lease: Duration,
-) -> Result<Vec<String>, JournalError> {
-    sqlx::query_scalar(
-        "WITH due AS (
-             SELECT d.database_id FROM databases d
-             WHERE d.database_id IN (SELECT i.database_id FROM instructions i
-                                     WHERE i.state = 'pending' AND i.next_attempt_at <= now())
-               AND (d.lease_until IS NULL OR d.lease_until < now())
-             LIMIT $2
-             FOR UPDATE OF d SKIP LOCKED)
-         UPDATE databases d SET lease_owner = $1, lease_until = now() + make_interval(secs => $3)
-         FROM due WHERE d.database_id = due.database_id
-         RETURNING d.database_id",
-    )
-    .bind(owner)
-    .bind(limit)
-    .bind(lease.as_secs_f64())
-    .fetch_all(pool)
-    .await
-    .map_err(err("claiming databases"))
-}
-
-/// Extends `owner`'s lease on a database it still holds; false if the lease ran out or another
-/// replica holds it now (the work must stop: anything it writes would be refused anyway).
-pub async fn renew(
-    pool: &PgPool,
-    owner: &str,
-    database_id: &str,
-    lease: Duration,
-) -> Result<bool, JournalError> {
-    let done = sqlx::query(
-        "UPDATE databases SET lease_until = now() + make_interval(secs => $3)
-         WHERE database_id = $1 AND lease_owner = $2 AND lease_until > now()",
-    )
-    .bind(database_id)
-    .bind(owner)
-    .bind(lease.as_secs_f64())
-    .execute(pool)
-    .await
-    .map_err(err("renewing the lease"))?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// The condition every journal write after a claim carries (`$lease` is the owner, or NULL for
-/// writes that need no lease): the writer still holds a live lease on the database.
-macro_rules! holds_lease {
-    ($owner:literal) => {
-        concat!(
-            "(",
-            $owner,
-            "::text IS NULL OR EXISTS (SELECT 1 FROM databases l
-               WHERE l.database_id = instructions.database_id AND l.lease_owner = ",
-            $owner,
-            " AND l.lease_until > now()))"
-        )
-    };
-}
-
-pub async fn release(pool: &PgPool, owner: &str, database_id: &str) -> Result<(), JournalError> {
-    sqlx::query(
-        "UPDATE databases SET lease_owner = NULL, lease_until = NULL
-         WHERE database_id = $1 AND lease_owner = $2",
-    )
-    .bind(database_id)
-    .bind(owner)
-    .execute(pool)
-    .await
-    .map_err(err("releasing database"))?;
-    Ok(())
-}
-
-/// Gives up every lease of `owner` (at shutdown), so other replicas continue at once.
-pub async fn release_all(pool: &PgPool, owner: &str) -> Result<u64, JournalError> {
-    let done =
-        sqlx::query("UPDATE databases SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1")
-            .bind(owner)
-            .execute(pool)
-            .await
-            .map_err(err("releasing databases"))?;
-    Ok(done.rows_affected())
-}
-
 /// A journaled instruction that is not yet terminal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Open {
@@ -335,6 +216,11 @@ pub struct Open {
     pub progress: String,
     /// Due now (pending) or past its deadline (applied).
     pub due: bool,
+    /// Since the instruction was journaled: the deadline of one not yet applied counts from here.
+    pub age: Duration,
+    /// Where it was consumed from (-1 when unknown), for its dead-letter copy.
+    pub source_partition: i32,
+    pub source_offset: i64,
 }
 
 fn open_from(r: &sqlx::postgres::PgRow) -> Open {
@@ -349,12 +235,17 @@ fn open_from(r: &sqlx::postgres::PgRow) -> Open {
         generation: r.get("generation"),
         progress: r.get("progress"),
         due: r.get("due"),
+        age: Duration::try_from_secs_f64(r.get::<f64, _>("age_secs")).unwrap_or_default(),
+        source_partition: r.get("source_partition"),
+        source_offset: r.get("source_offset"),
     }
 }
 
 macro_rules! open_columns {
     () => {
-        "id, database_id, cluster, sequence, operation, payload, attempts, generation, progress"
+        "id, database_id, cluster, sequence, operation, payload, attempts, generation, progress,
+         greatest(extract(epoch FROM now() - received_at), 0)::float8 AS age_secs,
+         coalesce(source_partition, -1) AS source_partition, coalesce(source_offset, -1) AS source_offset"
     };
 }
 
@@ -452,7 +343,7 @@ pub async fn finish(
     conn: &mut PgConnection,
     lease: Option<&str>,
     id: &str,
-    state: &str,
+    state: State,
     reason: &str,
     message: &str,
 ) -> Result<bool, JournalError> {
@@ -462,7 +353,7 @@ pub async fn finish(
         holds_lease!("$5")
     ))
     .bind(id)
-    .bind(state)
+    .bind(state.as_str())
     .bind(reason)
     .bind(message)
     .bind(lease)
@@ -470,6 +361,23 @@ pub async fn finish(
     .await
     .map_err(err("finishing instruction"))?;
     Ok(done.rows_affected() == 1)
+}
+
+/// The instruction that replaced `row`: the next one applied after it that changed the spec
+/// again, or deleted it (None if the journal knows of none, e.g. the spec was written by hand).
+pub async fn successor(pool: &PgPool, row: &Open) -> Result<Option<String>, JournalError> {
+    sqlx::query_scalar(
+        "SELECT id FROM instructions
+         WHERE database_id = $1 AND sequence > $2 AND applied_at IS NOT NULL
+           AND (generation IS NULL OR generation > coalesce($3, 0))
+         ORDER BY sequence LIMIT 1",
+    )
+    .bind(&row.database_id)
+    .bind(row.sequence)
+    .bind(row.generation)
+    .fetch_optional(pool)
+    .await
+    .map_err(err("reading the superseding instruction"))
 }
 
 /// Records a new progress text; false if it is what was announced last.

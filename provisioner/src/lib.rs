@@ -15,6 +15,7 @@ pub mod gossip;
 pub mod http;
 pub mod intake;
 pub mod journal;
+pub mod lease;
 pub mod mapping;
 pub mod metrics;
 pub mod outbox;
@@ -52,6 +53,7 @@ pub struct Shared {
     pub max_parallel: usize,
     pub intake_batch: usize,
     pub max_message_bytes: usize,
+    pub publish_max_bytes: usize,
     pub lease: Duration,
     pub max_retry_delay: Duration,
     deadlines: BTreeMap<String, Duration>,
@@ -140,6 +142,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
         max_parallel: config.max_parallel.max(1),
         intake_batch: config.intake_batch.max(1),
         max_message_bytes: config.max_message_bytes,
+        publish_max_bytes: config.publish_max_bytes.max(64 * 1024),
         lease: Duration::from_secs(config.lease_secs.max(5)),
         max_retry_delay: Duration::from_secs(config.max_retry_delay_secs.max(1)),
         deadlines,
@@ -171,7 +174,10 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
             let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
         }
     });
-    let outbox = tokio::spawn(outbox::run(ctx.clone(), kafka_with(&kafka, &config), stop_outbox.clone()));
+    let mut producer_props =
+        BTreeMap::from([("message.max.bytes".to_string(), ctx.publish_max_bytes.to_string())]);
+    producer_props.extend(kafka_with(&kafka, &config));
+    let outbox = tokio::spawn(outbox::run(ctx.clone(), producer_props, stop_outbox.clone()));
     let workers = tokio::spawn(worker::run(ctx.clone(), stop_work.clone()));
     let sweep = tokio::spawn(tracker::sweep(ctx.clone(), stop_work.clone()));
     let watches: Vec<_> = writers

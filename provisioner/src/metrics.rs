@@ -44,6 +44,21 @@ pub struct Metrics {
     pub outbox_lag_seconds: Gauge<f64, AtomicU64>,
     pub published: Family<OutcomeLabels, Counter>,
     pub kube_requests: Family<KubeLabels, Counter>,
+    /// Writes a cluster refused though the provisioner validated them: its own bugs.
+    pub spec_refused: Family<ClusterLabels, Counter>,
+    /// Outbox messages that can never be published, set aside (table outbox_parked).
+    pub outbox_parked: Family<ParkedLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ParkedLabels {
+    pub topic: String,
+    pub reason: String,
 }
 
 impl Metrics {
@@ -89,8 +104,22 @@ impl Metrics {
             "Kubernetes API requests by cluster, verb and outcome",
             kube_requests.clone(),
         );
+        let spec_refused = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "spec_refused",
+            "Validated specs a cluster refused anyway (a provisioner bug), by cluster",
+            spec_refused.clone(),
+        );
+        let outbox_parked = Family::<ParkedLabels, Counter>::default();
+        registry.register(
+            "outbox_parked",
+            "Outbox messages set aside because they can never be published, by topic role and reason",
+            outbox_parked.clone(),
+        );
         Metrics {
             registry,
+            spec_refused,
+            outbox_parked,
             instructions,
             apply_seconds,
             consumer_lag,
@@ -111,6 +140,10 @@ impl Metrics {
         self.kube_requests
             .get_or_create(&KubeLabels { cluster: cluster.into(), verb: verb.into(), outcome })
             .inc();
+    }
+
+    pub fn spec_refused(&self, cluster: &str) {
+        self.spec_refused.get_or_create(&ClusterLabels { cluster: cluster.to_string() }).inc();
     }
 
     pub fn encode(&self) -> String {

@@ -11,6 +11,9 @@ pub enum Verdict {
     /// Still converging; the text is announced once per change.
     Progress(String),
     Succeeded,
+    /// A later instruction's spec reached the resource before this one's state was observed
+    /// Ready: this one's effect is not there, and never will be.
+    Superseded,
     Failed {
         reason: String,
         message: String,
@@ -42,14 +45,30 @@ pub fn judge(operation: &str, generation: Option<i64>, qdb: Option<&QuestDB>) ->
         };
     }
     let Some(q) = qdb else { return Verdict::Wait };
-    let Some(status) = &q.status else { return Verdict::Wait };
-    let observed = status.observed_generation.unwrap_or(0);
-    if observed < generation.unwrap_or(0) {
-        return progressing(q).map_or(Verdict::Wait, Verdict::Progress);
+    let applied = generation.unwrap_or(0);
+    let current = q.metadata.generation.unwrap_or(0);
+    let observed = q.status.as_ref().and_then(|s| s.observed_generation).unwrap_or(0);
+    // Only the operator's word on this very generation says anything about this instruction:
+    // a later generation's Ready (or failure) is the later instruction's.
+    if observed > applied {
+        return Verdict::Superseded;
     }
-    if status.phase == Some(Phase::Failed) {
-        let (reason, message) =
-            condition(q, "Ready").map(|c| (c.reason.clone(), c.message.clone())).unwrap_or_else(|| {
+    let verdict = if observed == applied { settled(operation, q) } else { progress_of(q) };
+    match verdict {
+        Verdict::Wait | Verdict::Progress(_) if current > applied => Verdict::Superseded,
+        v => v,
+    }
+}
+
+/// The operator's word on the generation it observed.
+fn settled(operation: &str, q: &QuestDB) -> Verdict {
+    if q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Failed) {
+        // Degraded says why (e.g. an AWS error); Ready only that the database is not serving.
+        let degraded = condition(q, "Degraded").filter(|c| c.status == "True");
+        let (reason, message) = degraded
+            .or_else(|| condition(q, "Ready"))
+            .map(|c| (c.reason.clone(), c.message.clone()))
+            .unwrap_or_else(|| {
                 ("Failed".to_string(), "the operator reports the database failed".to_string())
             });
         return Verdict::Failed { reason, message };
@@ -64,6 +83,10 @@ pub fn judge(operation: &str, generation: Option<i64>, qdb: Option<&QuestDB>) ->
     if done {
         return Verdict::Succeeded;
     }
+    progress_of(q)
+}
+
+fn progress_of(q: &QuestDB) -> Verdict {
     progressing(q).map_or(Verdict::Wait, Verdict::Progress)
 }
 
@@ -112,7 +135,6 @@ mod tests {
             judge("create", Some(2), Some(&qdb(2, Phase::Running, ready.clone()))),
             Verdict::Succeeded
         );
-        assert_eq!(judge("modify", Some(2), Some(&qdb(3, Phase::Running, ready))), Verdict::Succeeded);
         assert_eq!(judge("create", Some(1), None), Verdict::Wait);
     }
 
@@ -168,6 +190,61 @@ mod tests {
         );
         // A failure of an older generation says nothing about this one yet.
         assert_eq!(judge("create", Some(4), Some(&q)), Verdict::Wait);
+    }
+
+    fn at(mut q: QuestDB, generation: i64) -> QuestDB {
+        q.metadata.generation = Some(generation);
+        q
+    }
+
+    #[test]
+    fn a_later_generation_supersedes_unless_this_one_was_seen_ready() {
+        let ready = vec![cond("Ready", "True", "Running", ""), cond("Progressing", "False", "Converged", "")];
+        // Upgrade at 2, rollback at 3, the operator only ever saw 3: the upgrade never happened.
+        assert_eq!(
+            judge("modify", Some(2), Some(&at(qdb(3, Phase::Running, ready.clone()), 3))),
+            Verdict::Superseded
+        );
+        // The rollback is written but not yet observed: the upgrade is already replaced.
+        let converging = vec![cond("Progressing", "True", "Updating", "8.2.2")];
+        assert_eq!(
+            judge("modify", Some(2), Some(&at(qdb(1, Phase::Updating, converging), 3))),
+            Verdict::Superseded
+        );
+        // Seen Ready at its own generation: it happened, whatever came after.
+        assert_eq!(
+            judge("modify", Some(2), Some(&at(qdb(2, Phase::Running, ready.clone()), 3))),
+            Verdict::Succeeded
+        );
+        assert_eq!(judge("modify", Some(3), Some(&at(qdb(3, Phase::Running, ready), 3))), Verdict::Succeeded);
+        // A later instruction's failure is not this one's.
+        let failed = vec![
+            cond("Ready", "False", "Failed", ""),
+            cond("Degraded", "True", "InvalidAMIID", "no such AMI"),
+        ];
+        assert_eq!(
+            judge("modify", Some(2), Some(&at(qdb(3, Phase::Failed, failed), 3))),
+            Verdict::Superseded
+        );
+    }
+
+    #[test]
+    fn failed_prefers_the_degraded_reason() {
+        let q = qdb(
+            2,
+            Phase::Failed,
+            vec![
+                cond("Ready", "False", "Failed", "not serving"),
+                cond("Degraded", "True", "UnauthorizedOperation", "ec2:RunInstances denied"),
+            ],
+        );
+        assert_eq!(
+            judge("create", Some(2), Some(&q)),
+            Verdict::Failed {
+                reason: "UnauthorizedOperation".into(),
+                message: "ec2:RunInstances denied".into()
+            }
+        );
     }
 
     #[test]

@@ -12,14 +12,14 @@ use futures::StreamExt;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
-use qdb_crd::QuestDB;
+use qdb_crd::{QuestDB, keys};
 use qdb_proto::v1::Phase;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::Shared;
 use crate::gossip::{self, Subject};
-use crate::journal::{self, JournalError, Open};
+use crate::journal::{self, JournalError, Open, State};
 
 use crate::progress::{self, Verdict};
 
@@ -57,8 +57,28 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
     };
     let status = qdb.map(gossip::database_status);
     let (state, phase, reason, message) = match verdict {
-        Verdict::Succeeded => ("succeeded", Phase::Succeeded, String::new(), String::new()),
-        Verdict::Failed { reason, message } => ("failed", Phase::Failed, reason, message),
+        Verdict::Succeeded => (State::Succeeded, Phase::Succeeded, String::new(), String::new()),
+        Verdict::Failed { reason, message } => (State::Failed, Phase::Failed, reason, message),
+        Verdict::Superseded => {
+            // The journal knows which instruction came next; the resource only the latest.
+            let by = match journal::successor(&ctx.pool, row).await? {
+                Some(id) => id,
+                None => qdb
+                    .and_then(|q| q.metadata.annotations.as_ref()?.get(keys::INSTRUCTION_ID).cloned())
+                    .unwrap_or_default(),
+            };
+            let message = format!("replaced by instruction {by} before its own state was observed Ready");
+            let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
+            let reason = gossip::SUPERSEDED_BY_LATER;
+            if journal::finish(&mut tx, None, &row.id, State::Superseded, reason, &message).await? {
+                journal::enqueue(&mut tx, &gossip::superseded(&subject, &by, &message, status)).await?;
+                tx.commit().await.map_err(journal::tx_error)?;
+                ctx.metrics.count(State::Superseded.as_str());
+                ctx.outbox_wake.notify_one();
+                info!(instruction = %row.id, database = %row.database_id, by = %by, "instruction superseded");
+            }
+            return Ok(());
+        }
         Verdict::Progress(text) if !row.due => {
             let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
             if journal::set_progress(&mut tx, &row.id, &text).await? {
@@ -78,36 +98,53 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
                 row.operation,
                 ctx.deadline(&row.operation).as_secs()
             );
-            ("failed", Phase::Failed, "DEADLINE_EXCEEDED".to_string(), message)
+            (State::Failed, Phase::Failed, "DEADLINE_EXCEEDED".to_string(), message)
         }
     };
     let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
     if journal::finish(&mut tx, None, &row.id, state, &reason, &message).await? {
         journal::enqueue(&mut tx, &gossip::event(&subject, phase, &reason, &message, status)).await?;
         tx.commit().await.map_err(journal::tx_error)?;
-        ctx.metrics.count(state);
+        ctx.metrics.count(state.as_str());
         ctx.outbox_wake.notify_one();
-        info!(instruction = %row.id, database = %row.database_id, state, reason = %reason, "instruction finished");
+        info!(instruction = %row.id, database = %row.database_id, state = state.as_str(), reason = %reason,
+            "instruction finished");
     }
     Ok(())
 }
 
 pub async fn evaluate(ctx: &Shared, view: &ClusterView, cluster: &str, database_id: &str) {
+    let qdb = view.get(database_id);
+    judge_all(ctx, cluster, database_id, qdb.as_deref()).await;
+}
+
+/// Judges every applied instruction of a database against `qdb` (None: absent).
+async fn judge_all(ctx: &Shared, cluster: &str, database_id: &str, qdb: Option<&QuestDB>) {
     let rows = match journal::applied(&ctx.pool, Some(database_id), 100).await {
         Ok(rows) => rows,
         Err(e) => return warn!(database = %database_id, error = %e, "reading applied instructions failed"),
     };
-    let qdb = view.get(database_id);
     for row in rows.iter().filter(|r| r.cluster == cluster) {
-        if let Err(e) = decide(ctx, row, Some(qdb.as_deref())).await {
+        if let Err(e) = decide(ctx, row, Some(qdb)).await {
             warn!(instruction = %row.id, error = %e, "recording progress failed; the sweep retries");
         }
     }
 }
 
-/// Right after an apply: judges the instruction at once if the cached resource already says
-/// something about its generation (the status event may have come before the journal write).
-pub async fn evaluate_if_judgeable(ctx: &Shared, view: &ClusterView, head: &Open, generation: Option<i64>) {
+/// Right after an apply, with the resource the apply returned (fresher than the watch): an
+/// earlier instruction still waiting is superseded now, and this one is judged at once if the
+/// operator already reported on its generation (the status may have come before the journal
+/// write). After a delete there is no returned resource: the watch's copy is used.
+pub async fn evaluate_after_apply(
+    ctx: &Shared,
+    view: &ClusterView,
+    head: &Open,
+    generation: Option<i64>,
+    returned: Option<&QuestDB>,
+) {
+    if let Some(q) = returned {
+        return judge_all(ctx, &head.cluster, &head.database_id, Some(q)).await;
+    }
     if !view.is_synced() {
         return;
     }

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::Shared;
 use crate::clusters::Cluster;
 use crate::gossip::{self, Source, Subject};
-use crate::journal::{self, JournalError, Open};
+use crate::journal::{self, JournalError, Open, State};
 use crate::mapping::{self, Action, MapError};
 
 /// The resource that reflects `instruction`: its spec, and which instruction wrote it.
@@ -41,6 +41,15 @@ pub fn build_resource(instruction: &v1::Instruction, spec: QuestDBSpec) -> Quest
     qdb
 }
 
+/// The body the provisioner applies for `instruction`: the one place it is built, so the
+/// property test (tests/tests/provisioner_outcomes.rs) applies exactly what the worker does.
+/// An emptied server config is left out, never sent as `{}`: server-side apply then removes the
+/// keys this manager owned, whereas `{}` after owned keys leaves the map null, which the schema
+/// refuses (`spec.serverConfig: Invalid value: "null"`, seen on Kubernetes 1.37).
+pub fn apply_body(instruction: &v1::Instruction, spec: QuestDBSpec) -> serde_json::Value {
+    serde_json::to_value(build_resource(instruction, spec)).unwrap_or_default()
+}
+
 /// The wait before the next attempt after `attempts` failed ones: exponential with jitter.
 pub fn retry_delay(attempts: i32, max: Duration) -> Duration {
     ExponentialBuilder::default()
@@ -54,24 +63,70 @@ pub fn retry_delay(attempts: i32, max: Duration) -> Duration {
         .unwrap_or(max)
 }
 
+/// Why the cluster will not take a write, whatever the number of tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The object itself was refused (schema, CEL rule, admission) although the provisioner
+    /// validated it first: the provisioner's own bug, not the user's.
+    SpecRefused,
+    /// This provisioner's identity may not do it (RBAC).
+    Forbidden,
+    /// The credentials were not accepted.
+    Unauthorized,
+    /// The cluster lacks what the write needs: the QuestDB CRD or the namespace.
+    NotSetUp,
+    /// Any other refusal the apiserver means as final (413, 405, ...).
+    Other,
+}
+
+impl Refusal {
+    /// The machine-readable gossip reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::SpecRefused => "SPEC_REFUSED_BY_CLUSTER",
+            Refusal::Forbidden => "FORBIDDEN",
+            Refusal::Unauthorized => "UNAUTHORIZED",
+            Refusal::NotSetUp => "CLUSTER_NOT_SET_UP",
+            Refusal::Other => "CLUSTER_REFUSED_REQUEST",
+        }
+    }
+}
+
+/// Whether an apiserver answer of `code` is final (Some) or worth another try (None): conflicts,
+/// throttling, timeouts and server errors pass; a refusal of the request itself does not.
+pub fn refusal(code: u16) -> Option<Refusal> {
+    match code {
+        400 | 422 => Some(Refusal::SpecRefused),
+        401 => Some(Refusal::Unauthorized),
+        403 => Some(Refusal::Forbidden),
+        404 => Some(Refusal::NotSetUp),
+        408 | 409 | 425 | 429 => None,
+        400..=499 => Some(Refusal::Other),
+        _ => None,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ExecError {
-    /// The instruction cannot apply to the resource as it is: terminal.
+    /// The instruction cannot apply to the resource as it is: terminal, the user's to fix.
     #[error(transparent)]
     Rejected(#[from] MapError),
-    /// The apiserver refused the object itself (schema, admission): terminal.
-    #[error("the cluster refused the resource: {0}")]
-    Refused(String),
+    /// The cluster will never take this write: terminal, failed at once.
+    #[error("{verb}: the cluster refused it ({code}): {message}")]
+    Refused { verb: &'static str, refusal: Refusal, code: u16, message: String },
     /// Worth another try later: the cluster is unreachable, busy or the resource is changing.
     #[error("{what}")]
     Transient { what: String, source: Option<kube::Error> },
 }
 
-fn kube_error(verb: &str, e: kube::Error) -> ExecError {
+fn kube_error(verb: &'static str, e: kube::Error) -> ExecError {
     match &e {
-        kube::Error::Api(status) if status.code == 400 || status.code == 422 => {
-            ExecError::Refused(format!("{verb}: {}", status.message))
-        }
+        kube::Error::Api(status) => match refusal(status.code) {
+            Some(refusal) => {
+                ExecError::Refused { verb, refusal, code: status.code, message: status.message.clone() }
+            }
+            None => ExecError::Transient { what: format!("{verb} failed"), source: Some(e) },
+        },
         _ => ExecError::Transient { what: format!("{verb} failed"), source: Some(e) },
     }
 }
@@ -135,7 +190,7 @@ async fn execute(
     let current = current_spec(ctx, cluster, ins, known).await?;
     let action = mapping::desired(ins, current.as_ref())?;
     let apply = |spec| {
-        let obj = build_resource(ins, spec);
+        let obj = apply_body(ins, spec);
         let api = api.clone();
         async move {
             let params = PatchParams::apply(PROVISIONER_MANAGER).force();
@@ -181,7 +236,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
                 &mut tx,
                 Some(&ctx.replica),
                 &head.id,
-                "failed",
+                State::Failed,
                 "JOURNAL_CORRUPT",
                 &e.to_string(),
             )
@@ -193,7 +248,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
     let subject = Subject::of(&ins);
     let Some(cluster) = ctx.registry.get(&head.cluster) else {
         let message = format!("cluster {:?} is no longer in this provisioner's registry", head.cluster);
-        terminal(ctx, head, &subject, "failed", Phase::Failed, "UNKNOWN_CLUSTER", &message, None).await?;
+        terminal(ctx, head, &subject, State::Failed, "UNKNOWN_CLUSTER", &message, None).await?;
         return Ok(true);
     };
     match execute(ctx, cluster, &ins, known).await {
@@ -224,7 +279,8 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
                 // The operator may have reported on this generation before the journal said
                 // applied; judge it now rather than at the next sweep.
                 if let Some(view) = ctx.views.get(&head.cluster) {
-                    crate::tracker::evaluate_if_judgeable(ctx, view, head, applied.generation).await;
+                    let returned = applied.qdb.as_ref();
+                    crate::tracker::evaluate_after_apply(ctx, view, head, applied.generation, returned).await;
                 }
                 Ok(true)
             } else {
@@ -236,28 +292,36 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
         }
         Err(ExecError::Rejected(e)) => {
             let message = e.to_string();
-            terminal(ctx, head, &subject, "rejected", Phase::Rejected, e.reason(), &message, Some(&ins))
-                .await?;
+            terminal(ctx, head, &subject, State::Rejected, e.reason(), &message, Some(&ins)).await?;
             Ok(true)
         }
-        Err(e @ ExecError::Refused(_)) => {
+        Err(e @ ExecError::Refused { refusal, .. }) => {
             let message = e.to_string();
-            terminal(
-                ctx,
-                head,
-                &subject,
-                "rejected",
-                Phase::Rejected,
-                "REFUSED_BY_CLUSTER",
-                &message,
-                Some(&ins),
-            )
-            .await?;
+            if refusal == Refusal::SpecRefused {
+                // Everything written was validated first: the cluster and the provisioner
+                // disagree on what a valid spec is, and that is for the provisioner to fix.
+                ctx.metrics.spec_refused(&head.cluster);
+            }
+            terminal(ctx, head, &subject, State::Failed, refusal.reason(), &message, None).await?;
             Ok(true)
         }
         Err(e @ ExecError::Transient { .. }) => {
-            let delay = retry_delay(head.attempts, ctx.max_retry_delay);
             let error = crate::error_chain(&e);
+            let deadline = ctx.deadline(&head.operation);
+            if head.age >= deadline {
+                // The deadline counts from arrival: an instruction that could never be applied
+                // ends like one the operator never finished.
+                let message = format!(
+                    "not applied within the {} deadline of {}s after {} attempts; last error: {error}",
+                    head.operation,
+                    deadline.as_secs(),
+                    head.attempts + 1
+                );
+                terminal(ctx, head, &subject, State::Failed, "DEADLINE_EXCEEDED", &message, None).await?;
+                return Ok(true);
+            }
+            let delay =
+                retry_delay(head.attempts, ctx.max_retry_delay).min(deadline.saturating_sub(head.age));
             info!(instruction = %head.id, database = %head.database_id, cluster = %head.cluster,
                 attempts = head.attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %error,
                 "apply failed; will retry");
@@ -274,8 +338,7 @@ async fn terminal(
     ctx: &Shared,
     head: &Open,
     subject: &Subject,
-    state: &str,
-    phase: Phase,
+    state: State,
     reason: &str,
     message: &str,
     dead_letter: Option<&v1::Instruction>,
@@ -283,18 +346,26 @@ async fn terminal(
     let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
     let written = journal::finish(&mut tx, Some(&ctx.replica), &head.id, state, reason, message).await?;
     if written {
+        let phase = gossip::phase_of_state(state);
         journal::enqueue(&mut tx, &gossip::event(subject, phase, reason, message, None)).await?;
         if dead_letter.is_some() {
             let source = Source {
                 topic: ctx.instructions_topic.clone(),
-                partition: -1,
-                offset: -1,
+                partition: head.source_partition,
+                offset: head.source_offset,
                 key: Some(head.database_id.clone().into_bytes()),
                 headers: vec![],
             };
             journal::enqueue(
                 &mut tx,
-                &gossip::dead_letter(&source, &head.payload, &head.database_id, reason, message),
+                &gossip::dead_letter(
+                    &source,
+                    &head.payload,
+                    &head.database_id,
+                    reason,
+                    message,
+                    ctx.publish_max_bytes,
+                ),
             )
             .await?;
         }
@@ -304,9 +375,9 @@ async fn terminal(
         lease_lost(ctx, head);
         return Ok(());
     }
-    ctx.metrics.count(state);
+    ctx.metrics.count(state.as_str());
     ctx.outbox_wake.notify_one();
-    warn!(instruction = %head.id, database = %head.database_id, reason, message, "instruction {state}");
+    warn!(instruction = %head.id, database = %head.database_id, reason, message, "instruction {}", state.as_str());
     Ok(())
 }
 
@@ -439,6 +510,47 @@ mod tests {
         let json = serde_json::to_value(build_resource(&ins, spec)).unwrap();
         assert_eq!(json["kind"], "QuestDB");
         assert!(json.get("status").is_none_or(|s| s.is_null()));
+    }
+
+    #[test]
+    fn an_empty_server_config_is_left_out() {
+        let ins = v1::Instruction {
+            instruction_id: "i-1".into(),
+            database_id: "db-1".into(),
+            ..Default::default()
+        };
+        let mut spec: QuestDBSpec = serde_json::from_value(serde_json::json!({
+            "version": "8.2.1", "instanceType": "m6i.xlarge", "nodeImage": "ami-0123456789abcdef0",
+            "volume": {"sizeGib": 10, "type": "gp3"}, "serverConfig": {"a": "1"}
+        }))
+        .unwrap();
+        assert_eq!(apply_body(&ins, spec.clone())["spec"]["serverConfig"], serde_json::json!({"a": "1"}));
+        spec.server_config.clear();
+        assert!(apply_body(&ins, spec)["spec"].get("serverConfig").is_none());
+    }
+
+    #[test]
+    fn refusals_are_final_and_the_rest_is_retried() {
+        assert_eq!(refusal(422), Some(Refusal::SpecRefused));
+        assert_eq!(refusal(400), Some(Refusal::SpecRefused));
+        assert_eq!(refusal(403), Some(Refusal::Forbidden));
+        assert_eq!(refusal(401), Some(Refusal::Unauthorized));
+        assert_eq!(refusal(404), Some(Refusal::NotSetUp));
+        assert_eq!(refusal(413), Some(Refusal::Other));
+        for transient in [408, 409, 425, 429, 500, 502, 503, 504] {
+            assert_eq!(refusal(transient), None, "{transient}");
+        }
+        let reasons: std::collections::HashSet<_> = [
+            Refusal::SpecRefused,
+            Refusal::Forbidden,
+            Refusal::Unauthorized,
+            Refusal::NotSetUp,
+            Refusal::Other,
+        ]
+        .iter()
+        .map(|r| r.reason())
+        .collect();
+        assert_eq!(reasons.len(), 5, "each refusal has its own reason");
     }
 
     #[test]

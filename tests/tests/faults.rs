@@ -11,7 +11,9 @@ use qdb_proto::Message;
 use qdb_proto::v1::{self, Phase, instruction::Operation};
 use qdb_tests::eventually;
 use qdb_tests::faults::{FaultProxy, Frozen, Rng, TcpHold};
-use qdb_tests::rig::{Reader, Rig, check_exactly_once, fake_operator, ins, nothing_left_in_ec2, workload};
+use qdb_tests::rig::{
+    Reader, Rig, check_exactly_once, fake_operator, ins, is_terminal, nothing_left_in_ec2, workload,
+};
 
 const T: Duration = Duration::from_secs(60);
 /// A whole run under a fault, on a busy two-core machine.
@@ -257,8 +259,20 @@ async fn the_bad_input_corpus_is_rejected_dead_lettered_and_the_partition_keeps_
         assert_eq!(ev.reason, reason, "{ev:?}");
         assert!(!ev.message.is_empty());
     }
-    for i in [&newer, &create, &later, &good] {
+    for i in [&newer, &later, &good] {
         gossip.phase(&i.instruction_id, Phase::Succeeded, T).await?;
+    }
+    // The later version was applied right after the create: the create ends SUCCEEDED only if
+    // its own generation was seen Ready first, else SUPERSEDED by the later one.
+    let end = gossip
+        .wait("the create terminal", T, |e| {
+            e.instruction_id == create.instruction_id && is_terminal(e.phase())
+        })
+        .await?;
+    match end.phase() {
+        Phase::Succeeded => {}
+        Phase::Superseded => assert_eq!(end.superseded_by, later.instruction_id, "{end:?}"),
+        other => panic!("the create ended {other:?}: {end:?}"),
     }
     let ev = gossip.phase(&stale.instruction_id, Phase::Superseded, T).await?;
     assert_eq!(ev.reason, "STALE_SEQUENCE");
@@ -391,8 +405,8 @@ async fn a_replica_frozen_mid_apply_past_its_lease_cannot_land_an_older_spec() -
     // about the older instruction once B had ended it.
     for i in [&older, &newer] {
         let phases = gossip.phases(&i.instruction_id);
-        let ends = phases.iter().filter(|p| qdb_tests::rig::is_terminal(**p)).count();
-        ensure!(ends == 1 && phases.last().is_some_and(|p| qdb_tests::rig::is_terminal(*p)), "{phases:?}");
+        let ends = phases.iter().filter(|p| is_terminal(**p)).count();
+        ensure!(ends == 1 && phases.last().is_some_and(|p| is_terminal(*p)), "{phases:?}");
         ensure!(!phases.contains(&Phase::Rejected), "{phases:?}");
     }
     drop(b);

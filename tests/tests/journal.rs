@@ -6,7 +6,9 @@
 use anyhow::Result;
 use qdb_proto::v1::Phase;
 use qdb_provisioner::gossip::{Subject, event};
-use qdb_provisioner::journal::{Accepted, NewInstruction, accept, enqueue, finish, record_applied, renew};
+use qdb_provisioner::journal::{
+    Accepted, NewInstruction, State, accept, enqueue, finish, record_applied, renew,
+};
 use qdb_tests::{Cloud, unique};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -59,7 +61,7 @@ async fn an_instruction_id_acts_once() -> Result<()> {
     let Accepted::Duplicate(recorded) = accept_committed(&pool, &ins(&id, &db, 1)).await? else {
         panic!("a redelivery must be recognised");
     };
-    assert_eq!(recorded.state, "pending");
+    assert_eq!(recorded.state, State::Pending);
     assert_eq!(states(&pool, &db).await?, vec![(1, "pending".to_string())]);
     let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE database_id = $1")
         .bind(&db)
@@ -146,7 +148,7 @@ async fn a_replica_whose_lease_ran_out_writes_nothing() -> Result<()> {
     let deadline = std::time::Duration::from_secs(60);
     assert_eq!(record_applied(&pool, "replica-a", &id, Some(1), deadline, None, &applied).await?, None);
     let mut tx = pool.begin().await?;
-    assert!(!finish(&mut tx, Some("replica-a"), &id, "rejected", "REFUSED_BY_CLUSTER", "stale").await?);
+    assert!(!finish(&mut tx, Some("replica-a"), &id, State::Rejected, "REFUSED_BY_CLUSTER", "stale").await?);
     tx.commit().await?;
     assert_eq!(
         states(&pool, &db).await?,

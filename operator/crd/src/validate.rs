@@ -21,7 +21,7 @@ pub enum SpecError {
     Cidr(String),
     #[error("server config key {0:?} must be lowercase letters, digits, '.', '_' or '-'")]
     ConfigKey(String),
-    #[error("server config value of {0:?} must be one line")]
+    #[error("server config value of {0:?} must be one line without control characters")]
     ConfigValue(String),
     #[error("DNS name {0:?} is not a lowercase domain name")]
     DnsName(String),
@@ -54,8 +54,9 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
         if !key_ok {
             errors.push(SpecError::ConfigKey(k.clone()));
         }
-        // A newline would let a value write arbitrary extra lines into server.conf.
-        if v.contains(['\n', '\r']) {
+        // A newline would let a value write arbitrary extra lines into server.conf; other control
+        // characters (DEL, C1) the apiserver refuses in an apply body (YAML allows none of them).
+        if v.chars().any(|c| c.is_control() && c != '\t') {
             errors.push(SpecError::ConfigValue(k.clone()));
         }
     }
@@ -71,7 +72,11 @@ fn is_digits(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// The CRD caps the version at 32 characters (its CEL rule's cost budget).
 fn is_semver(s: &str) -> bool {
+    if s.len() > 32 {
+        return false;
+    }
     let parts: Vec<&str> = s.split('.').collect();
     parts.len() == 3 && parts.iter().all(|p| is_digits(p))
 }
@@ -158,6 +163,25 @@ mod tests {
         assert_eq!(errors.len(), 10, "{errors:?}");
         assert!(errors.contains(&SpecError::VolumeSize(0)));
         assert!(errors.contains(&SpecError::ConfigValue("http.bind.to".into())));
+    }
+
+    #[test]
+    fn what_the_apiserver_refuses_is_refused_first() {
+        // Found by provisioner_outcomes::every_spec_the_provisioner_accepts_the_apiserver_accepts.
+        let mut s = spec();
+        s.version = format!("1.2.{}", "9".repeat(28));
+        assert_eq!(s.version.len(), 32);
+        assert!(validate(&s).is_ok());
+        s.version.push('9');
+        assert_eq!(validate(&s), Err(vec![SpecError::Version(s.version.clone())]));
+        let mut s = spec();
+        s.server_config.insert("a".into(), "tab\tis fine, é€😀 too".into());
+        assert!(validate(&s).is_ok());
+        for bad in ["del\u{7f}", "c1\u{85}", "nul\u{0}", "cr\r"] {
+            let mut s = spec();
+            s.server_config.insert("a".into(), bad.into());
+            assert_eq!(validate(&s), Err(vec![SpecError::ConfigValue("a".into())]), "{bad:?}");
+        }
     }
 
     #[test]

@@ -192,6 +192,10 @@ pub struct GossipEvent {
     /// When this event was emitted, in milliseconds since the Unix epoch (UTC).
     #[prost(int64, tag = "10")]
     pub emitted_at_ms: i64,
+    /// For PHASE_SUPERSEDED after the instruction was applied: the later instruction whose spec
+    /// replaced it before its own state was observed Ready. Empty otherwise.
+    #[prost(string, tag = "11")]
+    pub superseded_by: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DatabaseStatus {
@@ -240,7 +244,9 @@ pub enum Phase {
     Succeeded = 5,
     /// The operator reported a failure, or the deadline passed. Terminal.
     Failed = 6,
-    /// Stale (a newer sequence was applied already) or a duplicate: no effect. Terminal.
+    /// Stale (a newer sequence was applied already) or a duplicate: no effect; or applied, but a
+    /// later instruction replaced its spec before it was observed Ready (superseded_by names it).
+    /// Terminal.
     Superseded = 7,
 }
 impl Phase {
