@@ -39,7 +39,8 @@ where
 }
 
 fn owner() -> Owner {
-    let uid = client_token("00000000-test");
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let uid = format!("00000000-test-{nanos:x}");
     Owner {
         cluster: "aws-test".into(),
         namespace: "questdb".into(),
@@ -82,8 +83,14 @@ async fn ec2_lifecycle() {
         user_data: "#!/bin/sh\necho hello\n",
         zone: None,
         extra_tags: &[("cloud.questdb.io/purpose", "test")],
+        launch: 0,
     };
     let instance = aws.launch_instance(&owner, &launch).await.unwrap();
+    // The same launch tried again (after a timeout, by a restarted operator) carries the same
+    // ClientToken: EC2 answers with the first instance instead of starting a second.
+    let again = aws.launch_instance(&owner, &launch).await.unwrap();
+    assert_eq!(again.id, instance.id, "a retried launch started a second instance");
+    assert_eq!(launch_of(&instance), Some(0));
     assert_eq!(instance.tags[keys::CLUSTER], "aws-test");
     assert_eq!(instance.tags["cloud.questdb.io/purpose"], "test");
     assert_eq!(instance.tags["Name"], "qdb-questdb-db-test");
