@@ -160,14 +160,14 @@ async fn ec2_lifecycle() {
     aws.delete_security_group(&sg.id).await.unwrap();
     assert_eq!(aws.find_security_group(&owner.owner_uid).await.unwrap(), None);
 
-    // Every attempt was counted.
+    // Every attempt was counted (the launch and its retry).
     let mut registry = Registry::with_prefix("qdb_operator");
     aws.register_metrics(&mut registry);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
         text.contains(
-            r#"qdb_operator_aws_calls_total{service="ec2",operation="RunInstances",outcome="ok"} 1"#
+            r#"qdb_operator_aws_calls_total{service="ec2",operation="RunInstances",outcome="ok"} 2"#
         ),
         "{text}"
     );
