@@ -10,6 +10,7 @@ use crate::aws::Aws;
 use crate::aws::inventory::Inventory;
 use crate::metrics::Metrics;
 use crate::reconcile::dns::ZoneRecords;
+use crate::reconcile::zone::{Starts, ZoneLimits};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -32,6 +33,14 @@ pub struct Settings {
     pub replacement_join_timeout: Duration,
     /// Reconciles running at once.
     pub concurrency: u16,
+    /// The namespace watched (`None`: all); the failover gate and the orphan sweep look only at
+    /// its databases.
+    pub namespace: Option<String>,
+    /// Failover rate limits for a zone with many NotReady database nodes at once.
+    pub zone_limits: ZoneLimits,
+    /// InsufficientInstanceCapacity is retried this many times in a row before the database is
+    /// reported Failed.
+    pub capacity_retries: u32,
 }
 
 pub struct Context {
@@ -49,6 +58,8 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// Databases (UIDs) whose node is being upgraded now, against the replacement budget.
     pub replacing: Mutex<HashSet<String>>,
+    /// Failovers started per zone, against the unhealthy-zone rate.
+    pub failover_starts: Mutex<Starts>,
 }
 
 impl Context {
@@ -66,6 +77,7 @@ impl Context {
             dns_records: ZoneRecords::default(),
             failures: Mutex::new(HashMap::new()),
             replacing: Mutex::new(HashSet::new()),
+            failover_starts: Mutex::new(Starts::default()),
         }
     }
 }

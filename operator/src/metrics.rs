@@ -19,6 +19,18 @@ pub struct VerbLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OrphanLabels {
+    pub kind: String,
+    /// `deleted` or `reported`.
+    pub action: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Family<StepLabels, Counter>,
@@ -29,6 +41,12 @@ pub struct Metrics {
     pub leader: Gauge,
     /// From losing the node to Ready again.
     pub failover_seconds: Histogram,
+    /// AWS resources whose owner is gone, by kind and what the sweep did.
+    pub orphans: Family<OrphanLabels, Counter>,
+    /// Orphans the last sweep found, by kind.
+    pub orphans_seen: Family<KindLabels, Gauge>,
+    /// Failovers held back because their zone had too many NotReady database nodes at once.
+    pub failovers_held: Counter,
 }
 
 impl Metrics {
@@ -52,7 +70,36 @@ impl Metrics {
             "Time from node loss to the database Ready again",
             failover_seconds.clone(),
         );
-        Metrics { registry, reconciles, step_seconds, kube_requests, in_flight, leader, failover_seconds }
+        let orphans = Family::<OrphanLabels, Counter>::default();
+        registry.register(
+            "orphans",
+            "AWS resources tagged for this cluster whose owner no longer exists, by kind and action",
+            orphans.clone(),
+        );
+        let orphans_seen = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "orphans_seen",
+            "Orphaned AWS resources the last sweep found",
+            orphans_seen.clone(),
+        );
+        let failovers_held = Counter::default();
+        registry.register(
+            "failovers_held",
+            "Failover starts held back: too many of the zone's database nodes NotReady at once",
+            failovers_held.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            step_seconds,
+            kube_requests,
+            in_flight,
+            leader,
+            failover_seconds,
+            orphans,
+            orphans_seen,
+            failovers_held,
+        }
     }
 
     pub fn step(&self, step: &str, ok: bool, seconds: f64) {
@@ -63,6 +110,10 @@ impl Metrics {
 
     pub fn kube(&self, verb: &str, kind: &str) {
         self.kube_requests.get_or_create(&VerbLabels { verb: verb.into(), kind: kind.into() }).inc();
+    }
+
+    pub fn orphan(&self, kind: &str, action: &str) {
+        self.orphans.get_or_create(&OrphanLabels { kind: kind.into(), action: action.into() }).inc();
     }
 
     pub fn encode(&self) -> String {

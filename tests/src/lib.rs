@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod ec2_calls;
 pub mod faults;
 pub mod rig;
+pub mod scripted;
 
 /// The env file `localcloud up` wrote: `$QDB_ENV`, else the default location for this user.
 pub fn env_file() -> PathBuf {

@@ -2,6 +2,7 @@
 //! simulator), a volume, a security group, Kubernetes children and a DNS record; drift is
 //! repaired; deletion leaves nothing behind; a standby replica takes over.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -765,5 +766,353 @@ async fn an_operator_killed_at_every_step_of_a_move_resumes_there() -> Result<()
     })
     .await?;
     drop(op);
+    Ok(())
+}
+
+/// Every instance ever launched for `uid`, in any state (terminated ones included).
+async fn launched_ever(rig: &Rig, uid: &str) -> Result<Vec<String>> {
+    let ec2 = rig.cloud.ec2(&rig.cloud.cluster("region-a")?.aws_region).await;
+    let filter = aws_sdk_ec2::types::Filter::builder()
+        .name(format!("tag:{}", qdb_crd::keys::OWNER_UID))
+        .values(uid)
+        .build();
+    let out = ec2.describe_instances().filters(filter).send().await?;
+    let mut ids: Vec<String> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Hand-made ingress nobody asked for (all protocols from anywhere, every TCP port from
+/// anywhere) is revoked; the allowed rules stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_security_group_rules_are_revoked() -> Result<()> {
+    use aws_sdk_ec2::types::{IpPermission, IpRange};
+    let rig = Rig::new("op-foreign", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let (_, q) = running(&rig, "region-a", "dbf").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let aws = rig.aws("region-a").await?;
+    let sg = aws.find_security_group(&uid).await?.context("sg")?;
+    let anywhere = || IpRange::builder().cidr_ip("0.0.0.0/0").build();
+    let ec2 = rig.cloud.ec2(&rig.cloud.cluster("region-a")?.aws_region).await;
+    ec2.authorize_security_group_ingress()
+        .group_id(&sg.id)
+        .ip_permissions(IpPermission::builder().ip_protocol("-1").ip_ranges(anywhere()).build())
+        .ip_permissions(
+            IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(0)
+                .to_port(65535)
+                .ip_ranges(anywhere())
+                .build(),
+        )
+        .send()
+        .await?;
+    eventually("the hand-added rules seen", T, || async {
+        Ok(aws.find_security_group(&uid).await?.filter(|g| g.foreign.len() == 2).map(|_| ()))
+    })
+    .await?;
+    eventually("foreign rules revoked", T, || async {
+        Ok(aws
+            .find_security_group(&uid)
+            .await?
+            .filter(|g| g.foreign.is_empty() && g.rules.len() == 3)
+            .map(|_| ()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// RunInstances reaches EC2 but its reply is lost (twice), and for ten seconds DescribeInstances
+/// shows nothing (EC2's eventual consistency, harsher than the emulator's): the operator tries
+/// again under the same ClientToken, EC2 answers with the first instance, and only one is ever
+/// launched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launch_retried_after_a_timeout_starts_no_second_instance() -> Result<()> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use qdb_tests::scripted::{Answer, ScriptedProxy, no_instances};
+    let rig = Rig::new("op-token", 1).await?;
+    let launches = Arc::new(AtomicUsize::new(0));
+    let first_lost: Arc<Mutex<Option<std::time::Instant>>> = Arc::new(Mutex::new(None));
+    let (counter, lost_at) = (launches.clone(), first_lost.clone());
+    let proxy = ScriptedProxy::start(
+        &rig.cloud.aws_endpoint,
+        Box::new(move |action, _| {
+            let hidden = lost_at
+                .lock()
+                .map(|at| at.is_some_and(|t| t.elapsed() < Duration::from_secs(10)))
+                .unwrap_or(false);
+            match action {
+                "RunInstances" if counter.fetch_add(1, Ordering::SeqCst) < 2 => {
+                    if let Ok(mut at) = lost_at.lock() {
+                        at.get_or_insert_with(std::time::Instant::now);
+                    }
+                    Answer::ForwardThenTimeout
+                }
+                "DescribeInstances" if hidden => no_instances(),
+                _ => Answer::Forward,
+            }
+        }),
+    )
+    .await?;
+    let _op = rig.spawn_operator("region-a", "a1", &["--aws-endpoint", &proxy.url])?;
+    let (api, q) = running(&rig, "region-a", "dbt").await?;
+    let tries = launches.load(Ordering::SeqCst);
+    ensure!(tries >= 3, "the launch was tried {tries} times, not retried after both losses");
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let ever = launched_ever(&rig, &uid).await?;
+    ensure!(ever.len() == 1, "instances launched: {ever:?}");
+    let s = api.get("dbt").await?.status.context("status")?;
+    assert_eq!(s.launches, Some(1), "the next launch takes a new number");
+    Ok(())
+}
+
+/// A database deleted right after its instance was launched: cleanup trusts "nothing left" only
+/// from a listing a listing lag (60 s) after that launch, and nothing is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn cleanup_waits_out_the_listing_lag_after_the_last_create() -> Result<()> {
+    let rig = Rig::new("op-lag", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let api = rig.questdbs("region-a").await?;
+    apply(&api, &questdb("dbl", "8.2.1")?).await?;
+    let aws = rig.aws("region-a").await?;
+    let uid =
+        eventually("the resource's uid", T, || async { Ok(api.get("dbl").await?.metadata.uid) }).await?;
+    eventually("an instance launched", T, || async {
+        Ok((!aws.find_instances(&uid).await?.is_empty()).then_some(()))
+    })
+    .await?;
+    let seen = std::time::Instant::now();
+    api.delete("dbl", &Default::default()).await?;
+    eventually("resource gone", Duration::from_secs(240), || async {
+        Ok(api.get_opt("dbl").await?.is_none().then_some(()))
+    })
+    .await?;
+    let took = seen.elapsed();
+    // The launch was at most a few seconds (EC2's listing lag) before the test saw it.
+    ensure!(took >= Duration::from_secs(50), "finalizer removed {took:?} after the launch");
+    for _ in 0..10 {
+        nothing_left_in_ec2(&aws, &uid).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(())
+}
+
+/// A security group, instance and data volume tagged for this cluster and namespace whose owner
+/// does not exist: reported (and left) by `--orphans report`, deleted by the default sweep. A
+/// live database's resources and a volume kept on purpose are never touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_orphan_sweep_reports_or_deletes_what_no_database_owns() -> Result<()> {
+    use qdb_operator::aws::{Launch, Owner};
+    let rig = Rig::new("op-orphans", 1).await?;
+    let aws = rig.aws("region-a").await?;
+    let mut op =
+        rig.spawn_operator("region-a", "a1", &["--orphans", "report", "--orphan-sweep-secs", "3"])?;
+    let (_, q) = running(&rig, "region-a", "dbo").await?;
+    let live_uid = q.metadata.uid.clone().context("uid")?;
+    let ghost = |n: u32| Owner {
+        cluster: "region-a".into(),
+        namespace: rig.namespace.clone(),
+        database: format!("ghost{n}"),
+        owner_uid: format!(
+            "00000000-0000-4000-8000-{:012}",
+            qdb_tests::rig::now_ms() % 1_000_000_000_000 + u64::from(n)
+        ),
+    };
+    let (orphan, kept) = (ghost(0), ghost(1));
+    let sg = aws.create_security_group(&orphan).await?;
+    let launch = Launch {
+        image_id: "ami-0a0a0a0a0a0a0a0a0",
+        instance_type: "m6i.large",
+        security_group_id: &sg.id,
+        user_data: "#!/bin/sh\n",
+        zone: None,
+        extra_tags: &[],
+        launch: 0,
+    };
+    let instance = aws.launch_instance(&orphan, &launch).await?;
+    let volume = aws.create_volume(&orphan, &instance.zone, 1, "gp3").await?;
+    let retained = aws.create_volume(&kept, &instance.zone, 1, "gp3").await?;
+    aws.tag_resource(&retained.id, qdb_crd::keys::RETAINED, "true").await?;
+    let reported = |m: &str| qdb_tests::metric_total(m, "qdb_operator_orphans_total", "action=\"reported\"");
+    eventually("the orphans reported", T, || async {
+        let m = op.metrics().await?;
+        Ok((reported(&m) >= 3.0).then_some(()))
+    })
+    .await?;
+    ensure!(aws.find_security_group(&orphan.owner_uid).await?.is_some(), "report mode deleted the group");
+    ensure!(!aws.find_instances(&orphan.owner_uid).await?.is_empty(), "report mode terminated the instance");
+    op.kill9()?;
+    let op = rig.spawn_operator("region-a", "a1", &["--orphan-sweep-secs", "3"])?;
+    eventually("the orphans deleted", Duration::from_secs(240), || async {
+        Ok(nothing_left_in_ec2(&aws, &orphan.owner_uid).await.ok())
+    })
+    .await?;
+    let m = op.metrics().await?;
+    ensure!(qdb_tests::metric_total(&m, "qdb_operator_orphans_total", "action=\"deleted\"") >= 3.0, "{m}");
+    ensure!(
+        aws.find_volume(&kept.owner_uid).await?.is_some_and(|v| v.id == retained.id),
+        "kept volume deleted"
+    );
+    ensure!(aws.find_volume(&live_uid).await?.is_some(), "a live database's volume deleted");
+    ensure!(aws.find_security_group(&live_uid).await?.is_some(), "a live database's group deleted");
+    ensure!(live_instances(&aws, &live_uid).await? == 1, "a live database's instance terminated");
+    let _ = volume;
+    Ok(())
+}
+
+/// A create with a node image EC2 does not know ends Failed with the AWS reason and message, as
+/// condition and event, without hot-looping; a good image then builds it. The emulator validates
+/// no AMI (moto's AMI validation is off in the local cloud), so a proxy answers RunInstances for
+/// the unknown image exactly as EC2 does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_with_an_unknown_image_fails_with_the_aws_reason() -> Result<()> {
+    use qdb_tests::scripted::{Answer, ScriptedProxy, form_value};
+    const UNKNOWN: &str = "ami-0dead0dead0dead0";
+    let rig = Rig::new("op-badami", 1).await?;
+    let proxy = ScriptedProxy::start(
+        &rig.cloud.aws_endpoint,
+        Box::new(|action, body| match form_value(body, "ImageId") {
+            Some(UNKNOWN) if action == "RunInstances" => Answer::Error {
+                status: http::StatusCode::BAD_REQUEST,
+                code: "InvalidAMIID.NotFound",
+                message: format!("The image id '[{UNKNOWN}]' does not exist"),
+            },
+            _ => Answer::Forward,
+        }),
+    )
+    .await?;
+    let op = rig.spawn_operator("region-a", "a1", &["--aws-endpoint", &proxy.url])?;
+    let api = rig.questdbs("region-a").await?;
+    let mut q = questdb("dbx", "8.2.1")?;
+    q.spec.node_image = UNKNOWN.into();
+    apply(&api, &q).await?;
+    let q = wait_phase(&api, "dbx", Phase::Failed, T).await?;
+    let s = q.status.context("status")?;
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").context("Degraded")?;
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ImageNotFound"));
+    ensure!(
+        degraded.message.contains("InvalidAMIID.NotFound") && degraded.message.contains(UNKNOWN),
+        "{degraded:?}"
+    );
+    let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, &rig.namespace);
+    eventually("an ImageNotFound event", T, || async {
+        let list = events.list(&Default::default()).await?;
+        Ok(list.items.iter().any(|e| e.reason.as_deref() == Some("ImageNotFound")).then_some(()))
+    })
+    .await?;
+    // No hot loop: the operator tries again at the resync (5 s here), not every poll.
+    let launches =
+        |m: &str| qdb_tests::metric_total(m, "qdb_operator_aws_calls_total", "operation=\"RunInstances\"");
+    let before = launches(&op.metrics().await?);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = launches(&op.metrics().await?);
+    ensure!(after - before <= 3.0, "{} launches in 10 s", after - before);
+    let uid = q.metadata.uid.context("uid")?;
+    ensure!(rig.aws("region-a").await?.find_instances(&uid).await?.is_empty(), "nothing launched");
+    apply(&api, &questdb("dbx", "8.2.1")?).await?;
+    wait_phase(&api, "dbx", Phase::Running, T).await?;
+    Ok(())
+}
+
+/// Five databases in one zone; three of their nodes (60 %) die at once. With failovers in an
+/// unhealthy zone limited to one per ten minutes, one fails over and the other two are held
+/// (condition and event say why). Revived, those two serve on their old nodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zone_wide_blip_fails_over_at_the_bounded_rate() -> Result<()> {
+    let rig = Rig::new("op-zone", 1).await?;
+    let args = [
+        "--failover-after-secs",
+        "2",
+        "--unhealthy-zone-threshold",
+        "0.3",
+        "--unhealthy-zone-min-not-ready",
+        "2",
+        "--unhealthy-zone-failovers",
+        "1",
+        "--unhealthy-zone-interval-secs",
+        "600",
+    ];
+    let _op = rig.spawn_operator("region-a", "a1", &args)?;
+    let api = rig.questdbs("region-a").await?;
+    let names = ["dbz0", "dbz1", "dbz2", "dbz3", "dbz4"];
+    for n in names {
+        apply(&api, &questdb(n, "8.2.1")?).await?;
+    }
+    let mut nodes = Vec::new();
+    for n in names {
+        let q = wait_phase(&api, n, Phase::Running, Duration::from_secs(300)).await?;
+        nodes.push(q.status.and_then(|s| s.node).context("node")?);
+    }
+    let zones: std::collections::BTreeSet<_> = nodes.iter().map(|n| n.zone.clone()).collect();
+    ensure!(zones.len() == 1, "the databases are spread over zones {zones:?}");
+    let nodesim = rig.cloud.cluster("region-a")?.nodesim.clone();
+    let http = reqwest::Client::new();
+    for node in &nodes[..3] {
+        http.post(format!("{nodesim}/nodes/{}/kill", node.instance_id)).send().await?.error_for_status()?;
+    }
+    let moved = |s: &qdb_crd::QuestDBStatus, old: &qdb_crd::NodeStatus| {
+        s.replacement.is_some()
+            || s.last_failover.is_some()
+            || s.node.as_ref().is_some_and(|n| n.instance_id != old.instance_id)
+    };
+    let degraded_reason = |s: &qdb_crd::QuestDBStatus| {
+        s.conditions.iter().find(|c| c.type_ == "Degraded" && c.status == "True").map(|c| c.reason.clone())
+    };
+    // One failover starts; the other two say they are held.
+    eventually("one failover started and two held", Duration::from_secs(120), || async {
+        let (mut started, mut held) = (0, 0);
+        for (n, old) in names[..3].iter().zip(&nodes) {
+            let s = api.get(n).await?.status.unwrap_or_default();
+            started += usize::from(moved(&s, old));
+            held += usize::from(degraded_reason(&s).as_deref() == Some("FailoverHeld"));
+        }
+        ensure!(started <= 1, "{started} failovers started");
+        Ok((started == 1 && held == 2).then_some(()))
+    })
+    .await?;
+    // Still at most one a while later (the interval is ten minutes).
+    for _ in 0..20 {
+        let mut started = 0;
+        for (n, old) in names[..3].iter().zip(&nodes) {
+            started += usize::from(moved(&api.get(n).await?.status.unwrap_or_default(), old));
+        }
+        ensure!(started <= 1, "{started} failovers started in an unhealthy zone");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, &rig.namespace);
+    let list = events.list(&Default::default()).await?;
+    ensure!(list.items.iter().any(|e| e.reason.as_deref() == Some("FailoverHeld")), "no FailoverHeld event");
+    let mut held = Vec::new();
+    for (n, old) in names[..3].iter().zip(&nodes) {
+        if !moved(&api.get(n).await?.status.unwrap_or_default(), old) {
+            held.push((*n, old.clone()));
+        }
+    }
+    for (_, old) in &held {
+        http.post(format!("{nodesim}/nodes/{}/revive", old.instance_id)).send().await?.error_for_status()?;
+    }
+    for (n, old) in &held {
+        let q = eventually(&format!("{n} serving again"), T, || async {
+            let q = api.get(n).await?;
+            let s = q.status.clone().unwrap_or_default();
+            let healthy = degraded_reason(&s).is_none();
+            Ok((s.phase == Some(Phase::Running) && healthy).then_some(q))
+        })
+        .await?;
+        let s = q.status.context("status")?;
+        assert_eq!(s.node.map(|x| x.instance_id), Some(old.instance_id.clone()), "{n} moved");
+        ensure!(s.last_failover.is_none(), "{n} failed over");
+    }
     Ok(())
 }

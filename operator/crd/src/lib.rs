@@ -23,6 +23,15 @@ pub mod keys {
     pub const DATABASE: &str = "cloud.questdb.io/database";
     /// AWS tag naming the cluster a resource belongs to.
     pub const CLUSTER: &str = "cloud.questdb.io/cluster";
+    /// AWS tag naming the namespace of the owning resource: an operator watching one namespace
+    /// sweeps only that namespace's orphans.
+    pub const NAMESPACE: &str = "cloud.questdb.io/namespace";
+    /// AWS tag on an instance: which launch of its database it is (the counter in its
+    /// ClientToken).
+    pub const LAUNCH: &str = "cloud.questdb.io/launch";
+    /// AWS tag on a data volume its database's deletion kept (reclaim policy Retain): the orphan
+    /// sweep leaves it alone.
+    pub const RETAINED: &str = "cloud.questdb.io/retained";
     /// AWS tag with the owning QuestDB resource's UID.
     pub const OWNER_UID: &str = "cloud.questdb.io/owner-uid";
     /// Taint key of a database's dedicated node.
@@ -183,6 +192,15 @@ pub struct QuestDBStatus {
     /// reached, so an operator restarted at any point resumes there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replacement: Option<ReplacementStatus>,
+    /// Instances launched for this database so far. Launch number n carries the ClientToken
+    /// `<uid>-node-<n>`: a launch retried after a timeout reuses it (EC2 answers with the first
+    /// instance), a deliberate new one (a replacement) takes the next number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launches: Option<u32>,
+    /// When this operator last created something in AWS for this database: cleanup trusts a
+    /// "nothing left" listing only once it is an eventual-consistency window newer than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_aws_create: Option<Time>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -296,6 +314,66 @@ pub enum ReplaceWhy {
     Failover,
     /// Node image or instance type changed: drained first, within the replacement budget.
     Upgrade,
+}
+
+/// The reason of the `Degraded` condition. With phase `Failed` it names a problem that retrying
+/// cannot cure (the provisioner reports it as the instruction's failure reason); otherwise the
+/// database is still being worked on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum DegradedReason {
+    /// Every step succeeded.
+    Healthy,
+    /// A step failed in a way a retry may cure; retried with backoff.
+    StepFailed,
+    /// The spec cannot be reconciled (the operator's own checks).
+    InvalidSpec,
+    /// EC2 does not know the node image (InvalidAMIID.*).
+    ImageNotFound,
+    /// The operator's AWS identity may not do what the database needs (UnauthorizedOperation,
+    /// AuthFailure, OptInRequired, Blocked).
+    Unauthorized,
+    /// EC2 has no capacity for the instance type in the zone, still after retries.
+    InsufficientCapacity,
+    /// An account limit (instances, vCPUs, volumes, security groups) is reached.
+    QuotaExceeded,
+    /// EC2 refuses the request as given (an instance type or parameter it does not support).
+    InvalidRequest,
+    /// Failover of this database is held back: too many of its zone's database nodes are not
+    /// Ready at once (a zone-wide blip, not a lost machine).
+    FailoverHeld,
+}
+
+impl DegradedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "Healthy",
+            Self::StepFailed => "StepFailed",
+            Self::InvalidSpec => "InvalidSpec",
+            Self::ImageNotFound => "ImageNotFound",
+            Self::Unauthorized => "Unauthorized",
+            Self::InsufficientCapacity => "InsufficientCapacity",
+            Self::QuotaExceeded => "QuotaExceeded",
+            Self::InvalidRequest => "InvalidRequest",
+            Self::FailoverHeld => "FailoverHeld",
+        }
+    }
+
+    /// The reason as written in a condition; `None` for a reason this version does not know.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Healthy,
+            Self::StepFailed,
+            Self::InvalidSpec,
+            Self::ImageNotFound,
+            Self::Unauthorized,
+            Self::InsufficientCapacity,
+            Self::QuotaExceeded,
+            Self::InvalidRequest,
+            Self::FailoverHeld,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
 }
 
 /// The steps of a node replacement, in their fixed order (the design's fencing order).

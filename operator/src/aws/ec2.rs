@@ -9,7 +9,7 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use qdb_crd::keys;
 
-use super::{Aws, AwsError, Owner, ROLE, ROLE_DATA, Service, client_token};
+use super::{Aws, AwsError, Owner, ROLE, ROLE_DATA, Service};
 use crate::build::security_group::Rule;
 
 /// Where the data volume is attached; the node's bootstrap mounts it from there.
@@ -171,6 +171,21 @@ pub struct Launch<'a> {
     /// volume attaches only within its own.
     pub zone: Option<&'a str>,
     pub extra_tags: &'a [(&'a str, &'a str)],
+    /// Which launch of the owner's this is ([`launch_token`]): the same number for every try of
+    /// one launch, the next for a deliberate new instance.
+    pub launch: u32,
+}
+
+/// The ClientToken of launch number `launch` of a database: a RunInstances retried with it (after
+/// a timeout, in a later pass, by a restarted operator) gets the first instance back from EC2
+/// instead of a second one. 36 (uid) + 6 + at most 10 digits stays within EC2's 64 characters.
+pub fn launch_token(owner_uid: &str, launch: u32) -> String {
+    format!("{owner_uid}-node-{launch}")
+}
+
+/// The launch number an instance carries in its tags ([`keys::LAUNCH`]).
+pub fn launch_of(i: &Instance) -> Option<u32> {
+    i.tags.get(keys::LAUNCH)?.parse().ok()
 }
 
 const TCP: &str = "tcp";
@@ -307,20 +322,20 @@ const LIVE_INSTANCE_STATES: [InstanceStateName; 5] = [
 
 impl Aws {
     pub async fn find_security_group(&self, owner_uid: &str) -> Result<Option<SecurityGroup>, AwsError> {
-        let groups = self.list_security_groups(tag_filter(keys::OWNER_UID, owner_uid)).await?;
+        let groups = self.list_security_groups(vec![tag_filter(keys::OWNER_UID, owner_uid)]).await?;
         if groups.len() > 1 {
             tracing::warn!(owner_uid, "more than one security group carries this owner; using the first");
         }
         Ok(groups.into_iter().next().map(|(_, g)| g))
     }
 
-    /// Security groups matching `filter`, each with its owner-UID tag, in EC2's order.
+    /// Security groups matching every filter, each with its owner-UID tag, in EC2's order.
     pub async fn list_security_groups(
         &self,
-        filter: Filter,
+        filters: Vec<Filter>,
     ) -> Result<Vec<(String, SecurityGroup)>, AwsError> {
         const OP: &str = "DescribeSecurityGroups";
-        let req = self.ec2.describe_security_groups().filters(filter);
+        let req = self.ec2.describe_security_groups().set_filters(Some(filters));
         let mut groups = Vec::new();
         let mut token = None;
         loop {
@@ -420,19 +435,19 @@ impl Aws {
 
     /// Every instance tagged with the UID that is not terminated, oldest launch first.
     pub async fn find_instances(&self, owner_uid: &str) -> Result<Vec<Instance>, AwsError> {
-        let mut instances = self.list_instances(tag_filter(keys::OWNER_UID, owner_uid)).await?;
+        let mut instances = self.list_instances(vec![tag_filter(keys::OWNER_UID, owner_uid)]).await?;
         sort_by_launch(&mut instances);
         Ok(instances)
     }
 
-    /// Instances matching `filter` that are not terminated.
-    pub async fn list_instances(&self, filter: Filter) -> Result<Vec<Instance>, AwsError> {
+    /// Instances matching every filter that are not terminated.
+    pub async fn list_instances(&self, filters: Vec<Filter>) -> Result<Vec<Instance>, AwsError> {
         const OP: &str = "DescribeInstances";
         let states = Filter::builder()
             .name("instance-state-name")
             .set_values(Some(LIVE_INSTANCE_STATES.iter().map(|s| s.as_str().to_string()).collect()))
             .build();
-        let req = self.ec2.describe_instances().filters(filter).filters(states);
+        let req = self.ec2.describe_instances().set_filters(Some(filters)).filters(states);
         let mut instances = Vec::new();
         let mut token = None;
         loop {
@@ -451,6 +466,7 @@ impl Aws {
     pub async fn launch_instance(&self, owner: &Owner, launch: &Launch<'_>) -> Result<Instance, AwsError> {
         const OP: &str = "RunInstances";
         let mut tags = owner.tags();
+        tags.push((keys::LAUNCH.into(), launch.launch.to_string()));
         tags.extend(launch.extra_tags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let user_data = base64::engine::general_purpose::STANDARD.encode(launch.user_data);
         let req = self
@@ -465,7 +481,7 @@ impl Aws {
             .set_placement(launch.zone.map(|z| Placement::builder().availability_zone(z).build()))
             .tag_specifications(tag_spec(ResourceType::Instance, &tags))
             .tag_specifications(tag_spec(ResourceType::Volume, &tags))
-            .client_token(client_token(&owner.owner_uid));
+            .client_token(launch_token(&owner.owner_uid, launch.launch));
         let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
         out.instances()
             .iter()
@@ -504,22 +520,26 @@ impl Aws {
 
     /// The data volume of the owner, ignoring deleted ones (see [`pick_volume`]).
     pub async fn find_volume(&self, owner_uid: &str) -> Result<Option<Volume>, AwsError> {
-        let volumes = self.list_volumes(tag_filter(keys::OWNER_UID, owner_uid)).await?;
+        let volumes = self.list_volumes(vec![tag_filter(keys::OWNER_UID, owner_uid)]).await?;
         if volumes.len() > 1 {
             tracing::warn!(owner_uid, count = volumes.len(), "more than one data volume carries this owner");
         }
         Ok(pick_volume(volumes))
     }
 
-    /// Data volumes matching `filter` that still exist, with their creation time.
-    pub async fn list_volumes(&self, filter: Filter) -> Result<Vec<(Option<i64>, Volume)>, AwsError> {
+    /// Data volumes matching every filter that still exist, with their creation time.
+    pub async fn list_volumes(&self, filters: Vec<Filter>) -> Result<Vec<(Option<i64>, Volume)>, AwsError> {
         const OP: &str = "DescribeVolumes";
         let states = Filter::builder()
             .name("status")
             .set_values(Some(LIVE_VOLUME_STATES.iter().map(|s| s.as_str().to_string()).collect()))
             .build();
-        let req =
-            self.ec2.describe_volumes().filters(filter).filters(tag_filter(ROLE, ROLE_DATA)).filters(states);
+        let req = self
+            .ec2
+            .describe_volumes()
+            .set_filters(Some(filters))
+            .filters(tag_filter(ROLE, ROLE_DATA))
+            .filters(states);
         let mut volumes = Vec::new();
         let mut token = None;
         loop {
@@ -595,6 +615,14 @@ impl Aws {
             Err(e) if e.code() == Some("InvalidAttachment.NotFound") => Ok(()),
             other => other.map(|_| ()),
         }
+    }
+
+    /// Adds one tag to an existing resource. Only for marks that are not used to find a
+    /// resource (those are set at creation, see the module docs).
+    pub async fn tag_resource(&self, id: &str, key: &str, value: &str) -> Result<(), AwsError> {
+        const OP: &str = "CreateTags";
+        let req = self.ec2.create_tags().resources(id).tags(Tag::builder().key(key).value(value).build());
+        self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
     }
 
     /// Grows the volume; the filesystem is grown on the node.
@@ -697,6 +725,8 @@ mod tests {
         assert_eq!(tags[keys::CLUSTER], "region-a");
         assert_eq!(tags[keys::OWNER_UID], owner.owner_uid);
         assert_eq!(tags[keys::DATABASE], "db-7f3a");
-        assert!(super::super::client_token(&owner.owner_uid).len() <= 64);
+        assert_eq!(tags[keys::NAMESPACE], "questdb");
+        assert!(launch_token(&owner.owner_uid, u32::MAX).len() <= 64);
+        assert_eq!(launch_token("u", 0), "u-node-0");
     }
 }

@@ -39,7 +39,8 @@ where
 }
 
 fn owner() -> Owner {
-    let uid = client_token("00000000-test");
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let uid = format!("00000000-test-{nanos:x}");
     Owner {
         cluster: "aws-test".into(),
         namespace: "questdb".into(),
@@ -82,8 +83,14 @@ async fn ec2_lifecycle() {
         user_data: "#!/bin/sh\necho hello\n",
         zone: None,
         extra_tags: &[("cloud.questdb.io/purpose", "test")],
+        launch: 0,
     };
     let instance = aws.launch_instance(&owner, &launch).await.unwrap();
+    // The same launch tried again (after a timeout, by a restarted operator) carries the same
+    // ClientToken: EC2 answers with the first instance instead of starting a second.
+    let again = aws.launch_instance(&owner, &launch).await.unwrap();
+    assert_eq!(again.id, instance.id, "a retried launch started a second instance");
+    assert_eq!(launch_of(&instance), Some(0));
     assert_eq!(instance.tags[keys::CLUSTER], "aws-test");
     assert_eq!(instance.tags["cloud.questdb.io/purpose"], "test");
     assert_eq!(instance.tags["Name"], "qdb-questdb-db-test");
@@ -153,14 +160,14 @@ async fn ec2_lifecycle() {
     aws.delete_security_group(&sg.id).await.unwrap();
     assert_eq!(aws.find_security_group(&owner.owner_uid).await.unwrap(), None);
 
-    // Every attempt was counted.
+    // Every attempt was counted (the launch and its retry).
     let mut registry = Registry::with_prefix("qdb_operator");
     aws.register_metrics(&mut registry);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
         text.contains(
-            r#"qdb_operator_aws_calls_total{service="ec2",operation="RunInstances",outcome="ok"} 1"#
+            r#"qdb_operator_aws_calls_total{service="ec2",operation="RunInstances",outcome="ok"} 2"#
         ),
         "{text}"
     );

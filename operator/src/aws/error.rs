@@ -3,6 +3,7 @@
 
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use qdb_crd::DegradedReason;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -43,7 +44,87 @@ const THROTTLING: &[&str] = &[
 /// Server-side failures that a retry may cure.
 const SERVER_ERRORS: &[&str] = &["InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable"];
 
+/// Whether a failed call is worth trying again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Retried with backoff: throttling, server errors, timeouts, a state EC2 is still moving
+    /// through, and anything not known to be permanent.
+    Transient,
+    /// Only a change (of the spec, the account, the operator's permissions) can cure it.
+    Permanent(DegradedReason),
+}
+
+/// Codes that say the same request will fail the same way again.
+fn permanent_reason(operation: &str, code: &str) -> Option<DegradedReason> {
+    let creates = matches!(operation, "RunInstances" | "CreateVolume" | "CreateSecurityGroup");
+    Some(match code {
+        c if c.starts_with("InvalidAMIID.") => DegradedReason::ImageNotFound,
+        "UnauthorizedOperation"
+        | "AuthFailure"
+        | "OptInRequired"
+        | "Blocked"
+        | "AccessDenied"
+        | "AccessDeniedException"
+        | "SignatureDoesNotMatch"
+        | "InvalidClientTokenId" => DegradedReason::Unauthorized,
+        "InstanceLimitExceeded"
+        | "VcpuLimitExceeded"
+        | "VolumeLimitExceeded"
+        | "MaxIOPSLimitExceeded"
+        | "SecurityGroupLimitExceeded"
+        | "RulesPerSecurityGroupLimitExceeded"
+        | "ResourceLimitExceeded" => DegradedReason::QuotaExceeded,
+        // A launch or create refused as asked (an instance type the region lacks, a parameter
+        // it does not take). Elsewhere the same codes may come from a state in flux.
+        "InvalidParameterValue"
+        | "InvalidParameterCombination"
+        | "InvalidInstanceType"
+        | "Unsupported"
+        | "InvalidBlockDeviceMapping"
+            if creates =>
+        {
+            DegradedReason::InvalidRequest
+        }
+        _ => return None,
+    })
+}
+
+/// How a failed call bears on the database, as the `attempts`-th failure in a row. EC2 being out
+/// of capacity for an instance type is often over in minutes: it counts as permanent only after
+/// `capacity_retries` tries.
+pub fn classify(operation: &str, code: Option<&str>, attempts: u32, capacity_retries: u32) -> Outcome {
+    let Some(code) = code else { return Outcome::Transient };
+    if matches!(code, "InsufficientInstanceCapacity" | "InsufficientCapacity" | "InsufficientVolumeCapacity")
+    {
+        return if attempts > capacity_retries {
+            Outcome::Permanent(DegradedReason::InsufficientCapacity)
+        } else {
+            Outcome::Transient
+        };
+    }
+    permanent_reason(operation, code).map_or(Outcome::Transient, Outcome::Permanent)
+}
+
 impl AwsError {
+    /// [`classify`] for this error.
+    pub fn outcome(&self, attempts: u32, capacity_retries: u32) -> Outcome {
+        classify(self.operation(), self.code(), attempts, capacity_retries)
+    }
+
+    /// AWS answered and refused (a client error): nothing was made. Anything else (no answer, a
+    /// timeout, a server error) may have been carried out.
+    pub fn was_refused(&self) -> bool {
+        matches!(self, AwsError::Service { status, .. } if (400..500).contains(status) && !self.is_throttling())
+    }
+
+    /// What AWS said, for the condition: its code and message.
+    pub fn aws_message(&self) -> String {
+        match self {
+            AwsError::Service { operation, code, message, .. } => format!("{operation}: {code}: {message}"),
+            other => other.to_string(),
+        }
+    }
+
     pub(crate) fn from_sdk<E>(operation: &'static str, err: SdkError<E, HttpResponse>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -172,6 +253,50 @@ mod tests {
         assert!(!service("InvalidChangeBatch", "RRSet already exists", 400).is_not_found());
         assert!(!service("DependencyViolation", "in use", 400).is_not_found());
         assert!(!AwsError::unexpected("Op", "not found").is_not_found());
+    }
+
+    #[test]
+    fn permanent_errors_are_told_from_transient_ones() {
+        use DegradedReason as R;
+        let cases = [
+            ("RunInstances", "InvalidAMIID.NotFound", R::ImageNotFound),
+            ("RunInstances", "InvalidAMIID.Malformed", R::ImageNotFound),
+            ("RunInstances", "UnauthorizedOperation", R::Unauthorized),
+            ("CreateVolume", "UnauthorizedOperation", R::Unauthorized),
+            ("DescribeInstances", "AuthFailure", R::Unauthorized),
+            ("RunInstances", "VcpuLimitExceeded", R::QuotaExceeded),
+            ("RunInstances", "InstanceLimitExceeded", R::QuotaExceeded),
+            ("RunInstances", "InvalidParameterValue", R::InvalidRequest),
+            ("RunInstances", "Unsupported", R::InvalidRequest),
+        ];
+        for (op, code, reason) in cases {
+            assert_eq!(classify(op, Some(code), 1, 5), Outcome::Permanent(reason), "{op} {code}");
+        }
+        for (op, code) in [
+            ("RunInstances", "RequestLimitExceeded"),
+            ("RunInstances", "InternalError"),
+            ("AttachVolume", "IncorrectState"),
+            ("AttachVolume", "InvalidParameterValue"),
+            ("RunInstances", "IdempotentParameterMismatch"),
+            ("DescribeVolumes", "InvalidVolume.NotFound"),
+        ] {
+            assert_eq!(classify(op, Some(code), 1, 5), Outcome::Transient, "{op} {code}");
+        }
+        assert_eq!(classify("RunInstances", None, 100, 5), Outcome::Transient, "no answer: try again");
+    }
+
+    #[test]
+    fn no_capacity_is_permanent_only_after_the_retries() {
+        for attempts in 1..=5 {
+            assert_eq!(
+                classify("RunInstances", Some("InsufficientInstanceCapacity"), attempts, 5),
+                Outcome::Transient
+            );
+        }
+        assert_eq!(
+            classify("RunInstances", Some("InsufficientInstanceCapacity"), 6, 5),
+            Outcome::Permanent(DegradedReason::InsufficientCapacity)
+        );
     }
 
     #[test]

@@ -191,7 +191,7 @@ impl Inventory {
             return Ok(self.with_created(uid, current.found(uid)));
         }
         let started = Instant::now();
-        let by_cluster = || tag_filter(keys::CLUSTER, &self.cluster);
+        let by_cluster = || vec![tag_filter(keys::CLUSTER, &self.cluster)];
         let groups = aws.list_security_groups(by_cluster()).await?;
         let volumes = aws.list_volumes(by_cluster()).await?;
         let instances = aws.list_instances(by_cluster()).await?;
@@ -204,6 +204,14 @@ impl Inventory {
         if let Ok(mut c) = self.changed.lock() {
             c.insert(uid.to_string(), Instant::now());
         }
+    }
+
+    /// How long ago this process last created something for `uid`, if it did.
+    pub fn last_created(&self, uid: &str) -> Option<Duration> {
+        let c = self.created.lock().ok()?;
+        let created = c.get(uid)?;
+        let times = created.group.iter().map(|g| g.1).chain(created.volume.iter().map(|v| v.1));
+        times.chain(created.instances.iter().map(|i| i.1)).max().map(|t| t.elapsed())
     }
 
     /// Forgets a database that is gone.

@@ -39,9 +39,9 @@ use qdb_crd::{OPERATOR_MANAGER, keys};
 
 pub use ec2::{
     Attachment, AttachmentState, DATA_DEVICE, Instance, InstanceState, Launch, SecurityGroup, Volume,
-    VolumeState,
+    VolumeState, launch_of, launch_token,
 };
-pub use error::AwsError;
+pub use error::{AwsError, Outcome, classify};
 use limiter::TokenBucket;
 
 /// Tag marking what a resource is for, where one owner has several of a kind (its data volume
@@ -110,6 +110,7 @@ impl Owner {
             ("Name".into(), self.name()),
             (keys::OWNER_UID.into(), self.owner_uid.clone()),
             (keys::CLUSTER.into(), self.cluster.clone()),
+            (keys::NAMESPACE.into(), self.namespace.clone()),
             (keys::DATABASE.into(), self.database.clone()),
             (keys::MANAGED_BY.into(), OPERATOR_MANAGER.into()),
         ]
@@ -220,18 +221,4 @@ fn backoff() -> ExponentialBuilder {
         .with_max_delay(Duration::from_secs(5))
         .with_max_times(4)
         .with_jitter()
-}
-
-/// A token unique to one create call, sent as the ClientToken/CallerReference so that real AWS
-/// makes our own retries of that call idempotent (the emulator ignores it: the reconcile's
-/// look-up-by-tag-first is what prevents duplicates across reconciles).
-fn client_token(owner_uid: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    // 36 (uid) + 1 + at most 27 stays within EC2's 64 characters.
-    let mut token = format!("{owner_uid}-{nanos:x}");
-    token.truncate(64);
-    token
 }

@@ -2,7 +2,7 @@
 
 use aws_sdk_route53::types::{Change, ChangeAction, ChangeBatch, ResourceRecord, ResourceRecordSet, RrType};
 
-use super::{Aws, AwsError, Service, client_token};
+use super::{Aws, AwsError, Service};
 use crate::build::dns::same_name;
 
 /// Route53 returns ids as `/hostedzone/Z123`; status and logs carry the bare `Z123` (the SDK
@@ -49,7 +49,7 @@ impl Aws {
             .route53
             .create_hosted_zone()
             .name(zone_name)
-            .caller_reference(client_token(zone_name.trim_end_matches('.')));
+            .caller_reference(caller_reference(zone_name.trim_end_matches('.')));
         let out = self.call(Service::Route53, CREATE, || req.clone().send()).await?;
         let zone =
             out.hosted_zone().ok_or_else(|| AwsError::unexpected(CREATE, "no hosted zone in the reply"))?;
@@ -148,6 +148,18 @@ impl Aws {
             other => other.map(|_| ()),
         }
     }
+}
+
+/// A reference unique to one CreateHostedZone call (only the local cloud creates zones; the
+/// look-up by name before it is what keeps a second one from being made).
+fn caller_reference(zone: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let mut token = format!("{zone}-{nanos:x}");
+    token.truncate(128);
+    token
 }
 
 #[cfg(test)]

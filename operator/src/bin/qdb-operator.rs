@@ -15,6 +15,8 @@ use qdb_operator::context::{Context, Settings};
 use qdb_operator::http::{Health, router};
 use qdb_operator::leader::Elector;
 use qdb_operator::metrics::Metrics;
+use qdb_operator::reconcile::zone::ZoneLimits;
+use qdb_operator::sweep::OrphanMode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -75,6 +77,26 @@ struct Args {
     /// request budget, so this bounds memory; more would only queue on the budget.
     #[arg(long, env = "QDB_MAX_CONCURRENT_RECONCILES", default_value_t = 32)]
     max_concurrent_reconciles: u16,
+    /// A zone is unhealthy when more than this share of its database nodes is NotReady at once
+    /// (as kube-controller-manager's --unhealthy-zone-threshold)...
+    #[arg(long, env = "QDB_UNHEALTHY_ZONE_THRESHOLD", default_value_t = 0.55)]
+    unhealthy_zone_threshold: f64,
+    /// ...and at least this many are.
+    #[arg(long, env = "QDB_UNHEALTHY_ZONE_MIN_NOT_READY", default_value_t = 3)]
+    unhealthy_zone_min_not_ready: usize,
+    /// Failovers that may start per interval in an unhealthy zone (0: none until it recovers).
+    #[arg(long, env = "QDB_UNHEALTHY_ZONE_FAILOVERS", default_value_t = 1)]
+    unhealthy_zone_failovers: usize,
+    #[arg(long, env = "QDB_UNHEALTHY_ZONE_INTERVAL_SECS", default_value_t = 100)]
+    unhealthy_zone_interval_secs: u64,
+    /// InsufficientInstanceCapacity is retried this many times in a row before Failed.
+    #[arg(long, env = "QDB_CAPACITY_RETRIES", default_value_t = 5)]
+    capacity_retries: u32,
+    /// What the orphan sweep does with AWS resources tagged for this cluster whose owner is gone.
+    #[arg(long, env = "QDB_ORPHANS", value_enum, default_value_t = OrphanMode::Delete)]
+    orphans: OrphanMode,
+    #[arg(long, env = "QDB_ORPHAN_SWEEP_SECS", default_value_t = 300)]
+    orphan_sweep_secs: u64,
 }
 
 async fn kube_client(path: &Option<PathBuf>) -> anyhow::Result<kube::Client> {
@@ -168,8 +190,17 @@ async fn run() -> anyhow::Result<()> {
         replacement_budget: args.replacement_budget.max(1),
         replacement_join_timeout: Duration::from_secs(args.replacement_join_timeout_secs),
         concurrency: args.max_concurrent_reconciles.max(1),
+        namespace: args.namespace.clone(),
+        zone_limits: ZoneLimits {
+            threshold: args.unhealthy_zone_threshold,
+            min_not_ready: args.unhealthy_zone_min_not_ready,
+            failovers: args.unhealthy_zone_failovers,
+            interval: Duration::from_secs(args.unhealthy_zone_interval_secs.max(1)),
+        },
+        capacity_retries: args.capacity_retries,
     };
     let ctx = Arc::new(Context::new(client, aws, settings, metrics.clone()));
+    let ctx_sweep = ctx.clone();
     let lost = CancellationToken::new();
     let controller = qdb_operator::controller::run(ctx, args.namespace.clone(), {
         let (stop, lost) = (stop.clone(), lost.clone());
@@ -177,8 +208,16 @@ async fn run() -> anyhow::Result<()> {
             tokio::select! { _ = stop.cancelled() => {}, _ = lost.cancelled() => {} }
         }
     });
+    // Leader-only like the controller, and stopped with it.
+    let sweep = qdb_operator::sweep::run(
+        &ctx_sweep,
+        args.namespace.clone(),
+        args.orphans,
+        Duration::from_secs(args.orphan_sweep_secs.max(1)),
+    );
     tokio::select! {
         _ = controller => {}
+        _ = sweep => {}
         _ = elector.hold() => {
             // Another replica leads now: stop at once rather than reconcile alongside it.
             lost.cancel();

@@ -3,15 +3,22 @@
 //! joined as, since the volume attaches only to a running instance and the pod runs only on a
 //! Ready node.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
+use qdb_crd::{QuestDB, keys};
 
 use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
+use super::zone::{self, Gate, ZoneHealth};
 use super::{Error, Facts, aws_err, kube_err, owner_of};
-use crate::aws::{Attachment, AttachmentState, DATA_DEVICE, Instance, InstanceState, Launch, VolumeState};
+use crate::aws::inventory::LISTING_LAG;
+use crate::aws::{
+    Attachment, AttachmentState, AwsError, DATA_DEVICE, Instance, InstanceState, Launch, VolumeState,
+    launch_of,
+};
 use crate::build::Desired;
 use crate::build::security_group::{desired_rules, sg_diff};
 use crate::build::userdata::build_user_data;
@@ -38,13 +45,23 @@ pub async fn ensure(
     let sg = match found.security_group {
         Some(sg) => sg,
         None => {
-            let sg =
-                aws.create_security_group(&owner).await.map_err(aws_err("creating the security group"))?;
+            let sg = creating(facts, aws.create_security_group(&owner))
+                .await
+                .map_err(aws_err("creating the security group"))?;
             ctx.inventory.created_group(uid, &sg);
             facts.did("CreatedSecurityGroup", sg.id.clone());
             sg
         }
     };
+    // Ingress nobody asked for (all ports, all protocols, IPv6, other groups: what a hand-added
+    // 0.0.0.0/0 usually is) is closed like a stray rule; the docs promise only the allowed CIDRs.
+    if !sg.foreign.is_empty() {
+        aws.revoke_foreign(&sg).await.map_err(aws_err("revoking foreign security group rules"))?;
+        facts.did(
+            "RevokedForeignIngress",
+            format!("{} permission(s) nobody asked for on {}", sg.foreign.len(), sg.id),
+        );
+    }
     let (add, remove) = sg_diff(&sg.rules, &desired_rules(&d.spec.network.allowed_cidrs));
     if !add.is_empty() {
         aws.authorize_ingress(&sg.id, &add).await.map_err(aws_err("opening security group rules"))?;
@@ -57,6 +74,10 @@ pub async fn ensure(
     let sg_id = sg.id;
 
     let (volume, instances) = (found.volume, found.instances);
+    let listed: Vec<u32> = instances.iter().filter_map(launch_of).collect();
+    let age = facts.last_create.map(|t| jiff::Timestamp::now().duration_since(t));
+    let age = age.and_then(|a| std::time::Duration::try_from(a).ok());
+    facts.launches = next_launch(facts.launches, &listed, age);
     facts.instances = instances.iter().filter(|i| i.state != InstanceState::Terminated).cloned().collect();
     facts.volume = volume.clone();
     if d.spec.paused {
@@ -84,7 +105,7 @@ pub async fn ensure(
     if facts.replacement.is_none() {
         let instance = match plan(active, &seen, ctx.settings.failover_after.as_secs()) {
             Plan::Launch => {
-                let i = launch(ctx, d, &owner, &sg_id, zone.as_deref()).await?;
+                let i = launch(ctx, d, &owner, &sg_id, zone.as_deref(), facts).await?;
                 facts.did(
                     "LaunchedInstance",
                     format!("{} ({}, {}) in {}", i.id, i.instance_type, i.image_id, i.zone),
@@ -100,10 +121,17 @@ pub async fn ensure(
             Plan::LaunchReplacement { lost, reason, why } => {
                 let serving =
                     find(&lost).ok_or_else(|| Error::NotOurs(format!("instance {lost} vanished")))?;
+                let held = match why {
+                    Why::Failover => hold_failover(ctx, &serving.zone).await?,
+                    Why::Upgrade => None,
+                };
                 if why == Why::Upgrade && !take_budget(ctx, uid) {
                     facts.wait("UpgradeQueued", format!("{reason}; waiting for the replacement budget"));
+                } else if let Some(message) = held {
+                    facts.wait("FailoverHeld", message.clone());
+                    facts.held = Some(message);
                 } else {
-                    let i = launch(ctx, d, &owner, &sg_id, zone.as_deref()).await?;
+                    let i = launch(ctx, d, &owner, &sg_id, zone.as_deref(), facts).await?;
                     facts.did("LaunchedReplacement", format!("{} to replace {lost}: {reason}", i.id));
                     facts.wait("ReplacingNode", format!("{reason}; replacement {} launched", i.id));
                     facts.replacement = Some(node_move::record(&lost, &i.id, why, reason));
@@ -177,10 +205,9 @@ async fn finish(
             return Ok(());
         }
         None => {
-            let v = aws
-                .create_volume(&owner, &instance.zone, d.spec.volume.size_gib, d.spec.volume.type_.as_str())
-                .await
-                .map_err(aws_err("creating the volume"))?;
+            let size = d.spec.volume.size_gib;
+            let create = aws.create_volume(&owner, &instance.zone, size, d.spec.volume.type_.as_str());
+            let v = creating(facts, create).await.map_err(aws_err("creating the volume"))?;
             ctx.inventory.created_volume(d.names.uid(), &v);
             facts.did("CreatedVolume", format!("{} ({} GiB) in {}", v.id, v.size_gib, v.zone));
             v
@@ -269,12 +296,45 @@ async fn finish(
     Ok(())
 }
 
+/// Runs a create, counted as one for cleanup's listing lag ([`Facts::created`]) unless AWS
+/// refused it outright: a create that timed out may still have happened.
+async fn creating<T>(
+    facts: &mut Facts,
+    create: impl std::future::Future<Output = Result<T, AwsError>>,
+) -> Result<T, AwsError> {
+    let before = facts.last_create;
+    facts.created();
+    let result = create.await;
+    if result.as_ref().err().is_some_and(AwsError::was_refused) {
+        facts.last_create = before;
+    }
+    result
+}
+
+/// The number of the next launch (its ClientToken, see [`crate::aws::launch_token`]): one past
+/// every launch status recorded (`recorded` is that count) or EC2 lists. One exception: the last
+/// recorded launch is not listed and something was created for the database within the listing
+/// lag (`last_create_age`). EC2 may simply not show it yet (an operator restarted right after
+/// launching lost its memory of it), so that launch is tried again under its own token: EC2
+/// answers with its instance rather than starting a second.
+pub fn next_launch(recorded: u32, listed: &[u32], last_create_age: Option<std::time::Duration>) -> u32 {
+    let past_listed = listed.iter().max().map_or(0, |n| n.saturating_add(1));
+    let next = recorded.max(past_listed);
+    let last = next.checked_sub(1);
+    let young = last_create_age.is_some_and(|a| a < LISTING_LAG);
+    match last {
+        Some(last) if young && !listed.contains(&last) => last,
+        _ => next,
+    }
+}
+
 async fn launch(
     ctx: &Context,
     d: &Desired,
     owner: &crate::aws::Owner,
     sg_id: &str,
     zone: Option<&str>,
+    facts: &mut Facts,
 ) -> Result<Instance, Error> {
     let user_data = build_user_data(&d.names, &ctx.settings.cluster);
     let launch = Launch {
@@ -285,9 +345,13 @@ async fn launch(
         // An EBS volume attaches only in its own zone.
         zone,
         extra_tags: &[],
+        launch: facts.launches,
     };
-    let i = ctx.aws.launch_instance(owner, &launch).await.map_err(aws_err("launching an instance"))?;
+    let i = creating(facts, ctx.aws.launch_instance(owner, &launch))
+        .await
+        .map_err(aws_err("launching an instance"))?;
     ctx.inventory.created_instance(d.names.uid(), &i);
+    facts.launches = launch.launch.saturating_add(1);
     Ok(i)
 }
 
@@ -323,6 +387,68 @@ async fn nodes_of(ctx: &Context, d: &Desired) -> Result<HashMap<String, (String,
             Some((instance, (n.metadata.name.unwrap_or_default(), seen)))
         })
         .collect())
+}
+
+/// Whether the failover of a database in `zone` must wait ([`zone::gate`]), and why. A failover
+/// let through counts against the zone's rate at once, so reconciles deciding together cannot
+/// all pass.
+async fn hold_failover(ctx: &Context, zone: &str) -> Result<Option<String>, Error> {
+    let health = zone_health(ctx, zone).await?;
+    let limits = ctx.settings.zone_limits;
+    let now = Instant::now();
+    let Ok(mut starts) = ctx.failover_starts.lock() else { return Ok(None) };
+    let started = starts.recent(zone, now, limits.interval);
+    Ok(match zone::gate(health, started, &limits) {
+        Gate::Proceed => {
+            starts.record(zone, now);
+            None
+        }
+        Gate::Hold { health, started } => Some(zone::hold_message(zone, health, started, &limits)),
+    })
+}
+
+/// The dedicated nodes in `zone` of the databases this operator manages (only its namespace's,
+/// when it watches one), and how many are not Ready. Read only when a failover is about to start.
+async fn zone_health(ctx: &Context, zone: &str) -> Result<ZoneHealth, Error> {
+    let questdbs: Api<QuestDB> = match &ctx.settings.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    ctx.metrics.kube("list", "QuestDB");
+    let ours: HashSet<String> = questdbs
+        .list_metadata(&ListParams::default())
+        .await
+        .map_err(kube_err("aws", "listing databases for the zone's health"))?
+        .items
+        .into_iter()
+        .filter_map(|q| q.metadata.uid)
+        .collect();
+    ctx.metrics.kube("list", "Node");
+    let nodes = Api::<Node>::all(ctx.client.clone())
+        .list(&ListParams::default().labels(keys::DEDICATED))
+        .await
+        .map_err(kube_err("aws", "listing database nodes for the zone's health"))?;
+    let mut health = ZoneHealth { nodes: 0, not_ready: 0 };
+    for n in nodes.items {
+        let owner = n.metadata.labels.as_ref().and_then(|l| l.get(keys::DEDICATED));
+        // providerID is aws:///<zone>/<instance-id>.
+        let node_zone = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.provider_id.as_deref())
+            .and_then(|p| p.strip_prefix("aws:///").and_then(|rest| rest.split('/').next()));
+        if !owner.is_some_and(|o| ours.contains(o)) || node_zone != Some(zone) {
+            continue;
+        }
+        let ready = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        health.nodes += 1;
+        health.not_ready += usize::from(!ready);
+    }
+    Ok(health)
 }
 
 /// Upgrades replace at most `--replacement-budget` nodes at once, operator-wide.
@@ -371,4 +497,33 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
     facts.node = None;
     facts.volume_attached = false;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn each_deliberate_launch_takes_the_next_number() {
+        assert_eq!(next_launch(0, &[], None), 0, "the first launch");
+        assert_eq!(next_launch(1, &[0], Some(Duration::from_secs(5))), 1, "a replacement");
+        assert_eq!(next_launch(1, &[], Some(Duration::from_secs(600))), 1, "launch 0 is long gone");
+        assert_eq!(next_launch(3, &[1], None), 3);
+    }
+
+    #[test]
+    fn what_ec2_lists_counts_even_if_status_missed_it() {
+        // The status write after a launch was lost: the tag still tells.
+        assert_eq!(next_launch(0, &[0], Some(Duration::from_secs(5))), 1);
+        assert_eq!(next_launch(1, &[0, 3], None), 4);
+    }
+
+    #[test]
+    fn a_recent_launch_not_listed_yet_is_retried_under_its_own_token() {
+        assert_eq!(next_launch(1, &[], Some(Duration::from_secs(2))), 0);
+        assert_eq!(next_launch(2, &[0], Some(Duration::from_secs(2))), 1);
+        assert_eq!(next_launch(2, &[0], Some(LISTING_LAG)), 2, "past the lag it is gone, not unlisted");
+    }
 }

@@ -4,6 +4,7 @@
 //! goes only when AWS shows nothing left. Other namespaced children go with the owner reference.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
@@ -11,10 +12,11 @@ use kube::Resource;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use qdb_crd::{QuestDB, ReclaimPolicy};
+use qdb_crd::{QuestDB, ReclaimPolicy, keys};
 
 use super::{Error, aws_err, delete_if_present, kube_err, publish};
 use crate::aws::InstanceState;
+use crate::aws::inventory::LISTING_LAG;
 use crate::build::Desired;
 use crate::build::dns::dns_name;
 use crate::context::Context;
@@ -73,6 +75,10 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
             aws.delete_volume(&v.id).await.map_err(aws_err("deleting the volume"))?;
             publish(ctx, &reference, EventType::Normal, "DeletedVolume", v.id.clone()).await;
         } else {
+            // Marked, so the orphan sweep knows it was kept on purpose once its owner is gone.
+            aws.tag_resource(&v.id, keys::RETAINED, "true")
+                .await
+                .map_err(aws_err("marking the volume kept"))?;
             publish(ctx, &reference, EventType::Normal, "RetainedVolume", v.id.clone()).await;
         }
     }
@@ -81,7 +87,17 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     }
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     delete_if_present(ctx, &pvs, &names.pv(), "PersistentVolume", &DeleteParams::default()).await?;
-    // Only what AWS still shows decides whether the finalizer may go.
+    // Only what AWS still shows decides whether the finalizer may go, and only a listing that
+    // began an eventual-consistency window after the last create: a younger one may simply not
+    // show an instance launched a moment ago, which would then run forever, owned by nothing.
+    let persisted = q.status.as_ref().and_then(|s| s.last_aws_create.as_ref()).map(|t| t.0);
+    let age = last_create_age(persisted, ctx.inventory.last_created(uid), jiff::Timestamp::now());
+    if let Some(wait) = listing_settles_in(age) {
+        return Err(Error::CleanupWaiting(format!(
+            "{}s more before EC2's listings are sure to show everything created",
+            wait.as_secs().max(1)
+        )));
+    }
     let left_instances = aws
         .find_instances(uid)
         .await
@@ -98,6 +114,27 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     }
     publish(ctx, &reference, EventType::Normal, "CleanedUp", "every AWS resource is gone".into()).await;
     Ok(Action::await_change())
+}
+
+/// How long ago the last create was, from the time status recorded and (newer, if this process
+/// made it) the inventory's memory; `None` if nothing was ever created.
+pub fn last_create_age(
+    persisted: Option<jiff::Timestamp>,
+    remembered: Option<Duration>,
+    now: jiff::Timestamp,
+) -> Option<Duration> {
+    let persisted = persisted.map(|t| Duration::try_from(now.duration_since(t)).unwrap_or(Duration::ZERO));
+    match (persisted, remembered) {
+        (Some(p), Some(r)) => Some(p.min(r)),
+        (p, r) => p.or(r),
+    }
+}
+
+/// How much longer until a listing begun now may be trusted to show everything created
+/// `last_create_age` ago; `None` when one may be trusted already.
+pub fn listing_settles_in(last_create_age: Option<Duration>) -> Option<Duration> {
+    let age = last_create_age?;
+    (age < LISTING_LAG).then(|| LISTING_LAG - age)
 }
 
 /// Deletes the StatefulSet and the claim; true once the pod is gone.
@@ -145,4 +182,26 @@ async fn stop_database(ctx: &Context, names: &Names) -> Result<bool, Error> {
         delete_if_present(ctx, &pods, &names.pod(), "Pod", &params).await?;
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_left_is_trusted_only_a_listing_lag_after_the_last_create() {
+        let now = jiff::Timestamp::now();
+        assert_eq!(listing_settles_in(None), None, "nothing was ever created");
+        let ten = Duration::from_secs(10);
+        assert_eq!(listing_settles_in(Some(ten)), Some(LISTING_LAG - ten));
+        assert_eq!(listing_settles_in(Some(LISTING_LAG)), None);
+        let long_ago = now - jiff::SignedDuration::from_secs(3600);
+        assert_eq!(last_create_age(Some(long_ago), None, now), Some(Duration::from_secs(3600)));
+        // This process created something since the status was written: the newer one counts.
+        assert_eq!(last_create_age(Some(long_ago), Some(ten), now), Some(ten));
+        assert_eq!(last_create_age(None, Some(ten), now), Some(ten));
+        // A timestamp from a clock ahead of ours is "just now", never a negative age.
+        let ahead = now + jiff::SignedDuration::from_secs(5);
+        assert_eq!(last_create_age(Some(ahead), None, now), Some(Duration::ZERO));
+    }
 }

@@ -10,6 +10,7 @@ pub mod node_move;
 pub mod replace;
 pub mod status;
 pub mod subset;
+pub mod zone;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,10 +22,10 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{self, Event as Finalizing};
 use kube::{Resource, ResourceExt};
-use qdb_crd::QuestDB;
+use qdb_crd::{DegradedReason, QuestDB};
 use tracing::{info, warn};
 
-use crate::aws::{AwsError, Instance, Owner, Volume};
+use crate::aws::{AwsError, Instance, Outcome, Owner, Volume};
 use crate::build::Desired;
 use crate::build::dns::DnsRecord;
 use crate::context::Context;
@@ -64,6 +65,31 @@ pub fn kube_err(step: &'static str, what: impl Into<String>) -> impl FnOnce(kube
     move |source| Error::Kube { step, what, source }
 }
 
+/// The step's error inside the finalizer helper's wrapping.
+fn step_error(e: &Error) -> &Error {
+    match e {
+        Error::Finalizer(f) => match f.as_ref() {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            _ => e,
+        },
+        e => e,
+    }
+}
+
+/// An error only a change can cure, as the `attempts`-th failure in a row: the Degraded reason
+/// and what AWS said. Everything else is retried with backoff.
+pub fn permanent(e: &Error, attempts: u32, capacity_retries: u32) -> Option<(DegradedReason, String)> {
+    let Error::Aws { source, .. } = step_error(e) else { return None };
+    match source.outcome(attempts, capacity_retries) {
+        Outcome::Permanent(reason) => Some((reason, source.aws_message())),
+        Outcome::Transient => None,
+    }
+}
+
+fn failure_key(q: &QuestDB) -> String {
+    format!("{}/{}", q.namespace().unwrap_or_default(), q.name_any())
+}
+
 /// The error and its causes on one line, for events, status and logs.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -98,11 +124,24 @@ pub struct Facts {
     pub waiting: Vec<(&'static str, String)>,
     /// Changes made this round, announced as events.
     pub actions: Vec<(&'static str, String)>,
+    /// The number of the database's next instance launch (status `launches`, brought up to what
+    /// EC2 lists).
+    pub launches: u32,
+    /// When this or an earlier pass last created something in AWS (status `lastAwsCreate`).
+    pub last_create: Option<jiff::Timestamp>,
+    /// The failover this database needs is held back (its zone looks like a blip), and why.
+    pub held: Option<String>,
 }
 
 impl Facts {
     pub fn wait(&mut self, reason: &'static str, message: impl Into<String>) {
         self.waiting.push((reason, message.into()));
+    }
+
+    /// Something is about to be created in AWS (or was: a create that timed out may have
+    /// happened): cleanup's "nothing left" must wait one listing lag past it.
+    pub fn created(&mut self) {
+        self.last_create = Some(jiff::Timestamp::now());
     }
 
     pub fn did(&mut self, reason: &'static str, message: impl Into<String>) {
@@ -181,8 +220,13 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
-    let mut facts =
-        Facts { replacement: qdb.status.as_ref().and_then(|s| s.replacement.clone()), ..Facts::default() };
+    let old = qdb.status.as_ref();
+    let mut facts = Facts {
+        replacement: old.and_then(|s| s.replacement.clone()),
+        launches: old.and_then(|s| s.launches).unwrap_or(0),
+        last_create: old.and_then(|s| s.last_aws_create.as_ref()).map(|t| t.0),
+        ..Facts::default()
+    };
     let result = async {
         let active = qdb.status.as_ref().and_then(|s| s.node.as_ref()).map(|n| n.instance_id.clone());
         // A converged database's pass (a resync, or a watch event) may read EC2 as it was up to
@@ -206,7 +250,14 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, &reference, EventType::Normal, reason, note).await;
     }
     let error = result.as_ref().err().map(|e| chain(e));
-    let new = status::build(&qdb, &d, &facts, error.as_deref());
+    let attempts =
+        ctx.failures.lock().map(|f| f.get(&failure_key(&qdb)).copied().unwrap_or(0)).unwrap_or(0) + 1;
+    let failed = result.as_ref().err().and_then(|e| permanent(e, attempts, ctx.settings.capacity_retries));
+    let problem = status::Problem {
+        error: error.as_deref(),
+        failed: failed.as_ref().map(|(reason, message)| (*reason, message.as_str())),
+    };
+    let new = status::build(&qdb, &d, &facts, &problem);
     if let Some(f) = &facts.failover {
         timed(ctx, "status", status::record_failover(ctx, &qdb, f)).await?;
     } else if let Some((f, took)) = status::recovered(&qdb, &new) {
@@ -220,8 +271,18 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     if let Some(note) = transition {
         publish(ctx, &reference, EventType::Normal, "PhaseChanged", note).await;
     }
+    if let Some(note) = facts.held.clone().filter(|_| !status::was_held(qdb.status.as_ref())) {
+        ctx.metrics.failovers_held.inc();
+        publish(ctx, &reference, EventType::Warning, DegradedReason::FailoverHeld.as_str(), note).await;
+    }
     if let Err(e) = result {
-        publish(ctx, &reference, EventType::Warning, "ReconcileFailed", chain(&e)).await;
+        match failed {
+            // Named by its reason, with AWS's words: what on-call and the provisioner read.
+            Some((reason, message)) => {
+                publish(ctx, &reference, EventType::Warning, reason.as_str(), message).await
+            }
+            None => publish(ctx, &reference, EventType::Warning, "ReconcileFailed", chain(&e)).await,
+        }
         return Err(e);
     }
     Ok(Action::requeue(next_check(&new, &facts.waiting, ctx.settings.resync, ctx.settings.poll)))
@@ -275,7 +336,10 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
             Finalizing::Cleanup(q) => {
                 let uid = q.uid().unwrap_or_default();
                 let done = cleanup::run(q, &ctx).await;
-                ctx.inventory.forget(&uid);
+                // Kept until cleanup is over: its last listing must wait out what was created.
+                if done.is_ok() {
+                    ctx.inventory.forget(&uid);
+                }
                 done
             }
         }
@@ -300,7 +364,7 @@ pub fn error_policy(qdb: Arc<QuestDB>, error: &Error, ctx: Arc<Context>) -> Acti
         tracing::debug!(resource = %qdb.name_any(), what, "cleanup in progress");
         return Action::requeue(ctx.settings.poll);
     }
-    let key = format!("{}/{}", qdb.namespace().unwrap_or_default(), qdb.name_any());
+    let key = failure_key(&qdb);
     let attempts = ctx
         .failures
         .lock()
@@ -310,6 +374,12 @@ pub fn error_policy(qdb: Arc<QuestDB>, error: &Error, ctx: Arc<Context>) -> Acti
             *n
         })
         .unwrap_or(1);
+    if permanent(error, attempts, ctx.settings.capacity_retries).is_some() {
+        // Failed: retrying soon would fail the same way. A spec change brings a pass at once;
+        // the resync tries again in case the account was fixed.
+        warn!(resource = %key, error = %chain(error), "reconcile failed for good; waiting for a change");
+        return Action::requeue(ctx.settings.resync);
+    }
     let delay = backoff(attempts);
     warn!(resource = %key, attempts, retry_in_ms = delay.as_millis() as u64, error = %chain(error), "reconcile failed");
     Action::requeue(delay)

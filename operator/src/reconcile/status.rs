@@ -5,7 +5,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use qdb_crd::{
-    FailoverStatus, NodeStatus, OPERATOR_MANAGER, Phase, QuestDB, QuestDBStatus, VolumeStatus, keys,
+    DegradedReason, FailoverStatus, NodeStatus, OPERATOR_MANAGER, Phase, QuestDB, QuestDBStatus,
+    VolumeStatus, keys,
 };
 use serde_json::json;
 
@@ -50,9 +51,15 @@ pub fn invalid(q: &QuestDB, message: &str) -> QuestDBStatus {
         phase: Some(Phase::Failed),
         conditions: carry_times(
             vec![
-                condition("Ready", false, "InvalidSpec", message, g),
-                condition("Degraded", true, "InvalidSpec", message, g),
-                condition("Progressing", false, "InvalidSpec", "waiting for a valid spec", g),
+                condition("Ready", false, DegradedReason::InvalidSpec.as_str(), message, g),
+                condition("Degraded", true, DegradedReason::InvalidSpec.as_str(), message, g),
+                condition(
+                    "Progressing",
+                    false,
+                    DegradedReason::InvalidSpec.as_str(),
+                    "waiting for a valid spec",
+                    g,
+                ),
             ],
             old,
         ),
@@ -62,7 +69,27 @@ pub fn invalid(q: &QuestDB, message: &str) -> QuestDBStatus {
     }
 }
 
-pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestDBStatus {
+/// What went wrong in a pass, if anything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Problem<'a> {
+    /// The pass's error, with its causes.
+    pub error: Option<&'a str>,
+    /// That error can only be cured by a change: phase Failed, with this Degraded reason and
+    /// AWS's message.
+    pub failed: Option<(DegradedReason, &'a str)>,
+}
+
+/// Whether the status says a failover is held back (so the event is sent once per hold).
+pub fn was_held(s: Option<&QuestDBStatus>) -> bool {
+    s.is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == "Degraded" && c.status == "True" && c.reason == DegradedReason::FailoverHeld.as_str()
+        })
+    })
+}
+
+pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> QuestDBStatus {
+    let error = problem.error;
     let g = q.metadata.generation;
     let old = q.status.as_ref();
     let paused = d.spec.paused;
@@ -76,7 +103,9 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
     let settled = ready && f.waiting.is_empty();
     let was_running =
         old.and_then(|o| o.phase).is_some_and(|p| matches!(p, Phase::Running | Phase::Updating));
-    let phase = if released {
+    let phase = if problem.failed.is_some() {
+        Phase::Failed
+    } else if released {
         Phase::Paused
     } else if f.replacement.is_some() {
         Phase::Replacing
@@ -87,9 +116,11 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
     } else {
         Phase::Provisioning
     };
-    let (wait_reason, wait_message) =
-        f.waiting.first().map(|(r, m)| (*r, m.as_str())).unwrap_or(("Converged", "nothing to do"));
-    let progressing = !settled && !released;
+    let (wait_reason, wait_message) = match problem.failed {
+        Some((reason, message)) => (reason.as_str(), message),
+        None => f.waiting.first().map(|(r, m)| (*r, m.as_str())).unwrap_or(("Converged", "nothing to do")),
+    };
+    let progressing = !settled && !released && problem.failed.is_none();
     let mut conditions = vec![
         if ready {
             condition("Ready", true, "Running", "the database is serving", g)
@@ -105,9 +136,15 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
             wait_message,
             g,
         ),
-        match error {
-            Some(e) => condition("Degraded", true, "StepFailed", e, g),
-            None => condition("Degraded", false, "Healthy", "all steps succeeded", g),
+        match (problem.failed, error, &f.held) {
+            (Some((reason, message)), _, _) => condition("Degraded", true, reason.as_str(), message, g),
+            (None, Some(e), _) => condition("Degraded", true, DegradedReason::StepFailed.as_str(), e, g),
+            (None, None, Some(why)) => {
+                condition("Degraded", true, DegradedReason::FailoverHeld.as_str(), why, g)
+            }
+            (None, None, None) => {
+                condition("Degraded", false, DegradedReason::Healthy.as_str(), "all steps succeeded", g)
+            }
         },
         condition("Paused", released, if released { "Paused" } else { "Active" }, "", g),
         match &f.node {
@@ -161,6 +198,8 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, error: Option<&str>) -> QuestD
         // snapshot must not drop it.
         last_failover: None,
         replacement: f.replacement.clone(),
+        launches: (f.launches > 0).then_some(f.launches).or(old.and_then(|o| o.launches)),
+        last_aws_create: f.last_create.map(Time).or(old.and_then(|o| o.last_aws_create.clone())),
     }
 }
 
@@ -239,7 +278,7 @@ mod tests {
 
     #[test]
     fn serving_with_nothing_awaited_is_running_and_settled() {
-        let s = build(&questdb(), &desired(), &serving(), None);
+        let s = build(&questdb(), &desired(), &serving(), &Problem::default());
         assert_eq!(s.phase, Some(Phase::Running));
         assert_eq!(get(&s, "Ready").status, "True");
         assert_eq!(
@@ -252,7 +291,7 @@ mod tests {
     fn serving_during_a_replacement_is_ready_but_still_progressing() {
         let mut f = serving();
         f.wait("ReplacingNode", "waiting for replacement i-2's node to be Ready");
-        let s = build(&questdb(), &desired(), &f, None);
+        let s = build(&questdb(), &desired(), &f, &Problem::default());
         assert_eq!(get(&s, "Ready").status, "True");
         let p = get(&s, "Progressing");
         assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", "ReplacingNode"));
@@ -260,10 +299,46 @@ mod tests {
     }
 
     #[test]
+    fn a_permanent_aws_error_is_failed_with_its_reason_and_message() {
+        let mut f = Facts::default();
+        f.wait("NodeJoining", "waiting for an instance");
+        let message = "RunInstances: InvalidAMIID.NotFound: The image id '[ami-0dead]' does not exist";
+        let problem = Problem {
+            error: Some("launching an instance: AWS: ..."),
+            failed: Some((DegradedReason::ImageNotFound, message)),
+        };
+        let s = build(&questdb(), &desired(), &f, &problem);
+        assert_eq!(s.phase, Some(Phase::Failed));
+        let degraded = get(&s, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str(), degraded.message.as_str()),
+            ("True", "ImageNotFound", message)
+        );
+        assert_eq!(get(&s, "Progressing").status, "False", "nothing moves until a change");
+        // A transient error is worked on: Degraded, but not Failed.
+        let transient = Problem { error: Some("RequestLimitExceeded"), failed: None };
+        let s = build(&questdb(), &desired(), &f, &transient);
+        assert_eq!(s.phase, Some(Phase::Provisioning));
+        assert_eq!(get(&s, "Degraded").reason, "StepFailed");
+    }
+
+    #[test]
+    fn a_held_failover_is_degraded_and_says_why() {
+        let mut f = serving();
+        f.node = Some(("ip-10-0-0-1".into(), false));
+        f.held = Some("3 of 5 database nodes in zone a are NotReady".into());
+        let s = build(&questdb(), &desired(), &f, &Problem::default());
+        let degraded = get(&s, "Degraded");
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "FailoverHeld"));
+        assert!(was_held(Some(&s)));
+        assert!(!was_held(Some(&build(&questdb(), &desired(), &serving(), &Problem::default()))));
+    }
+
+    #[test]
     fn not_yet_serving_is_provisioning() {
         let mut f = Facts::default();
         f.wait("NodeJoining", "waiting for i-1 to join the cluster");
-        let s = build(&questdb(), &desired(), &f, None);
+        let s = build(&questdb(), &desired(), &f, &Problem::default());
         assert_eq!(s.phase, Some(Phase::Provisioning));
         assert_eq!(get(&s, "Ready").status, "False");
         assert_eq!(get(&s, "Progressing").reason, "NodeJoining");

@@ -1,0 +1,281 @@
+//! The orphan sweep: every so often, the AWS resources tagged for this cluster (and, for an
+//! operator that watches one namespace, that namespace) whose owner QuestDB no longer exists.
+//! Cleanup behind the finalizer removes what a database had; this finds what escaped it (a
+//! finalizer removed by hand, a resource EC2 listed too late, a crash between create and
+//! record). Each orphan is deleted or only reported (`--orphans`), and counted in
+//! `qdb_operator_orphans_total{kind,action}`.
+//!
+//! AWS is listed before Kubernetes: a resource is created only for a QuestDB that exists, so one
+//! whose owner is missing from a later listing of QuestDBs really has none. Data volumes that a
+//! deletion kept on purpose (reclaim policy Retain, tagged [`keys::RETAINED`]) are never touched.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use kube::api::{Api, ListParams};
+use qdb_crd::{QuestDB, keys};
+use tracing::{info, warn};
+
+use crate::aws::ec2::{owner_of_tags_map, tag_filter};
+use crate::aws::{AwsError, Instance, InstanceState, SecurityGroup, Volume};
+use crate::context::Context;
+
+/// What the sweep does with an orphan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrphanMode {
+    /// Deleted: instances terminated, volumes detached and deleted, security groups deleted.
+    Delete,
+    /// Only logged and counted, for a human to look at.
+    Report,
+    /// No sweep.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Instance,
+    Volume,
+    SecurityGroup,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Instance => "instance",
+            Kind::Volume => "volume",
+            Kind::SecurityGroup => "security_group",
+        }
+    }
+}
+
+/// What one sweep found in AWS.
+#[derive(Debug, Default, Clone)]
+pub struct Listing {
+    pub groups: Vec<(String, SecurityGroup)>,
+    pub volumes: Vec<Volume>,
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub kind: Kind,
+    pub id: String,
+    pub owner_uid: String,
+}
+
+/// The resources of `listing` whose owner is not in `owners`, instances first (a volume or a
+/// security group is released only once its instance is gone). Resources with no owner tag are
+/// not the operator's; kept data volumes are left alone.
+pub fn orphans(listing: &Listing, owners: &HashSet<String>) -> Vec<Orphan> {
+    let orphaned = |owner: &str| !owner.is_empty() && !owners.contains(owner);
+    let mut out = Vec::new();
+    for i in &listing.instances {
+        let owner = owner_of_tags_map(&i.tags);
+        if orphaned(&owner) && i.state != InstanceState::Terminated {
+            out.push(Orphan { kind: Kind::Instance, id: i.id.clone(), owner_uid: owner });
+        }
+    }
+    for v in &listing.volumes {
+        let owner = owner_of_tags_map(&v.tags);
+        if orphaned(&owner) && !v.tags.contains_key(keys::RETAINED) {
+            out.push(Orphan { kind: Kind::Volume, id: v.id.clone(), owner_uid: owner });
+        }
+    }
+    for (owner, g) in &listing.groups {
+        if orphaned(owner) {
+            out.push(Orphan { kind: Kind::SecurityGroup, id: g.id.clone(), owner_uid: owner.clone() });
+        }
+    }
+    out
+}
+
+/// Runs a sweep every `interval` until the future is dropped (with the controller).
+pub async fn run(ctx: &Context, namespace: Option<String>, mode: OrphanMode, interval: Duration) {
+    if mode == OrphanMode::Off {
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = sweep(ctx, namespace.as_deref(), mode).await {
+            warn!(error = %crate::reconcile::chain(&e), "orphan sweep failed; trying again at the next");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("listing AWS resources")]
+    Aws(#[from] AwsError),
+    #[error("listing QuestDB resources")]
+    Kube(#[from] kube::Error),
+}
+
+/// One sweep; returns the orphans found.
+pub async fn sweep(
+    ctx: &Context,
+    namespace: Option<&str>,
+    mode: OrphanMode,
+) -> Result<Vec<Orphan>, SweepError> {
+    let aws = &ctx.aws;
+    let mut filters = vec![tag_filter(keys::CLUSTER, &ctx.settings.cluster)];
+    if let Some(ns) = namespace {
+        filters.push(tag_filter(keys::NAMESPACE, ns));
+    }
+    let listing = Listing {
+        groups: aws.list_security_groups(filters.clone()).await?,
+        volumes: aws.list_volumes(filters.clone()).await?.into_iter().map(|(_, v)| v).collect(),
+        instances: aws.list_instances(filters).await?,
+    };
+    let api: Api<QuestDB> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    ctx.metrics.kube("list", "QuestDB");
+    let owners: HashSet<String> = api
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|q| q.metadata.uid)
+        .collect();
+    let found = orphans(&listing, &owners);
+    for kind in [Kind::Instance, Kind::Volume, Kind::SecurityGroup] {
+        let n = found.iter().filter(|o| o.kind == kind).count();
+        ctx.metrics
+            .orphans_seen
+            .get_or_create(&crate::metrics::KindLabels { kind: kind.as_str().into() })
+            .set(n as i64);
+    }
+    for o in &found {
+        let done = match mode {
+            OrphanMode::Delete => match remove(ctx, o, &listing).await {
+                Ok(true) => "deleted",
+                Ok(false) => continue,
+                Err(e) => {
+                    // Dependencies (a group still used by a terminating instance) clear by the
+                    // next sweep.
+                    info!(kind = o.kind.as_str(), id = %o.id, error = %e, "orphan not removed yet");
+                    continue;
+                }
+            },
+            OrphanMode::Report | OrphanMode::Off => "reported",
+        };
+        warn!(kind = o.kind.as_str(), id = %o.id, owner_uid = %o.owner_uid, action = done, "orphaned AWS resource");
+        ctx.metrics.orphan(o.kind.as_str(), done);
+    }
+    Ok(found)
+}
+
+/// Deletes one orphan; false when it must wait (a volume still held by a live instance).
+async fn remove(ctx: &Context, o: &Orphan, listing: &Listing) -> Result<bool, AwsError> {
+    let aws = &ctx.aws;
+    match o.kind {
+        Kind::Instance => {
+            if listing.instances.iter().any(|i| i.id == o.id && i.state == InstanceState::ShuttingDown) {
+                return Ok(false);
+            }
+            aws.terminate_instance(&o.id).await?;
+            Ok(true)
+        }
+        Kind::Volume => {
+            let Some(v) = listing.volumes.iter().find(|v| v.id == o.id) else { return Ok(false) };
+            for a in &v.attachments {
+                // Only off a machine that can no longer write (the same rule as the node move).
+                let holder = listing.instances.iter().find(|i| i.id == a.instance_id);
+                if holder.is_some_and(|i| !i.state.is_fenced()) {
+                    return Ok(false);
+                }
+                aws.detach_volume(&v.id, &a.instance_id).await?;
+            }
+            if !v.attachments.is_empty() {
+                return Ok(false);
+            }
+            aws.delete_volume(&v.id).await?;
+            Ok(true)
+        }
+        Kind::SecurityGroup => {
+            aws.delete_security_group(&o.id).await?;
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::aws::VolumeState;
+
+    fn tags(owner: &str) -> BTreeMap<String, String> {
+        [(keys::OWNER_UID.to_string(), owner.to_string())].into()
+    }
+
+    fn instance(id: &str, owner: &str, state: InstanceState) -> Instance {
+        Instance {
+            id: id.into(),
+            state,
+            private_ip: None,
+            private_dns: None,
+            zone: "z".into(),
+            image_id: "ami-1".into(),
+            instance_type: "m6i.large".into(),
+            launched_at_ms: None,
+            tags: tags(owner),
+        }
+    }
+
+    fn volume(id: &str, mut tags: BTreeMap<String, String>, retained: bool) -> Volume {
+        if retained {
+            tags.insert(keys::RETAINED.into(), "true".into());
+        }
+        Volume {
+            id: id.into(),
+            zone: "z".into(),
+            size_gib: 1,
+            volume_type: "gp3".into(),
+            state: VolumeState::Available,
+            attachments: vec![],
+            tags,
+        }
+    }
+
+    #[test]
+    fn only_what_belongs_to_a_missing_owner_is_an_orphan() {
+        let sg = |id: &str| SecurityGroup { id: id.into(), rules: vec![], foreign: vec![] };
+        let listing = Listing {
+            groups: vec![
+                ("live".into(), sg("sg-live")),
+                ("gone".into(), sg("sg-gone")),
+                ("".into(), sg("sg-x")),
+            ],
+            volumes: vec![
+                volume("vol-live", tags("live"), false),
+                volume("vol-gone", tags("gone"), false),
+                volume("vol-kept", tags("gone"), true),
+                volume("vol-untagged", BTreeMap::new(), false),
+            ],
+            instances: vec![
+                instance("i-live", "live", InstanceState::Running),
+                instance("i-gone", "gone", InstanceState::Stopped),
+                instance("i-done", "gone", InstanceState::Terminated),
+            ],
+        };
+        let owners: HashSet<String> = ["live".to_string()].into();
+        let found: Vec<(Kind, String)> =
+            orphans(&listing, &owners).into_iter().map(|o| (o.kind, o.id)).collect();
+        assert_eq!(
+            found,
+            [
+                (Kind::Instance, "i-gone".to_string()),
+                (Kind::Volume, "vol-gone".to_string()),
+                (Kind::SecurityGroup, "sg-gone".to_string()),
+            ],
+            "instances first; kept volumes, untagged and terminated resources are not orphans"
+        );
+        let all: HashSet<String> = ["live".to_string(), "gone".to_string()].into();
+        assert!(orphans(&listing, &all).is_empty());
+    }
+}
