@@ -13,6 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 pub mod cpu;
 pub mod ec2_calls;
 pub mod faults;
+pub mod kube_proxy;
 pub mod rig;
 
 /// The env file `localcloud up` wrote: `$QDB_ENV`, else the default location for this user.
