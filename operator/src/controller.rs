@@ -8,12 +8,14 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Service};
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, controller, watcher};
+use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, controller, reflector, watcher};
 use qdb_crd::{OPERATOR_MANAGER, QuestDB, keys};
 use tracing::{info, warn};
 
 use crate::context::Context;
+use crate::health::Watches;
 use crate::reconcile::{chain, error_policy, reconcile};
 
 /// What about a node matters to its database: readiness, and whether it is going away.
@@ -39,23 +41,76 @@ where
     }
 }
 
-/// Runs until `stop` resolves.
+/// How long the apiserver keeps a watch open before the watcher starts the next one (from the
+/// last resourceVersion, no new list). Short enough that the watch client's read timeout (a bit
+/// longer) finds a connection that went silent within a minute or so.
+pub const WATCH_SECS: u32 = 55;
+
+/// The read timeout a client for [`run`]'s watches needs: longer than a quiet watch lasts.
+pub fn watch_read_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(u64::from(WATCH_SECS) + 10)
+}
+
+/// Has a watch stream tell `watches`, item by item, whether it is failing (before the
+/// controller's own handling of errors, which only logs and backs off).
+fn reporter<T>(
+    watches: &Arc<Watches>,
+    name: &'static str,
+) -> impl FnMut(&Result<T, watcher::Error>) + Send + 'static {
+    watches.register(name);
+    let watches = watches.clone();
+    move |item| watches.record(name, item.as_ref().err().map(|e| e as &dyn std::fmt::Display))
+}
+
+/// Runs until `stop` resolves. `watch_client` carries the watches (long reads, see
+/// [`watch_read_timeout`]); every write goes through `ctx.client`. Each watch stream reports to
+/// `watches` whether it is failing.
 pub async fn run(
     ctx: Arc<Context>,
+    watch_client: kube::Client,
     namespace: Option<String>,
+    watches: Arc<Watches>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
+    let client = watch_client;
     let ns = namespace.as_deref();
-    let ours = watcher::Config::default().labels(&format!("{}={OPERATOR_MANAGER}", keys::MANAGED_BY));
-    let controller = Controller::new(api::<QuestDB>(&client, ns), watcher::Config::default())
+    let config = watcher::Config::default().timeout(WATCH_SECS);
+    let ours = config.clone().labels(&format!("{}={OPERATOR_MANAGER}", keys::MANAGED_BY));
+    fn owned<K>(
+        client: &kube::Client,
+        ns: Option<&str>,
+        config: &watcher::Config,
+        report: impl FnMut(&Result<watcher::Event<PartialObjectMeta<K>>, watcher::Error>) + Send + 'static,
+    ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        watcher(api::<PartialObjectMeta<K>>(client, ns), config.clone()).inspect(report).touched_objects()
+    }
+    let (reader, writer) = reflector::store();
+    let questdbs = reflector(writer, watcher(api::<QuestDB>(&client, ns), config.clone()))
+        .inspect(reporter(&watches, "questdb"))
+        .applied_objects();
+    let controller = Controller::for_stream(questdbs, reader)
         .with_config(controller::Config::default().concurrency(ctx.settings.concurrency))
-        .owns(api::<StatefulSet>(&client, ns), ours.clone())
-        .owns(api::<Service>(&client, ns), ours.clone())
-        .owns(api::<ConfigMap>(&client, ns), ours.clone())
-        .owns(api::<PersistentVolumeClaim>(&client, ns), ours);
+        .owns_stream(owned::<StatefulSet>(&client, ns, &ours, reporter(&watches, "statefulsets")))
+        .owns_stream(owned::<Service>(&client, ns, &ours, reporter(&watches, "services")))
+        .owns_stream(owned::<ConfigMap>(&client, ns, &ours, reporter(&watches, "configmaps")))
+        .owns_stream(owned::<PersistentVolumeClaim>(
+            &client,
+            ns,
+            &ours,
+            reporter(&watches, "persistentvolumeclaims"),
+        ));
     let store = controller.store();
-    let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default().labels(keys::DEDICATED))
+    let nodes = watcher(Api::<Node>::all(client.clone()), config.clone().labels(keys::DEDICATED))
+        .inspect(reporter(&watches, "nodes"))
         .touched_objects()
         .predicate_filter(node_fingerprint, PredicateConfig::default());
     controller

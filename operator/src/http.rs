@@ -1,7 +1,7 @@
-//! /metrics, /healthz and /readyz.
+//! /metrics, /healthz and /readyz (what they mean: [`crate::health`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -9,19 +9,25 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::health::{Watches, liveness, readiness};
+use crate::leader::{ElectionHealth, Fence};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
 pub struct Health {
     pub metrics: Arc<Metrics>,
-    /// Set once the controller runs (leader) or stands by ready to take over.
-    pub ready: Arc<AtomicBool>,
+    pub election: Arc<ElectionHealth>,
+    pub fence: Arc<Fence>,
+    pub watches: Arc<Watches>,
+    pub started: Instant,
+    /// How long the lease or a watch may fail before `/healthz` says so.
+    pub grace: Duration,
 }
 
 pub fn router(health: Health) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(health)
 }
@@ -33,10 +39,18 @@ async fn metrics(State(h): State<Health>) -> impl IntoResponse {
     )
 }
 
-async fn readyz(State(h): State<Health>) -> (StatusCode, &'static str) {
-    if h.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+async fn readyz(State(h): State<Health>) -> (StatusCode, String) {
+    let (role, seen) = h.election.snapshot();
+    match readiness(role, h.fence.standing(), seen, Instant::now(), h.fence.timing()) {
+        Ok(role) => (StatusCode::OK, role.to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+async fn healthz(State(h): State<Health>) -> (StatusCode, String) {
+    let (role, seen) = h.election.snapshot();
+    match liveness(role, seen, h.started, &h.watches.snapshot(), Instant::now(), h.grace) {
+        Ok(()) => (StatusCode::OK, "ok".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }

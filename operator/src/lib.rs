@@ -15,6 +15,7 @@ pub mod build;
 pub mod context;
 pub mod controller;
 mod hash;
+pub mod health;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! Fault injection on the local cloud: restart one of its servers, freeze a process, and an HTTP
-//! proxy that puts AWS throttling between the operator and the emulator.
+//! proxy that puts AWS throttling between the operator and the emulator (and logs what it
+//! forwards, so a test can tell one operator's AWS calls from another's).
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,6 +97,40 @@ struct ProxyState {
     forwarded: AtomicU64,
     injected: AtomicU64,
     client: reqwest::Client,
+    calls: Mutex<Vec<AwsCall>>,
+}
+
+/// A request the proxy forwarded to the emulator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwsCall {
+    /// Seconds since the epoch, when the proxy received it.
+    pub t: f64,
+    /// EC2's `Action` (e.g. `RunInstances`), or Route53's method and path.
+    pub action: String,
+    pub route53: bool,
+    pub method: http::Method,
+}
+
+impl AwsCall {
+    fn new(method: &http::Method, path: &str, body: &[u8]) -> AwsCall {
+        let route53 = path.starts_with("/2013-04-01/");
+        let action = if route53 {
+            format!("{method} {path}")
+        } else {
+            String::from_utf8_lossy(body)
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("Action="))
+                .unwrap_or("?")
+                .to_string()
+        };
+        AwsCall { t: crate::kube_proxy::epoch_secs(), action, route53, method: method.clone() }
+    }
+
+    /// Whether it could change something in AWS (an EC2 action that is no Describe, a Route53
+    /// request that is no GET).
+    pub fn is_write(&self) -> bool {
+        if self.route53 { self.method != http::Method::GET } else { !self.action.starts_with("Describe") }
+    }
 }
 
 impl FaultProxy {
@@ -109,6 +144,7 @@ impl FaultProxy {
             forwarded: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             client: reqwest::Client::new(),
+            calls: Mutex::new(Vec::new()),
         });
         let app = axum::Router::new().fallback(proxy).with_state(state.clone());
         let task = tokio::spawn(async move {
@@ -123,6 +159,11 @@ impl FaultProxy {
 
     pub fn forwarded(&self) -> u64 {
         self.state.forwarded.load(Ordering::Relaxed)
+    }
+
+    /// Every request forwarded so far, in the order received.
+    pub fn calls(&self) -> Vec<AwsCall> {
+        self.state.calls.lock().map(|c| c.clone()).unwrap_or_default()
     }
 }
 
@@ -179,6 +220,9 @@ async fn forward(s: &ProxyState, req: Request) -> Result<Response> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let body = axum::body::to_bytes(body, 64 << 20).await?;
+    if let Ok(mut calls) = s.calls.lock() {
+        calls.push(AwsCall::new(&parts.method, path, &body));
+    }
     // The emulator dispatches on the signed Authorization header, so headers pass through.
     let headers: HeaderMap = parts
         .headers
@@ -283,4 +327,21 @@ async fn pipe(
         }
     }
     let _ = to.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ec2_actions_and_route53_requests_are_told_apart_and_writes_found() {
+        let run = AwsCall::new(&http::Method::POST, "/", b"Action=RunInstances&Version=2016-11-15");
+        assert_eq!((run.action.as_str(), run.is_write()), ("RunInstances", true));
+        let describe = AwsCall::new(&http::Method::POST, "/", b"Version=2016-11-15&Action=DescribeVolumes");
+        assert_eq!((describe.action.as_str(), describe.is_write()), ("DescribeVolumes", false));
+        let list = AwsCall::new(&http::Method::GET, "/2013-04-01/hostedzone", b"");
+        assert!(list.route53 && !list.is_write());
+        let change = AwsCall::new(&http::Method::POST, "/2013-04-01/hostedzone/Z1/rrset", b"<xml/>");
+        assert!(change.route53 && change.is_write());
+    }
 }

@@ -223,8 +223,10 @@ impl Rig {
         let log_path = self.dir.join(format!("operator-{cluster}-{identity}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         // Defaults a caller may override in `extra`: a test may put something (a fault proxy)
-        // between the operator and the emulator, a benchmark may resync less often.
+        // between the operator and the emulator or the apiserver, a benchmark may resync less often.
+        let kubeconfig = c.operator_kubeconfig.display().to_string();
         let defaults = [
+            ("--kubeconfig", kubeconfig.as_str()),
             ("--aws-endpoint", self.cloud.aws_endpoint.as_str()),
             ("--resync-secs", "5"),
             ("--poll-secs", "1"),
@@ -237,7 +239,6 @@ impl Rig {
             .arg("--create-hosted-zone")
             .args(["--aws-region", &c.aws_region])
             .args(defaults)
-            .args(["--kubeconfig", &c.operator_kubeconfig.display().to_string()])
             .args(["--namespace", &self.namespace])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--lease-namespace", &self.namespace])
@@ -421,6 +422,14 @@ impl Drop for Provisioner {
 
 /// An operator process (same handling as a provisioner's); killed when dropped.
 pub struct Operator(pub Provisioner);
+
+impl Operator {
+    /// `/readyz` or `/healthz`: the status code and the body.
+    pub async fn probe(&self, path: &str) -> Result<(u16, String)> {
+        let r = reqwest::get(format!("{}{path}", self.url)).await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+}
 
 impl std::ops::Deref for Operator {
     type Target = Provisioner;

@@ -14,6 +14,8 @@ use kube::api::{Patch, PatchParams, PostParams};
 use qdb_crd::{Phase, QuestDB};
 use qdb_operator::aws::{Aws, InstanceState};
 use qdb_tests::eventually;
+use qdb_tests::faults::{FaultProxy, Frozen, Rng};
+use qdb_tests::kube_proxy::KubeProxy;
 use qdb_tests::rig::{Rig, nothing_left_in_ec2};
 use serde_json::json;
 
@@ -272,6 +274,134 @@ async fn the_standby_takes_over_when_the_leader_dies() -> Result<()> {
     apply(&api, &questdb("db5", "8.2.9")?).await?;
     wait_phase(&api, "db5", Phase::Running, T).await?;
     ensure!(a2.metrics().await?.contains("qdb_operator_leader 1"), "a2 leads");
+    Ok(())
+}
+
+/// The rig's renew deadline: two thirds of its `--lease-secs 6` (`Rig::spawn_operator`).
+const RENEW_DEADLINE_SECS: f64 = 4.0;
+
+/// The leader (a1) is frozen (SIGSTOP) together with its apiserver connection (a proxy that stops
+/// forwarding, as a silent network path does), and the standby (a2) takes over. a1 is resumed
+/// while its apiserver stays silent, and a rule of its database's security group is revoked
+/// behind everyone's back, work for whoever leads. a2 repairs it; a1, whose lease ran out while it
+/// was frozen, sends nothing that writes, to AWS or to the apiserver (each operator has its own
+/// AWS proxy, and a1's apiserver proxy logs every request it receives, forwarded or not), and
+/// exits on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_leader_writes_nothing_once_its_lease_ran_out() -> Result<()> {
+    let rig = Rig::new("op-fence", 1).await?;
+    let kube = KubeProxy::start(&rig.cloud.cluster("region-a")?.operator_kubeconfig).await?;
+    let kubeconfig = kube.kubeconfig(&rig.dir, "a1")?.display().to_string();
+    let aws1 = FaultProxy::start(&rig.cloud.aws_endpoint, 0, Rng::from_env()).await?;
+    let aws2 = FaultProxy::start(&rig.cloud.aws_endpoint, 0, Rng::from_env()).await?;
+    let mut a1 =
+        rig.spawn_operator("region-a", "a1", &["--kubeconfig", &kubeconfig, "--aws-endpoint", &aws1.url])?;
+    eventually("a1 leads", T, || async {
+        Ok((a1.probe("/readyz").await? == (200, "leader".into())).then_some(()))
+    })
+    .await?;
+    let a2 = rig.spawn_operator("region-a", "a2", &["--aws-endpoint", &aws2.url])?;
+    eventually("a2 stands by, ready", T, || async {
+        Ok((a2.probe("/readyz").await? == (200, "standby".into())).then_some(()))
+    })
+    .await?;
+    let (_api, q) = running(&rig, "region-a", "db14").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?.id;
+    let instance = q.status.as_ref().and_then(|s| s.node.clone()).context("node")?.instance_id;
+    ensure!(a2.metrics().await?.contains("qdb_operator_leader 0"), "a2 stands by");
+    ensure!(aws2.calls().is_empty(), "the standby called AWS: {:?}", aws2.calls());
+
+    kube.freeze();
+    let frozen = Frozen::pid(&a1.pid().context("a1 runs")?.to_string())?;
+    // a1's last renewal was sent before this, so by its own rules its lease ran out at the latest
+    // a renew deadline later. (The standby may take over a little sooner than a lease after the
+    // freeze: it times the lease from its last sighting of a renewal, which came before.)
+    let frozen_at = qdb_tests::kube_proxy::epoch_secs();
+    let expired = frozen_at + RENEW_DEADLINE_SECS;
+    eventually("a2 takes over", T, || async {
+        Ok((a2.probe("/readyz").await? == (200, "leader".into())).then_some(()))
+    })
+    .await?;
+    println!("a2 took over {:.1}s after a1 froze", qdb_tests::kube_proxy::epoch_secs() - frozen_at);
+    drop(frozen);
+
+    let aws = rig.aws("region-a").await?;
+    let sg = aws.find_security_group(&uid).await?.context("sg")?;
+    aws.revoke_ingress(&sg.id, &sg.rules[..1]).await?;
+    eventually("the security group rule restored", T, || async {
+        Ok(aws.find_security_group(&uid).await?.filter(|g| g.rules.len() == 3).map(|_| ()))
+    })
+    .await?;
+    let exited = a1.wait_exit(Duration::from_secs(30)).await;
+    kube.thaw();
+
+    let late = |t: f64| t > expired;
+    let kube_writes: Vec<_> = kube.received().into_iter().filter(|r| r.is_write() && late(r.t)).collect();
+    let aws_writes: Vec<_> = aws1.calls().into_iter().filter(|c| c.is_write() && late(c.t)).collect();
+    ensure!(kube_writes.is_empty(), "a1 wrote to the apiserver after its lease ran out: {kube_writes:#?}");
+    ensure!(aws_writes.is_empty(), "a1 wrote to AWS after its lease ran out: {aws_writes:#?}");
+    ensure!(
+        aws2.calls().iter().any(|c| c.action == "AuthorizeSecurityGroupIngress"),
+        "the new leader did not repair the rule: {:?}",
+        aws2.calls()
+    );
+    // Nobody had reason to touch the database's instance or volume, and the emulator saw no one do it.
+    let moved: Vec<_> = rig
+        .cloud
+        .ec2_calls()?
+        .into_iter()
+        .filter(|c| late(c.t))
+        .filter(|c| c.volume.as_deref() == Some(volume.as_str()) || c.instances.contains(&instance))
+        .collect();
+    ensure!(moved.is_empty(), "instance or volume calls after the takeover: {moved:#?}");
+    let status = exited.context("a1 kept running after its lease ran out")?;
+    ensure!(!status.success(), "a1 exited 0 after losing the lease");
+    ensure!(a1.log_text().contains("not confirmed within the renew deadline"), "{}", a1.log_text());
+    Ok(())
+}
+
+/// /readyz follows the lease (the leader, and a standby that can read the lease, are ready) and
+/// /healthz fails once the apiserver has not answered for the grace period (two leases): here for
+/// a standby whose apiserver connection goes silent. Both recover once it answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_the_lease_and_health_the_apiserver() -> Result<()> {
+    let rig = Rig::new("op-probes", 1).await?;
+    let a1 = rig.spawn_operator("region-a", "a1", &[])?;
+    eventually("a1 leads", T, || async {
+        Ok((a1.probe("/readyz").await? == (200, "leader".into())).then_some(()))
+    })
+    .await?;
+    ensure!(a1.probe("/healthz").await?.0 == 200, "leader healthy");
+    let kube = KubeProxy::start(&rig.cloud.cluster("region-a")?.operator_kubeconfig).await?;
+    let kubeconfig = kube.kubeconfig(&rig.dir, "a2")?.display().to_string();
+    let a2 = rig.spawn_operator("region-a", "a2", &["--kubeconfig", &kubeconfig])?;
+    eventually("a2 stands by, ready", T, || async {
+        Ok((a2.probe("/readyz").await? == (200, "standby".into())).then_some(()))
+    })
+    .await?;
+    ensure!(a2.probe("/healthz").await? == (200, "ok".into()), "standby healthy");
+
+    kube.freeze();
+    let (code, why) = eventually("a2 not ready", T, || async {
+        Ok(Some(a2.probe("/readyz").await?).filter(|(code, _)| *code == 503))
+    })
+    .await?;
+    println!("a2 /readyz {code}: {why}");
+    let (code, why) = eventually("a2 unhealthy", T, || async {
+        Ok(Some(a2.probe("/healthz").await?).filter(|(code, _)| *code == 503))
+    })
+    .await?;
+    println!("a2 /healthz {code}: {why}");
+    ensure!(why.contains("lease"), "{why}");
+    ensure!(a1.probe("/readyz").await? == (200, "leader".into()), "a1 still leads");
+
+    kube.thaw();
+    eventually("a2 ready and healthy again", T, || async {
+        let ready = a2.probe("/readyz").await? == (200, "standby".into());
+        Ok((ready && a2.probe("/healthz").await?.0 == 200).then_some(()))
+    })
+    .await?;
     Ok(())
 }
 

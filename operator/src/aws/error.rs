@@ -30,6 +30,13 @@ pub enum AwsError {
     /// or the request could not be built.
     #[error("{operation}: {detail}")]
     Unexpected { operation: &'static str, detail: String },
+    /// Not sent: this replica's leader lease is not confirmed.
+    #[error("{operation}: not sent")]
+    NotLeader {
+        operation: &'static str,
+        #[source]
+        source: crate::leader::NotLeader,
+    },
 }
 
 /// Codes AWS uses for "slow down" (EC2, Route53) and for transient unavailability.
@@ -157,7 +164,8 @@ impl AwsError {
         match self {
             AwsError::Service { operation, .. }
             | AwsError::Request { operation, .. }
-            | AwsError::Unexpected { operation, .. } => operation,
+            | AwsError::Unexpected { operation, .. }
+            | AwsError::NotLeader { operation, .. } => operation,
         }
     }
 

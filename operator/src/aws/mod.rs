@@ -44,6 +44,8 @@ pub use ec2::{
 pub use error::{AwsError, Outcome, classify};
 use limiter::TokenBucket;
 
+use crate::leader::Fence;
+
 /// Tag marking what a resource is for, where one owner has several of a kind (its data volume
 /// next to the instances' root volumes).
 pub const ROLE: &str = "cloud.questdb.io/role";
@@ -73,6 +75,8 @@ pub struct Aws {
     ec2_limit: Arc<TokenBucket>,
     route53_limit: Arc<TokenBucket>,
     calls: Family<CallLabels, Counter>,
+    /// The leader fence, checked right before every request is sent (none in tests and tools).
+    fence: Option<Arc<Fence>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -133,7 +137,15 @@ impl Aws {
             ec2_limit: Arc::new(TokenBucket::new(cfg.ec2_per_sec)),
             route53_limit: Arc::new(TokenBucket::new(cfg.route53_per_sec)),
             calls: Family::default(),
+            fence: None,
         }
+    }
+
+    /// Every call from now on is sent only while `fence` is open: a replica whose leader lease is
+    /// not confirmed calls AWS no more (not even to read: it has nothing to decide).
+    pub fn with_fence(mut self, fence: Arc<Fence>) -> Aws {
+        self.fence = Some(fence);
+        self
     }
 
     /// Registers `aws_calls` (a counter, so exposed as `<prefix>_aws_calls_total`) labelled by
@@ -171,6 +183,11 @@ impl Aws {
                     Service::Route53 => &self.route53_limit,
                 };
                 limit.acquire().await;
+                // Checked after the wait for the token bucket (which may be long), as close to
+                // the send as this layer gets.
+                if let Some(fence) = &self.fence {
+                    fence.check().map_err(|source| AwsError::NotLeader { operation, source })?;
+                }
                 let result = request.await.map_err(|e| AwsError::from_sdk(operation, e));
                 let outcome = match &result {
                     Ok(_) => "ok",

@@ -4,16 +4,17 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use qdb_operator::aws::{Aws, AwsConfig};
 use qdb_operator::context::{Context, Settings};
+use qdb_operator::controller::watch_read_timeout;
+use qdb_operator::health::Watches;
 use qdb_operator::http::{Health, router};
-use qdb_operator::leader::Elector;
+use qdb_operator::leader::{Elector, Fence, FenceLayer, Timing};
 use qdb_operator::metrics::Metrics;
 use qdb_operator::reconcile::zone::ZoneLimits;
 use qdb_operator::sweep::OrphanMode;
@@ -58,8 +59,17 @@ struct Args {
     /// Leader identity (default: host name and process id).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How long the leader's claim lasts without renewal: a standby takes over once the lease
+    /// has not changed for this long (by its own clock).
     #[arg(long, env = "QDB_LEASE_SECS", default_value_t = 15)]
     lease_secs: u64,
+    /// The leader stops (and writes nothing) this long after its last successful renewal; under
+    /// the lease (default: two thirds of it, client-go's 10 s of 15 s).
+    #[arg(long, env = "QDB_RENEW_DEADLINE_SECS")]
+    renew_deadline_secs: Option<u64>,
+    /// How often the leader renews and a standby looks (default: a sixth of the lease).
+    #[arg(long, env = "QDB_RETRY_PERIOD_SECS")]
+    retry_period_secs: Option<u64>,
     #[arg(long, env = "QDB_RESYNC_SECS", default_value_t = 300)]
     resync_secs: u64,
     #[arg(long, env = "QDB_POLL_SECS", default_value_t = 3)]
@@ -99,15 +109,32 @@ struct Args {
     orphan_sweep_secs: u64,
 }
 
-async fn kube_client(path: &Option<PathBuf>) -> anyhow::Result<kube::Client> {
-    let config = match path {
+/// A Kubernetes client whose every request is bounded: connecting and writing by `timeout`, the
+/// response by `read_timeout` from the moment the request was written. It retries nothing itself:
+/// a write must pass the `fence` (when given) on every attempt, and the reconcile retries anyway.
+async fn kube_client(
+    path: &Option<PathBuf>,
+    timeout: Duration,
+    read_timeout: Duration,
+    fence: Option<Arc<Fence>>,
+) -> anyhow::Result<kube::Client> {
+    let mut config = match path {
         Some(p) => {
             let kc = Kubeconfig::read_from(p).with_context(|| format!("reading {}", p.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
         }
         None => kube::Config::infer().await?,
     };
-    Ok(kube::Client::try_from(config)?)
+    config.connect_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    config.read_timeout = Some(read_timeout);
+    config.reset_reader_on_write = true;
+    config.default_retry = false;
+    let builder = kube::client::ClientBuilder::try_from(config)?;
+    Ok(match fence {
+        Some(fence) => builder.with_layer(&FenceLayer(fence)).build(),
+        None => builder.build(),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,22 +157,50 @@ async fn run() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let client = kube_client(&args.kubeconfig).await?;
+    let secs = Duration::from_secs;
+    let timing = Timing::new(
+        secs(args.lease_secs.max(3)),
+        args.renew_deadline_secs.map(secs),
+        args.retry_period_secs.map(secs),
+    )?;
+    let fence = Fence::new(timing);
+    let timeout = timing.request_timeout();
+    // Three clients: the reconcile's (fenced, short), the watches' (fenced, reads that last as
+    // long as a quiet watch) and the election's (not fenced: renewing is how the fence opens).
+    let client = kube_client(&args.kubeconfig, timeout, timeout, Some(fence.clone())).await?;
+    let watch_client =
+        kube_client(&args.kubeconfig, timeout, watch_read_timeout(), Some(fence.clone())).await?;
+    let lease_client = kube_client(&args.kubeconfig, timeout, timeout, None).await?;
     let aws = Aws::new(&AwsConfig {
         region: args.aws_region.clone(),
         endpoint: args.aws_endpoint.clone(),
         ec2_per_sec: args.ec2_per_sec,
         route53_per_sec: args.route53_per_sec,
     })
-    .await;
+    .await
+    .with_fence(fence.clone());
     let mut metrics = Metrics::new();
     aws.register_metrics(&mut metrics.registry);
     let metrics = Arc::new(metrics);
-    let ready = Arc::new(AtomicBool::new(false));
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let elector =
+        Elector::new(lease_client, &args.lease_namespace, &args.lease_name, &identity, fence.clone());
+    let watches = Arc::new(Watches::default());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    let app = router(Health { metrics: metrics.clone(), ready: ready.clone() });
+    let app = router(Health {
+        metrics: metrics.clone(),
+        election: elector.health(),
+        fence: fence.clone(),
+        watches: watches.clone(),
+        started: Instant::now(),
+        grace: timing.lease * 2,
+    });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -163,18 +218,6 @@ async fn run() -> anyhow::Result<()> {
         }
     });
 
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
-    let elector = Elector::new(
-        client.clone(),
-        &args.lease_namespace,
-        &args.lease_name,
-        &identity,
-        Duration::from_secs(args.lease_secs.max(3)),
-    );
-    ready.store(true, Ordering::Relaxed);
     tokio::select! {
         _ = elector.acquire() => {}
         _ = stop.cancelled() => return Ok(()),
@@ -202,7 +245,7 @@ async fn run() -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(client, aws, settings, metrics.clone()));
     let ctx_sweep = ctx.clone();
     let lost = CancellationToken::new();
-    let controller = qdb_operator::controller::run(ctx, args.namespace.clone(), {
+    let controller = qdb_operator::controller::run(ctx, watch_client, args.namespace.clone(), watches, {
         let (stop, lost) = (stop.clone(), lost.clone());
         async move {
             tokio::select! { _ = stop.cancelled() => {}, _ = lost.cancelled() => {} }
@@ -218,11 +261,12 @@ async fn run() -> anyhow::Result<()> {
     tokio::select! {
         _ = controller => {}
         _ = sweep => {}
-        _ = elector.hold() => {
-            // Another replica leads now: stop at once rather than reconcile alongside it.
+        why = elector.hold() => {
+            // The fence is shut already, so nothing more is written; the process ends so that a
+            // restart starts clean (no reconcile of the old term half-way through its steps).
             lost.cancel();
             metrics.leader.set(0);
-            anyhow::bail!("lost leadership");
+            anyhow::bail!("lost leadership: {why:?}");
         }
     }
     Ok(())
