@@ -394,15 +394,15 @@ pub async fn set_progress(conn: &mut PgConnection, id: &str, progress: &str) -> 
 }
 
 /// A failed attempt: the database's pending instructions wait `delay`, so its order holds.
-/// Written only while `owner` holds the lease.
+/// Written only while `owner` holds the lease; false when it no longer does.
 pub async fn retry_later(
     pool: &PgPool,
     owner: &str,
     head: &Open,
     delay: Duration,
     error: &str,
-) -> Result<(), JournalError> {
-    sqlx::query(concat!(
+) -> Result<bool, JournalError> {
+    let done = sqlx::query(concat!(
         "UPDATE instructions
          SET next_attempt_at = now() + make_interval(secs => $3),
              attempts = attempts + CASE WHEN id = $2 THEN 1 ELSE 0 END,
@@ -418,7 +418,7 @@ pub async fn retry_later(
     .execute(pool)
     .await
     .map_err(err("scheduling a retry"))?;
-    Ok(())
+    Ok(done.rows_affected() > 0)
 }
 
 /// Counts for /metrics: open instructions by state and the outbox size and age.

@@ -325,8 +325,13 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
             info!(instruction = %head.id, database = %head.database_id, cluster = %head.cluster,
                 attempts = head.attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %error,
                 "apply failed; will retry");
-            journal::retry_later(&ctx.pool, &ctx.replica, head, delay, &error).await?;
-            ctx.metrics.count("retried");
+            if journal::retry_later(&ctx.pool, &ctx.replica, head, delay, &error).await? {
+                ctx.metrics.count("retried");
+            } else {
+                // Stalled past the lease (paused, partitioned): the failed apply is someone
+                // else's business now, and saying so is how on-call finds the stall.
+                lease_lost(ctx, head);
+            }
             Ok(false)
         }
     }
