@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Taint, Toleration};
-use qdb_crd::{OPERATOR_MANAGER, keys};
+use qdb_crd::{OPERATOR_MANAGER, is_dns_label, keys};
 
 use crate::hash::fnv1a64;
 
@@ -166,14 +166,6 @@ impl Names {
             toleration_seconds: None,
         }
     }
-}
-
-pub(crate) fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_LABEL
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// Cuts `name` (ASCII) to `max` bytes, ending in a hash of the whole so that long names sharing a

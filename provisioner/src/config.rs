@@ -154,10 +154,7 @@ impl Config {
     }
 
     pub fn replica(&self) -> String {
-        self.replica_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            format!("{}-{}", host.trim(), std::process::id())
-        })
+        self.replica_id.clone().unwrap_or_else(qdb_crd::process_identity)
     }
 }
 

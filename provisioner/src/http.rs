@@ -14,7 +14,7 @@ use crate::Shared;
 pub fn router(ctx: Arc<Shared>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(ctx)
 }
@@ -26,13 +26,34 @@ async fn metrics(State(ctx): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
+/// How long the journal may take to answer a probe: kubelet's own probe timeout is 1 s by
+/// default, and a journal slower than this is not one to work against.
+const JOURNAL_PROBE: std::time::Duration = std::time::Duration::from_millis(900);
+
+/// The journal answers: without it this replica can neither take nor finish anything.
+async fn journal_answers(ctx: &Shared) -> Result<(), String> {
+    match tokio::time::timeout(JOURNAL_PROBE, sqlx::query("SELECT 1").execute(&ctx.pool)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("journal unreachable: {e}")),
+        Err(_) => Err(format!("journal did not answer within {}ms", JOURNAL_PROBE.as_millis())),
+    }
+}
+
+/// Healthy while the journal answers (a consumer group rebalance is not ill health).
+async fn healthz(State(ctx): State<Arc<Shared>>) -> (StatusCode, String) {
+    match journal_answers(&ctx).await {
+        Ok(()) => (StatusCode::OK, "ok".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
 /// Ready when consuming and the journal answers.
 async fn readyz(State(ctx): State<Arc<Shared>>) -> (StatusCode, String) {
     if !ctx.consuming.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not consuming".into());
     }
-    match sqlx::query("SELECT 1").execute(&ctx.pool).await {
-        Ok(_) => (StatusCode::OK, "ready".into()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("journal unreachable: {e}")),
+    match journal_answers(&ctx).await {
+        Ok(()) => (StatusCode::OK, "ready".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }

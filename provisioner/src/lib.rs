@@ -89,17 +89,7 @@ pub enum StartError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
-/// The error and its causes on one line, for logs and gossip.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use qdb_crd::error_chain;
 
 /// Runs one replica until `stop` is cancelled, then shuts down in order: stop consuming and
 /// commit, let in-flight applies finish, flush the outbox.

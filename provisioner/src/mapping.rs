@@ -4,7 +4,9 @@
 //! partial apply would drop the fields it left out (SSA removes fields a manager stops sending),
 //! so a modify is resolved here against the current spec into the full desired spec.
 
-use qdb_crd::{NetworkSpec, QuestDBSpec, ReclaimPolicy, SpecError, VolumeSpec, VolumeType, validate};
+use qdb_crd::{
+    NetworkSpec, QuestDBSpec, ReclaimPolicy, SpecError, VolumeSpec, VolumeType, is_dns_label, validate,
+};
 use qdb_proto::v1::{self, instruction::Operation};
 
 /// What to do to the cluster for one instruction.
@@ -153,16 +155,6 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
         }
         Err(e) => Err(e),
     }
-}
-
-/// The resource name and label value is the database id, so it must be a DNS label.
-fn is_dns_label(s: &str) -> bool {
-    let bytes = s.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
 }
 
 /// What the cluster's transition rules refuse (deploy/crd: volume only grows, no silent

@@ -129,12 +129,31 @@ impl Rig {
     /// A replica that reaches Kafka through `brokers` (another listener of the same broker),
     /// with `extra` carrying its security settings (`-X key=value`).
     pub fn spawn_with_brokers(&self, replica: &str, brokers: &str, extra: &[&str]) -> Result<Provisioner> {
-        self.spawn_process(replica, brokers, &self.config, extra)
+        self.spawn_process(replica, brokers, &self.config, &self.database_url, extra)
     }
 
     /// A replica with its own cluster registry (see `config_through`).
     pub fn spawn_with_config(&self, replica: &str, config: &Path, extra: &[&str]) -> Result<Provisioner> {
-        self.spawn_process(replica, &self.cloud.kafka_brokers, config, extra)
+        self.spawn_process(replica, &self.cloud.kafka_brokers, config, &self.database_url, extra)
+    }
+
+    /// A replica that reaches its journal through `addr` (a proxy in front of PostgreSQL).
+    pub fn spawn_with_journal_through(
+        &self,
+        replica: &str,
+        addr: std::net::SocketAddr,
+        extra: &[&str],
+    ) -> Result<Provisioner> {
+        let (_, db) = self.database_url.rsplit_once('/').context("database name in the rig's URL")?;
+        let url = format!("postgres://postgres@{addr}/{db}");
+        self.spawn_process(replica, &self.cloud.kafka_brokers, &self.config, &url, extra)
+    }
+
+    /// The address PostgreSQL listens on.
+    pub fn journal_addr(&self) -> Result<std::net::SocketAddr> {
+        let (_, rest) = self.database_url.split_once('@').context("host in the rig's URL")?;
+        let (hostport, _) = rest.split_once('/').context("database in the rig's URL")?;
+        hostport.parse().with_context(|| format!("PostgreSQL address {hostport}"))
     }
 
     /// A cluster registry like the rig's, except that `cluster`'s apiserver is reached through
@@ -170,6 +189,7 @@ impl Rig {
         replica: &str,
         brokers: &str,
         config: &Path,
+        database_url: &str,
         extra: &[&str],
     ) -> Result<Provisioner> {
         let bin = bin_dir(&self.cloud).join("qdb-provisioner");
@@ -183,7 +203,7 @@ impl Rig {
             .args(["--instructions-topic", &self.instructions])
             .args(["--gossip-topic", &self.gossip])
             .args(["--dlq-topic", &self.dlq])
-            .args(["--database-url", &self.database_url])
+            .args(["--database-url", database_url])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--replica-id", replica])
             .args(extra)
@@ -359,6 +379,12 @@ impl Provisioner {
 
     pub async fn metrics(&self) -> Result<String> {
         Ok(reqwest::get(format!("{}/metrics", self.url)).await?.text().await?)
+    }
+
+    /// The status code and body of a GET on `path` (/healthz, /readyz).
+    pub async fn probe(&self, path: &str) -> Result<(u16, String)> {
+        let r = reqwest::get(format!("{}{path}", self.url)).await?;
+        Ok((r.status().as_u16(), r.text().await?))
     }
 
     pub fn pid(&self) -> Option<u32> {

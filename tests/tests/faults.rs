@@ -413,3 +413,27 @@ async fn a_replica_frozen_mid_apply_past_its_lease_cannot_land_an_older_spec() -
     operator.abort();
     Ok(())
 }
+
+/// Issue 14 (Also): the provisioner's /healthz says whether its journal answers. A replica cut
+/// off from PostgreSQL (every byte held in a proxy) turns unhealthy within a probe's timeout and
+/// healthy again once the journal answers; before, /healthz said "ok" whatever the journal did.
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioner_health_follows_its_journal() -> Result<()> {
+    let rig = Rig::new("fault-health", 1).await?;
+    let pg = TcpHold::start(rig.journal_addr()?).await?;
+    let p = rig.spawn_with_journal_through("h", pg.addr, &[])?;
+    p.wait_ready().await?;
+    ensure!(p.probe("/healthz").await? == (200, "ok".to_string()), "healthy with its journal");
+    pg.hold();
+    let (code, why) = eventually("unhealthy while the journal is cut off", T, || async {
+        Ok(Some(p.probe("/healthz").await?).filter(|(code, _)| *code == 503))
+    })
+    .await?;
+    println!("/healthz {code}: {why}");
+    ensure!(why.contains("journal"), "says why: {why}");
+    ensure!(p.probe("/readyz").await?.0 == 503, "not ready either");
+    pg.release();
+    eventually("healthy again", T, || async { Ok((p.probe("/healthz").await?.0 == 200).then_some(())) })
+        .await?;
+    Ok(())
+}

@@ -6,6 +6,7 @@
 //! rejects malformed specs; [`validate`] repeats the checks a schema cannot express well, for the
 //! provisioner (before it writes) and the operator (before it acts).
 
+pub mod common;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -15,7 +16,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use validate::{SpecError, validate};
+pub use common::{error_chain, process_identity};
+pub use validate::{SpecError, is_dns_label, validate};
 
 /// Labels, annotations and tags shared by the provisioner and the operator.
 pub mod keys {
@@ -205,8 +207,6 @@ pub struct QuestDBStatus {
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {
-    /// Accepted, nothing built yet.
-    Pending,
     /// Building the node, volume and workload for the first time.
     Provisioning,
     /// Serving and Ready.
@@ -215,16 +215,17 @@ pub enum Phase {
     Updating,
     /// Moving to a new node (failover, image upgrade, instance type change).
     Replacing,
+    /// No compute runs; the volume is kept.
     Paused,
     /// Cannot make progress without a change (invalid spec, repeated AWS failure).
     Failed,
+    /// Deleted; the finalizer is removing what the database had in AWS and the cluster.
     Deleting,
 }
 
 impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
-            Phase::Pending => "Pending",
             Phase::Provisioning => "Provisioning",
             Phase::Running => "Running",
             Phase::Updating => "Updating",
@@ -373,6 +374,80 @@ impl DegradedReason {
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
+    }
+}
+
+/// What a database that is not settled waits for: the reason of its Ready=False and
+/// Progressing=True conditions (the message says which object).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitReason {
+    /// The DNS zone the record belongs in does not exist in Route53.
+    NoHostedZone,
+    /// The volume binder has not bound the claim to the database's volume yet.
+    BindingVolume,
+    /// The node or the volume is not there yet for the database's pod.
+    PlacingDatabase,
+    /// The database's pod is not Ready yet.
+    StartingDatabase,
+    /// A node image upgrade waits for the replacement budget.
+    UpgradeQueued,
+    /// A failover is held back while the zone looks unhealthy.
+    FailoverHeld,
+    /// A node replacement is under way.
+    ReplacingNode,
+    /// The database is being stopped on the old node before its volume moves.
+    DrainingOldNode,
+    /// Waiting for EC2 to confirm the old instance stopped.
+    FencingOldNode,
+    /// The instance has not joined the cluster as a node yet.
+    NodeJoining,
+    /// The database's node is not Ready.
+    NodeNotReady,
+    /// The instance is not running yet.
+    InstanceStarting,
+    /// The data volume is not available yet.
+    VolumeCreating,
+    /// The data volume is attaching.
+    VolumeAttaching,
+    /// The data volume is being released by an instance.
+    VolumeDetaching,
+    /// The data volume is attached to an instance the operator does not know; left alone.
+    VolumeInUse,
+    /// The data volume named in status is not listed by EC2 yet (its listing lags); never
+    /// replaced by an empty one meanwhile.
+    VolumeNotListed,
+    /// Waiting for EC2 to confirm a retired instance terminated.
+    RetiringInstance,
+    /// Pause waits for the pod to stop before releasing the node.
+    StoppingDatabase,
+    /// Pause waits for EC2 to confirm the instance terminated.
+    ReleasingNode,
+}
+
+impl WaitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoHostedZone => "NoHostedZone",
+            Self::BindingVolume => "BindingVolume",
+            Self::PlacingDatabase => "PlacingDatabase",
+            Self::StartingDatabase => "StartingDatabase",
+            Self::UpgradeQueued => "UpgradeQueued",
+            Self::FailoverHeld => "FailoverHeld",
+            Self::ReplacingNode => "ReplacingNode",
+            Self::DrainingOldNode => "DrainingOldNode",
+            Self::FencingOldNode => "FencingOldNode",
+            Self::NodeJoining => "NodeJoining",
+            Self::NodeNotReady => "NodeNotReady",
+            Self::InstanceStarting => "InstanceStarting",
+            Self::VolumeCreating => "VolumeCreating",
+            Self::VolumeAttaching => "VolumeAttaching",
+            Self::VolumeDetaching => "VolumeDetaching",
+            Self::VolumeInUse => "VolumeInUse",
+            Self::VolumeNotListed => "VolumeNotListed",
+            Self::RetiringInstance => "RetiringInstance",
+            Self::StoppingDatabase => "StoppingDatabase",
+            Self::ReleasingNode => "ReleasingNode",
+        }
     }
 }
 

@@ -27,6 +27,16 @@ pub enum SpecError {
     DnsName(String),
 }
 
+/// An RFC 1123 label: what a database id must be, as it names the resource and its objects
+/// and is a label value.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// Every problem is reported, not only the first, so one round trip fixes them all.
 pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     let mut errors = Vec::new();

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use aws_sdk_ec2::types::{
     Filter, InstanceStateName, IpPermission, IpRange, Placement, ResourceType, Tag, TagSpecification,
 };
-use base64::Engine;
 use qdb_crd::keys;
 
 use super::{Aws, AwsError, Owner, ROLE, ROLE_DATA, Service};
@@ -468,7 +467,7 @@ impl Aws {
         let mut tags = owner.tags();
         tags.push((keys::LAUNCH.into(), launch.launch.to_string()));
         tags.extend(launch.extra_tags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let user_data = base64::engine::general_purpose::STANDARD.encode(launch.user_data);
+        let user_data = crate::build::userdata::encode_user_data(launch.user_data);
         let req = self
             .ec2
             .run_instances()

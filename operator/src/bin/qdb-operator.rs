@@ -183,10 +183,7 @@ async fn run() -> anyhow::Result<()> {
     aws.register_metrics(&mut metrics.registry);
     let metrics = Arc::new(metrics);
 
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
+    let identity = args.identity.clone().unwrap_or_else(qdb_crd::process_identity);
     let elector =
         Elector::new(lease_client, &args.lease_namespace, &args.lease_name, &identity, fence.clone());
     let watches = Arc::new(Watches::default());

@@ -2,7 +2,7 @@
 //!
 //! The bind addresses are pinned: the Service, the readiness probe, Traefik and the security
 //! group all assume these ports, so a user value for one of these keys is dropped (reported by
-//! [`overridden_keys`] so the reconciler can say so in an event) rather than breaking the routing.
+//! [`overridden_keys`], which the children step announces in an event) rather than breaking the routing.
 
 use std::collections::BTreeMap;
 

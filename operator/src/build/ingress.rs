@@ -35,10 +35,6 @@ pub enum TcpRoute {
     Ilp,
 }
 
-impl TcpRoute {
-    pub const ALL: [TcpRoute; 2] = [TcpRoute::Pgwire, TcpRoute::Ilp];
-}
-
 pub fn build_ingress_route(d: &Desired) -> DynamicObject {
     let spec = json!({
         "entryPoints": [HTTP_ENTRY_POINT],

@@ -9,14 +9,14 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Service};
 use kube::Resource;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
-use qdb_crd::{OPERATOR_MANAGER, keys};
+use qdb_crd::{OPERATOR_MANAGER, WaitReason, keys};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::subset::is_subset;
 use super::{Error, Facts, delete_if_present, kube_err};
 use crate::build::Desired;
-use crate::build::configmap::build_config_map;
+use crate::build::configmap::{build_config_map, overridden_keys};
 use crate::build::ingress::{
     TcpRoute, build_ingress_route, build_ingress_route_tcp, ingress_route_resource,
     ingress_route_tcp_resource,
@@ -91,7 +91,14 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     let ns = d.names.namespace();
     let client = ctx.client.clone();
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    let before = facts.actions.len();
     apply(ctx, &config_maps, d, &build_config_map(d), "ConfigMap", facts, Yes).await?;
+    let ignored = overridden_keys(&d.spec.server_config);
+    if facts.actions.len() > before && !ignored.is_empty() {
+        // Said when the config is written, not every pass: the pinned bind addresses are what
+        // the Service, the probes and Traefik reach, so the user's values for them are dropped.
+        facts.did("ServerConfigKeysIgnored", format!("pinned by the operator: {}", ignored.join(", ")));
+    }
     let services = Api::<Service>::namespaced(client.clone(), ns);
     apply(ctx, &services, d, &build_service(d), "Service", facts, Yes).await?;
     let mut claim_bound = false;
@@ -104,7 +111,10 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
             let pvc = apply(ctx, &pvcs, d, &build_pvc(d), "PersistentVolumeClaim", facts, Yes).await?;
             claim_bound = pvc.as_ref().is_some_and(is_bound);
         } else {
-            facts.wait("BindingVolume", format!("waiting for the volume binder to see {}", d.names.pv()));
+            facts.wait(
+                WaitReason::BindingVolume,
+                format!("waiting for the volume binder to see {}", d.names.pv()),
+            );
         }
     }
     remove_stuck_pod(ctx, d, facts).await?;
@@ -129,9 +139,12 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?;
         facts.pod_gone = pod.is_none();
     } else if sts.is_none() {
-        facts.wait("PlacingDatabase", "waiting for the node and the volume before starting the database");
+        facts.wait(
+            WaitReason::PlacingDatabase,
+            "waiting for the node and the volume before starting the database",
+        );
     } else if !facts.pod_ready {
-        facts.wait("StartingDatabase", format!("waiting for pod {} to be Ready", d.names.pod()));
+        facts.wait(WaitReason::StartingDatabase, format!("waiting for pod {} to be Ready", d.names.pod()));
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use kube::Resource;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use qdb_crd::{QuestDB, ReclaimPolicy, keys};
+use qdb_crd::{Phase, QuestDB, ReclaimPolicy, keys};
 
 use super::{Error, aws_err, delete_if_present, kube_err, publish};
 use crate::aws::InstanceState;
@@ -33,6 +33,13 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         // Such a resource never got anything made for it.
         return Ok(Action::await_change());
     };
+    if q.status.as_ref().and_then(|s| s.phase) != Some(Phase::Deleting) {
+        // `kubectl get questdb` shows the database going, not the last phase it had; the
+        // provisioner waits for the resource to be gone either way.
+        let status =
+            qdb_crd::QuestDBStatus { phase: Some(Phase::Deleting), ..q.status.clone().unwrap_or_default() };
+        super::status::ensure(ctx, &q, status).await?;
+    }
     if !stop_database(ctx, &names).await? {
         return Err(Error::CleanupWaiting(format!("pod {} still running", names.pod())));
     }

@@ -1,6 +1,7 @@
 //! The DNS step: the database's name points at its node's private IP (Route53 A record), and
 //! is withdrawn while paused, when there is no node to point at.
 
+use qdb_crd::WaitReason;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ pub async fn hosted_zone(ctx: &Context) -> Result<Option<String>, Error> {
 
 pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
     let Some(zone) = hosted_zone(ctx).await? else {
-        facts.wait("NoHostedZone", format!("no Route53 hosted zone {}", ctx.settings.dns_zone));
+        facts.wait(WaitReason::NoHostedZone, format!("no Route53 hosted zone {}", ctx.settings.dns_zone));
         return Ok(());
     };
     let ip = facts.instance.as_ref().and_then(|i| i.private_ip.clone());

@@ -22,7 +22,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::finalizer::{self, Event as Finalizing};
 use kube::{Resource, ResourceExt};
-use qdb_crd::{DegradedReason, QuestDB};
+use qdb_crd::{DegradedReason, QuestDB, WaitReason};
 use tracing::{info, warn};
 
 use crate::aws::{AwsError, Instance, Outcome, Owner, Volume};
@@ -90,17 +90,7 @@ fn failure_key(q: &QuestDB) -> String {
     format!("{}/{}", q.namespace().unwrap_or_default(), q.name_any())
 }
 
-/// The error and its causes on one line, for events, status and logs.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use qdb_crd::error_chain as chain;
 
 /// What the steps found and did, handed along the pipeline.
 #[derive(Debug, Default, Clone)]
@@ -121,7 +111,7 @@ pub struct Facts {
     /// The node replacement under way (from status at the start of the pass, as far as it got).
     pub replacement: Option<qdb_crd::ReplacementStatus>,
     /// What is being waited for, first unmet step first.
-    pub waiting: Vec<(&'static str, String)>,
+    pub waiting: Vec<(WaitReason, String)>,
     /// Changes made this round, announced as events.
     pub actions: Vec<(&'static str, String)>,
     /// The number of the database's next instance launch (status `launches`, brought up to what
@@ -134,7 +124,7 @@ pub struct Facts {
 }
 
 impl Facts {
-    pub fn wait(&mut self, reason: &'static str, message: impl Into<String>) {
+    pub fn wait(&mut self, reason: WaitReason, message: impl Into<String>) {
         self.waiting.push((reason, message.into()));
     }
 
@@ -300,13 +290,13 @@ const QUEUED_RECHECK: Duration = Duration::from_secs(30);
 /// - Only queued for the upgrade budget: at [`QUEUED_RECHECK`].
 pub fn next_check(
     new: &qdb_crd::QuestDBStatus,
-    waiting: &[(&'static str, String)],
+    waiting: &[(WaitReason, String)],
     resync: Duration,
     poll: Duration,
 ) -> Duration {
     if waiting.is_empty() {
         if status::is_converged(new) { resync } else { poll }
-    } else if waiting.iter().all(|(reason, _)| *reason == "UpgradeQueued") {
+    } else if waiting.iter().all(|(reason, _)| *reason == WaitReason::UpgradeQueued) {
         QUEUED_RECHECK.min(resync).max(poll)
     } else {
         poll
@@ -406,11 +396,12 @@ mod tests {
         let (resync, poll) = (Duration::from_secs(300), Duration::from_secs(3));
         let running = qdb_crd::QuestDBStatus { phase: Some(qdb_crd::Phase::Running), ..Default::default() };
         assert_eq!(next_check(&running, &[], resync, poll), resync);
-        let waiting = [("ReplacingNode", "waiting for replacement i-2's node to be Ready".to_string())];
+        let waiting =
+            [(WaitReason::ReplacingNode, "waiting for replacement i-2's node to be Ready".to_string())];
         assert_eq!(next_check(&running, &waiting, resync, poll), poll);
         let updating = qdb_crd::QuestDBStatus { phase: Some(qdb_crd::Phase::Updating), ..Default::default() };
         assert_eq!(next_check(&updating, &[], resync, poll), poll);
-        let queued = [("UpgradeQueued", "waiting for the replacement budget".to_string())];
+        let queued = [(WaitReason::UpgradeQueued, "waiting for the replacement budget".to_string())];
         assert_eq!(next_check(&running, &queued, resync, poll), QUEUED_RECHECK);
         assert_eq!(next_check(&running, &queued, Duration::from_secs(5), poll), Duration::from_secs(5));
     }

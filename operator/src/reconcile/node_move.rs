@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use qdb_crd::{FailoverStatus, ReplacementStatus};
+use qdb_crd::{FailoverStatus, ReplacementStatus, WaitReason};
 
 use super::replace::{MoveAction, MoveSeen, NodeSeen, Step, VolumeSeen, Waiting, Why, next_move};
 use super::{Error, Facts, aws_err, delete_if_present, kube_err};
@@ -49,20 +49,26 @@ fn volume_seen(v: &Volume, m: &ReplacementStatus) -> VolumeSeen {
     }
 }
 
-fn waiting(w: Waiting, m: &ReplacementStatus, volume: &str) -> (&'static str, String) {
+fn waiting(w: Waiting, m: &ReplacementStatus, volume: &str) -> (WaitReason, String) {
     let (from, to) = (&m.from_instance, &m.to_instance);
     match w {
         Waiting::ReplacementJoining => {
-            ("ReplacingNode", format!("waiting for replacement {to}'s node to be Ready"))
+            (WaitReason::ReplacingNode, format!("waiting for replacement {to}'s node to be Ready"))
         }
-        Waiting::Draining => ("DrainingOldNode", format!("stopping the database on {from} before the move")),
-        Waiting::Fencing => ("FencingOldNode", format!("waiting for EC2 to confirm {from} stopped")),
+        Waiting::Draining => {
+            (WaitReason::DrainingOldNode, format!("stopping the database on {from} before the move"))
+        }
+        Waiting::Fencing => {
+            (WaitReason::FencingOldNode, format!("waiting for EC2 to confirm {from} stopped"))
+        }
         Waiting::VolumeDetaching => {
-            ("VolumeDetaching", format!("waiting for {volume} to be released by {from}"))
+            (WaitReason::VolumeDetaching, format!("waiting for {volume} to be released by {from}"))
         }
-        Waiting::VolumeAttaching => ("VolumeAttaching", format!("waiting for {volume} to attach to {to}")),
+        Waiting::VolumeAttaching => {
+            (WaitReason::VolumeAttaching, format!("waiting for {volume} to attach to {to}"))
+        }
         Waiting::VolumeElsewhere => (
-            "VolumeInUse",
+            WaitReason::VolumeInUse,
             format!("{volume} is attached to an instance this move does not know; not touched"),
         ),
     }
@@ -124,7 +130,7 @@ pub async fn drive(
                     m.to_instance
                 ),
             );
-            facts.wait("ReplacingNode", "launching another replacement");
+            facts.wait(WaitReason::ReplacingNode, "launching another replacement");
             facts.replacement = None;
             return Ok(find(&m.from_instance).cloned());
         }
@@ -133,7 +139,7 @@ pub async fn drive(
                 drain(ctx, d, node, pod.as_ref(), facts).await?;
             }
             facts.wait(
-                "DrainingOldNode",
+                WaitReason::DrainingOldNode,
                 format!("stopping the database on {} before the move", m.from_instance),
             );
         }
@@ -190,7 +196,7 @@ pub async fn drive(
             );
             // The old instance is retired by the next pass; until EC2 confirms it terminated the
             // change is not over (status stays Progressing).
-            facts.wait("RetiringInstance", format!("{} is retired next", m.from_instance));
+            facts.wait(WaitReason::RetiringInstance, format!("{} is retired next", m.from_instance));
             facts.replacement = None;
             return Ok(serving);
         }

@@ -118,7 +118,9 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
     };
     let (wait_reason, wait_message) = match problem.failed {
         Some((reason, message)) => (reason.as_str(), message),
-        None => f.waiting.first().map(|(r, m)| (*r, m.as_str())).unwrap_or(("Converged", "nothing to do")),
+        None => {
+            f.waiting.first().map(|(r, m)| (r.as_str(), m.as_str())).unwrap_or(("Converged", "nothing to do"))
+        }
     };
     let progressing = !settled && !released && problem.failed.is_none();
     let mut conditions = vec![
@@ -261,6 +263,7 @@ mod tests {
     use super::*;
     use crate::build::dns::DnsRecord;
     use crate::build::fixtures::{desired, questdb};
+    use qdb_crd::WaitReason;
 
     fn serving() -> Facts {
         Facts {
@@ -290,7 +293,7 @@ mod tests {
     #[test]
     fn serving_during_a_replacement_is_ready_but_still_progressing() {
         let mut f = serving();
-        f.wait("ReplacingNode", "waiting for replacement i-2's node to be Ready");
+        f.wait(WaitReason::ReplacingNode, "waiting for replacement i-2's node to be Ready");
         let s = build(&questdb(), &desired(), &f, &Problem::default());
         assert_eq!(get(&s, "Ready").status, "True");
         let p = get(&s, "Progressing");
@@ -301,7 +304,7 @@ mod tests {
     #[test]
     fn a_permanent_aws_error_is_failed_with_its_reason_and_message() {
         let mut f = Facts::default();
-        f.wait("NodeJoining", "waiting for an instance");
+        f.wait(WaitReason::NodeJoining, "waiting for an instance");
         let message = "RunInstances: InvalidAMIID.NotFound: The image id '[ami-0dead]' does not exist";
         let problem = Problem {
             error: Some("launching an instance: AWS: ..."),
@@ -337,7 +340,7 @@ mod tests {
     #[test]
     fn not_yet_serving_is_provisioning() {
         let mut f = Facts::default();
-        f.wait("NodeJoining", "waiting for i-1 to join the cluster");
+        f.wait(WaitReason::NodeJoining, "waiting for i-1 to join the cluster");
         let s = build(&questdb(), &desired(), &f, &Problem::default());
         assert_eq!(s.phase, Some(Phase::Provisioning));
         assert_eq!(get(&s, "Ready").status, "False");

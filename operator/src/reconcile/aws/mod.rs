@@ -1,32 +1,28 @@
 //! The AWS step: security group, dedicated instance, data volume and its attachment, each found
 //! again by the resource's UID tag before anything is created. Also reads the node the instance
 //! joined as, since the volume attaches only to a running instance and the pod runs only on a
-//! Ready node.
+//! Ready node. The effects live here; what they read besides the inventory is in [`facts`], and
+//! what they decide in [`plan`].
 
-use std::collections::{HashMap, HashSet};
+mod facts;
+pub mod plan;
+
+use std::collections::HashMap;
 use std::time::Instant;
 
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams};
-use qdb_crd::{QuestDB, keys};
+use qdb_crd::WaitReason;
 
+use self::facts::{nodes_of, zone_health};
+use self::plan::{VolumeAction, is_live, next_launch, plan_volume};
 use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
-use super::zone::{self, Gate, ZoneHealth};
-use super::{Error, Facts, aws_err, kube_err, owner_of};
-use crate::aws::inventory::LISTING_LAG;
-use crate::aws::{
-    Attachment, AttachmentState, AwsError, DATA_DEVICE, Instance, InstanceState, Launch, VolumeState,
-    launch_of,
-};
+use super::zone::{self, Gate};
+use super::{Error, Facts, aws_err, owner_of};
+use crate::aws::{AttachmentState, AwsError, DATA_DEVICE, Instance, InstanceState, Launch, launch_of};
 use crate::build::Desired;
 use crate::build::security_group::{desired_rules, sg_diff};
 use crate::build::userdata::build_user_data;
 use crate::context::Context;
-
-fn is_live(i: &Instance) -> bool {
-    matches!(i.state, InstanceState::Pending | InstanceState::Running)
-}
 
 pub async fn ensure(
     ctx: &Context,
@@ -126,14 +122,17 @@ pub async fn ensure(
                     Why::Upgrade => None,
                 };
                 if why == Why::Upgrade && !take_budget(ctx, uid) {
-                    facts.wait("UpgradeQueued", format!("{reason}; waiting for the replacement budget"));
+                    facts.wait(
+                        WaitReason::UpgradeQueued,
+                        format!("{reason}; waiting for the replacement budget"),
+                    );
                 } else if let Some(message) = held {
-                    facts.wait("FailoverHeld", message.clone());
+                    facts.wait(WaitReason::FailoverHeld, message.clone());
                     facts.held = Some(message);
                 } else {
                     let i = launch(ctx, d, &owner, &sg_id, zone.as_deref(), facts).await?;
                     facts.did("LaunchedReplacement", format!("{} to replace {lost}: {reason}", i.id));
-                    facts.wait("ReplacingNode", format!("{reason}; replacement {} launched", i.id));
+                    facts.wait(WaitReason::ReplacingNode, format!("{reason}; replacement {} launched", i.id));
                     facts.replacement = Some(node_move::record(&lost, &i.id, why, reason));
                 }
                 serving
@@ -169,7 +168,7 @@ pub async fn ensure(
         .and_then(|i| nodes.get(&i.id))
         .map(|(n, seen)| (n.clone(), *seen == NodeSeen::Ready));
     if facts.node.is_none() {
-        facts.wait("NodeJoining", "waiting for the replacement's node");
+        facts.wait(WaitReason::NodeJoining, "waiting for the replacement's node");
     }
     facts.instance = instance;
     Ok(())
@@ -192,85 +191,74 @@ async fn finish(
     let owner = owner_of(d, &ctx.settings.cluster);
     let serving_plan = facts.waiting.is_empty();
 
-    let mut volume = match volume {
-        Some(v) => v,
-        None if let Some(id) = known_volume => {
-            // Status names a data volume that EC2 does not list: never replace it with an empty
-            // one. It may be EC2's listing lagging (it shows up), or it was deleted by hand.
-            facts.wait(
-                "VolumeNotListed",
-                format!("{id} (in status) is not listed by EC2; not creating another"),
-            );
-            facts.instance = Some(instance);
-            return Ok(());
-        }
-        None => {
-            let size = d.spec.volume.size_gib;
-            let create = aws.create_volume(&owner, &instance.zone, size, d.spec.volume.type_.as_str());
-            let v = creating(facts, create).await.map_err(aws_err("creating the volume"))?;
-            ctx.inventory.created_volume(d.names.uid(), &v);
-            facts.did("CreatedVolume", format!("{} ({} GiB) in {}", v.id, v.size_gib, v.zone));
-            v
-        }
-    };
-    if volume.size_gib < d.spec.volume.size_gib {
-        aws.modify_volume_size(&volume.id, d.spec.volume.size_gib)
-            .await
-            .map_err(aws_err("growing the volume"))?;
-        facts.did(
-            "GrewVolume",
-            format!("{} from {} to {} GiB", volume.id, volume.size_gib, d.spec.volume.size_gib),
-        );
-        volume.size_gib = d.spec.volume.size_gib;
-    }
-
-    let here = volume.attachments.iter().find(|a| a.instance_id == instance.id);
-    let elsewhere: Vec<&Attachment> =
-        volume.attachments.iter().filter(|a| a.instance_id != instance.id).collect();
-    if let Some(a) = here {
-        facts.volume_attached = a.state == AttachmentState::Attached;
-        if !facts.volume_attached {
-            facts.wait("VolumeAttaching", format!("{} is {:?} on {}", volume.id, a.state, instance.id));
-        }
-    } else if !elsewhere.is_empty() {
-        for a in elsewhere {
-            // Only a holder EC2 shows stopped or terminated (or no longer lists) lets go of the
-            // volume: one stopping or running may still be writing. Moving it off a live
-            // instance is the node replacement's job (node_move), which fences first.
-            let holder = instances.iter().find(|i| i.id == a.instance_id);
-            if holder.is_some_and(|i| !i.state.is_fenced()) {
-                let state = holder.map(|i| i.state).unwrap_or(InstanceState::Unknown);
-                facts.wait(
-                    "VolumeInUse",
-                    format!("{} is attached to {} ({state:?})", volume.id, a.instance_id),
-                );
-            } else if a.state == AttachmentState::Detaching {
-                facts
-                    .wait("VolumeDetaching", format!("{} is being released by {}", volume.id, a.instance_id));
-            } else {
-                aws.detach_volume(&volume.id, &a.instance_id)
-                    .await
-                    .map_err(aws_err("detaching from a fenced instance"))?;
-                facts.did("DetachedVolume", format!("{} from stopped instance {}", volume.id, a.instance_id));
+    let mut volume = volume;
+    // Planned again after a create, so the new volume's attach is decided by the same rules.
+    for _ in 0..2 {
+        let steps = plan_volume(volume.as_ref(), known_volume, d.spec.volume.size_gib, &instance, &instances);
+        let mut created = false;
+        for step in steps {
+            match step {
+                VolumeAction::AwaitListing(id) => {
+                    facts.wait(
+                        WaitReason::VolumeNotListed,
+                        format!("{id} (in status) is not listed by EC2; not creating another"),
+                    );
+                    facts.instance = Some(instance);
+                    return Ok(());
+                }
+                VolumeAction::Create => {
+                    let size = d.spec.volume.size_gib;
+                    let create =
+                        aws.create_volume(&owner, &instance.zone, size, d.spec.volume.type_.as_str());
+                    let v = creating(facts, create).await.map_err(aws_err("creating the volume"))?;
+                    ctx.inventory.created_volume(d.names.uid(), &v);
+                    facts.did("CreatedVolume", format!("{} ({} GiB) in {}", v.id, v.size_gib, v.zone));
+                    volume = Some(v);
+                    created = true;
+                }
+                VolumeAction::Grow { from, to } => {
+                    let Some(v) = volume.as_mut() else { continue };
+                    aws.modify_volume_size(&v.id, to).await.map_err(aws_err("growing the volume"))?;
+                    facts.did("GrewVolume", format!("{} from {from} to {to} GiB", v.id));
+                    v.size_gib = to;
+                }
+                VolumeAction::Detach { from } => {
+                    let Some(v) = volume.as_ref() else { continue };
+                    aws.detach_volume(&v.id, &from)
+                        .await
+                        .map_err(aws_err("detaching from a fenced instance"))?;
+                    facts.did("DetachedVolume", format!("{} from stopped instance {from}", v.id));
+                }
+                VolumeAction::Attach => {
+                    let Some(v) = volume.as_ref() else { continue };
+                    aws.attach_volume(&v.id, &instance.id, DATA_DEVICE)
+                        .await
+                        .map_err(aws_err("attaching the volume"))?;
+                    facts.did("AttachedVolume", format!("{} to {}", v.id, instance.id));
+                }
+                VolumeAction::Wait(reason, message) => facts.wait(reason, message),
             }
         }
-    } else if volume.state != VolumeState::Available {
-        facts.wait("VolumeCreating", format!("{} is {:?}", volume.id, volume.state));
-    } else if instance.state == InstanceState::Running {
-        aws.attach_volume(&volume.id, &instance.id, DATA_DEVICE)
-            .await
-            .map_err(aws_err("attaching the volume"))?;
-        facts.did("AttachedVolume", format!("{} to {}", volume.id, instance.id));
-        facts.wait("VolumeAttaching", format!("{} attaching to {}", volume.id, instance.id));
-    } else {
-        facts.wait("InstanceStarting", format!("{} is {:?}", instance.id, instance.state));
+        if !created {
+            break;
+        }
     }
+    let Some(volume) = volume else {
+        facts.instance = Some(instance);
+        return Ok(());
+    };
+    facts.volume_attached = volume
+        .attachments
+        .iter()
+        .any(|a| a.instance_id == instance.id && a.state == AttachmentState::Attached);
     facts.volume = Some(volume);
 
     facts.node = nodes.get(&instance.id).map(|(name, seen)| (name.clone(), *seen == NodeSeen::Ready));
     match &facts.node {
-        None => facts.wait("NodeJoining", format!("waiting for {} to join the cluster", instance.id)),
-        Some((name, false)) => facts.wait("NodeNotReady", format!("node {name} is not Ready")),
+        None => {
+            facts.wait(WaitReason::NodeJoining, format!("waiting for {} to join the cluster", instance.id))
+        }
+        Some((name, false)) => facts.wait(WaitReason::NodeNotReady, format!("node {name} is not Ready")),
         Some(_) => {}
     }
     // Leftovers (a fenced instance once the volume left it, a replacement no longer needed):
@@ -289,7 +277,10 @@ async fn finish(
                 facts.did("RetiredInstance", format!("{} terminated", other.id));
             }
             // Done once EC2 says so: a change that replaced the node ends with the old one gone.
-            facts.wait("RetiringInstance", format!("waiting for EC2 to confirm {} terminated", other.id));
+            facts.wait(
+                WaitReason::RetiringInstance,
+                format!("waiting for EC2 to confirm {} terminated", other.id),
+            );
         }
     }
     facts.instance = Some(instance);
@@ -309,23 +300,6 @@ async fn creating<T>(
         facts.last_create = before;
     }
     result
-}
-
-/// The number of the next launch (its ClientToken, see [`crate::aws::launch_token`]): one past
-/// every launch status recorded (`recorded` is that count) or EC2 lists. One exception: the last
-/// recorded launch is not listed and something was created for the database within the listing
-/// lag (`last_create_age`). EC2 may simply not show it yet (an operator restarted right after
-/// launching lost its memory of it), so that launch is tried again under its own token: EC2
-/// answers with its instance rather than starting a second.
-pub fn next_launch(recorded: u32, listed: &[u32], last_create_age: Option<std::time::Duration>) -> u32 {
-    let past_listed = listed.iter().max().map_or(0, |n| n.saturating_add(1));
-    let next = recorded.max(past_listed);
-    let last = next.checked_sub(1);
-    let young = last_create_age.is_some_and(|a| a < LISTING_LAG);
-    match last {
-        Some(last) if young && !listed.contains(&last) => last,
-        _ => next,
-    }
 }
 
 async fn launch(
@@ -355,40 +329,6 @@ async fn launch(
     Ok(i)
 }
 
-/// The database's nodes by instance id: (node name, readiness).
-async fn nodes_of(ctx: &Context, d: &Desired) -> Result<HashMap<String, (String, NodeSeen)>, Error> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let selector =
-        d.names.node_labels().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-    ctx.metrics.kube("list", "Node");
-    let list = nodes
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(kube_err("aws", "listing nodes"))?;
-    let now = jiff::Timestamp::now();
-    Ok(list
-        .items
-        .into_iter()
-        .filter_map(|n| {
-            let provider = n.spec.as_ref().and_then(|s| s.provider_id.clone())?;
-            let instance = provider.rsplit('/').next()?.to_string();
-            let ready = n.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|c| {
-                c.iter()
-                    .find(|c| c.type_ == "Ready")
-                    .map(|c| (c.status == "True", c.last_transition_time.clone()))
-            });
-            let seen = match ready {
-                Some((true, _)) => NodeSeen::Ready,
-                Some((false, since)) => NodeSeen::NotReady {
-                    for_secs: since.map(|t| now.duration_since(t.0).as_secs().max(0) as u64).unwrap_or(0),
-                },
-                None => NodeSeen::NotReady { for_secs: 0 },
-            };
-            Some((instance, (n.metadata.name.unwrap_or_default(), seen)))
-        })
-        .collect())
-}
-
 /// Whether the failover of a database in `zone` must wait ([`zone::gate`]), and why. A failover
 /// let through counts against the zone's rate at once, so reconciles deciding together cannot
 /// all pass.
@@ -405,50 +345,6 @@ async fn hold_failover(ctx: &Context, zone: &str) -> Result<Option<String>, Erro
         }
         Gate::Hold { health, started } => Some(zone::hold_message(zone, health, started, &limits)),
     })
-}
-
-/// The dedicated nodes in `zone` of the databases this operator manages (only its namespace's,
-/// when it watches one), and how many are not Ready. Read only when a failover is about to start.
-async fn zone_health(ctx: &Context, zone: &str) -> Result<ZoneHealth, Error> {
-    let questdbs: Api<QuestDB> = match &ctx.settings.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    ctx.metrics.kube("list", "QuestDB");
-    let ours: HashSet<String> = questdbs
-        .list_metadata(&ListParams::default())
-        .await
-        .map_err(kube_err("aws", "listing databases for the zone's health"))?
-        .items
-        .into_iter()
-        .filter_map(|q| q.metadata.uid)
-        .collect();
-    ctx.metrics.kube("list", "Node");
-    let nodes = Api::<Node>::all(ctx.client.clone())
-        .list(&ListParams::default().labels(keys::DEDICATED))
-        .await
-        .map_err(kube_err("aws", "listing database nodes for the zone's health"))?;
-    let mut health = ZoneHealth { nodes: 0, not_ready: 0 };
-    for n in nodes.items {
-        let owner = n.metadata.labels.as_ref().and_then(|l| l.get(keys::DEDICATED));
-        // providerID is aws:///<zone>/<instance-id>.
-        let node_zone = n
-            .spec
-            .as_ref()
-            .and_then(|s| s.provider_id.as_deref())
-            .and_then(|p| p.strip_prefix("aws:///").and_then(|rest| rest.split('/').next()));
-        if !owner.is_some_and(|o| ours.contains(o)) || node_zone != Some(zone) {
-            continue;
-        }
-        let ready = n
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        health.nodes += 1;
-        health.not_ready += usize::from(!ready);
-    }
-    Ok(health)
 }
 
 /// Upgrades replace at most `--replacement-budget` nodes at once, operator-wide.
@@ -479,7 +375,7 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
         return Ok(());
     }
     if !facts.pod_gone {
-        facts.wait("StoppingDatabase", "waiting for the pod to stop before releasing the node");
+        facts.wait(WaitReason::StoppingDatabase, "waiting for the pod to stop before releasing the node");
         return Ok(());
     }
     // The instances the AWS step found this round (not terminated). Terminating releases the
@@ -491,39 +387,10 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
             ctx.aws.terminate_instance(&i.id).await.map_err(aws_err("releasing the instance"))?;
             facts.did("ReleasedInstance", format!("{} terminated while paused", i.id));
         }
-        facts.wait("ReleasingNode", format!("waiting for EC2 to confirm {} terminated", i.id));
+        facts.wait(WaitReason::ReleasingNode, format!("waiting for EC2 to confirm {} terminated", i.id));
     }
     facts.instance = None;
     facts.node = None;
     facts.volume_attached = false;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[test]
-    fn each_deliberate_launch_takes_the_next_number() {
-        assert_eq!(next_launch(0, &[], None), 0, "the first launch");
-        assert_eq!(next_launch(1, &[0], Some(Duration::from_secs(5))), 1, "a replacement");
-        assert_eq!(next_launch(1, &[], Some(Duration::from_secs(600))), 1, "launch 0 is long gone");
-        assert_eq!(next_launch(3, &[1], None), 3);
-    }
-
-    #[test]
-    fn what_ec2_lists_counts_even_if_status_missed_it() {
-        // The status write after a launch was lost: the tag still tells.
-        assert_eq!(next_launch(0, &[0], Some(Duration::from_secs(5))), 1);
-        assert_eq!(next_launch(1, &[0, 3], None), 4);
-    }
-
-    #[test]
-    fn a_recent_launch_not_listed_yet_is_retried_under_its_own_token() {
-        assert_eq!(next_launch(1, &[], Some(Duration::from_secs(2))), 0);
-        assert_eq!(next_launch(2, &[0], Some(Duration::from_secs(2))), 1);
-        assert_eq!(next_launch(2, &[0], Some(LISTING_LAG)), 2, "past the lag it is gone, not unlisted");
-    }
 }

@@ -1,0 +1,223 @@
+//! The AWS step's decisions, pure: which launch number comes next, and what the data volume
+//! needs this pass. The safety rule lives here: the volume leaves only an instance EC2 shows
+//! fenced (stopped or terminated); moving it off a live one is the node move's job, which fences
+//! first.
+
+use qdb_crd::WaitReason;
+
+use crate::aws::inventory::LISTING_LAG;
+use crate::aws::{AttachmentState, Instance, InstanceState, Volume, VolumeState};
+
+pub fn is_live(i: &Instance) -> bool {
+    matches!(i.state, InstanceState::Pending | InstanceState::Running)
+}
+
+/// The number of the next launch (its ClientToken, see [`crate::aws::launch_token`]): one past
+/// every launch status recorded (`recorded` is that count) or EC2 lists. One exception: the last
+/// recorded launch is not listed and something was created for the database within the listing
+/// lag (`last_create_age`). EC2 may simply not show it yet (an operator restarted right after
+/// launching lost its memory of it), so that launch is tried again under its own token: EC2
+/// answers with its instance rather than starting a second.
+pub fn next_launch(recorded: u32, listed: &[u32], last_create_age: Option<std::time::Duration>) -> u32 {
+    let past_listed = listed.iter().max().map_or(0, |n| n.saturating_add(1));
+    let next = recorded.max(past_listed);
+    let last = next.checked_sub(1);
+    let young = last_create_age.is_some_and(|a| a < LISTING_LAG);
+    match last {
+        Some(last) if young && !listed.contains(&last) => last,
+        _ => next,
+    }
+}
+
+/// One thing the data volume needs, in the order to do them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VolumeAction {
+    /// Status names a volume EC2 does not list: wait for the listing, never make another (an
+    /// empty volume in its place would lose the data).
+    AwaitListing(String),
+    Create,
+    Grow {
+        from: u32,
+        to: u32,
+    },
+    /// From a holder EC2 shows fenced.
+    Detach {
+        from: String,
+    },
+    Attach,
+    Wait(WaitReason, String),
+}
+
+/// What the data volume needs for `instance` to serve from it. `volume` is what EC2 lists,
+/// `known` the volume status names, `instances` every instance of the database EC2 lists.
+pub fn plan_volume(
+    volume: Option<&Volume>,
+    known: Option<&str>,
+    want_gib: u32,
+    instance: &Instance,
+    instances: &[Instance],
+) -> Vec<VolumeAction> {
+    use VolumeAction::*;
+    let Some(v) = volume else {
+        return vec![match known {
+            Some(id) => AwaitListing(id.to_string()),
+            None => Create,
+        }];
+    };
+    let mut out = Vec::new();
+    if v.size_gib < want_gib {
+        out.push(Grow { from: v.size_gib, to: want_gib });
+    }
+    let here = v.attachments.iter().find(|a| a.instance_id == instance.id);
+    let elsewhere: Vec<_> = v.attachments.iter().filter(|a| a.instance_id != instance.id).collect();
+    if let Some(a) = here {
+        if a.state != AttachmentState::Attached {
+            out.push(Wait(
+                WaitReason::VolumeAttaching,
+                format!("{} is {:?} on {}", v.id, a.state, instance.id),
+            ));
+        }
+    } else if !elsewhere.is_empty() {
+        for a in elsewhere {
+            // A holder that is stopping or running may still be writing; one EC2 no longer
+            // lists is gone.
+            let holder = instances.iter().find(|i| i.id == a.instance_id);
+            if let Some(h) = holder.filter(|h| !h.state.is_fenced()) {
+                out.push(Wait(
+                    WaitReason::VolumeInUse,
+                    format!("{} is attached to {} ({:?})", v.id, a.instance_id, h.state),
+                ));
+            } else if a.state == AttachmentState::Detaching {
+                out.push(Wait(
+                    WaitReason::VolumeDetaching,
+                    format!("{} is being released by {}", v.id, a.instance_id),
+                ));
+            } else {
+                out.push(Detach { from: a.instance_id.clone() });
+            }
+        }
+    } else if v.state != VolumeState::Available {
+        out.push(Wait(WaitReason::VolumeCreating, format!("{} is {:?}", v.id, v.state)));
+    } else if instance.state == InstanceState::Running {
+        out.push(Attach);
+        out.push(Wait(WaitReason::VolumeAttaching, format!("{} attaching to {}", v.id, instance.id)));
+    } else {
+        out.push(Wait(WaitReason::InstanceStarting, format!("{} is {:?}", instance.id, instance.state)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::aws::Attachment;
+
+    #[test]
+    fn each_deliberate_launch_takes_the_next_number() {
+        assert_eq!(next_launch(0, &[], None), 0, "the first launch");
+        assert_eq!(next_launch(1, &[0], Some(Duration::from_secs(5))), 1, "a replacement");
+        assert_eq!(next_launch(1, &[], Some(Duration::from_secs(600))), 1, "launch 0 is long gone");
+        assert_eq!(next_launch(3, &[1], None), 3);
+    }
+
+    #[test]
+    fn what_ec2_lists_counts_even_if_status_missed_it() {
+        // The status write after a launch was lost: the tag still tells.
+        assert_eq!(next_launch(0, &[0], Some(Duration::from_secs(5))), 1);
+        assert_eq!(next_launch(1, &[0, 3], None), 4);
+    }
+
+    #[test]
+    fn a_recent_launch_not_listed_yet_is_retried_under_its_own_token() {
+        assert_eq!(next_launch(1, &[], Some(Duration::from_secs(2))), 0);
+        assert_eq!(next_launch(2, &[0], Some(Duration::from_secs(2))), 1);
+        assert_eq!(next_launch(2, &[0], Some(LISTING_LAG)), 2, "past the lag it is gone, not unlisted");
+    }
+
+    fn instance(id: &str, state: InstanceState) -> Instance {
+        Instance {
+            id: id.into(),
+            state,
+            private_ip: None,
+            private_dns: None,
+            zone: "eu-west-1a".into(),
+            image_id: "ami-1".into(),
+            instance_type: "m6i.large".into(),
+            launched_at_ms: None,
+            tags: Default::default(),
+        }
+    }
+
+    fn volume(state: VolumeState, size_gib: u32, attachments: &[(&str, AttachmentState)]) -> Volume {
+        Volume {
+            id: "vol-1".into(),
+            zone: "eu-west-1a".into(),
+            size_gib,
+            volume_type: "gp3".into(),
+            state,
+            attachments: attachments
+                .iter()
+                .map(|(i, s)| Attachment { instance_id: i.to_string(), device: "/dev/sdf".into(), state: *s })
+                .collect(),
+            tags: Default::default(),
+        }
+    }
+
+    const STATES: [InstanceState; 7] = [
+        InstanceState::Pending,
+        InstanceState::Running,
+        InstanceState::Stopping,
+        InstanceState::Stopped,
+        InstanceState::ShuttingDown,
+        InstanceState::Terminated,
+        InstanceState::Unknown,
+    ];
+
+    #[test]
+    fn the_volume_leaves_only_a_holder_ec2_shows_fenced() {
+        let new = instance("i-new", InstanceState::Running);
+        for holder_state in STATES {
+            for attachment in [AttachmentState::Attached, AttachmentState::Attaching, AttachmentState::Busy] {
+                let v = volume(VolumeState::InUse, 10, &[("i-old", attachment)]);
+                let all = [instance("i-old", holder_state), new.clone()];
+                let steps = plan_volume(Some(&v), Some("vol-1"), 10, &new, &all);
+                let detaches = steps.iter().any(|s| matches!(s, VolumeAction::Detach { .. }));
+                assert_eq!(detaches, holder_state.is_fenced(), "{holder_state:?} {attachment:?}: {steps:?}");
+                assert!(!steps.contains(&VolumeAction::Attach), "never attached while held: {steps:?}");
+            }
+        }
+        // A holder EC2 no longer lists at all is gone.
+        let v = volume(VolumeState::InUse, 10, &[("i-gone", AttachmentState::Attached)]);
+        let steps = plan_volume(Some(&v), Some("vol-1"), 10, &new, std::slice::from_ref(&new));
+        assert_eq!(steps, [VolumeAction::Detach { from: "i-gone".into() }]);
+    }
+
+    #[test]
+    fn a_volume_named_in_status_is_never_replaced_by_an_empty_one() {
+        let i = instance("i-1", InstanceState::Running);
+        assert_eq!(
+            plan_volume(None, Some("vol-9"), 10, &i, &[]),
+            [VolumeAction::AwaitListing("vol-9".into())]
+        );
+        assert_eq!(plan_volume(None, None, 10, &i, &[]), [VolumeAction::Create]);
+    }
+
+    #[test]
+    fn an_available_volume_attaches_only_to_a_running_instance_and_only_grows() {
+        let v = volume(VolumeState::Available, 10, &[]);
+        for state in STATES {
+            let i = instance("i-1", state);
+            let steps = plan_volume(Some(&v), None, 20, &i, std::slice::from_ref(&i));
+            assert_eq!(steps[0], VolumeAction::Grow { from: 10, to: 20 });
+            assert_eq!(steps.contains(&VolumeAction::Attach), state == InstanceState::Running, "{state:?}");
+        }
+        let i = instance("i-1", InstanceState::Running);
+        let attached = volume(VolumeState::InUse, 30, &[("i-1", AttachmentState::Attached)]);
+        assert_eq!(plan_volume(Some(&attached), None, 20, &i, std::slice::from_ref(&i)), []);
+        let creating = volume(VolumeState::Creating, 20, &[]);
+        let steps = plan_volume(Some(&creating), None, 20, &i, std::slice::from_ref(&i));
+        assert!(matches!(steps[..], [VolumeAction::Wait(WaitReason::VolumeCreating, _)]), "{steps:?}");
+    }
+}
