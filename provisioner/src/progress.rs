@@ -67,9 +67,9 @@ fn settled(operation: &str, q: &QuestDB) -> Verdict {
         let degraded = condition(q, "Degraded").filter(|c| c.status == "True");
         let (reason, message) = degraded
             .or_else(|| condition(q, "Ready"))
-            .map(|c| (c.reason.clone(), c.message.clone()))
+            .map(|c| (upper_snake(&c.reason), c.message.clone()))
             .unwrap_or_else(|| {
-                ("Failed".to_string(), "the operator reports the database failed".to_string())
+                ("FAILED".to_string(), "the operator reports the database failed".to_string())
             });
         return Verdict::Failed { reason, message };
     }
@@ -84,6 +84,28 @@ fn settled(operation: &str, q: &QuestDB) -> Verdict {
         return Verdict::Succeeded;
     }
     progress_of(q)
+}
+
+/// A condition reason (Kubernetes' CamelCase, `ImageNotFound`) as gossip's UPPER_SNAKE_CASE
+/// (`IMAGE_NOT_FOUND`): an acronym stays one word (`InvalidAMIID` -> `INVALID_AMIID`).
+pub fn upper_snake(reason: &str) -> String {
+    let chars: Vec<char> = reason.chars().collect();
+    let mut out = String::with_capacity(reason.len() + 4);
+    for (i, &c) in chars.iter().enumerate() {
+        let prev = i.checked_sub(1).map(|p| chars[p]);
+        let next = chars.get(i + 1);
+        let starts_word = c.is_ascii_uppercase()
+            && prev.is_some_and(|p| {
+                p.is_ascii_lowercase()
+                    || p.is_ascii_digit()
+                    || (p.is_ascii_uppercase() && next.is_some_and(|n| n.is_ascii_lowercase()))
+            });
+        if starts_word {
+            out.push('_');
+        }
+        out.push(if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' });
+    }
+    out
 }
 
 fn progress_of(q: &QuestDB) -> Verdict {
@@ -186,7 +208,7 @@ mod tests {
         let q = qdb(3, Phase::Failed, vec![cond("Ready", "False", "InsufficientCapacity", "no m6i.xlarge")]);
         assert_eq!(
             judge("create", Some(3), Some(&q)),
-            Verdict::Failed { reason: "InsufficientCapacity".into(), message: "no m6i.xlarge".into() }
+            Verdict::Failed { reason: "INSUFFICIENT_CAPACITY".into(), message: "no m6i.xlarge".into() }
         );
         // A failure of an older generation says nothing about this one yet.
         assert_eq!(judge("create", Some(4), Some(&q)), Verdict::Wait);
@@ -241,10 +263,25 @@ mod tests {
         assert_eq!(
             judge("create", Some(2), Some(&q)),
             Verdict::Failed {
-                reason: "UnauthorizedOperation".into(),
+                reason: "UNAUTHORIZED_OPERATION".into(),
                 message: "ec2:RunInstances denied".into()
             }
         );
+    }
+
+    #[test]
+    fn operator_reasons_become_gossip_reasons() {
+        for (condition, gossip) in [
+            ("ImageNotFound", "IMAGE_NOT_FOUND"),
+            ("InvalidAMIID", "INVALID_AMIID"),
+            ("UnauthorizedOperation", "UNAUTHORIZED_OPERATION"),
+            ("InvalidSpec", "INVALID_SPEC"),
+            ("EBSVolumeLimit", "EBS_VOLUME_LIMIT"),
+            ("Failed", "FAILED"),
+            ("already-upper", "ALREADY_UPPER"),
+        ] {
+            assert_eq!(upper_snake(condition), gossip);
+        }
     }
 
     #[test]

@@ -75,9 +75,16 @@ pub enum Refusal {
     Unauthorized,
     /// The cluster lacks what the write needs: the QuestDB CRD or the namespace.
     NotSetUp,
+    /// The resource already reflects a later instruction of the database (the cluster's
+    /// sequence policy, deploy/crd/sequence-policy.yaml): this one came too late, which is
+    /// neither the user's mistake nor a provisioner bug.
+    StaleSequence,
     /// Any other refusal the apiserver means as final (413, 405, ...).
     Other,
 }
+
+/// What the cluster's sequence policy says when it refuses an older spec (its messageExpression).
+const STALE_SEQUENCE_MESSAGE: &str = "stale instruction sequence";
 
 impl Refusal {
     /// The machine-readable gossip reason.
@@ -87,6 +94,7 @@ impl Refusal {
             Refusal::Forbidden => "FORBIDDEN",
             Refusal::Unauthorized => "UNAUTHORIZED",
             Refusal::NotSetUp => "CLUSTER_NOT_SET_UP",
+            Refusal::StaleSequence => "STALE_SEQUENCE",
             Refusal::Other => "CLUSTER_REFUSED_REQUEST",
         }
     }
@@ -94,8 +102,10 @@ impl Refusal {
 
 /// Whether an apiserver answer of `code` is final (Some) or worth another try (None): conflicts,
 /// throttling, timeouts and server errors pass; a refusal of the request itself does not.
-pub fn refusal(code: u16) -> Option<Refusal> {
+/// `message` is the apiserver's, which tells the sequence policy's refusal from a spec's.
+pub fn refusal(code: u16, message: &str) -> Option<Refusal> {
     match code {
+        400 | 422 if message.contains(STALE_SEQUENCE_MESSAGE) => Some(Refusal::StaleSequence),
         400 | 422 => Some(Refusal::SpecRefused),
         401 => Some(Refusal::Unauthorized),
         403 => Some(Refusal::Forbidden),
@@ -121,7 +131,7 @@ enum ExecError {
 
 fn kube_error(verb: &'static str, e: kube::Error) -> ExecError {
     match &e {
-        kube::Error::Api(status) => match refusal(status.code) {
+        kube::Error::Api(status) => match refusal(status.code, &status.message) {
             Some(refusal) => {
                 ExecError::Refused { verb, refusal, code: status.code, message: status.message.clone() }
             }
@@ -536,26 +546,31 @@ mod tests {
 
     #[test]
     fn refusals_are_final_and_the_rest_is_retried() {
-        assert_eq!(refusal(422), Some(Refusal::SpecRefused));
-        assert_eq!(refusal(400), Some(Refusal::SpecRefused));
-        assert_eq!(refusal(403), Some(Refusal::Forbidden));
-        assert_eq!(refusal(401), Some(Refusal::Unauthorized));
-        assert_eq!(refusal(404), Some(Refusal::NotSetUp));
-        assert_eq!(refusal(413), Some(Refusal::Other));
+        assert_eq!(refusal(422, "spec.volume.sizeGib: must grow"), Some(Refusal::SpecRefused));
+        assert_eq!(refusal(400, ""), Some(Refusal::SpecRefused));
+        let stale = "ValidatingAdmissionPolicy 'questdb-instruction-sequence' with binding \
+                     'questdb-instruction-sequence' denied request: stale instruction sequence 2: \
+                     the resource already reflects sequence 3";
+        assert_eq!(refusal(422, stale), Some(Refusal::StaleSequence), "not counted as a provisioner bug");
+        assert_eq!(refusal(403, ""), Some(Refusal::Forbidden));
+        assert_eq!(refusal(401, ""), Some(Refusal::Unauthorized));
+        assert_eq!(refusal(404, ""), Some(Refusal::NotSetUp));
+        assert_eq!(refusal(413, ""), Some(Refusal::Other));
         for transient in [408, 409, 425, 429, 500, 502, 503, 504] {
-            assert_eq!(refusal(transient), None, "{transient}");
+            assert_eq!(refusal(transient, STALE_SEQUENCE_MESSAGE), None, "{transient}");
         }
         let reasons: std::collections::HashSet<_> = [
             Refusal::SpecRefused,
             Refusal::Forbidden,
             Refusal::Unauthorized,
             Refusal::NotSetUp,
+            Refusal::StaleSequence,
             Refusal::Other,
         ]
         .iter()
         .map(|r| r.reason())
         .collect();
-        assert_eq!(reasons.len(), 5, "each refusal has its own reason");
+        assert_eq!(reasons.len(), 6, "each refusal has its own reason");
     }
 
     #[test]

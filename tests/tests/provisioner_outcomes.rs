@@ -467,7 +467,7 @@ async fn an_upgrade_rolled_back_at_once_is_superseded_and_the_rollback_succeeds(
                 {"type": "Progressing", "status": "False", "reason": "Failed", "message": "gave up", "lastTransitionTime": t}]}});
             api.patch_status(db, &PatchParams::default(), &Patch::Merge(&status)).await?;
             let end = gossip.phase(&rollback.instruction_id, Phase::Failed, T).await?;
-            assert_eq!(end.reason, "InvalidAMIID", "the operator's Degraded reason: {end:?}");
+            assert_eq!(end.reason, "INVALID_AMIID", "the operator's Degraded reason: {end:?}");
         } else {
             report_converged(&api, db).await?;
             gossip.phase(&rollback.instruction_id, Phase::Succeeded, T).await?;

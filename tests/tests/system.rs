@@ -64,3 +64,50 @@ async fn a_node_image_upgrade_succeeds_only_once_the_new_node_serves() -> Result
     ensure!(progress.iter().any(|m| m.starts_with("ReplacingNode")), "{progress:?}");
     Ok(())
 }
+
+/// Issue 14 item 5, both tiers: a create whose image AWS does not know ends FAILED on gossip with
+/// AWS's reason, written by the real operator (before, only a hand-patched status ever failed an
+/// instruction, and the operator's CamelCase reason reached gossip unconverted).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_with_an_image_aws_does_not_know_fails_on_gossip_with_the_aws_reason() -> Result<()> {
+    use qdb_tests::scripted::{Answer, ScriptedProxy, form_value};
+    const UNKNOWN: &str = "ami-0dead0dead0dead1";
+    let rig = Rig::new("sys-badami", 1).await?;
+    let gossip = rig.gossip()?;
+    // moto launches any image id: the proxy answers as EC2 does for one that does not exist.
+    let proxy = ScriptedProxy::start(
+        &rig.cloud.aws_endpoint,
+        Box::new(|action, body| match form_value(body, "ImageId") {
+            Some(UNKNOWN) if action == "RunInstances" => Answer::Error {
+                status: http::StatusCode::BAD_REQUEST,
+                code: "InvalidAMIID.NotFound",
+                message: format!("The image id '[{UNKNOWN}]' does not exist"),
+            },
+            _ => Answer::Forward,
+        }),
+    )
+    .await?;
+    let _op = rig.spawn_operator("region-a", "a1", &["--aws-endpoint", &proxy.url])?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+
+    let mut create = ins::create("db-badami", "region-a", 1, "8.2.1");
+    if let Some(Operation::Create(c)) = create.operation.as_mut() {
+        c.spec.as_mut().context("spec")?.node_image = UNKNOWN.into();
+    }
+    rig.send(&create).await?;
+    let end = gossip
+        .wait(&format!("terminal for {}", create.instruction_id), T, |e| {
+            e.instruction_id == create.instruction_id && qdb_tests::rig::is_terminal(e.phase())
+        })
+        .await?;
+    ensure!(end.phase() == Phase::Failed, "{end:?}");
+    ensure!(end.reason == "IMAGE_NOT_FOUND", "the operator's reason in gossip's case: {end:?}");
+    ensure!(end.message.contains("InvalidAMIID.NotFound") && end.message.contains(UNKNOWN), "{end:?}");
+    let state: String = sqlx::query_scalar("SELECT state FROM instructions WHERE id = $1")
+        .bind(&create.instruction_id)
+        .fetch_one(&rig.journal().await?)
+        .await?;
+    ensure!(state == "failed", "journal: {state}");
+    Ok(())
+}
