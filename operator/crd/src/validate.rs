@@ -23,6 +23,8 @@ pub enum SpecError {
     ConfigKey(String),
     #[error("server config value of {0:?} must be one line without control characters")]
     ConfigValue(String),
+    #[error("server config value of {0:?} must not begin or end with blanks: QuestDB trims them")]
+    ConfigValueBlanks(String),
     #[error("DNS name {0:?} is not a lowercase domain name")]
     DnsName(String),
 }
@@ -68,6 +70,10 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
         // characters (DEL, C1) the apiserver refuses in an apply body (YAML allows none of them).
         if v.chars().any(|c| c.is_control() && c != '\t') {
             errors.push(SpecError::ConfigValue(k.clone()));
+        } else if v.trim() != v {
+            // Checked against QuestDB 9.3: it trims every value it reads from server.conf, even
+            // blanks escaped for Java's properties format, so such a value could never apply.
+            errors.push(SpecError::ConfigValueBlanks(k.clone()));
         }
     }
     if let Some(name) = &spec.network.dns_name
@@ -191,6 +197,11 @@ mod tests {
             let mut s = spec();
             s.server_config.insert("a".into(), bad.into());
             assert_eq!(validate(&s), Err(vec![SpecError::ConfigValue("a".into())]), "{bad:?}");
+        }
+        for bad in [" leading", "trailing ", "\ttab first", "both "] {
+            let mut s = spec();
+            s.server_config.insert("a".into(), bad.into());
+            assert_eq!(validate(&s), Err(vec![SpecError::ConfigValueBlanks("a".into())]), "{bad:?}");
         }
     }
 

@@ -30,7 +30,9 @@ pub fn overridden_keys(server_config: &BTreeMap<String, String>) -> Vec<&str> {
     pinned().iter().map(|(k, _)| *k).filter(|k| server_config.contains_key(*k)).collect()
 }
 
-/// Sorted `key=value` lines, so the same config always renders (and hashes) the same.
+/// Sorted `key=value` lines, so the same config always renders (and hashes) the same. Keys are
+/// validated to need no escaping (`qdb_crd::validate`); values are escaped so that Java's
+/// `Properties.load`, which QuestDB reads the file with, gives them back unchanged.
 pub fn render_server_conf(server_config: &BTreeMap<String, String>) -> String {
     let mut all = server_config.clone();
     all.extend(pinned().into_iter().map(|(k, v)| (k.to_string(), v)));
@@ -38,10 +40,32 @@ pub fn render_server_conf(server_config: &BTreeMap<String, String>) -> String {
     for (k, v) in &all {
         out.push_str(k);
         out.push('=');
-        out.push_str(v);
+        push_property_value(&mut out, v);
         out.push('\n');
     }
     out
+}
+
+/// `value` as a Java properties value that reads back unchanged. A backslash would otherwise
+/// escape what follows (at the end of a line it joins the next line, which can swallow a pinned
+/// key), and the file is read as ISO-8859-1, so everything outside printable ASCII is written as
+/// `\uXXXX` (UTF-16, as Java's own writer does). Nothing else is escaped (`=`, `:`, `#`, `!` and
+/// tabs are literal inside a value), so values that always read back right render exactly as
+/// before and no database restarts for this change. Leading blanks never get here: QuestDB trims
+/// values, so validation refuses them.
+fn push_property_value(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' | ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04X}"));
+                }
+            }
+        }
+    }
 }
 
 /// The pod template's config-hash annotation value for a rendered server.conf.
@@ -93,6 +117,75 @@ mod tests {
         assert!(conf.contains("pg.net.bind.to=0.0.0.0:8812\n"));
         assert!(!conf.contains("5432"));
         assert_eq!(overridden_keys(&user), ["pg.net.bind.to"]);
+    }
+
+    /// Java's `Properties.load` for one logical line's value (what QuestDB reads), enough to
+    /// check that every value reads back as written.
+    fn java_load_value(raw: &str) -> String {
+        let raw = raw.trim_start_matches([' ', '\t', '\u{c}']);
+        let mut out = String::new();
+        let mut chars = raw.chars();
+        let mut pending_high: Option<u16> = None;
+        while let Some(c) = chars.next() {
+            let c = if c == '\\' {
+                match chars.next() {
+                    Some('t') => '\t',
+                    Some('n') => '\n',
+                    Some('r') => '\r',
+                    Some('f') => '\u{c}',
+                    Some('u') => {
+                        let hex: String = chars.by_ref().take(4).collect();
+                        let unit = u16::from_str_radix(&hex, 16).unwrap();
+                        if let Some(high) = pending_high.take() {
+                            out.extend(char::decode_utf16([high, unit]).map(Result::unwrap));
+                            continue;
+                        }
+                        if (0xD800..0xDC00).contains(&unit) {
+                            pending_high = Some(unit);
+                            continue;
+                        }
+                        char::from_u32(u32::from(unit)).unwrap()
+                    }
+                    Some(other) => other,
+                    None => panic!("a trailing backslash continues the line: {raw:?}"),
+                }
+            } else {
+                assert!(c.is_ascii(), "the file is read as ISO-8859-1: {c:?} in {raw:?}");
+                c
+            };
+            out.push(c);
+        }
+        out
+    }
+
+    #[test]
+    fn every_value_reads_back_unchanged_and_pinned_keys_keep_theirs() {
+        let values = [
+            "ends in a backslash\\",
+            "two  inner blanks\tand a tab",
+            "#not a comment",
+            "!nor this",
+            "a=b:c",
+            "tab\tinside",
+            "é€😀 ünïcödé",
+            "C:\\data\\questdb",
+            "",
+        ];
+        let user: BTreeMap<String, String> =
+            values.iter().enumerate().map(|(i, v)| (format!("a.key{i}"), v.to_string())).collect();
+        let conf = render_server_conf(&user);
+        let mut read = BTreeMap::new();
+        for line in conf.lines().skip(1) {
+            let (k, v) = line.split_once('=').expect("key=value");
+            read.insert(k.to_string(), java_load_value(v));
+        }
+        for (k, v) in &user {
+            assert_eq!(&read[k], v, "{k} in\n{conf}");
+        }
+        for (k, v) in pinned() {
+            assert_eq!(read[k], v);
+        }
+        assert_eq!(read.len(), user.len() + pinned().len(), "no line swallowed another:\n{conf}");
     }
 
     #[test]
