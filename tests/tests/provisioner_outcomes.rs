@@ -164,8 +164,10 @@ impl Gen {
                     1 => " ".to_string(),
                     2 => "a=b # not a comment".to_string(),
                     3 => "é€😀\t\u{7f}".to_string(),
-                    4 => self.word("xyz ", 3000),
+                    // Blanks inside a value are fine; at either end QuestDB would trim them.
+                    4 => format!("<{}>", self.word("xyz ", 3000)),
                     5 if n < 5 => "two\nlines".to_string(),
+                    6 => "C:\\data\\ é€😀\tends in a backslash\\".to_string(),
                     _ => format!("{}", self.next()),
                 };
                 (key, value)
