@@ -41,16 +41,6 @@ where
     }
 }
 
-/// How long the apiserver keeps a watch open before the watcher starts the next one (from the
-/// last resourceVersion, no new list). Short enough that the watch client's read timeout (a bit
-/// longer) finds a connection that went silent within a minute or so.
-pub const WATCH_SECS: u32 = 55;
-
-/// The read timeout a client for [`run`]'s watches needs: longer than a quiet watch lasts.
-pub fn watch_read_timeout() -> std::time::Duration {
-    std::time::Duration::from_secs(u64::from(WATCH_SECS) + 10)
-}
-
 /// Has a watch stream tell `watches`, item by item, whether it is failing (before the
 /// controller's own handling of errors, which only logs and backs off).
 fn reporter<T>(
@@ -63,7 +53,7 @@ fn reporter<T>(
 }
 
 /// Runs until `stop` resolves. `watch_client` carries the watches (long reads, see
-/// [`watch_read_timeout`]); every write goes through `ctx.client`. Each watch stream reports to
+/// [`qdb_crd::watch_read_timeout`]); every write goes through `ctx.client`. Each watch stream reports to
 /// `watches` whether it is failing.
 pub async fn run(
     ctx: Arc<Context>,
@@ -74,7 +64,7 @@ pub async fn run(
 ) {
     let client = watch_client;
     let ns = namespace.as_deref();
-    let config = watcher::Config::default().timeout(WATCH_SECS);
+    let config = watcher::Config::default().timeout(qdb_crd::WATCH_SECS);
     let ours = config.clone().labels(&format!("{}={OPERATOR_MANAGER}", keys::MANAGED_BY));
     fn owned<K>(
         client: &kube::Client,

@@ -236,6 +236,8 @@ mod tests {
             zone: "z".into(),
             size_gib: 1,
             volume_type: "gp3".into(),
+            iops: None,
+            throughput_mibps: None,
             state: VolumeState::Available,
             attachments: vec![],
             tags,

@@ -24,7 +24,7 @@ fn spec() -> DatabaseSpec {
         questdb_version: "8.2.1".into(),
         instance_type: "m6i.xlarge".into(),
         node_image: "ami-0123456789abcdef0".into(),
-        volume: Some(Volume { size_gib: 100, r#type: VolumeType::Gp3 as i32 }),
+        volume: Some(Volume { size_gib: 100, r#type: VolumeType::Gp3 as i32, ..Default::default() }),
         server_config: BTreeMap::from([
             ("cairo.commit.lag".to_string(), "1000".to_string()),
             ("pg.select.cache.enabled".to_string(), "false".to_string()),
@@ -60,6 +60,8 @@ fn instructions() -> Vec<(&'static str, Instruction)> {
                     remove_server_config: vec!["cairo.commit.lag".into()],
                     allowed_cidrs: Some(CidrList { cidrs: vec!["192.0.2.0/24".into()] }),
                     allow_version_downgrade: false,
+                    volume_iops: None,
+                    volume_throughput_mibps: None,
                 }),
             ),
         ),
@@ -167,7 +169,7 @@ fn newer_messages_still_decode() {
     assert_eq!(Instruction::decode(bytes.as_slice()).unwrap().operation, None);
 
     // An unknown enum number is kept as a number and reads as unspecified through the accessor.
-    let volume = Volume { size_gib: 10, r#type: 42 };
+    let volume = Volume { size_gib: 10, r#type: 42, ..Default::default() };
     let decoded = Volume::decode(volume.encode_to_vec().as_slice()).unwrap();
     assert_eq!(decoded.r#type, 42);
     assert_eq!(decoded.r#type(), VolumeType::Unspecified);

@@ -22,12 +22,21 @@ pub enum RegistryError {
 pub struct Cluster {
     pub name: String,
     pub namespace: String,
+    /// Requests: a dead apiserver fails them within seconds.
     pub client: kube::Client,
+    /// The watch: a quiet one sends nothing for up to [`qdb_crd::WATCH_SECS`], which the
+    /// request client's read timeout would take for a dead connection.
+    watch_client: kube::Client,
 }
 
 impl Cluster {
     pub fn questdbs(&self) -> Api<QuestDB> {
         Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// The resources as the tracker's watch reads them (see `watch_client`).
+    pub fn watched_questdbs(&self) -> Api<QuestDB> {
+        Api::namespaced(self.watch_client.clone(), &self.namespace)
     }
 }
 
@@ -58,14 +67,21 @@ impl Registry {
             // A dead apiserver must fail a request quickly so the instruction is retried later
             // instead of holding a worker for the default five minutes.
             config.connect_timeout = Some(Duration::from_secs(5));
-            config.read_timeout = Some(Duration::from_secs(15));
             config.write_timeout = Some(Duration::from_secs(15));
-            let client = kube::Client::try_from(config).map_err(|source| RegistryError::Client {
-                cluster: name.clone(),
-                source: Box::new(source),
-            })?;
-            clusters
-                .insert(name.clone(), Cluster { name: name.clone(), namespace: c.namespace.clone(), client });
+            let build = |read_timeout: Duration| {
+                let mut config = config.clone();
+                config.read_timeout = Some(read_timeout);
+                kube::Client::try_from(config).map_err(|source| RegistryError::Client {
+                    cluster: name.clone(),
+                    source: Box::new(source),
+                })
+            };
+            let client = build(Duration::from_secs(15))?;
+            let watch_client = build(qdb_crd::watch_read_timeout())?;
+            clusters.insert(
+                name.clone(),
+                Cluster { name: name.clone(), namespace: c.namespace.clone(), client, watch_client },
+            );
         }
         Ok(Registry { clusters })
     }

@@ -69,6 +69,10 @@ pub struct Config {
     /// Longest wait between retries of an instruction whose cluster is failing.
     #[arg(long, env = "QDB_MAX_RETRY_DELAY_SECS", default_value_t = 10)]
     pub max_retry_delay_secs: u64,
+    /// How long a finished instruction stays in the journal (7 days: Kafka's default retention,
+    /// so a redelivered message still finds its id; past it the sequence fence still stops it).
+    #[arg(long, env = "QDB_JOURNAL_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub journal_retention_secs: u64,
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {

@@ -189,7 +189,11 @@ mod tests {
                     questdb_version: "8.2.1".into(),
                     instance_type: "m6i.xlarge".into(),
                     node_image: "ami-0123456789abcdef0".into(),
-                    volume: Some(v1::Volume { size_gib: 10, r#type: v1::VolumeType::Gp3 as i32 }),
+                    volume: Some(v1::Volume {
+                        size_gib: 10,
+                        r#type: v1::VolumeType::Gp3 as i32,
+                        ..Default::default()
+                    }),
                     server_config: BTreeMap::new(),
                     allowed_cidrs: vec![],
                 }),

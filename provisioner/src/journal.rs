@@ -421,6 +421,38 @@ pub async fn retry_later(
     Ok(done.rows_affected() > 0)
 }
 
+/// Deletes up to `limit` finished instructions that ended more than `retention` ago, and says
+/// how many. The per-database sequence fence (`databases`) is kept, so a message redelivered
+/// after its row went is still stale, never applied again.
+pub async fn prune(pool: &PgPool, retention: Duration, limit: i64) -> Result<u64, JournalError> {
+    let finished: Vec<&str> = State::ALL
+        .into_iter()
+        .filter(|s| !matches!(s, State::Pending | State::Applied))
+        .map(State::as_str)
+        .collect();
+    let done = sqlx::query(
+        "DELETE FROM instructions WHERE id IN (
+             SELECT id FROM instructions
+             WHERE state = ANY($1) AND finished_at < now() - make_interval(secs => $2)
+             LIMIT $3)",
+    )
+    .bind(&finished)
+    .bind(retention.as_secs_f64())
+    .bind(limit)
+    .execute(pool)
+    .await
+    .map_err(err("pruning finished instructions"))?;
+    Ok(done.rows_affected())
+}
+
+/// The journal's size in instructions, for /metrics.
+pub async fn rows(pool: &PgPool) -> Result<i64, JournalError> {
+    sqlx::query_scalar("SELECT count(*) FROM instructions")
+        .fetch_one(pool)
+        .await
+        .map_err(err("counting the journal's rows"))
+}
+
 /// Counts for /metrics: open instructions by state and the outbox size and age.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Backlog {

@@ -20,6 +20,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod outbox;
 pub mod progress;
+pub mod retention;
 pub mod tracker;
 pub mod worker;
 
@@ -56,6 +57,7 @@ pub struct Shared {
     pub publish_max_bytes: usize,
     pub lease: Duration,
     pub max_retry_delay: Duration,
+    pub journal_retention: Duration,
     deadlines: BTreeMap<String, Duration>,
     default_deadline: Duration,
     pub consuming: AtomicBool,
@@ -135,6 +137,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
         publish_max_bytes: config.publish_max_bytes.max(64 * 1024),
         lease: Duration::from_secs(config.lease_secs.max(5)),
         max_retry_delay: Duration::from_secs(config.max_retry_delay_secs.max(1)),
+        journal_retention: Duration::from_secs(config.journal_retention_secs),
         deadlines,
         default_deadline: Duration::from_secs(config.deadline_secs),
         consuming: AtomicBool::new(false),
@@ -170,6 +173,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
     let outbox = tokio::spawn(outbox::run(ctx.clone(), producer_props, stop_outbox.clone()));
     let workers = tokio::spawn(worker::run(ctx.clone(), stop_work.clone()));
     let sweep = tokio::spawn(tracker::sweep(ctx.clone(), stop_work.clone()));
+    let retention = tokio::spawn(retention::run(ctx.clone(), stop_work.clone()));
     let watches: Vec<_> = writers
         .into_iter()
         .map(|(name, writer)| tokio::spawn(tracker::watch(ctx.clone(), name, writer, stop_work.clone())))
@@ -179,6 +183,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
     stop_work.cancel();
     let _ = workers.await;
     let _ = sweep.await;
+    let _ = retention.await;
     for w in watches {
         let _ = w.await;
     }

@@ -87,6 +87,12 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
             if let Some(size) = m.volume_size_gib {
                 spec.volume.size_gib = size;
             }
+            if let Some(iops) = m.volume_iops {
+                spec.volume.iops = Some(iops);
+            }
+            if let Some(throughput) = m.volume_throughput_mibps {
+                spec.volume.throughput_mibps = Some(throughput);
+            }
             for key in &m.remove_server_config {
                 spec.server_config.remove(key);
             }
@@ -137,7 +143,13 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
         version: "9.0.0".into(),
         instance_type: "m7g.large".into(),
         node_image: "ami-0123456789abcdef0".into(),
-        volume: VolumeSpec { size_gib: 1, type_: VolumeType::Gp3, reclaim_policy: ReclaimPolicy::Delete },
+        volume: VolumeSpec {
+            size_gib: 1,
+            type_: VolumeType::Gp3,
+            iops: None,
+            throughput_mibps: None,
+            reclaim_policy: ReclaimPolicy::Delete,
+        },
         server_config: Default::default(),
         paused: false,
         restart_token: None,
@@ -151,6 +163,12 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
     match desired(instruction, current) {
         Ok(_)
         | Err(MapError::NotFound | MapError::VolumeShrink { .. } | MapError::VersionDowngrade { .. }) => {
+            Ok(())
+        }
+        // A modify's IOPS and throughput are judged against the volume's real size and type.
+        Err(MapError::Invalid(errors))
+            if current.is_some() && errors.iter().all(|e| matches!(e, SpecError::VolumePerformance(_))) =>
+        {
             Ok(())
         }
         Err(e) => Err(e),
@@ -192,7 +210,13 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
         version: spec.questdb_version.clone(),
         instance_type: spec.instance_type.clone(),
         node_image: spec.node_image.clone(),
-        volume: VolumeSpec { size_gib: volume.size_gib, type_, reclaim_policy: ReclaimPolicy::Delete },
+        volume: VolumeSpec {
+            size_gib: volume.size_gib,
+            type_,
+            iops: volume.iops,
+            throughput_mibps: volume.throughput_mibps,
+            reclaim_policy: ReclaimPolicy::Delete,
+        },
         server_config: spec.server_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         paused: false,
         restart_token: None,
@@ -213,7 +237,7 @@ mod tests {
             questdb_version: "8.2.1".into(),
             instance_type: "m6i.xlarge".into(),
             node_image: "ami-0123456789abcdef0".into(),
-            volume: Some(Volume { size_gib: 100, r#type: v1::VolumeType::Gp3 as i32 }),
+            volume: Some(Volume { size_gib: 100, r#type: v1::VolumeType::Gp3 as i32, ..Default::default() }),
             server_config: BTreeMap::from([("cairo.commit.lag".to_string(), "1000".to_string())]),
             allowed_cidrs: vec!["203.0.113.0/24".into()],
         }
@@ -249,7 +273,13 @@ mod tests {
         assert_eq!(spec.node_image, "ami-0123456789abcdef0");
         assert_eq!(
             spec.volume,
-            VolumeSpec { size_gib: 100, type_: VolumeType::Gp3, reclaim_policy: ReclaimPolicy::Delete }
+            VolumeSpec {
+                size_gib: 100,
+                type_: VolumeType::Gp3,
+                iops: None,
+                throughput_mibps: None,
+                reclaim_policy: ReclaimPolicy::Delete
+            }
         );
         assert_eq!(spec.server_config.get("cairo.commit.lag").map(String::as_str), Some("1000"));
         assert_eq!(spec.network.allowed_cidrs, vec!["203.0.113.0/24".to_string()]);
@@ -270,7 +300,7 @@ mod tests {
     fn create_rejects_bad_input() {
         assert_eq!(desired(&ins(Operation::Create(Create { spec: None })), None), Err(MapError::MissingSpec));
         let mut bad_type = proto_spec();
-        bad_type.volume = Some(Volume { size_gib: 10, r#type: 42 });
+        bad_type.volume = Some(Volume { size_gib: 10, r#type: 42, ..Default::default() });
         assert_eq!(
             desired(&ins(Operation::Create(Create { spec: Some(bad_type) })), None),
             Err(MapError::UnknownVolumeType(42))
@@ -305,6 +335,41 @@ mod tests {
 
         let untouched = applied(desired(&ins(Operation::Modify(Modify::default())), Some(&current())));
         assert_eq!(untouched, current());
+    }
+
+    #[test]
+    fn volume_performance_is_mapped_and_judged_against_the_real_volume() {
+        let mut io2 = proto_spec();
+        io2.volume = Some(Volume {
+            size_gib: 100,
+            r#type: v1::VolumeType::Io2 as i32,
+            iops: Some(20_000),
+            ..Default::default()
+        });
+        let spec = applied(desired(&ins(Operation::Create(Create { spec: Some(io2.clone()) })), None));
+        assert_eq!(
+            (spec.volume.type_, spec.volume.iops, spec.volume.throughput_mibps),
+            (VolumeType::Io2, Some(20_000), None)
+        );
+        io2.volume = Some(Volume { size_gib: 100, r#type: v1::VolumeType::Io2 as i32, ..Default::default() });
+        let create = ins(Operation::Create(Create { spec: Some(io2) }));
+        assert!(
+            matches!(precheck(&create), Err(MapError::Invalid(_))),
+            "io2 without iops is refused on arrival"
+        );
+
+        // 50,000 IOPS is too much for the 100 GiB gp3 volume, not for every volume: the verdict
+        // waits for the current spec.
+        let tune = ins(Operation::Modify(Modify { volume_iops: Some(50_000), ..Default::default() }));
+        assert_eq!(precheck(&tune), Ok(()));
+        assert!(matches!(desired(&tune, Some(&current())), Err(MapError::Invalid(e)) if e.len() == 1));
+        let tune = ins(Operation::Modify(Modify {
+            volume_iops: Some(12_000),
+            volume_throughput_mibps: Some(700),
+            ..Default::default()
+        }));
+        let spec = applied(desired(&tune, Some(&current())));
+        assert_eq!((spec.volume.iops, spec.volume.throughput_mibps), (Some(12_000), Some(700)));
     }
 
     #[test]

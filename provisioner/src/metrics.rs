@@ -48,6 +48,10 @@ pub struct Metrics {
     pub spec_refused: Family<ClusterLabels, Counter>,
     /// Outbox messages that can never be published, set aside (table outbox_parked).
     pub outbox_parked: Family<ParkedLabels, Counter>,
+    /// Instructions in the journal, open and finished.
+    pub journal_rows: Gauge,
+    /// Finished instructions deleted after the retention.
+    pub journal_pruned: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,8 +120,22 @@ impl Metrics {
             "Outbox messages set aside because they can never be published, by topic role and reason",
             outbox_parked.clone(),
         );
+        let journal_rows = Gauge::default();
+        registry.register(
+            "journal_rows",
+            "Instructions in the journal, open and finished",
+            journal_rows.clone(),
+        );
+        let journal_pruned = Counter::default();
+        registry.register(
+            "journal_pruned",
+            "Finished instructions deleted from the journal after the retention",
+            journal_pruned.clone(),
+        );
         Metrics {
             registry,
+            journal_rows,
+            journal_pruned,
             spec_refused,
             outbox_parked,
             instructions,

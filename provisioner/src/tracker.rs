@@ -164,9 +164,10 @@ pub async fn watch(
     let Some(c) = ctx.registry.get(&cluster).cloned() else { return };
     let Some(view) = ctx.views.get(&cluster) else { return };
     // Field ownership is of no use here and is most of each object's size.
-    let objects = watcher::watcher(c.questdbs(), watcher::Config::default())
-        .modify(|q| q.metadata.managed_fields = None)
-        .default_backoff();
+    let objects =
+        watcher::watcher(c.watched_questdbs(), watcher::Config::default().timeout(qdb_crd::WATCH_SECS))
+            .modify(|q| q.metadata.managed_fields = None)
+            .default_backoff();
     let stream = reflector::reflector(writer, objects);
     let mut stream = std::pin::pin!(stream);
     // The last status seen per resource: the provisioner's own spec writes come back as events

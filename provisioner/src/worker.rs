@@ -129,6 +129,29 @@ enum ExecError {
     Transient { what: String, source: Option<kube::Error> },
 }
 
+/// Tries an authorization refusal gets before it is final: an apiserver that has just started
+/// answers 403 until its RBAC caches have synced (seen after a restart on Kubernetes 1.35), so a
+/// 401/403 is final only when it is still there after at least six seconds of backed-off tries.
+const AUTHORIZATION_TRIES: i32 = 6;
+
+impl ExecError {
+    /// This error as the attempt after `attempts` failed ones should take it.
+    fn final_after(self, attempts: i32) -> ExecError {
+        match self {
+            ExecError::Refused {
+                verb,
+                refusal: Refusal::Forbidden | Refusal::Unauthorized,
+                code,
+                message,
+            } if attempts + 1 < AUTHORIZATION_TRIES => ExecError::Transient {
+                what: format!("{verb}: the cluster refused it ({code}): {message}; final if it persists"),
+                source: None,
+            },
+            other => other,
+        }
+    }
+}
+
 fn kube_error(verb: &'static str, e: kube::Error) -> ExecError {
     match &e {
         kube::Error::Api(status) => match refusal(status.code, &status.message) {
@@ -261,7 +284,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
         terminal(ctx, head, &subject, State::Failed, "UNKNOWN_CLUSTER", &message, None).await?;
         return Ok(true);
     };
-    match execute(ctx, cluster, &ins, known).await {
+    match execute(ctx, cluster, &ins, known).await.map_err(|e| e.final_after(head.attempts)) {
         Ok(applied) => {
             let deadline = ctx.deadline(&head.operation);
             let status = applied.qdb.as_ref().map(gossip::database_status);
@@ -542,6 +565,25 @@ mod tests {
         assert_eq!(apply_body(&ins, spec.clone())["spec"]["serverConfig"], serde_json::json!({"a": "1"}));
         spec.server_config.clear();
         assert!(apply_body(&ins, spec)["spec"].get("serverConfig").is_none());
+    }
+
+    #[test]
+    fn an_authorization_refusal_is_final_only_when_it_persists() {
+        let refused =
+            |refusal| ExecError::Refused { verb: "apply", refusal, code: 403, message: "no".into() };
+        for attempts in 0..AUTHORIZATION_TRIES - 1 {
+            assert!(matches!(refused(Refusal::Forbidden).final_after(attempts), ExecError::Transient { .. }));
+            assert!(matches!(
+                refused(Refusal::Unauthorized).final_after(attempts),
+                ExecError::Transient { .. }
+            ));
+            assert!(matches!(refused(Refusal::SpecRefused).final_after(attempts), ExecError::Refused { .. }));
+        }
+        let last = AUTHORIZATION_TRIES - 1;
+        assert!(matches!(refused(Refusal::Forbidden).final_after(last), ExecError::Refused { .. }));
+        // The backed-off tries before it span a few seconds, RBAC's start-up window.
+        let waited: Duration = (0..last).map(|a| retry_delay(a, Duration::from_secs(10))).sum();
+        assert!(waited >= Duration::from_secs(6), "{waited:?}");
     }
 
     #[test]

@@ -223,22 +223,32 @@ async fn forward(s: &ProxyState, req: Request) -> Result<Response> {
     if let Ok(mut calls) = s.calls.lock() {
         calls.push(AwsCall::new(&parts.method, path, &body));
     }
-    // The emulator dispatches on the signed Authorization header, so headers pass through.
-    let headers: HeaderMap = parts
-        .headers
+    let resp = send_upstream(&s.client, &s.upstream, parts.method, path, &parts.headers, body).await?;
+    relay(resp).await
+}
+
+/// Sends a request on to the emulator as it came. The emulator dispatches on the signed
+/// Authorization header, so the headers pass through, less those of the hop itself.
+pub(crate) async fn send_upstream(
+    client: &reqwest::Client,
+    upstream: &str,
+    method: http::Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<reqwest::Response> {
+    let headers: HeaderMap = headers
         .iter()
         .filter(|(k, _)| {
             !matches!(k.as_str(), "host" | "content-length" | "connection" | "transfer-encoding")
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let resp = s
-        .client
-        .request(parts.method, format!("{}{path}", s.upstream))
-        .headers(headers)
-        .body(body)
-        .send()
-        .await?;
+    Ok(client.request(method, format!("{upstream}{path}")).headers(headers).body(body).send().await?)
+}
+
+/// The emulator's answer as the proxy's own.
+pub(crate) async fn relay(resp: reqwest::Response) -> Result<Response> {
     let mut out = Response::builder().status(resp.status());
     for (k, v) in resp.headers() {
         if !matches!(k.as_str(), "content-length" | "connection" | "transfer-encoding") {

@@ -691,7 +691,11 @@ pub mod ins {
             questdb_version: version.into(),
             instance_type: "m6i.large".into(),
             node_image: "ami-0a0a0a0a0a0a0a0a0".into(),
-            volume: Some(v1::Volume { size_gib: 20, r#type: v1::VolumeType::Gp3 as i32 }),
+            volume: Some(v1::Volume {
+                size_gib: 20,
+                r#type: v1::VolumeType::Gp3 as i32,
+                ..Default::default()
+            }),
             server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
             allowed_cidrs: vec!["10.0.0.0/8".into()],
         }

@@ -8,7 +8,7 @@ use anyhow::Result;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
-use http::{HeaderMap, StatusCode, header};
+use http::{StatusCode, header};
 
 /// What the proxy does with one request.
 pub enum Answer {
@@ -35,6 +35,23 @@ pub fn no_instances() -> Answer {
          <reservationSet/></DescribeInstancesResponse>"
             .into(),
     )
+}
+
+/// A proxy that answers a launch of `image` as EC2 does for an image that does not exist (the
+/// emulator launches any image id) and passes everything else on.
+pub async fn unknown_image(upstream: &str, image: &'static str) -> Result<ScriptedProxy> {
+    ScriptedProxy::start(
+        upstream,
+        Box::new(move |action, body| match form_value(body, "ImageId") {
+            Some(id) if id == image && action == "RunInstances" => Answer::Error {
+                status: StatusCode::BAD_REQUEST,
+                code: "InvalidAMIID.NotFound",
+                message: format!("The image id '[{image}]' does not exist"),
+            },
+            _ => Answer::Forward,
+        }),
+    )
+    .await
 }
 
 /// Decides per request from the EC2 action (`Action=...`) and the whole form body.
@@ -109,21 +126,7 @@ async fn handle_inner(s: &ProxyState, req: Request) -> Result<Response> {
         return Ok(Response::builder().header(header::CONTENT_TYPE, "text/xml").body(Body::from(xml))?);
     }
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    // The emulator dispatches on the signed Authorization header, so headers pass through.
-    let headers: HeaderMap = parts
-        .headers
-        .iter()
-        .filter(|(k, _)| {
-            !matches!(k.as_str(), "host" | "content-length" | "connection" | "transfer-encoding")
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let resp = s
-        .client
-        .request(parts.method, format!("{}{path}", s.upstream))
-        .headers(headers)
-        .body(body)
-        .send()
+    let resp = crate::faults::send_upstream(&s.client, &s.upstream, parts.method, path, &parts.headers, body)
         .await?;
     if matches!(answer, Answer::ForwardThenTimeout) {
         let _ = resp.bytes().await;
@@ -131,11 +134,5 @@ async fn handle_inner(s: &ProxyState, req: Request) -> Result<Response> {
             .status(StatusCode::GATEWAY_TIMEOUT)
             .body(Body::from("Gateway Timeout"))?);
     }
-    let mut out = Response::builder().status(resp.status());
-    for (k, v) in resp.headers() {
-        if !matches!(k.as_str(), "content-length" | "connection" | "transfer-encoding") {
-            out = out.header(k, v);
-        }
-    }
-    Ok(out.body(Body::from(resp.bytes().await?))?)
+    crate::faults::relay(resp).await
 }

@@ -7,7 +7,7 @@ use anyhow::Result;
 use qdb_proto::v1::Phase;
 use qdb_provisioner::gossip::{Subject, event};
 use qdb_provisioner::journal::{
-    Accepted, NewInstruction, State, accept, enqueue, finish, record_applied, renew,
+    Accepted, NewInstruction, State, accept, enqueue, finish, prune, record_applied, renew,
 };
 use qdb_tests::{Cloud, unique};
 use sqlx::PgPool;
@@ -167,5 +167,40 @@ async fn a_replica_whose_lease_ran_out_writes_nothing() -> Result<()> {
     assert!(!renew(&pool, "replica-a", &db, short).await?, "the lease is replica-b's");
     assert!(renew(&pool, "replica-b", &db, short).await?);
     assert_eq!(states(&pool, &db).await?, vec![(1, "applied".to_string())]);
+    Ok(())
+}
+
+/// Issue 17 (housekeeping): finished instructions leave the journal after the retention, open
+/// ones never do, and the sequence fence stays, so a message redelivered after its row went is
+/// stale, not applied again.
+#[tokio::test]
+async fn finished_instructions_are_pruned_after_the_retention_and_their_replay_stays_stale() -> Result<()> {
+    let pool = pool().await?;
+    let db = unique("db");
+    let (done, open) = (unique("done"), unique("open"));
+    assert_eq!(accept_committed(&pool, &ins(&done, &db, 1)).await?, Accepted::New);
+    assert_eq!(accept_committed(&pool, &ins(&open, &db, 2)).await?, Accepted::New);
+    let mut conn = pool.acquire().await?;
+    assert!(finish(&mut conn, None, &done, State::Succeeded, "", "").await?);
+    drop(conn);
+    let hour = std::time::Duration::from_secs(3600);
+    // Finished a minute ago: kept.
+    prune(&pool, hour, 5000).await?;
+    assert_eq!(states(&pool, &db).await?, vec![(1, "succeeded".to_string()), (2, "pending".to_string())]);
+    // Finished two hours ago (and an open one as old): only the finished one goes.
+    sqlx::query(
+        "UPDATE instructions SET finished_at = now() - interval '2 hours', received_at = now() - interval '2 hours'
+         WHERE database_id = $1",
+    )
+    .bind(&db)
+    .execute(&pool)
+    .await?;
+    assert!(prune(&pool, hour, 5000).await? >= 1);
+    assert_eq!(states(&pool, &db).await?, vec![(2, "pending".to_string())]);
+    assert_eq!(
+        accept_committed(&pool, &ins(&done, &db, 1)).await?,
+        Accepted::Stale { last_sequence: 2 },
+        "a replay of a pruned instruction is stopped by the fence"
+    );
     Ok(())
 }

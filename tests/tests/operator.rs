@@ -1069,8 +1069,9 @@ async fn the_orphan_sweep_reports_or_deletes_what_no_database_owns() -> Result<(
         launch: 0,
     };
     let instance = aws.launch_instance(&orphan, &launch).await?;
-    let volume = aws.create_volume(&orphan, &instance.zone, 1, "gp3").await?;
-    let retained = aws.create_volume(&kept, &instance.zone, 1, "gp3").await?;
+    let small: qdb_crd::VolumeSpec = serde_json::from_value(json!({"sizeGib": 1, "type": "gp3"}))?;
+    let volume = aws.create_volume(&orphan, &instance.zone, &small).await?;
+    let retained = aws.create_volume(&kept, &instance.zone, &small).await?;
     aws.tag_resource(&retained.id, qdb_crd::keys::RETAINED, "true").await?;
     let reported = |m: &str| qdb_tests::metric_total(m, "qdb_operator_orphans_total", "action=\"reported\"");
     eventually("the orphans reported", T, || async {
@@ -1105,21 +1106,9 @@ async fn the_orphan_sweep_reports_or_deletes_what_no_database_owns() -> Result<(
 /// the unknown image exactly as EC2 does.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_create_with_an_unknown_image_fails_with_the_aws_reason() -> Result<()> {
-    use qdb_tests::scripted::{Answer, ScriptedProxy, form_value};
     const UNKNOWN: &str = "ami-0dead0dead0dead0";
     let rig = Rig::new("op-badami", 1).await?;
-    let proxy = ScriptedProxy::start(
-        &rig.cloud.aws_endpoint,
-        Box::new(|action, body| match form_value(body, "ImageId") {
-            Some(UNKNOWN) if action == "RunInstances" => Answer::Error {
-                status: http::StatusCode::BAD_REQUEST,
-                code: "InvalidAMIID.NotFound",
-                message: format!("The image id '[{UNKNOWN}]' does not exist"),
-            },
-            _ => Answer::Forward,
-        }),
-    )
-    .await?;
+    let proxy = qdb_tests::scripted::unknown_image(&rig.cloud.aws_endpoint, UNKNOWN).await?;
     let op = rig.spawn_operator("region-a", "a1", &["--aws-endpoint", &proxy.url])?;
     let api = rig.questdbs("region-a").await?;
     let mut q = questdb("dbx", "8.2.1")?;

@@ -314,3 +314,30 @@ async fn disruptive_a_dead_cluster_delays_only_its_own_databases() -> Result<()>
     operator_b.abort();
     Ok(())
 }
+
+/// Issue 17 (watches): the status watch outlives a quiet minute. Before, the watch shared the
+/// request client's 15 s read timeout, so every 15 s without an event broke it (an error, a
+/// back-off and a new watch), and a status change in that gap waited for the next one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_minute_does_not_break_the_status_watch() -> Result<()> {
+    let rig = Rig::new("prov-quiet", 1).await?;
+    let gossip = rig.gossip()?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+    let api = rig.questdbs("region-a").await?;
+    let create = ins::create("db-quiet", "region-a", 1, "8.2.1");
+    rig.send(&create).await?;
+    gossip.phase(&create.instruction_id, Phase::Applied, T).await?;
+
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    let watch_errors = |m: &str| {
+        qdb_tests::metric_total(m, "qdb_provisioner_kube_requests_total", "verb=\"watch\",outcome=\"error\"")
+    };
+    let errors = watch_errors(&p.metrics().await?);
+    ensure!(errors == 0.0, "{errors} watch errors in a quiet minute");
+    let changed = std::time::Instant::now();
+    report_converged(&api, "db-quiet").await?;
+    gossip.phase(&create.instruction_id, Phase::Succeeded, Duration::from_secs(5)).await?;
+    println!("status change seen on gossip {:?} after a quiet 70 s", changed.elapsed());
+    Ok(())
+}

@@ -197,14 +197,28 @@ impl Gen {
             .collect()
     }
 
+    /// Provisioned IOPS and throughput: mostly what the type takes, sometimes what it refuses.
+    fn performance(&mut self, type_: i32) -> (Option<u32>, Option<u32>) {
+        match (type_, self.below(10)) {
+            (_, 0) => (self.pick(&[Some(99), Some(16001), Some(300_000)]), self.pick(&[None, Some(2000)])),
+            (2, _) => (Some(self.pick(&[100, 1000, 4000])), None),
+            (1, _) => (self.pick(&[None, Some(3000), Some(6000)]), self.pick(&[None, Some(125), Some(500)])),
+            _ => (None, None),
+        }
+    }
+
     fn spec(&mut self) -> v1::DatabaseSpec {
+        let type_ = self.pick(&[1, 2, 3]);
+        let (iops, throughput_mibps) = self.performance(type_);
         v1::DatabaseSpec {
             questdb_version: self.version(),
             instance_type: self.instance_type(),
             node_image: self.node_image(),
             volume: Some(v1::Volume {
                 size_gib: self.pick(&[0, 1, 1, 20, 500, 16384, 16384, 16385]),
-                r#type: self.pick(&[1, 2, 3]),
+                r#type: type_,
+                iops,
+                throughput_mibps,
             }),
             server_config: self.config(),
             allowed_cidrs: self.cidrs(),
@@ -232,6 +246,14 @@ impl Gen {
                 }
                 if self.below(3) == 0 {
                     m.volume_size_gib = Some(cur.volume.size_gib + self.pick(&[0, 1, 100]) as u32);
+                }
+                if self.below(5) == 0 {
+                    let type_ = match cur.volume.type_ {
+                        qdb_crd::VolumeType::Gp3 => 1,
+                        qdb_crd::VolumeType::Io2 => 2,
+                        qdb_crd::VolumeType::Gp2 => 3,
+                    };
+                    (m.volume_iops, m.volume_throughput_mibps) = self.performance(type_);
                 }
                 match self.below(3) {
                     // Every key removed: the map becomes empty.
@@ -263,7 +285,7 @@ async fn every_spec_the_provisioner_accepts_the_apiserver_accepts() -> Result<()
     let mut g = Gen(seed);
     let params = PatchParams::apply(PROVISIONER_MANAGER).force();
     let (mut accepted, mut rejected, mut refused) = (0, 0, Vec::new());
-    for d in 0..8 {
+    for d in 0..16 {
         let db = format!("prop-{d}");
         let mut current: Option<QuestDBSpec> = None;
         for seq in 1..=12u64 {

@@ -70,23 +70,11 @@ async fn a_node_image_upgrade_succeeds_only_once_the_new_node_serves() -> Result
 /// instruction, and the operator's CamelCase reason reached gossip unconverted).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_create_with_an_image_aws_does_not_know_fails_on_gossip_with_the_aws_reason() -> Result<()> {
-    use qdb_tests::scripted::{Answer, ScriptedProxy, form_value};
     const UNKNOWN: &str = "ami-0dead0dead0dead1";
     let rig = Rig::new("sys-badami", 1).await?;
     let gossip = rig.gossip()?;
-    // moto launches any image id: the proxy answers as EC2 does for one that does not exist.
-    let proxy = ScriptedProxy::start(
-        &rig.cloud.aws_endpoint,
-        Box::new(|action, body| match form_value(body, "ImageId") {
-            Some(UNKNOWN) if action == "RunInstances" => Answer::Error {
-                status: http::StatusCode::BAD_REQUEST,
-                code: "InvalidAMIID.NotFound",
-                message: format!("The image id '[{UNKNOWN}]' does not exist"),
-            },
-            _ => Answer::Forward,
-        }),
-    )
-    .await?;
+    // The emulator launches any image id: the proxy answers as EC2 does for one that does not exist.
+    let proxy = qdb_tests::scripted::unknown_image(&rig.cloud.aws_endpoint, UNKNOWN).await?;
     let _op = rig.spawn_operator("region-a", "a1", &["--aws-endpoint", &proxy.url])?;
     let p = rig.spawn("r1", &[])?;
     p.wait_ready().await?;

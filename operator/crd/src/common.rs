@@ -1,5 +1,16 @@
 //! What both tiers' processes share beyond the resource itself: the identity a replica holds
-//! leases under, and how an error is written on one line.
+//! leases under, how an error is written on one line, and how long their watches stay open.
+
+/// How long the apiserver keeps a watch open before a watcher starts the next one (from the last
+/// resourceVersion, no new list). Short enough that a watch client's read timeout (a bit longer,
+/// [`watch_read_timeout`]) finds a connection that went silent within a minute or so; a quiet
+/// watch sends nothing, so a client with an ordinary request timeout would break it instead.
+pub const WATCH_SECS: u32 = 55;
+
+/// The read timeout a client that carries watches needs: longer than a quiet watch lasts.
+pub fn watch_read_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(u64::from(WATCH_SECS) + 10)
+}
 
 /// `<hostname>-<pid>`: distinct for two replicas on one host, and telling on-call where the
 /// holder of a lease runs.

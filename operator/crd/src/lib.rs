@@ -16,8 +16,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use common::{error_chain, process_identity};
-pub use validate::{SpecError, is_dns_label, validate};
+pub use common::{WATCH_SECS, error_chain, process_identity, watch_read_timeout};
+pub use validate::{SpecError, is_dns_label, validate, volume_performance};
 
 /// Labels, annotations and tags shared by the provisioner and the operator.
 pub mod keys {
@@ -122,6 +122,15 @@ pub struct VolumeSpec {
     pub size_gib: u32,
     #[serde(rename = "type")]
     pub type_: VolumeType,
+    /// Provisioned IOPS: gp3 3000-16000 (at most 500 per GiB; unset means 3000), io2 100-256000
+    /// (at most 1000 per GiB; required), none for gp2. Changed in place, without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 256000))]
+    pub iops: Option<u32>,
+    /// Provisioned throughput in MiB/s, gp3 only: 125-1000, at most 0.25 per IOPS (unset means 125).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 125, max = 1000))]
+    pub throughput_mibps: Option<u32>,
     /// What happens to the volume when the database is deleted.
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,

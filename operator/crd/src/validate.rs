@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::QuestDBSpec;
+use crate::{QuestDBSpec, VolumeSpec, VolumeType};
 
 pub const MAX_VOLUME_GIB: u32 = 16384;
 
@@ -25,6 +25,8 @@ pub enum SpecError {
     ConfigValue(String),
     #[error("server config value of {0:?} must not begin or end with blanks: QuestDB trims them")]
     ConfigValueBlanks(String),
+    #[error("volume performance: {0}")]
+    VolumePerformance(String),
     #[error("DNS name {0:?} is not a lowercase domain name")]
     DnsName(String),
 }
@@ -53,6 +55,9 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     }
     if !(1..=MAX_VOLUME_GIB).contains(&spec.volume.size_gib) {
         errors.push(SpecError::VolumeSize(spec.volume.size_gib));
+    }
+    if let Err(why) = volume_performance(&spec.volume) {
+        errors.push(SpecError::VolumePerformance(why));
     }
     for cidr in &spec.network.allowed_cidrs {
         if !is_ipv4_cidr(cidr) {
@@ -83,6 +88,55 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     }
     if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
+
+/// EBS's limits on provisioned IOPS and throughput by volume type, as CreateVolume and
+/// ModifyVolume document them, so AWS never refuses what the spec asks.
+pub fn volume_performance(v: &VolumeSpec) -> Result<(), String> {
+    let size = u64::from(v.size_gib);
+    match v.type_ {
+        VolumeType::Gp2 => match (v.iops, v.throughput_mibps) {
+            (None, None) => Ok(()),
+            _ => Err("gp2 takes no iops or throughput: both follow its size".into()),
+        },
+        VolumeType::Gp3 => {
+            let iops = v.iops.unwrap_or(GP3_BASE_IOPS);
+            if !(GP3_BASE_IOPS..=16_000).contains(&iops) {
+                return Err(format!("gp3 iops {iops} is outside 3000-16000"));
+            }
+            // The baseline 3000 comes with every size; more is at most 500 per GiB.
+            if iops > GP3_BASE_IOPS && u64::from(iops) > 500 * size {
+                return Err(format!("gp3 iops {iops} exceeds 500 per GiB ({} for {size} GiB)", 500 * size));
+            }
+            let throughput = v.throughput_mibps.unwrap_or(125);
+            if !(125..=1000).contains(&throughput) {
+                return Err(format!("gp3 throughput {throughput} MiB/s is outside 125-1000"));
+            }
+            if u64::from(throughput) * 4 > u64::from(iops) {
+                return Err(format!(
+                    "gp3 throughput {throughput} MiB/s exceeds 0.25 MiB/s per IOPS ({} at {iops} IOPS)",
+                    iops / 4
+                ));
+            }
+            Ok(())
+        }
+        VolumeType::Io2 => {
+            let Some(iops) = v.iops else { return Err("io2 needs iops (100-256000)".into()) };
+            if !(100..=256_000).contains(&iops) {
+                return Err(format!("io2 iops {iops} is outside 100-256000"));
+            }
+            if u64::from(iops) > 1000 * size {
+                return Err(format!("io2 iops {iops} exceeds 1000 per GiB ({} for {size} GiB)", 1000 * size));
+            }
+            match v.throughput_mibps {
+                None => Ok(()),
+                Some(_) => Err("io2 takes no throughput: it follows the iops".into()),
+            }
+        }
+    }
+}
+
+/// What every gp3 volume gets without asking.
+const GP3_BASE_IOPS: u32 = 3000;
 
 fn is_digits(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
@@ -146,6 +200,8 @@ mod tests {
             volume: VolumeSpec {
                 size_gib: 100,
                 type_: VolumeType::Gp3,
+                iops: None,
+                throughput_mibps: None,
                 reclaim_policy: ReclaimPolicy::Delete,
             },
             server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
@@ -202,6 +258,44 @@ mod tests {
             let mut s = spec();
             s.server_config.insert("a".into(), bad.into());
             assert_eq!(validate(&s), Err(vec![SpecError::ConfigValueBlanks("a".into())]), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn volume_performance_follows_ebs_limits() {
+        let v = |type_, size_gib, iops, throughput_mibps| VolumeSpec {
+            size_gib,
+            type_,
+            iops,
+            throughput_mibps,
+            reclaim_policy: ReclaimPolicy::Delete,
+        };
+        use VolumeType::*;
+        for ok in [
+            v(Gp3, 1, None, None),
+            v(Gp3, 1, Some(3000), Some(750)),
+            v(Gp3, 32, Some(16_000), Some(1000)),
+            v(Gp2, 20, None, None),
+            v(Io2, 4, Some(4000), None),
+            v(Io2, 16384, Some(256_000), None),
+        ] {
+            assert_eq!(volume_performance(&ok), Ok(()), "{ok:?}");
+        }
+        for (bad, why) in [
+            (v(Gp3, 100, Some(2999), None), "outside 3000-16000"),
+            (v(Gp3, 100, Some(16_001), None), "outside 3000-16000"),
+            (v(Gp3, 10, Some(6000), None), "500 per GiB (5000 for 10 GiB)"),
+            (v(Gp3, 100, None, Some(1001)), "outside 125-1000"),
+            (v(Gp3, 100, None, Some(751)), "0.25 MiB/s per IOPS (750 at 3000 IOPS)"),
+            (v(Gp2, 100, Some(3000), None), "gp2 takes no iops"),
+            (v(Gp2, 100, None, Some(125)), "gp2 takes no iops"),
+            (v(Io2, 100, None, None), "io2 needs iops"),
+            (v(Io2, 100, Some(99), None), "outside 100-256000"),
+            (v(Io2, 4, Some(4001), None), "1000 per GiB (4000 for 4 GiB)"),
+            (v(Io2, 100, Some(1000), Some(125)), "io2 takes no throughput"),
+        ] {
+            let err = volume_performance(&bad).expect_err(&format!("{bad:?}"));
+            assert!(err.contains(why), "{bad:?}: {err}");
         }
     }
 

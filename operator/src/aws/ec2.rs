@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use aws_sdk_ec2::types::{
     Filter, InstanceStateName, IpPermission, IpRange, Placement, ResourceType, Tag, TagSpecification,
 };
-use qdb_crd::keys;
+use qdb_crd::{VolumeSpec, keys};
 
 use super::{Aws, AwsError, Owner, ROLE, ROLE_DATA, Service};
 use crate::build::security_group::Rule;
@@ -63,9 +63,20 @@ pub struct Volume {
     pub zone: String,
     pub size_gib: u32,
     pub volume_type: String,
+    /// Provisioned IOPS and throughput (MiB/s), as EC2 reports them.
+    pub iops: Option<u32>,
+    pub throughput_mibps: Option<u32>,
     pub state: VolumeState,
     pub attachments: Vec<Attachment>,
     pub tags: BTreeMap<String, String>,
+}
+
+/// What one ModifyVolume changes; unset fields stay as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeChange {
+    pub size_gib: Option<u32>,
+    pub iops: Option<u32>,
+    pub throughput_mibps: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +252,8 @@ fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Option<Volume> {
         zone: v.availability_zone().unwrap_or_default().to_string(),
         size_gib: v.size().and_then(|s| u32::try_from(s).ok()).unwrap_or_default(),
         volume_type: v.volume_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
+        iops: v.iops().and_then(|n| u32::try_from(n).ok()),
+        throughput_mibps: v.throughput().and_then(|n| u32::try_from(n).ok()),
         state: VolumeState::from_ec2(v.state()),
         attachments: v
             .attachments()
@@ -556,15 +569,17 @@ impl Aws {
         }
     }
 
-    /// Encrypted, tagged as the owner's data volume at creation.
+    /// Encrypted, tagged as the owner's data volume at creation, with the spec's size, type and
+    /// provisioned performance (unset: EC2's defaults for the type).
     pub async fn create_volume(
         &self,
         owner: &Owner,
         zone: &str,
-        size_gib: u32,
-        volume_type: &str,
+        want: &VolumeSpec,
     ) -> Result<Volume, AwsError> {
         const OP: &str = "CreateVolume";
+        let size_gib = want.size_gib;
+        let volume_type = want.type_.as_str();
         let size =
             i32::try_from(size_gib).map_err(|_| AwsError::unexpected(OP, format!("size {size_gib} GiB")))?;
         let mut tags = owner.tags();
@@ -575,6 +590,8 @@ impl Aws {
             .availability_zone(zone)
             .size(size)
             .volume_type(volume_type.into())
+            .set_iops(want.iops.and_then(|n| i32::try_from(n).ok()))
+            .set_throughput(want.throughput_mibps.and_then(|n| i32::try_from(n).ok()))
             .encrypted(true)
             .tag_specifications(tag_spec(ResourceType::Volume, &tags))
             // A database has one data volume in its life: the same token for every try, so a
@@ -587,6 +604,8 @@ impl Aws {
             zone: out.availability_zone().unwrap_or(zone).to_string(),
             size_gib: out.size().and_then(|s| u32::try_from(s).ok()).unwrap_or(size_gib),
             volume_type: out.volume_type().map_or(volume_type, |t| t.as_str()).to_string(),
+            iops: out.iops().and_then(|n| u32::try_from(n).ok()).or(want.iops),
+            throughput_mibps: out.throughput().and_then(|n| u32::try_from(n).ok()).or(want.throughput_mibps),
             state: out.state().map_or(VolumeState::Creating, |s| VolumeState::from_ec2(Some(s))),
             attachments: Vec::new(),
             tags: if out.tags().is_empty() { tags.into_iter().collect() } else { tag_map(out.tags()) },
@@ -624,12 +643,23 @@ impl Aws {
         self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
     }
 
-    /// Grows the volume; the filesystem is grown on the node.
-    pub async fn modify_volume_size(&self, volume_id: &str, size_gib: u32) -> Result<(), AwsError> {
+    /// Grows the volume and changes its provisioned performance, in one call: EBS allows one
+    /// modification per volume every six hours. The filesystem is grown on the node.
+    pub async fn modify_volume(&self, volume_id: &str, change: &VolumeChange) -> Result<(), AwsError> {
         const OP: &str = "ModifyVolume";
-        let size =
-            i32::try_from(size_gib).map_err(|_| AwsError::unexpected(OP, format!("size {size_gib} GiB")))?;
-        let req = self.ec2.modify_volume().volume_id(volume_id).size(size);
+        let int = |n: Option<u32>| n.map(i32::try_from).transpose();
+        let (size, iops, throughput) =
+            match (int(change.size_gib), int(change.iops), int(change.throughput_mibps)) {
+                (Ok(s), Ok(i), Ok(t)) => (s, i, t),
+                _ => return Err(AwsError::unexpected(OP, format!("{change:?} is out of range"))),
+            };
+        let req = self
+            .ec2
+            .modify_volume()
+            .volume_id(volume_id)
+            .set_size(size)
+            .set_iops(iops)
+            .set_throughput(throughput);
         self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
     }
 

@@ -107,7 +107,11 @@ async fn ec2_lifecycle() {
 
     // Data volume in the instance's zone, attached, found with its attachment, detached.
     assert_eq!(aws.find_volume(&owner.owner_uid).await.unwrap(), None, "root volumes are not data volumes");
-    let volume = aws.create_volume(&owner, &instance.zone, 20, "gp3").await.unwrap();
+    let want: qdb_crd::VolumeSpec = serde_json::from_value(
+        serde_json::json!({"sizeGib": 20, "type": "gp3", "iops": 4000, "throughputMibps": 250}),
+    )
+    .unwrap();
+    let volume = aws.create_volume(&owner, &instance.zone, &want).await.unwrap();
     assert_eq!((volume.size_gib, volume.volume_type.as_str()), (20, "gp3"));
     eventually("the volume available", || async {
         aws.find_volume(&owner.owner_uid).await.unwrap().filter(|v| v.state == VolumeState::Available)
@@ -126,7 +130,13 @@ async fn ec2_lifecycle() {
         (found.attachments[0].instance_id.as_str(), found.attachments[0].device.as_str()),
         (instance.id.as_str(), DATA_DEVICE)
     );
-    aws.modify_volume_size(&volume.id, 30).await.unwrap();
+    let listed = aws.find_volume(&owner.owner_uid).await.unwrap().expect("listed");
+    assert_eq!((listed.iops, listed.throughput_mibps), (Some(4000), Some(250)), "sent and listed back");
+    let change =
+        crate::aws::VolumeChange { size_gib: Some(30), iops: Some(5000), throughput_mibps: Some(500) };
+    aws.modify_volume(&volume.id, &change).await.unwrap();
+    let listed = aws.find_volume(&owner.owner_uid).await.unwrap().expect("listed");
+    assert_eq!((listed.size_gib, listed.iops, listed.throughput_mibps), (30, Some(5000), Some(500)));
 
     // Stopped first (as the operator fences), then detached: the volume is released only once
     // the machine is really stopped.

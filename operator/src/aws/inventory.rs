@@ -256,6 +256,8 @@ mod tests {
             zone: "us-east-1a".into(),
             size_gib: 20,
             volume_type: "gp3".into(),
+            iops: None,
+            throughput_mibps: None,
             state: crate::aws::VolumeState::Available,
             attachments: attached_to
                 .map(|i| Attachment {

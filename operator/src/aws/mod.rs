@@ -39,7 +39,7 @@ use qdb_crd::{OPERATOR_MANAGER, keys};
 
 pub use ec2::{
     Attachment, AttachmentState, DATA_DEVICE, Instance, InstanceState, Launch, SecurityGroup, Volume,
-    VolumeState, launch_of, launch_token,
+    VolumeChange, VolumeState, launch_of, launch_token,
 };
 pub use error::{AwsError, Outcome, classify};
 use limiter::TokenBucket;

@@ -93,6 +93,8 @@ pub(crate) mod fixtures {
                 volume: VolumeSpec {
                     size_gib: 100,
                     type_: VolumeType::Gp3,
+                    iops: None,
+                    throughput_mibps: None,
                     reclaim_policy: ReclaimPolicy::Delete,
                 },
                 server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),

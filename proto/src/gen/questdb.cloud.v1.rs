@@ -72,6 +72,13 @@ pub struct Volume {
     pub size_gib: u32,
     #[prost(enumeration = "VolumeType", tag = "2")]
     pub r#type: i32,
+    /// Provisioned IOPS: gp3 3,000-16,000 (at most 500 per GiB; unset = 3,000), io2 100-256,000
+    /// (at most 1,000 per GiB; required); not for gp2.
+    #[prost(uint32, optional, tag = "3")]
+    pub iops: ::core::option::Option<u32>,
+    /// Provisioned throughput in MiB/s, gp3 only: 125-1,000 (at most 0.25 per IOPS; unset = 125).
+    #[prost(uint32, optional, tag = "4")]
+    pub throughput_mibps: ::core::option::Option<u32>,
 }
 /// Create the database with this spec.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -108,6 +115,11 @@ pub struct Modify {
     /// such a spec.
     #[prost(bool, tag = "8")]
     pub allow_version_downgrade: bool,
+    /// The volume's provisioned IOPS and throughput (see Volume): changed in place, no restart.
+    #[prost(uint32, optional, tag = "9")]
+    pub volume_iops: ::core::option::Option<u32>,
+    #[prost(uint32, optional, tag = "10")]
+    pub volume_throughput_mibps: ::core::option::Option<u32>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CidrList {

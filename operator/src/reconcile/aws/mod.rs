@@ -194,7 +194,7 @@ async fn finish(
     let mut volume = volume;
     // Planned again after a create, so the new volume's attach is decided by the same rules.
     for _ in 0..2 {
-        let steps = plan_volume(volume.as_ref(), known_volume, d.spec.volume.size_gib, &instance, &instances);
+        let steps = plan_volume(volume.as_ref(), known_volume, &d.spec.volume, &instance, &instances);
         let mut created = false;
         for step in steps {
             match step {
@@ -207,20 +207,28 @@ async fn finish(
                     return Ok(());
                 }
                 VolumeAction::Create => {
-                    let size = d.spec.volume.size_gib;
-                    let create =
-                        aws.create_volume(&owner, &instance.zone, size, d.spec.volume.type_.as_str());
+                    let create = aws.create_volume(&owner, &instance.zone, &d.spec.volume);
                     let v = creating(facts, create).await.map_err(aws_err("creating the volume"))?;
                     ctx.inventory.created_volume(d.names.uid(), &v);
                     facts.did("CreatedVolume", format!("{} ({} GiB) in {}", v.id, v.size_gib, v.zone));
                     volume = Some(v);
                     created = true;
                 }
-                VolumeAction::Grow { from, to } => {
+                VolumeAction::Modify(change) => {
                     let Some(v) = volume.as_mut() else { continue };
-                    aws.modify_volume_size(&v.id, to).await.map_err(aws_err("growing the volume"))?;
-                    facts.did("GrewVolume", format!("{} from {from} to {to} GiB", v.id));
-                    v.size_gib = to;
+                    aws.modify_volume(&v.id, &change).await.map_err(aws_err("modifying the volume"))?;
+                    if let Some(to) = change.size_gib {
+                        facts.did("GrewVolume", format!("{} from {} to {to} GiB", v.id, v.size_gib));
+                        v.size_gib = to;
+                    }
+                    if change.iops.is_some() || change.throughput_mibps.is_some() {
+                        let show =
+                            |n: Option<u32>| n.map_or_else(|| "unchanged".to_string(), |n| n.to_string());
+                        let (iops, throughput) = (show(change.iops), show(change.throughput_mibps));
+                        facts.did("TunedVolume", format!("{}: {iops} IOPS, {throughput} MiB/s", v.id));
+                        v.iops = change.iops.or(v.iops);
+                        v.throughput_mibps = change.throughput_mibps.or(v.throughput_mibps);
+                    }
                 }
                 VolumeAction::Detach { from } => {
                     let Some(v) = volume.as_ref() else { continue };

@@ -3,10 +3,10 @@
 //! fenced (stopped or terminated); moving it off a live one is the node move's job, which fences
 //! first.
 
-use qdb_crd::WaitReason;
+use qdb_crd::{VolumeSpec, WaitReason};
 
 use crate::aws::inventory::LISTING_LAG;
-use crate::aws::{AttachmentState, Instance, InstanceState, Volume, VolumeState};
+use crate::aws::{AttachmentState, Instance, InstanceState, Volume, VolumeChange, VolumeState};
 
 pub fn is_live(i: &Instance) -> bool {
     matches!(i.state, InstanceState::Pending | InstanceState::Running)
@@ -36,10 +36,8 @@ pub enum VolumeAction {
     /// empty volume in its place would lose the data).
     AwaitListing(String),
     Create,
-    Grow {
-        from: u32,
-        to: u32,
-    },
+    /// Grow it and change its provisioned performance, in one ModifyVolume.
+    Modify(VolumeChange),
     /// From a holder EC2 shows fenced.
     Detach {
         from: String,
@@ -48,12 +46,24 @@ pub enum VolumeAction {
     Wait(WaitReason, String),
 }
 
+/// What a listed volume lacks of the spec: more size, other provisioned IOPS or throughput (a
+/// performance the spec leaves unset is whatever the volume has). None when nothing.
+pub fn volume_change(v: &Volume, want: &VolumeSpec) -> Option<VolumeChange> {
+    let differs = |want: Option<u32>, have: Option<u32>| want.filter(|w| have != Some(*w));
+    let change = VolumeChange {
+        size_gib: Some(want.size_gib).filter(|w| *w > v.size_gib),
+        iops: differs(want.iops, v.iops),
+        throughput_mibps: differs(want.throughput_mibps, v.throughput_mibps),
+    };
+    (change != VolumeChange::default()).then_some(change)
+}
+
 /// What the data volume needs for `instance` to serve from it. `volume` is what EC2 lists,
 /// `known` the volume status names, `instances` every instance of the database EC2 lists.
 pub fn plan_volume(
     volume: Option<&Volume>,
     known: Option<&str>,
-    want_gib: u32,
+    want: &VolumeSpec,
     instance: &Instance,
     instances: &[Instance],
 ) -> Vec<VolumeAction> {
@@ -65,8 +75,8 @@ pub fn plan_volume(
         }];
     };
     let mut out = Vec::new();
-    if v.size_gib < want_gib {
-        out.push(Grow { from: v.size_gib, to: want_gib });
+    if let Some(change) = volume_change(v, want) {
+        out.push(Modify(change));
     }
     let here = v.attachments.iter().find(|a| a.instance_id == instance.id);
     let elsewhere: Vec<_> = v.attachments.iter().filter(|a| a.instance_id != instance.id).collect();
@@ -156,6 +166,8 @@ mod tests {
             zone: "eu-west-1a".into(),
             size_gib,
             volume_type: "gp3".into(),
+            iops: Some(3000),
+            throughput_mibps: Some(125),
             state,
             attachments: attachments
                 .iter()
@@ -163,6 +175,36 @@ mod tests {
                 .collect(),
             tags: Default::default(),
         }
+    }
+
+    fn gib(size_gib: u32) -> VolumeSpec {
+        VolumeSpec {
+            size_gib,
+            type_: qdb_crd::VolumeType::Gp3,
+            iops: None,
+            throughput_mibps: None,
+            reclaim_policy: qdb_crd::ReclaimPolicy::Delete,
+        }
+    }
+
+    #[test]
+    fn performance_changes_ride_with_growth_in_one_modification() {
+        let v = volume(VolumeState::InUse, 100, &[]);
+        assert_eq!(volume_change(&v, &gib(100)), None, "unset performance keeps what the volume has");
+        assert_eq!(volume_change(&v, &gib(50)), None, "never shrinks");
+        let want = VolumeSpec { iops: Some(3000), throughput_mibps: Some(125), ..gib(100) };
+        assert_eq!(volume_change(&v, &want), None, "already so");
+        let want = VolumeSpec { iops: Some(6000), throughput_mibps: Some(125), ..gib(200) };
+        assert_eq!(
+            volume_change(&v, &want),
+            Some(VolumeChange { size_gib: Some(200), iops: Some(6000), throughput_mibps: None })
+        );
+        // EC2 not reporting a value is no reason to skip one the spec asks for.
+        let unknown = Volume { iops: None, ..v };
+        assert_eq!(
+            volume_change(&unknown, &VolumeSpec { iops: Some(3000), ..gib(100) }),
+            Some(VolumeChange { iops: Some(3000), ..Default::default() })
+        );
     }
 
     const STATES: [InstanceState; 7] = [
@@ -182,7 +224,7 @@ mod tests {
             for attachment in [AttachmentState::Attached, AttachmentState::Attaching, AttachmentState::Busy] {
                 let v = volume(VolumeState::InUse, 10, &[("i-old", attachment)]);
                 let all = [instance("i-old", holder_state), new.clone()];
-                let steps = plan_volume(Some(&v), Some("vol-1"), 10, &new, &all);
+                let steps = plan_volume(Some(&v), Some("vol-1"), &gib(10), &new, &all);
                 let detaches = steps.iter().any(|s| matches!(s, VolumeAction::Detach { .. }));
                 assert_eq!(detaches, holder_state.is_fenced(), "{holder_state:?} {attachment:?}: {steps:?}");
                 assert!(!steps.contains(&VolumeAction::Attach), "never attached while held: {steps:?}");
@@ -190,7 +232,7 @@ mod tests {
         }
         // A holder EC2 no longer lists at all is gone.
         let v = volume(VolumeState::InUse, 10, &[("i-gone", AttachmentState::Attached)]);
-        let steps = plan_volume(Some(&v), Some("vol-1"), 10, &new, std::slice::from_ref(&new));
+        let steps = plan_volume(Some(&v), Some("vol-1"), &gib(10), &new, std::slice::from_ref(&new));
         assert_eq!(steps, [VolumeAction::Detach { from: "i-gone".into() }]);
     }
 
@@ -198,10 +240,10 @@ mod tests {
     fn a_volume_named_in_status_is_never_replaced_by_an_empty_one() {
         let i = instance("i-1", InstanceState::Running);
         assert_eq!(
-            plan_volume(None, Some("vol-9"), 10, &i, &[]),
+            plan_volume(None, Some("vol-9"), &gib(10), &i, &[]),
             [VolumeAction::AwaitListing("vol-9".into())]
         );
-        assert_eq!(plan_volume(None, None, 10, &i, &[]), [VolumeAction::Create]);
+        assert_eq!(plan_volume(None, None, &gib(10), &i, &[]), [VolumeAction::Create]);
     }
 
     #[test]
@@ -209,15 +251,16 @@ mod tests {
         let v = volume(VolumeState::Available, 10, &[]);
         for state in STATES {
             let i = instance("i-1", state);
-            let steps = plan_volume(Some(&v), None, 20, &i, std::slice::from_ref(&i));
-            assert_eq!(steps[0], VolumeAction::Grow { from: 10, to: 20 });
+            let steps = plan_volume(Some(&v), None, &gib(20), &i, std::slice::from_ref(&i));
+            let grow = VolumeChange { size_gib: Some(20), ..Default::default() };
+            assert_eq!(steps[0], VolumeAction::Modify(grow));
             assert_eq!(steps.contains(&VolumeAction::Attach), state == InstanceState::Running, "{state:?}");
         }
         let i = instance("i-1", InstanceState::Running);
         let attached = volume(VolumeState::InUse, 30, &[("i-1", AttachmentState::Attached)]);
-        assert_eq!(plan_volume(Some(&attached), None, 20, &i, std::slice::from_ref(&i)), []);
+        assert_eq!(plan_volume(Some(&attached), None, &gib(20), &i, std::slice::from_ref(&i)), []);
         let creating = volume(VolumeState::Creating, 20, &[]);
-        let steps = plan_volume(Some(&creating), None, 20, &i, std::slice::from_ref(&i));
+        let steps = plan_volume(Some(&creating), None, &gib(20), &i, std::slice::from_ref(&i));
         assert!(matches!(steps[..], [VolumeAction::Wait(WaitReason::VolumeCreating, _)]), "{steps:?}");
     }
 }
