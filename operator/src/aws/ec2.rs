@@ -246,14 +246,25 @@ fn to_instance(i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
     })
 }
 
+/// A count EC2 reports (its API's i32) as ours; a negative one is no count.
+fn from_ec2(n: Option<i32>) -> Option<u32> {
+    n.and_then(|n| u32::try_from(n).ok())
+}
+
+/// A count of ours as EC2's i32: one that does not fit fails the call before it is sent.
+fn to_ec2(op: &'static str, what: &str, n: Option<u32>) -> Result<Option<i32>, AwsError> {
+    n.map(|n| i32::try_from(n).map_err(|_| AwsError::unexpected(op, format!("{what} {n} is out of range"))))
+        .transpose()
+}
+
 fn to_volume(v: &aws_sdk_ec2::types::Volume) -> Option<Volume> {
     Some(Volume {
         id: v.volume_id()?.to_string(),
         zone: v.availability_zone().unwrap_or_default().to_string(),
-        size_gib: v.size().and_then(|s| u32::try_from(s).ok()).unwrap_or_default(),
+        size_gib: from_ec2(v.size()).unwrap_or_default(),
         volume_type: v.volume_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
-        iops: v.iops().and_then(|n| u32::try_from(n).ok()),
-        throughput_mibps: v.throughput().and_then(|n| u32::try_from(n).ok()),
+        iops: from_ec2(v.iops()),
+        throughput_mibps: from_ec2(v.throughput()),
         state: VolumeState::from_ec2(v.state()),
         attachments: v
             .attachments()
@@ -580,18 +591,17 @@ impl Aws {
         const OP: &str = "CreateVolume";
         let size_gib = want.size_gib;
         let volume_type = want.type_.as_str();
-        let size =
-            i32::try_from(size_gib).map_err(|_| AwsError::unexpected(OP, format!("size {size_gib} GiB")))?;
+        let size = to_ec2(OP, "size (GiB)", Some(size_gib))?;
         let mut tags = owner.tags();
         tags.push((ROLE.into(), ROLE_DATA.into()));
         let req = self
             .ec2
             .create_volume()
             .availability_zone(zone)
-            .size(size)
+            .set_size(size)
             .volume_type(volume_type.into())
-            .set_iops(want.iops.and_then(|n| i32::try_from(n).ok()))
-            .set_throughput(want.throughput_mibps.and_then(|n| i32::try_from(n).ok()))
+            .set_iops(to_ec2(OP, "iops", want.iops)?)
+            .set_throughput(to_ec2(OP, "throughput (MiB/s)", want.throughput_mibps)?)
             .encrypted(true)
             .tag_specifications(tag_spec(ResourceType::Volume, &tags))
             // A database has one data volume in its life: the same token for every try, so a
@@ -602,10 +612,10 @@ impl Aws {
         Ok(Volume {
             id: id.to_string(),
             zone: out.availability_zone().unwrap_or(zone).to_string(),
-            size_gib: out.size().and_then(|s| u32::try_from(s).ok()).unwrap_or(size_gib),
+            size_gib: from_ec2(out.size()).unwrap_or(size_gib),
             volume_type: out.volume_type().map_or(volume_type, |t| t.as_str()).to_string(),
-            iops: out.iops().and_then(|n| u32::try_from(n).ok()).or(want.iops),
-            throughput_mibps: out.throughput().and_then(|n| u32::try_from(n).ok()).or(want.throughput_mibps),
+            iops: from_ec2(out.iops()).or(want.iops),
+            throughput_mibps: from_ec2(out.throughput()).or(want.throughput_mibps),
             state: out.state().map_or(VolumeState::Creating, |s| VolumeState::from_ec2(Some(s))),
             attachments: Vec::new(),
             tags: if out.tags().is_empty() { tags.into_iter().collect() } else { tag_map(out.tags()) },
@@ -647,19 +657,13 @@ impl Aws {
     /// modification per volume every six hours. The filesystem is grown on the node.
     pub async fn modify_volume(&self, volume_id: &str, change: &VolumeChange) -> Result<(), AwsError> {
         const OP: &str = "ModifyVolume";
-        let int = |n: Option<u32>| n.map(i32::try_from).transpose();
-        let (size, iops, throughput) =
-            match (int(change.size_gib), int(change.iops), int(change.throughput_mibps)) {
-                (Ok(s), Ok(i), Ok(t)) => (s, i, t),
-                _ => return Err(AwsError::unexpected(OP, format!("{change:?} is out of range"))),
-            };
         let req = self
             .ec2
             .modify_volume()
             .volume_id(volume_id)
-            .set_size(size)
-            .set_iops(iops)
-            .set_throughput(throughput);
+            .set_size(to_ec2(OP, "size (GiB)", change.size_gib)?)
+            .set_iops(to_ec2(OP, "iops", change.iops)?)
+            .set_throughput(to_ec2(OP, "throughput (MiB/s)", change.throughput_mibps)?);
         self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
     }
 
@@ -681,6 +685,16 @@ mod tests {
 
     fn rule(port: u16, cidr: &str) -> Rule {
         Rule { port, cidr: cidr.into() }
+    }
+
+    #[test]
+    fn counts_cross_the_api_only_when_they_fit() {
+        assert_eq!(from_ec2(Some(3000)), Some(3000));
+        assert_eq!(from_ec2(Some(-1)), None);
+        assert_eq!(to_ec2("ModifyVolume", "iops", Some(16_000)).unwrap(), Some(16_000));
+        assert_eq!(to_ec2("ModifyVolume", "iops", None).unwrap(), None);
+        let err = to_ec2("ModifyVolume", "iops", Some(u32::MAX)).unwrap_err();
+        assert!(err.to_string().contains("iops 4294967295 is out of range"), "{err}");
     }
 
     #[test]
