@@ -38,6 +38,34 @@ impl Cluster {
     pub fn watched_questdbs(&self) -> Api<QuestDB> {
         Api::namespaced(self.watch_client.clone(), &self.namespace)
     }
+
+    /// Whether the apiserver says it is ready to serve (`/readyz`, which every identity may read),
+    /// and if not, why: the checks it failed, or the error that kept it from answering.
+    pub async fn readiness(&self) -> Result<(), String> {
+        let request = http::Request::get("/readyz?verbose").body(Vec::new()).map_err(|e| e.to_string())?;
+        match self.client.request_text(request).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) => {
+                let failed = failed_checks(&status.message);
+                Err(if failed.is_empty() {
+                    format!("readyz answered {}", status.code)
+                } else {
+                    format!("readyz failed {}", failed.join(", "))
+                })
+            }
+            Err(e) => Err(format!("readyz: {e}")),
+        }
+    }
+}
+
+/// The checks a verbose `/readyz` answer lists as failed (`[-]poststarthook/rbac/bootstrap-roles
+/// failed: reason withheld` gives `poststarthook/rbac/bootstrap-roles`).
+pub fn failed_checks(readyz: &str) -> Vec<&str> {
+    readyz
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("[-]"))
+        .map(|rest| rest.split_once(' ').map_or(rest, |(check, _)| check))
+        .collect()
 }
 
 #[derive(Clone, Default)]
@@ -96,5 +124,26 @@ impl Registry {
 
     pub fn iter(&self) -> impl Iterator<Item = &Cluster> {
         self.clusters.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_readyz_checks_are_named() {
+        // As kube-apiserver 1.37 answered a second after a restart, while it answered 403s.
+        let body = "[+]ping ok\n[+]informer-sync ok\n[-]poststarthook/rbac/bootstrap-roles failed: reason \
+                    withheld\n[-]poststarthook/scheduling/bootstrap-system-priority-classes failed: reason \
+                    withheld\n[+]shutdown ok\nreadyz check failed";
+        assert_eq!(
+            failed_checks(body),
+            [
+                "poststarthook/rbac/bootstrap-roles",
+                "poststarthook/scheduling/bootstrap-system-priority-classes"
+            ]
+        );
+        assert!(failed_checks("[+]ping ok\nreadyz check passed").is_empty());
     }
 }

@@ -129,26 +129,9 @@ enum ExecError {
     Transient { what: String, source: Option<kube::Error> },
 }
 
-/// Tries an authorization refusal gets before it is final: an apiserver that has just started
-/// answers 403 until its RBAC caches have synced (seen after a restart on Kubernetes 1.35), so a
-/// 401/403 is final only when it is still there after at least six seconds of backed-off tries.
-const AUTHORIZATION_TRIES: i32 = 6;
-
 impl ExecError {
-    /// This error as the attempt after `attempts` failed ones should take it.
-    fn final_after(self, attempts: i32) -> ExecError {
-        match self {
-            ExecError::Refused {
-                verb,
-                refusal: Refusal::Forbidden | Refusal::Unauthorized,
-                code,
-                message,
-            } if attempts + 1 < AUTHORIZATION_TRIES => ExecError::Transient {
-                what: format!("{verb}: the cluster refused it ({code}): {message}; final if it persists"),
-                source: None,
-            },
-            other => other,
-        }
+    fn is_authorization_refusal(&self) -> bool {
+        matches!(self, ExecError::Refused { refusal: Refusal::Forbidden | Refusal::Unauthorized, .. })
     }
 }
 
@@ -209,6 +192,28 @@ async fn current_spec(
             Ok(Some(known.unwrap_or(q.spec)))
         }
         None => Ok(None),
+    }
+}
+
+/// [`execute`], with an authorization refusal final only when a ready apiserver gave it: one that
+/// has just started answers 403 until it has loaded its roles (seen for a second or more after a
+/// restart, with `/readyz` failing `poststarthook/rbac/bootstrap-roles`), and how long that takes
+/// is the cluster's, not a number of tries. Once `/readyz` passes, one more try tells.
+async fn execute_confirmed(
+    ctx: &Shared,
+    cluster: &Cluster,
+    ins: &v1::Instruction,
+    known: Option<QuestDBSpec>,
+) -> Result<Applied, ExecError> {
+    match execute(ctx, cluster, ins, known.clone()).await {
+        Err(e) if e.is_authorization_refusal() => match cluster.readiness().await {
+            Ok(()) => execute(ctx, cluster, ins, known).await,
+            Err(why) => Err(ExecError::Transient {
+                what: format!("{e}; not final: the apiserver is not ready ({why})"),
+                source: None,
+            }),
+        },
+        other => other,
     }
 }
 
@@ -284,7 +289,7 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
         terminal(ctx, head, &subject, State::Failed, "UNKNOWN_CLUSTER", &message, None).await?;
         return Ok(true);
     };
-    match execute(ctx, cluster, &ins, known).await.map_err(|e| e.final_after(head.attempts)) {
+    match execute_confirmed(ctx, cluster, &ins, known).await {
         Ok(applied) => {
             let deadline = ctx.deadline(&head.operation);
             let status = applied.qdb.as_ref().map(gossip::database_status);
@@ -565,25 +570,6 @@ mod tests {
         assert_eq!(apply_body(&ins, spec.clone())["spec"]["serverConfig"], serde_json::json!({"a": "1"}));
         spec.server_config.clear();
         assert!(apply_body(&ins, spec)["spec"].get("serverConfig").is_none());
-    }
-
-    #[test]
-    fn an_authorization_refusal_is_final_only_when_it_persists() {
-        let refused =
-            |refusal| ExecError::Refused { verb: "apply", refusal, code: 403, message: "no".into() };
-        for attempts in 0..AUTHORIZATION_TRIES - 1 {
-            assert!(matches!(refused(Refusal::Forbidden).final_after(attempts), ExecError::Transient { .. }));
-            assert!(matches!(
-                refused(Refusal::Unauthorized).final_after(attempts),
-                ExecError::Transient { .. }
-            ));
-            assert!(matches!(refused(Refusal::SpecRefused).final_after(attempts), ExecError::Refused { .. }));
-        }
-        let last = AUTHORIZATION_TRIES - 1;
-        assert!(matches!(refused(Refusal::Forbidden).final_after(last), ExecError::Refused { .. }));
-        // The backed-off tries before it span a few seconds, RBAC's start-up window.
-        let waited: Duration = (0..last).map(|a| retry_delay(a, Duration::from_secs(10))).sum();
-        assert!(waited >= Duration::from_secs(6), "{waited:?}");
     }
 
     #[test]

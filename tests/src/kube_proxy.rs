@@ -3,6 +3,9 @@
 //! responses already streaming (watches) stop too, as when a network path goes silent. The
 //! process talks plain HTTP to it (a kubeconfig written by [`KubeProxy::kubeconfig`]); the proxy
 //! forwards with the identity of the kubeconfig it was started with, so RBAC is unchanged.
+//! It can also answer as an apiserver that has just started and not loaded its roles yet: every
+//! request is refused with the 403 such an apiserver gives, and `/readyz` fails the check it
+//! fails then (both as kube-apiserver 1.37 answered in the second after a restart).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -42,6 +45,7 @@ pub struct KubeProxy {
 struct ProxyState {
     client: kube::Client,
     frozen: tokio::sync::watch::Sender<bool>,
+    starting: std::sync::atomic::AtomicBool,
     log: Mutex<Vec<Received>>,
 }
 
@@ -56,7 +60,12 @@ impl KubeProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (frozen, _) = tokio::sync::watch::channel(false);
-        let state = Arc::new(ProxyState { client, frozen, log: Mutex::new(Vec::new()) });
+        let state = Arc::new(ProxyState {
+            client,
+            frozen,
+            starting: std::sync::atomic::AtomicBool::new(false),
+            log: Mutex::new(Vec::new()),
+        });
         let app = axum::Router::new().fallback(proxy).with_state(state.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -89,6 +98,11 @@ impl KubeProxy {
         self.state.frozen.send_replace(false);
     }
 
+    /// Answers as an apiserver still loading its roles (true) or forwards again (false).
+    pub fn answer_as_starting(&self, starting: bool) {
+        self.state.starting.store(starting, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Every request received so far.
     pub fn received(&self) -> Vec<Received> {
         self.state.log.lock().map(|l| l.clone()).unwrap_or_default()
@@ -111,6 +125,9 @@ async fn proxy(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
     if let Ok(mut log) = s.log.lock() {
         log.push(Received { t: epoch_secs(), method: parts.method.clone(), path: path.clone() });
     }
+    if s.starting.load(std::sync::atomic::Ordering::SeqCst) {
+        return starting_answer(&path);
+    }
     match forward(&s, parts, body, path).await {
         Ok(r) => r,
         Err(e) => Response::builder()
@@ -118,6 +135,22 @@ async fn proxy(State(s): State<Arc<ProxyState>>, req: Request) -> Response {
             .body(Body::from(format!("kube proxy: {e:#}")))
             .unwrap_or_default(),
     }
+}
+
+fn starting_answer(path: &str) -> Response {
+    let (status, body) = if path.starts_with("/readyz") {
+        let checks = "[+]ping ok\n[+]etcd ok\n[+]informer-sync ok\n\
+                      [-]poststarthook/rbac/bootstrap-roles failed: reason withheld\nreadyz check failed\n";
+        (StatusCode::INTERNAL_SERVER_ERROR, checks.to_string())
+    } else {
+        let status = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("forbidden: User \"qdb-provisioner\" cannot access {path}"),
+            "reason": "Forbidden", "code": 403,
+        });
+        (StatusCode::FORBIDDEN, status.to_string())
+    };
+    Response::builder().status(status).body(Body::from(body)).unwrap_or_default()
 }
 
 async fn forward(s: &ProxyState, parts: http::request::Parts, body: Body, path: String) -> Result<Response> {

@@ -159,17 +159,25 @@ impl Rig {
     /// A cluster registry like the rig's, except that `cluster`'s apiserver is reached through
     /// `addr` (a proxy in front of it; the apiserver's certificate names 127.0.0.1, so TLS holds).
     pub fn config_through(&self, cluster: &str, addr: std::net::SocketAddr) -> Result<PathBuf> {
-        let mut registry: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&self.config)?)?;
-        let entry = &mut registry["clusters"][cluster];
-        let original = entry["kubeconfig"].as_str().context("kubeconfig in the rig's registry")?.to_string();
-        let mut kubeconfig: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&original)?)?;
+        let registry: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&self.config)?)?;
+        let original = registry["clusters"][cluster]["kubeconfig"]
+            .as_str()
+            .context("kubeconfig in the rig's registry")?;
+        let mut kubeconfig: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(original)?)?;
         for c in kubeconfig["clusters"].as_sequence_mut().context("clusters in kubeconfig")? {
             c["cluster"]["server"] = format!("https://{addr}").into();
         }
         let kubeconfig_path = self.dir.join(format!("{cluster}-through-{}.kubeconfig", addr.port()));
         std::fs::write(&kubeconfig_path, serde_yaml::to_string(&kubeconfig)?)?;
-        entry["kubeconfig"] = kubeconfig_path.display().to_string().into();
-        let path = self.dir.join(format!("provisioner-through-{}.yaml", addr.port()));
+        self.config_with_kubeconfig(cluster, &kubeconfig_path)
+    }
+
+    /// A cluster registry like the rig's, except that `cluster` is reached with `kubeconfig`.
+    pub fn config_with_kubeconfig(&self, cluster: &str, kubeconfig: &Path) -> Result<PathBuf> {
+        let mut registry: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&self.config)?)?;
+        registry["clusters"][cluster]["kubeconfig"] = kubeconfig.display().to_string().into();
+        let name = kubeconfig.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = self.dir.join(format!("provisioner-{name}.yaml"));
         std::fs::write(&path, serde_yaml::to_string(&registry)?)?;
         Ok(path)
     }

@@ -17,6 +17,7 @@ use qdb_proto::Message;
 use qdb_proto::v1::{self, Phase, instruction::Operation};
 use qdb_provisioner::mapping::{self, Action};
 use qdb_provisioner::worker::apply_body;
+use qdb_tests::kube_proxy::KubeProxy;
 use qdb_tests::rig::{Rig, fake_operator, ins, report_converged};
 use qdb_tests::{kube_client, metric_total};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
@@ -545,14 +546,12 @@ async fn a_provisioner_that_lost_its_rbac_fails_with_the_403_within_the_deadline
     }
     let path = rig.dir.join("sa.kubeconfig");
     std::fs::write(&path, serde_yaml::to_string(&kubeconfig)?)?;
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&rig.config)?)?;
-    config["clusters"]["region-a"]["kubeconfig"] = serde_yaml::Value::String(path.display().to_string());
-    std::fs::write(&rig.config, serde_yaml::to_string(&config)?)?;
+    let config = rig.config_with_kubeconfig("region-a", &path)?;
 
     let deadline_secs = 60;
     let deadline = format!("modify={deadline_secs}");
     let gossip = rig.gossip()?;
-    let p = rig.spawn("r1", &["--deadline", &deadline])?;
+    let p = rig.spawn_with_config("r1", &config, &["--deadline", &deadline])?;
     p.wait_ready().await?;
     let api = rig.questdbs("region-a").await?;
     let operator = fake_operator(api.clone());
@@ -579,6 +578,42 @@ async fn a_provisioner_that_lost_its_rbac_fails_with_the_403_within_the_deadline
     assert!(took < Duration::from_secs(deadline_secs), "failed at once, not at the deadline: {took:?}");
     println!("FORBIDDEN after {took:?}");
     assert_eq!(api.get(db).await?.spec.version, "8.2.1", "nothing was written");
+    operator.abort();
+    Ok(())
+}
+
+/// An apiserver that has just started answers 403 until it has loaded its roles, with `/readyz`
+/// failing `poststarthook/rbac/bootstrap-roles` (measured here after a restart of 1.37). Such a
+/// 403 is not the provisioner's identity losing its rights: the instruction waits it out, however
+/// many tries that takes, and succeeds. Before, a 403 was final after six tries (about six
+/// seconds), or at once when the tries spent while the apiserver was down had used them up,
+/// which is how `disruptive_apiserver_restart_mid_run` failed in CI with FORBIDDEN.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apiserver_still_loading_its_roles_delays_an_instruction_but_does_not_fail_it() -> Result<()> {
+    let rig = Rig::new("prov-starting", 1).await?;
+    let c = rig.cloud.cluster("region-a")?.clone();
+    let proxy = KubeProxy::start(&c.provisioner_kubeconfig).await?;
+    let config = rig.config_with_kubeconfig("region-a", &proxy.kubeconfig(&rig.dir, "starting")?)?;
+    proxy.answer_as_starting(true);
+    let gossip = rig.gossip()?;
+    let p = rig.spawn_with_config("r1", &config, &["--max-retry-delay-secs", "2"])?;
+    p.wait_ready().await?;
+    let api = rig.questdbs("region-a").await?;
+    let operator = fake_operator(api.clone());
+    let create = ins::create("db-starting", "region-a", 1, "8.2.1");
+    rig.send(&create).await?;
+    let starting = Duration::from_secs(15);
+    tokio::time::sleep(starting).await;
+    let events = gossip.events(&create.instruction_id);
+    ensure!(
+        !events.iter().any(|e| qdb_tests::rig::is_terminal(e.phase())),
+        "ended while starting: {events:?}"
+    );
+    let refused = proxy.received().iter().filter(|r| r.path.ends_with("/questdbs/db-starting")).count();
+    ensure!(refused >= 6, "only {refused} tries were refused in {starting:?}: fewer than a final 403 took");
+    ensure!(proxy.received().iter().any(|r| r.path.starts_with("/readyz")), "readiness was never asked");
+    proxy.answer_as_starting(false);
+    gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
     operator.abort();
     Ok(())
 }
