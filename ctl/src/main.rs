@@ -227,7 +227,7 @@ async fn status(
     }
     if let (Some(uid), Some(region)) = (&uid, aws_region) {
         println!("== AWS (tag cloud.questdb.io/owner-uid={uid})");
-        let cfg = AwsConfig { region, endpoint: aws_endpoint, ec2_per_sec: 20, route53_per_sec: 5 };
+        let cfg = AwsConfig { region, endpoint: aws_endpoint, ..AwsConfig::default() };
         let aws = Aws::new(&cfg).await;
         for i in aws.find_instances(uid).await? {
             println!(

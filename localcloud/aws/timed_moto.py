@@ -17,6 +17,8 @@ still stopping). So this wraps moto's EC2 backend in-process, before its server 
   Describe calls (listings, and by id as NotFound) for up to QDB_AWS_DESCRIBE_LAG_SECONDS;
 - ClientToken: a RunInstances or CreateVolume repeated with the same token returns the first
   result, as EC2 does (moto ignores it);
+- a RunInstances' network-interface tags land on the instance's interface, as in EC2 (moto drops
+  them); a live instance's private address is never handed to another (moto's may be);
 - every AttachVolume / DetachVolume / StopInstances / TerminateInstances is appended to
   QDB_AWS_CALL_LOG (JSON lines) with the true state, at that moment, of every instance that ever
   held the volume, so a test can prove the fencing order from the calls themselves.
@@ -139,9 +141,15 @@ def install():
         tokens = self.__dict__.setdefault("_qdb_tokens", {})
         if token and token != "ABCDE" and ("run", token) in tokens:
             return tokens[("run", token)]
+        # moto applies a launch's instance and volume tags but drops its network-interface ones;
+        # EC2 tags the primary interface with them.
+        interface_tags = kwargs.get("tags", {}).get("network-interface", {})
         # The instance's own root volume is attached by moto inside the launch.
         with internal():
             reservation = original_run(self, *args, **kwargs)
+        for instance in reservation.instances:
+            for nic in instance.nics.values():
+                nic.add_tags(interface_tags)
         if token and token != "ABCDE":
             tokens[("run", token)] = reservation
         for instance in reservation.instances:
@@ -216,6 +224,11 @@ def install():
     Instance.stop = stop
     Instance.start = start
     Instance.terminate = terminate
+    # moto frees an instance's private address whenever a Python copy of the instance is
+    # collected (Instance.__del__), so in a subnet of the cluster's VPC the next launch got the
+    # address of a live instance: two nodes of one name, and the second never joined. EC2 frees
+    # it at termination, which moto's terminate does too (it deletes the interface).
+    Instance.__del__ = lambda self: None
 
     original_stop_instances = EC2Backend.stop_instances
     original_terminate_instances = EC2Backend.terminate_instances

@@ -47,6 +47,16 @@ pub fn parse_env(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// The env file's per-cluster network variables (`localcloud/aws/network.py`), without the cluster.
+const NETWORK_VARS: [&str; 6] = [
+    "QDB_VPC_ID",
+    "QDB_VPC_CIDR",
+    "QDB_SUBNETS",
+    "QDB_EXTRA_SECURITY_GROUPS",
+    "QDB_INSTANCE_PROFILE",
+    "QDB_INSTANCE_PROFILE_ARN",
+];
+
 #[derive(Debug, Clone)]
 pub struct ClusterEnv {
     pub name: String,
@@ -55,6 +65,16 @@ pub struct ClusterEnv {
     pub provisioner_kubeconfig: PathBuf,
     pub aws_region: String,
     pub nodesim: String,
+    /// The cluster's network in the emulator, as the operator's environment has it (QDB_VPC_ID,
+    /// QDB_SUBNETS, QDB_EXTRA_SECURITY_GROUPS, QDB_INSTANCE_PROFILE, QDB_VPC_CIDR, ...).
+    pub network: Vec<(String, String)>,
+}
+
+impl ClusterEnv {
+    /// One of [`Self::network`] by the operator's variable name, e.g. `QDB_VPC_ID`.
+    pub fn network_var(&self, key: &str) -> Option<&str> {
+        self.network.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +109,13 @@ impl Cloud {
                 provisioner_kubeconfig: get(&format!("QDB_{up}_PROVISIONER_KUBECONFIG"))?.into(),
                 aws_region: get(&format!("QDB_{up}_AWS_REGION"))?,
                 nodesim: get(&format!("QDB_{up}_NODESIM"))?,
+                network: vars
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        Some((format!("QDB_{}", k.strip_prefix(&format!("QDB_{up}_"))?), v.clone()))
+                    })
+                    .filter(|(k, _)| NETWORK_VARS.contains(&k.as_str()))
+                    .collect(),
             });
         }
         Ok(Self {

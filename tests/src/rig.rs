@@ -274,6 +274,8 @@ impl Rig {
             .args(extra)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
+            // The cluster's VPC, subnets, node profile: as the main job's operators run.
+            .envs(c.network.iter().cloned())
             .env("RUST_LOG", "info,kube_runtime=warn")
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -334,11 +336,25 @@ impl Rig {
 
     /// An AWS client for `cluster`'s region of the emulator, built as the operator builds its own.
     pub async fn aws(&self, cluster: &str) -> Result<qdb_operator::aws::Aws> {
+        let c = self.cloud.cluster(cluster)?;
+        let var = |k: &str| c.network_var(k).map(str::to_string);
+        let list = |k: &str| -> Vec<String> {
+            var(k).map(|v| v.split(',').map(str::to_string).collect()).unwrap_or_default()
+        };
+        let network = qdb_operator::aws::NodeNetwork::from_flags(
+            var("QDB_VPC_ID"),
+            &list("QDB_SUBNETS"),
+            list("QDB_EXTRA_SECURITY_GROUPS"),
+            var("QDB_INSTANCE_PROFILE"),
+            1,
+            &[],
+        )?;
         let cfg = qdb_operator::aws::AwsConfig {
-            region: self.cloud.cluster(cluster)?.aws_region.clone(),
+            region: c.aws_region.clone(),
             endpoint: Some(self.cloud.aws_endpoint.clone()),
             ec2_per_sec: 50,
             route53_per_sec: 50,
+            network,
         };
         let credentials =
             aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "localcloud");

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 use qdb_tests::Cloud;
+use serde::Deserialize;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -30,20 +31,50 @@ fn overlays_build_and_apply_to_the_apiserver() -> Result<()> {
             .output()?;
         ensure!(out.status.success(), "{overlay}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = Command::new("kubectl")
-        .args([
-            "--kubeconfig",
-            &kubeconfig,
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--dry-run=server",
-            "-k",
-        ])
-        .arg(repo().join("deploy/overlays/local"))
+    // The production overlay's namespace, as a platform team makes it before applying.
+    let namespace = Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig, "create", "namespace", "questdb-system"])
         .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&namespace.stderr);
+    ensure!(namespace.status.success() || said.contains("AlreadyExists"), "{said}");
+    let mut text = String::new();
+    for overlay in ["production", "local"] {
+        let out = Command::new("kubectl")
+            .args([
+                "--kubeconfig",
+                &kubeconfig,
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--dry-run=server",
+                "-k",
+            ])
+            .arg(repo().join("deploy/overlays").join(overlay))
+            .output()?;
+        text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(out.status.success(), "{overlay}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Every setting the production operator is given is one the binary reads.
+    let built =
+        Command::new("kubectl").arg("kustomize").arg(repo().join("deploy/overlays/production")).output()?;
+    let known = env_names("qdb-operator")?;
+    let manifests = String::from_utf8_lossy(&built.stdout);
+    for doc in serde_yaml::Deserializer::from_str(&manifests) {
+        let doc = serde_yaml::Value::deserialize(doc)?;
+        if doc["kind"].as_str() != Some("Deployment") {
+            continue;
+        }
+        let env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default();
+        for name in env.iter().filter_map(|e| e["name"].as_str()).filter(|n| n.starts_with("QDB_")) {
+            ensure!(
+                known.iter().any(|k| k == name),
+                "production sets {name}, which qdb-operator does not read"
+            );
+        }
+    }
     for kind in [
         "customresourcedefinition.apiextensions.k8s.io/questdbs.cloud.questdb.io",
         "deployment.apps/qdb-operator",

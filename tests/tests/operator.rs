@@ -64,7 +64,8 @@ async fn wait_phase(api: &Api<QuestDB>, name: &str, phase: Phase, timeout: Durat
 #[tokio::test(flavor = "multi_thread")]
 async fn create_builds_everything_and_reports_ready() -> Result<()> {
     let rig = Rig::new("op-create", 1).await?;
-    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let _op =
+        rig.spawn_operator("region-a", "a1", &["--tag", "team=databases", "--tag", "cost-center=42"])?;
     let api = rig.questdbs("region-a").await?;
     // An unrelated StatefulSet in the same namespace: never touched.
     let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
@@ -99,6 +100,7 @@ async fn create_builds_everything_and_reports_ready() -> Result<()> {
     assert_eq!(sg.rules.len(), 3, "{sg:?}");
     let zone = aws.hosted_zone(&rig.dns_zone(), false).await?.context("zone")?;
     assert_eq!(aws.get_a_record(&zone, &dns.name).await?.map(|r| r.0), node.private_ip);
+    launched_into_the_cluster_network(&rig, "region-a", &node.instance_id, &volume.id, &sg.id).await?;
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &rig.namespace);
     let pod = pods.get("db1-0").await?;
@@ -122,6 +124,68 @@ async fn create_builds_everything_and_reports_ready() -> Result<()> {
         after.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
     ensure!(!managers.iter().any(|m| m == qdb_crd::OPERATOR_MANAGER), "{managers:?}");
     Ok(())
+}
+
+/// Issue 17: what the operator's network settings promise, read back from EC2 as `aws ec2
+/// describe-*` shows it: the instance in its zone's subnet of the cluster VPC with an address of
+/// the VPC's CIDR, IMDSv2 required at hop limit 1, the node instance profile, EBS-optimized, the
+/// database's group and the EKS cluster group; the configured tags on the instance, its network
+/// interface, the data volume and the security group, which is in the cluster VPC.
+async fn launched_into_the_cluster_network(
+    rig: &Rig,
+    cluster: &str,
+    instance_id: &str,
+    volume_id: &str,
+    group_id: &str,
+) -> Result<()> {
+    let c = rig.cloud.cluster(cluster)?;
+    let var = |k: &str| c.network_var(k).with_context(|| format!("{k} in the env file"));
+    let (vpc, extra_group) = (var("QDB_VPC_ID")?, var("QDB_EXTRA_SECURITY_GROUPS")?);
+    let ec2 = rig.cloud.ec2(&c.aws_region).await;
+    let has_tags = |tags: &[aws_sdk_ec2::types::Tag], what: &str| -> Result<()> {
+        for (k, v) in [("team", "databases"), ("cost-center", "42")] {
+            ensure!(
+                tags.iter().any(|t| t.key() == Some(k) && t.value() == Some(v)),
+                "{what} lacks the tag {k}={v}: {tags:?}"
+            );
+        }
+        Ok(())
+    };
+    let out = ec2.describe_instances().instance_ids(instance_id).send().await?;
+    let i = out.reservations().iter().flat_map(|r| r.instances()).next().context("the instance")?;
+    let zone = i.placement().and_then(|p| p.availability_zone()).context("zone")?;
+    let subnet = var("QDB_SUBNETS")?
+        .split(',')
+        .find_map(|pair| pair.strip_prefix(&format!("{zone}=")))
+        .with_context(|| format!("a subnet for {zone}"))?;
+    assert_eq!(i.subnet_id(), Some(subnet), "in its zone's subnet");
+    assert_eq!(i.vpc_id(), Some(vpc));
+    let cidr_prefix = var("QDB_VPC_CIDR")?.trim_end_matches(".0.0/16").to_string();
+    let ip = i.private_ip_address().unwrap_or_default();
+    ensure!(ip.starts_with(&format!("{cidr_prefix}.")), "{ip} is not in the VPC's {}", var("QDB_VPC_CIDR")?);
+    let metadata = i.metadata_options().context("metadata options")?;
+    assert_eq!(metadata.http_tokens().map(|t| t.as_str()), Some("required"), "IMDSv2 only");
+    assert_eq!(metadata.http_put_response_hop_limit(), Some(1));
+    assert_eq!(i.iam_instance_profile().and_then(|p| p.arn()), Some(var("QDB_INSTANCE_PROFILE_ARN")?));
+    assert_eq!(i.ebs_optimized(), Some(true));
+    let groups: Vec<_> = i.security_groups().iter().filter_map(|g| g.group_id()).collect();
+    ensure!(groups.contains(&group_id) && groups.contains(&extra_group), "groups {groups:?}");
+    has_tags(i.tags(), "the instance")?;
+    let enis = ec2
+        .describe_network_interfaces()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder().name("attachment.instance-id").values(instance_id).build(),
+        )
+        .send()
+        .await?;
+    let eni = enis.network_interfaces().first().context("the instance's network interface")?;
+    has_tags(eni.tag_set(), "the network interface")?;
+    let volumes = ec2.describe_volumes().volume_ids(volume_id).send().await?;
+    has_tags(volumes.volumes().first().context("the volume")?.tags(), "the data volume")?;
+    let groups = ec2.describe_security_groups().group_ids(group_id).send().await?;
+    let group = groups.security_groups().first().context("the group")?;
+    assert_eq!(group.vpc_id(), Some(vpc), "the database's group is in the cluster VPC");
+    has_tags(group.tags(), "the security group")
 }
 
 async fn running(rig: &Rig, cluster: &str, name: &str) -> Result<(Api<QuestDB>, QuestDB)> {
@@ -1149,7 +1213,12 @@ async fn a_create_with_an_unknown_image_fails_with_the_aws_reason() -> Result<()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_zone_wide_blip_fails_over_at_the_bounded_rate() -> Result<()> {
     let rig = Rig::new("op-zone", 1).await?;
+    // A cluster with one zone's subnet: every database lands there (with all six, they spread).
+    let subnets = rig.cloud.cluster("region-a")?.network_var("QDB_SUBNETS").context("subnets")?.to_string();
+    let one_zone = subnets.split(',').next().context("a subnet")?;
     let args = [
+        "--subnet",
+        one_zone,
         "--failover-after-secs",
         "2",
         "--unhealthy-zone-threshold",

@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::process::{self, Proc, need_port};
-use crate::settings::Settings;
+use crate::settings::{Cluster, Settings};
 use crate::{Cloud, probe};
 
 /// `moto`, not the script's name: tests find the emulator's pid file under this name
@@ -50,4 +50,43 @@ pub fn start(cloud: &Cloud) -> Result<()> {
         .env("QDB_AWS_TIMING", &s.aws_timing);
     process::start(cloud, &p, cmd)?;
     process::wait_for(cloud, &p, "AWS emulator", 60, || probe::http(port, "/moto-api/data.json"))
+}
+
+/// The cluster's VPC (10.<index+1>.0.0/16, so two regions never share a node address), a subnet per
+/// zone, the EKS cluster security group and the node instance profile, made in the emulator by
+/// `localcloud/aws/network.py` (idempotent) and kept as env file lines for the operators.
+pub fn network(cloud: &Cloud, c: &Cluster) -> Result<()> {
+    let s = &cloud.settings;
+    let region = c.aws_region().with_context(|| format!("no AWS region for cluster {}", c.name))?;
+    let cidr = format!("10.{}.0.0/16", c.index + 1);
+    let out = process::output(
+        Command::new(s.tools.moto_venv.join("bin/python"))
+            .arg(s.localcloud_dir.join("aws/network.py"))
+            .args([&endpoint(s), region, &c.name, &c.env_name(), &cidr]),
+    )
+    .with_context(|| format!("making the network of {} in the emulator", c.name))?;
+    if !out.status.success() {
+        bail!("making the network of {} failed: {}", c.name, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let path = network_env(s, c);
+    fs::write(&path, &out.stdout).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Where [`network`] keeps the cluster's lines for the env file.
+pub fn network_env(s: &Settings, c: &Cluster) -> PathBuf {
+    s.cluster_dir(c).join("network.env")
+}
+
+/// The operator's environment for the cluster's network: `QDB_<ENV_NAME>_SUBNETS` becomes
+/// `QDB_SUBNETS`, and so on (see `network.py`).
+pub fn operator_network_env(s: &Settings, c: &Cluster) -> Result<Vec<(String, String)>> {
+    let path = network_env(s, c);
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let prefix = format!("export QDB_{}_", c.env_name());
+    Ok(text
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter_map(|rest| rest.split_once('='))
+        .map(|(k, v)| (format!("QDB_{k}"), v.to_string()))
+        .collect())
 }

@@ -122,6 +122,7 @@ fn start_cluster_and_its_servers(cloud: &Cloud, c: &Cluster, emulator: &Gate) ->
         scope.spawn(|| failures.run(cloud, || traefik::start(cloud, c)));
         failures.run(cloud, || {
             emulator.wait(cloud)?;
+            aws::network(cloud, c)?;
             nodesim::start(cloud, c)
         });
     });

@@ -95,7 +95,12 @@ fn write_whole(path: &Path, text: &str) -> Result<()> {
 
 pub fn write_env(cloud: &Cloud) -> Result<()> {
     let s = &cloud.settings;
-    write_whole(&s.env_file(), &render_env(s, &token(cloud, "kafka-provisioner")?))
+    let mut text = render_env(s, &token(cloud, "kafka-provisioner")?);
+    for c in &s.clusters {
+        let path = aws::network_env(s, c);
+        text.push_str(&fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?);
+    }
+    write_whole(&s.env_file(), &text)
 }
 
 pub fn write_provisioner_config(s: &Settings) -> Result<()> {

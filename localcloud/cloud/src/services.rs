@@ -51,6 +51,7 @@ pub fn start(cloud: &Cloud) -> Result<()> {
         let mut cmd = Command::new(bin.join("qdb-operator"));
         cmd.env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .envs(aws::operator_network_env(s, c)?)
             .args(["--cluster", &c.name, "--dns-zone", &format!("{}.questdb.local", c.name)])
             .args(["--create-hosted-zone", "--aws-region", region, "--aws-endpoint", &aws::endpoint(s)])
             .arg("--kubeconfig")

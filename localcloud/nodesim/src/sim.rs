@@ -211,7 +211,30 @@ impl Sim {
             let uid = match nodes.create(&PostParams::default(), &obj).await {
                 Ok(created) => created.metadata.uid,
                 Err(e) if is_status(&e, 409) => {
-                    nodes.get(&n.node_name).await.ok().and_then(|o| o.metadata.uid)
+                    let Ok(existing) = nodes.get(&n.node_name).await else { continue };
+                    let wanted = obj.spec.as_ref().and_then(|s| s.provider_id.as_deref());
+                    if existing.spec.as_ref().and_then(|s| s.provider_id.as_deref()) != wanted {
+                        // The name (the private DNS name) is an address an earlier instance had,
+                        // and that instance is gone: its Node is stale, as the cloud node
+                        // lifecycle controller would find it. Remove it; the next tick joins.
+                        let dp = DeleteParams {
+                            preconditions: Some(Preconditions {
+                                uid: existing.metadata.uid,
+                                resource_version: None,
+                            }),
+                            ..DeleteParams::default()
+                        };
+                        match nodes.delete(&n.node_name, &dp).await {
+                            Ok(_) => info!(
+                                node = n.node_name,
+                                instance = n.instance_id,
+                                "stale Node of a gone instance deleted"
+                            ),
+                            Err(e) => warn!(node = n.node_name, error = %e, "deleting a stale Node failed"),
+                        }
+                        continue;
+                    }
+                    existing.metadata.uid
                 }
                 Err(e) => {
                     warn!(node = n.node_name, error = %e, "registering Node failed");

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use aws_sdk_ec2::types::{
-    Filter, InstanceStateName, IpPermission, IpRange, Placement, ResourceType, Tag, TagSpecification,
+    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceStateName, IpPermission, IpRange, Placement, ResourceType, Tag,
+    TagSpecification,
 };
 use qdb_crd::{VolumeSpec, keys};
 
@@ -376,9 +378,14 @@ impl Aws {
         }
     }
 
-    /// In the default VPC, tagged at creation. The group name carries the owner's UID: names are
-    /// unique per VPC, and a database created again under its old name must not collide with the
-    /// old group still being deleted.
+    /// What everything made for `owner` is tagged with: its own tags and the configured ones.
+    fn tags(&self, owner: &Owner) -> Vec<(String, String)> {
+        self.network.tags_with(owner.tags())
+    }
+
+    /// In the cluster's VPC (the default one when none is configured), tagged at creation. The
+    /// group name carries the owner's UID: names are unique per VPC, and a database created again
+    /// under its old name must not collide with the old group still being deleted.
     pub async fn create_security_group(&self, owner: &Owner) -> Result<SecurityGroup, AwsError> {
         const OP: &str = "CreateSecurityGroup";
         let req = self
@@ -386,7 +393,8 @@ impl Aws {
             .create_security_group()
             .group_name(format!("{}-{}", owner.name(), owner.owner_uid))
             .description(format!("QuestDB {}/{} client access", owner.namespace, owner.database))
-            .tag_specifications(tag_spec(ResourceType::SecurityGroup, &owner.tags()));
+            .set_vpc_id(self.network.vpc_id.clone())
+            .tag_specifications(tag_spec(ResourceType::SecurityGroup, &self.tags(owner)));
         let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
         let id = out.group_id().ok_or_else(|| AwsError::unexpected(OP, "no group id in the reply"))?;
         Ok(SecurityGroup { id: id.to_string(), rules: Vec::new(), foreign: Vec::new() })
@@ -484,26 +492,48 @@ impl Aws {
         }
     }
 
-    /// Tags the instance and its root volume at launch. The data volume is separate
-    /// ([`Self::create_volume`]), so the root volume may go with the instance.
+    /// Tags the instance, its root volume and its network interface at launch. The data volume is
+    /// separate ([`Self::create_volume`]), so the root volume may go with the instance. Launches
+    /// into the configured subnet of its zone ([`super::network`]) with IMDSv2 required.
     pub async fn launch_instance(&self, owner: &Owner, launch: &Launch<'_>) -> Result<Instance, AwsError> {
         const OP: &str = "RunInstances";
-        let mut tags = owner.tags();
+        let placement = self
+            .network
+            .placement(launch.zone, &owner.owner_uid)
+            .map_err(|e| AwsError::unexpected(OP, e.to_string()))?;
+        let mut tags = self.tags(owner);
         tags.push((keys::LAUNCH.into(), launch.launch.to_string()));
         tags.extend(launch.extra_tags.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let user_data = crate::build::userdata::encode_user_data(launch.user_data);
+        let mut groups = vec![launch.security_group_id.to_string()];
+        groups.extend(self.network.extra_security_groups.iter().cloned());
+        // Only the instance's own tokens reach IMDS: no IMDSv1 for an SSRF to use.
+        let metadata = InstanceMetadataOptionsRequest::builder()
+            .http_endpoint(InstanceMetadataEndpointState::Enabled)
+            .http_tokens(HttpTokensState::Required)
+            .http_put_response_hop_limit(i32::from(self.network.imds_hop_limit))
+            .build();
+        let profile = self.network.instance_profile.as_deref().map(|p| {
+            let spec = IamInstanceProfileSpecification::builder();
+            if p.starts_with("arn:") { spec.arn(p) } else { spec.name(p) }.build()
+        });
         let req = self
             .ec2
             .run_instances()
             .image_id(launch.image_id)
             .instance_type(launch.instance_type.into())
-            .security_group_ids(launch.security_group_id)
+            .set_security_group_ids(Some(groups))
+            .set_subnet_id(placement.subnet)
             .user_data(user_data)
             .min_count(1)
             .max_count(1)
-            .set_placement(launch.zone.map(|z| Placement::builder().availability_zone(z).build()))
+            .set_placement(placement.zone.map(|z| Placement::builder().availability_zone(z).build()))
+            .metadata_options(metadata)
+            .set_iam_instance_profile(profile)
+            .set_ebs_optimized(super::network::ebs_optimized(launch.instance_type))
             .tag_specifications(tag_spec(ResourceType::Instance, &tags))
             .tag_specifications(tag_spec(ResourceType::Volume, &tags))
+            .tag_specifications(tag_spec(ResourceType::NetworkInterface, &tags))
             .client_token(launch_token(&owner.owner_uid, launch.launch));
         let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
         out.instances()
@@ -592,7 +622,7 @@ impl Aws {
         let size_gib = want.size_gib;
         let volume_type = want.type_.as_str();
         let size = to_ec2(OP, "size (GiB)", Some(size_gib))?;
-        let mut tags = owner.tags();
+        let mut tags = self.tags(owner);
         tags.push((ROLE.into(), ROLE_DATA.into()));
         let req = self
             .ec2

@@ -16,6 +16,7 @@ mod limiter;
 
 pub mod ec2;
 pub mod inventory;
+pub mod network;
 pub mod route53;
 
 #[cfg(test)]
@@ -43,6 +44,7 @@ pub use ec2::{
 };
 pub use error::{AwsError, Outcome, classify};
 use limiter::TokenBucket;
+pub use network::NodeNetwork;
 
 use crate::leader::Fence;
 
@@ -60,11 +62,19 @@ pub struct AwsConfig {
     /// runs.
     pub ec2_per_sec: u32,
     pub route53_per_sec: u32,
+    /// Where nodes launch and what everything is tagged with.
+    pub network: NodeNetwork,
 }
 
 impl Default for AwsConfig {
     fn default() -> Self {
-        Self { region: "us-east-1".into(), endpoint: None, ec2_per_sec: 20, route53_per_sec: 5 }
+        Self {
+            region: "us-east-1".into(),
+            endpoint: None,
+            ec2_per_sec: 20,
+            route53_per_sec: 5,
+            network: NodeNetwork::default(),
+        }
     }
 }
 
@@ -77,6 +87,7 @@ pub struct Aws {
     calls: Family<CallLabels, Counter>,
     /// The leader fence, checked right before every request is sent (none in tests and tools).
     fence: Option<Arc<Fence>>,
+    network: Arc<NodeNetwork>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -138,6 +149,7 @@ impl Aws {
             route53_limit: Arc::new(TokenBucket::new(cfg.route53_per_sec)),
             calls: Family::default(),
             fence: None,
+            network: Arc::new(cfg.network.clone()),
         }
     }
 

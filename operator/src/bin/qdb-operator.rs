@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use qdb_crd::watch_read_timeout;
-use qdb_operator::aws::{Aws, AwsConfig};
+use qdb_operator::aws::{Aws, AwsConfig, NodeNetwork};
 use qdb_operator::context::{Context, Settings};
 use qdb_operator::health::Watches;
 use qdb_operator::http::{Health, router};
@@ -44,6 +44,28 @@ struct Args {
     ec2_per_sec: u32,
     #[arg(long, env = "QDB_ROUTE53_PER_SEC", default_value_t = 5)]
     route53_per_sec: u32,
+    /// The EKS cluster's VPC: database security groups are created in it (default: the
+    /// account's default VPC).
+    #[arg(long, env = "QDB_VPC_ID")]
+    vpc_id: Option<String>,
+    /// ZONE=SUBNET, one per availability zone nodes may use (repeat, or comma-separated in the
+    /// environment); a node launches into its volume's zone's subnet.
+    #[arg(long = "subnet", env = "QDB_SUBNETS", value_delimiter = ',')]
+    subnets: Vec<String>,
+    /// Security groups every node joins besides its database's own (the EKS cluster security
+    /// group, so the control plane reaches the kubelet).
+    #[arg(long = "extra-security-group", env = "QDB_EXTRA_SECURITY_GROUPS", value_delimiter = ',')]
+    extra_security_groups: Vec<String>,
+    /// The node instance profile (name or ARN): its role is the one EKS maps to nodes.
+    #[arg(long, env = "QDB_INSTANCE_PROFILE")]
+    instance_profile: Option<String>,
+    /// IMDSv2 hop limit on nodes: 1 keeps the instance metadata from pods off the host network.
+    #[arg(long, env = "QDB_IMDS_HOP_LIMIT", default_value_t = 1)]
+    imds_hop_limit: u8,
+    /// KEY=VALUE tags on every instance, volume, network interface and security group (repeat,
+    /// or comma-separated in the environment).
+    #[arg(long = "tag", env = "QDB_TAGS", value_delimiter = ',')]
+    tags: Vec<String>,
     /// Kubeconfig file (default: in-cluster or $KUBECONFIG).
     #[arg(long, env = "QDB_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -176,6 +198,15 @@ async fn run() -> anyhow::Result<()> {
         endpoint: args.aws_endpoint.clone(),
         ec2_per_sec: args.ec2_per_sec,
         route53_per_sec: args.route53_per_sec,
+        network: NodeNetwork::from_flags(
+            args.vpc_id.clone(),
+            &args.subnets,
+            args.extra_security_groups.clone(),
+            args.instance_profile.clone(),
+            args.imds_hop_limit,
+            &args.tags,
+        )
+        .context("the node network settings")?,
     })
     .await
     .with_fence(fence.clone());
