@@ -8,6 +8,7 @@ use kube::runtime::events::{Recorder, Reporter};
 
 use crate::aws::Aws;
 use crate::aws::inventory::Inventory;
+use crate::build::userdata::NodeBootstrap;
 use crate::metrics::Metrics;
 use crate::reconcile::dns::ZoneRecords;
 use crate::reconcile::zone::{Starts, ZoneLimits};
@@ -41,6 +42,8 @@ pub struct Settings {
     /// InsufficientInstanceCapacity is retried this many times in a row before the database is
     /// reported Failed.
     pub capacity_retries: u32,
+    /// How a node joins the EKS cluster: its image's bootstrap format and the cluster's coordinates.
+    pub bootstrap: NodeBootstrap,
 }
 
 pub struct Context {

@@ -47,8 +47,13 @@ pub fn parse_env(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
-/// The env file's per-cluster network variables (`localcloud/aws/network.py`), without the cluster.
-const NETWORK_VARS: [&str; 6] = [
+/// The env file's per-cluster settings of the operator (the EKS coordinates and the network of
+/// `localcloud/aws/network.py`), without the cluster part.
+const NETWORK_VARS: [&str; 10] = [
+    "QDB_EKS_CLUSTER_NAME",
+    "QDB_EKS_ENDPOINT",
+    "QDB_EKS_CA",
+    "QDB_EKS_SERVICE_CIDR",
     "QDB_VPC_ID",
     "QDB_VPC_CIDR",
     "QDB_SUBNETS",

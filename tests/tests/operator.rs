@@ -188,6 +188,36 @@ async fn launched_into_the_cluster_network(
     has_tags(group.tags(), "the security group")
 }
 
+/// Issue 17: a Bottlerocket node joins too. Its user data is TOML settings (the node simulator
+/// reads it as Bottlerocket would, and refuses the old bootstrap script); the default, AL2023's
+/// NodeConfig, is what every other test's nodes join with.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bottlerocket_node_joins_with_its_settings() -> Result<()> {
+    let rig = Rig::new("op-bottlerocket", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &["--node-os", "bottlerocket"])?;
+    let api = rig.questdbs("region-a").await?;
+    apply(&api, &questdb("db-br", "8.2.1")?).await?;
+    let q = wait_phase(&api, "db-br", Phase::Running, T).await?;
+    let node = q.status.and_then(|s| s.node).context("node")?;
+    let c = rig.cloud.cluster("region-a")?;
+    let ec2 = rig.cloud.ec2(&c.aws_region).await;
+    let attribute = ec2
+        .describe_instance_attribute()
+        .instance_id(&node.instance_id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await?;
+    let encoded = attribute.user_data().and_then(|v| v.value()).context("user data")?;
+    use base64::Engine;
+    let text = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded)?)?;
+    ensure!(text.contains("[settings.kubernetes]\ncluster-name = \"region-a\"\n"), "{text}");
+    ensure!(
+        text.contains(&format!("api-server = \"{}\"", c.network_var("QDB_EKS_ENDPOINT").unwrap_or("?"))),
+        "{text}"
+    );
+    Ok(())
+}
+
 async fn running(rig: &Rig, cluster: &str, name: &str) -> Result<(Api<QuestDB>, QuestDB)> {
     let api = rig.questdbs(cluster).await?;
     apply(&api, &questdb(name, "8.2.1")?).await?;
@@ -1287,9 +1317,14 @@ async fn a_zone_wide_blip_fails_over_at_the_bounded_rate() -> Result<()> {
             held.push((*n, old.clone()));
         }
     }
-    for (_, old) in &held {
-        http.post(format!("{nodesim}/nodes/{}/revive", old.instance_id)).send().await?.error_for_status()?;
-    }
+    // All at once, as a zone comes back: revived one by one, the zone turns healthy while a held
+    // node is still NotReady, and that one fails over (as kube-controller-manager would evict).
+    let revivals = held.iter().map(|(_, old)| {
+        let url = format!("{nodesim}/nodes/{}/revive", old.instance_id);
+        let http = http.clone();
+        async move { http.post(url).send().await?.error_for_status().map(|_| ()) }
+    });
+    futures::future::try_join_all(revivals).await?;
     for (n, old) in &held {
         let q = eventually(&format!("{n} serving again"), T, || async {
             let q = api.get(n).await?;

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use base64::Engine;
 
 use crate::process::{self, Proc, need_port};
 use crate::settings::{Cluster, Settings};
-use crate::{Cloud, probe};
+use crate::{Cloud, cluster, probe};
 
 /// `moto`, not the script's name: tests find the emulator's pid file under this name
 /// (QDB_MOTO_PID_FILE) to freeze it.
@@ -52,7 +53,7 @@ pub fn start(cloud: &Cloud) -> Result<()> {
     process::wait_for(cloud, &p, "AWS emulator", 60, || probe::http(port, "/moto-api/data.json"))
 }
 
-/// The cluster's VPC (10.<index+1>.0.0/16, so two regions never share a node address), a subnet per
+/// The cluster's settings for its operators, kept as env file lines: the VPC (10.<index+1>.0.0/16, so two regions never share a node address), a subnet per
 /// zone, the EKS cluster security group and the node instance profile, made in the emulator by
 /// `localcloud/aws/network.py` (idempotent) and kept as env file lines for the operators.
 pub fn network(cloud: &Cloud, c: &Cluster) -> Result<()> {
@@ -68,8 +69,26 @@ pub fn network(cloud: &Cloud, c: &Cluster) -> Result<()> {
     if !out.status.success() {
         bail!("making the network of {} failed: {}", c.name, String::from_utf8_lossy(&out.stderr).trim());
     }
+    // The EKS cluster's coordinates, as `aws eks describe-cluster` gives them, for the nodes'
+    // bootstrap in their user data.
+    let ca_path = cluster::ca_file(s, c);
+    let ca = fs::read(&ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
+    let up = c.env_name();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&format!(
+        "export QDB_{up}_EKS_CLUSTER_NAME={}
+export QDB_{up}_EKS_ENDPOINT={}
+\
+         export QDB_{up}_EKS_CA={}
+export QDB_{up}_EKS_SERVICE_CIDR={}
+",
+        c.name,
+        cluster::server(s, c),
+        base64::engine::general_purpose::STANDARD.encode(ca),
+        cluster::SERVICE_CIDR,
+    ));
     let path = network_env(s, c);
-    fs::write(&path, &out.stdout).with_context(|| format!("writing {}", path.display()))
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Where [`network`] keeps the cluster's lines for the env file.

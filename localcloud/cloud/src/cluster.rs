@@ -39,6 +39,9 @@ pub fn procs(s: &Settings, c: &Cluster) -> [Proc; 4] {
     ]
 }
 
+/// The cluster's Service CIDR.
+pub const SERVICE_CIDR: &str = "10.0.0.0/24";
+
 pub fn apiserver(s: &Settings, c: &Cluster) -> Proc {
     Proc::new(format!("{}-apiserver", c.name), "kube-apiserver", s.cluster_dir(c).join("apiserver.log"))
 }
@@ -164,7 +167,7 @@ pub fn start(cloud: &Cloud, c: &Cluster) -> Result<()> {
             .arg(format!("--token-auth-file={}", tokens_csv.display()))
             .args([
                 "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--allow-privileged=true",
             ])
             .args(["--endpoint-reconciler-type=none", "--profiling=false"]);

@@ -163,7 +163,11 @@ mod tests {
 
     #[test]
     fn node_carries_identity_labels_and_taints() {
-        let flags = parse("--node-labels=db=x --register-with-taints=dedicated=x:NoSchedule").unwrap();
+        let config = "apiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec:\n  cluster:\n    \
+                      name: region-a\n    apiServerEndpoint: https://127.0.0.1:1\n    \
+                      certificateAuthority: UEVN\n    cidr: 10.0.0.0/24\n  kubelet:\n    flags:\n    \
+                      - --node-labels=db=x\n    - --register-with-taints=dedicated=x:NoSchedule\n";
+        let flags = parse(config).unwrap();
         let node = build_node(&inst(), &flags, "us-east-1");
         assert_eq!(node["metadata"]["name"], "ip-10-1-2-3.ec2.internal");
         assert_eq!(node["spec"]["providerID"], "aws:///us-east-1a/i-123");

@@ -118,7 +118,17 @@ impl Sim {
             let known = self.state.lock().expect("state lock").nodes.contains_key(&inst.id);
             if !known && inst.running {
                 let flags = match ec2::user_data(&self.ec2, &inst.id).await {
-                    Ok(text) => userdata::parse(&text).map_err(|e| e.to_string()),
+                    Ok(text) => userdata::parse(&text).map_err(|e| e.to_string()).and_then(|f| {
+                        // A node joins the cluster its user data names, whichever that is.
+                        if f.cluster == self.cfg.cluster {
+                            Ok(f)
+                        } else {
+                            Err(format!(
+                                "its user data joins cluster {:?}, not {:?}",
+                                f.cluster, self.cfg.cluster
+                            ))
+                        }
+                    }),
                     Err(e) => Err(format!("{e:#}")),
                 };
                 let mut st = self.state.lock().expect("state lock");

@@ -11,6 +11,7 @@ use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use qdb_crd::watch_read_timeout;
 use qdb_operator::aws::{Aws, AwsConfig, NodeNetwork};
+use qdb_operator::build::userdata::{NodeBootstrap, NodeOs};
 use qdb_operator::context::{Context, Settings};
 use qdb_operator::health::Watches;
 use qdb_operator::http::{Health, router};
@@ -62,6 +63,21 @@ struct Args {
     /// IMDSv2 hop limit on nodes: 1 keeps the instance metadata from pods off the host network.
     #[arg(long, env = "QDB_IMDS_HOP_LIMIT", default_value_t = 1)]
     imds_hop_limit: u8,
+    /// The node image's bootstrap: `al2023` (nodeadm NodeConfig) or `bottlerocket` (TOML).
+    #[arg(long, env = "QDB_NODE_OS", value_enum, default_value_t = NodeOs::Al2023)]
+    node_os: NodeOs,
+    /// The EKS cluster nodes join (default: --cluster).
+    #[arg(long, env = "QDB_EKS_CLUSTER_NAME")]
+    eks_cluster_name: Option<String>,
+    /// The EKS cluster's API server endpoint, as `aws eks describe-cluster` shows it.
+    #[arg(long, env = "QDB_EKS_ENDPOINT")]
+    eks_endpoint: String,
+    /// The EKS cluster's certificate authority, base64 (describe-cluster's certificateAuthority.data).
+    #[arg(long, env = "QDB_EKS_CA")]
+    eks_ca: String,
+    /// The EKS cluster's service CIDR (describe-cluster's kubernetesNetworkConfig.serviceIpv4Cidr).
+    #[arg(long, env = "QDB_EKS_SERVICE_CIDR")]
+    eks_service_cidr: String,
     /// KEY=VALUE tags on every instance, volume, network interface and security group (repeat,
     /// or comma-separated in the environment).
     #[arg(long = "tag", env = "QDB_TAGS", value_delimiter = ',')]
@@ -269,6 +285,13 @@ async fn run() -> anyhow::Result<()> {
             interval: Duration::from_secs(args.unhealthy_zone_interval_secs.max(1)),
         },
         capacity_retries: args.capacity_retries,
+        bootstrap: NodeBootstrap {
+            os: args.node_os,
+            cluster_name: args.eks_cluster_name.clone().unwrap_or_else(|| args.cluster.clone()),
+            api_server: args.eks_endpoint.clone(),
+            certificate_authority: args.eks_ca.clone(),
+            service_cidr: args.eks_service_cidr.clone(),
+        },
     };
     let ctx = Arc::new(Context::new(client, aws, settings, metrics.clone()));
     let ctx_sweep = ctx.clone();

@@ -318,7 +318,7 @@ async fn launch(
     zone: Option<&str>,
     facts: &mut Facts,
 ) -> Result<Instance, Error> {
-    let user_data = build_user_data(&d.names, &ctx.settings.cluster);
+    let user_data = build_user_data(&d.names, &ctx.settings.bootstrap);
     let launch = Launch {
         image_id: &d.spec.node_image,
         instance_type: &d.spec.instance_type,
