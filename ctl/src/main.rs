@@ -51,6 +51,11 @@ enum Command {
         brokers: String,
         #[arg(long, global = true, default_value = "instructions-dlq")]
         topic: String,
+        /// librdkafka property (repeatable), as the provisioner takes them, e.g.
+        /// `-X security.protocol=SASL_SSL -X sasl.mechanisms=SCRAM-SHA-512`; `QDB_KAFKA_*`
+        /// variables too (`QDB_KAFKA_SASL_PASSWORD` is `sasl.password`).
+        #[arg(short = 'X', long = "kafka", global = true, value_parser = qdb_provisioner::config::parse_key_value)]
+        kafka: Vec<(String, String)>,
     },
 }
 
@@ -58,9 +63,11 @@ enum Command {
 enum Dlq {
     /// Every dead letter: offset, reason, instruction id (if readable), where it came from.
     List,
-    /// Publishes the dead letter at OFFSET to the instructions topic again, as it was received.
+    /// Publishes the dead letter at PARTITION:OFFSET (as `list` shows it; a bare OFFSET is in
+    /// partition 0) to the instructions topic again, as it was received.
     Replay {
-        offset: i64,
+        #[arg(value_parser = parse_position)]
+        position: Position,
         #[arg(long, default_value = "instructions")]
         to: String,
     },
@@ -72,16 +79,16 @@ async fn main() -> Result<()> {
         Command::Status { database, namespace, kubeconfig, database_url, aws_region, aws_endpoint } => {
             status(&database, &namespace, &kubeconfig, database_url, aws_region, aws_endpoint).await
         }
-        Command::Dlq { command: Dlq::List, brokers, topic } => {
-            for l in read_dlq(&brokers, &topic)? {
+        Command::Dlq { command: Dlq::List, brokers, topic, kafka } => {
+            for l in read_dlq(&kafka_config(&brokers, &kafka), &topic)? {
                 let id = qdb_proto::v1::Instruction::decode(l.payload.as_slice())
                     .map(|i| format!("{} ({} seq {})", i.instruction_id, i.database_id, i.sequence))
                     .unwrap_or_else(|_| "-".into());
                 let h =
                     |k: &str| l.headers.iter().find(|(x, _)| x == k).map(|(_, v)| v.as_str()).unwrap_or("");
                 println!(
-                    "{:>6}  {:<20} {:<45} from {}/{}@{}  {}",
-                    l.offset,
+                    "{:>10}  {:<20} {:<45} from {}/{}@{}  {}",
+                    format!("{}:{}", l.partition, l.offset),
                     h("qdb.reject.reason"),
                     id,
                     h("qdb.source.topic"),
@@ -92,18 +99,18 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Dlq { command: Dlq::Replay { offset, to }, brokers, topic } => {
-            let letter = read_dlq(&brokers, &topic)?
+        Command::Dlq { command: Dlq::Replay { position, to }, brokers, topic, kafka } => {
+            let config = kafka_config(&brokers, &kafka);
+            let Position { partition, offset } = position;
+            let letter = read_dlq(&config, &topic)?
                 .into_iter()
-                .find(|l| l.offset == offset)
-                .with_context(|| format!("no dead letter at offset {offset}"))?;
-            let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .set("enable.idempotence", "true")
-                .create()?;
+                .find(|l| l.partition == partition && l.offset == offset)
+                .with_context(|| format!("no dead letter at {partition}:{offset}"))?;
+            let producer: ThreadedProducer<DefaultProducerContext> =
+                config.clone().set("enable.idempotence", "true").create()?;
             let headers = OwnedHeaders::new().insert(rdkafka::message::Header {
                 key: "qdb.replayed-from",
-                value: Some(&offset.to_string()),
+                value: Some(&format!("{partition}:{offset}")),
             });
             let mut record = BaseRecord::to(&to).payload(&letter.payload).headers(headers);
             if let Some(k) = &letter.key {
@@ -111,47 +118,100 @@ async fn main() -> Result<()> {
             }
             producer.send(record).map_err(|(e, _)| e)?;
             producer.flush(Duration::from_secs(10))?;
-            println!("replayed dead letter {offset} to {to}");
+            println!("replayed dead letter {partition}:{offset} to {to}");
             Ok(())
         }
     }
 }
 
 struct Letter {
+    partition: i32,
     offset: i64,
     key: Option<Vec<u8>>,
     headers: Vec<(String, String)>,
     payload: Vec<u8>,
 }
 
-/// The whole dead-letter topic (partition 0), read without joining any group.
-fn read_dlq(brokers: &str, topic: &str) -> Result<Vec<Letter>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "questdbctl")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
+/// Where a dead letter is: `PARTITION:OFFSET`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    partition: i32,
+    offset: i64,
+}
+
+fn parse_position(s: &str) -> Result<Position, String> {
+    let bad = || format!("{s:?} is not PARTITION:OFFSET (or an OFFSET of partition 0)");
+    let (partition, offset) = match s.split_once(':') {
+        Some((p, o)) => (p.parse().map_err(|_| bad())?, o.parse().map_err(|_| bad())?),
+        None => (0, s.parse().map_err(|_| bad())?),
+    };
+    if partition < 0 || offset < 0 {
+        return Err(bad());
+    }
+    Ok(Position { partition, offset })
+}
+
+/// A client configuration for `brokers` with the properties of `-X` and `QDB_KAFKA_*`.
+fn kafka_config(brokers: &str, flags: &[(String, String)]) -> ClientConfig {
+    let props = qdb_provisioner::config::stack_kafka_properties(&Default::default(), std::env::vars(), flags);
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in props {
+        config.set(k, v);
+    }
+    config
+}
+
+/// The whole dead-letter topic, every partition, read without joining any group.
+fn read_dlq(config: &ClientConfig, topic: &str) -> Result<Vec<Letter>> {
+    let timeout = Duration::from_secs(10);
+    let consumer: BaseConsumer =
+        config.clone().set("group.id", "questdbctl").set("enable.auto.commit", "false").create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).context("reading the topic's metadata")?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        bail!("topic {topic} has no partitions: does it exist?");
+    }
+    // Where each partition ends now; letters arriving while this reads are for the next listing.
+    let mut ends = std::collections::BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
-    consumer.assign(&tpl)?;
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            ends.insert(p, high);
+        }
+    }
     let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while out.last().map_or(low, |l: &Letter| l.offset + 1) < high {
+    while !ends.is_empty() {
         if std::time::Instant::now() > deadline {
-            bail!("read {} of {} dead letters in 30 s", out.len(), high - low);
+            bail!("read {} dead letters in 30 s; partitions {:?} not to their end", out.len(), ends.keys());
         }
         let Some(m) = consumer.poll(Duration::from_millis(500)) else { continue };
         let m = m?;
-        let headers = qdb_provisioner::consumer::text_headers(&m);
+        if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
+            ends.remove(&m.partition());
+        }
         out.push(Letter {
+            partition: m.partition(),
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
-            headers,
+            headers: qdb_provisioner::consumer::text_headers(&m),
             payload: m.payload().unwrap_or_default().to_vec(),
         });
     }
     drop(consumer);
+    out.sort_by_key(|l| (l.partition, l.offset));
     Ok(out)
 }
 
@@ -273,4 +333,18 @@ async fn status(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_name_a_partition_and_an_offset() {
+        assert_eq!(parse_position("2:17"), Ok(Position { partition: 2, offset: 17 }));
+        assert_eq!(parse_position("17"), Ok(Position { partition: 0, offset: 17 }), "as before");
+        for bad in ["", "a:1", "1:", "-1:3", "1:-3", "1:2:3"] {
+            assert!(parse_position(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -75,7 +75,8 @@ pub struct Config {
     pub journal_retention_secs: u64,
 }
 
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
+/// A `key=value` flag (`-X`), as librdkafka properties are given.
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
         .filter(|(k, _)| !k.is_empty())
@@ -130,6 +131,24 @@ impl FileConfig {
     }
 }
 
+/// librdkafka properties stacked: `base` (a file's), then `QDB_KAFKA_*` variables of `env`
+/// (`QDB_KAFKA_SASL_USERNAME` is `sasl.username`), then `flags`; later ones win. The provisioner
+/// and questdbctl take Kafka settings the same way.
+pub fn stack_kafka_properties(
+    base: &BTreeMap<String, String>,
+    env: impl IntoIterator<Item = (String, String)>,
+    flags: &[(String, String)],
+) -> BTreeMap<String, String> {
+    let mut props = base.clone();
+    for (k, v) in env {
+        if let Some(name) = k.strip_prefix("QDB_KAFKA_") {
+            props.insert(name.to_ascii_lowercase().replace('_', "."), v);
+        }
+    }
+    props.extend(flags.iter().cloned());
+    props
+}
+
 impl Config {
     /// librdkafka properties for every client: file, then `QDB_KAFKA_*` env, then flags.
     pub fn kafka_properties(
@@ -137,14 +156,7 @@ impl Config {
         file: &FileConfig,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> BTreeMap<String, String> {
-        let mut props = file.kafka.clone();
-        for (k, v) in env {
-            if let Some(name) = k.strip_prefix("QDB_KAFKA_") {
-                props.insert(name.to_ascii_lowercase().replace('_', "."), v);
-            }
-        }
-        props.extend(self.kafka.iter().cloned());
-        props
+        stack_kafka_properties(&file.kafka, env, &self.kafka)
     }
 
     pub fn deadline_for(&self, operation: &str) -> Result<Duration, ConfigError> {

@@ -323,7 +323,12 @@ impl Rig {
 
     /// Starts reading the dead-letter topic: (headers, payload) per message.
     pub fn dead_letters(&self) -> Result<Reader<DeadLetter>> {
-        Reader::start(&self.cloud.kafka_brokers, &self.dlq, |payload, headers| {
+        self.raw_messages(&self.dlq)
+    }
+
+    /// Starts reading `topic` from its beginning, every partition: (headers, payload) per message.
+    pub fn raw_messages(&self, topic: &str) -> Result<Reader<DeadLetter>> {
+        Reader::start(&self.cloud.kafka_brokers, topic, |payload, headers| {
             Some(DeadLetter { headers: headers.clone(), payload: payload.to_vec() })
         })
     }

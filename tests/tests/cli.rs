@@ -4,9 +4,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use qdb_proto::v1::Phase;
+use qdb_proto::Message;
+use qdb_proto::v1::{self, Phase};
 use qdb_tests::eventually;
 use qdb_tests::rig::{Rig, ins};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 fn questdbctl(rig: &Rig, args: &[&str]) -> Result<String> {
     let bin = std::path::PathBuf::from(rig.cloud.vars.get("QDB_BIN_DIR").context("QDB_BIN_DIR")?)
@@ -89,5 +95,79 @@ async fn status_tells_the_whole_story_and_dead_letters_can_be_listed_and_replaye
             e.instruction_id == bad.instruction_id && e.message.contains("duplicate")
         })
         .await?;
+    Ok(())
+}
+
+/// Issue 17: questdbctl reads every partition of the dead-letter topic, and takes the Kafka
+/// security settings the provisioner takes (here SASL_SSL with SCRAM-SHA-512, as on MSK). Before,
+/// it read partition 0 only, and over PLAINTEXT only.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_of_every_partition_are_listed_and_replayed_over_sasl_ssl() -> Result<()> {
+    let rig = Rig::new("cli-dlq", 1).await?;
+    // A dead-letter topic of three partitions, as production's may have (the rig's has one, so
+    // tests can read letters in order).
+    let dlq = format!("{}-3", rig.dlq);
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &rig.cloud.kafka_brokers).create()?;
+    for r in admin
+        .create_topics(&[NewTopic::new(&dlq, 3, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await?
+    {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+    }
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &rig.cloud.kafka_brokers).create()?;
+    for partition in [1, 2] {
+        let letter = ins::create(&format!("db-p{partition}"), "mars", 1, "8.2.1");
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "qdb.reject.reason", value: Some(&format!("TEST_PARTITION_{partition}")) });
+        let payload = letter.encode_to_vec();
+        let record = FutureRecord::to(&dlq)
+            .partition(partition)
+            .key(letter.database_id.as_bytes())
+            .payload(&payload)
+            .headers(headers);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e)?;
+    }
+    let var =
+        |k: &str| rig.cloud.vars.get(k).cloned().with_context(|| format!("{k} missing from the env file"));
+    let sasl_brokers = var("QDB_SASL_SSL_BROKERS")?;
+    let settings = [
+        "security.protocol=SASL_SSL".to_string(),
+        "sasl.mechanisms=SCRAM-SHA-512".to_string(),
+        format!("sasl.username={}", var("QDB_SASL_USER")?),
+        format!("sasl.password={}", var("QDB_SASL_PASSWORD")?),
+        format!("ssl.ca.location={}", var("QDB_SASL_SSL_CA")?),
+    ];
+    let with_settings = |args: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(settings.iter().flat_map(|kv| ["-X".to_string(), kv.clone()]));
+        all
+    };
+    let list = with_settings(&["dlq", "list", "--brokers", &sasl_brokers, "--topic", &dlq]);
+    let out = questdbctl(&rig, &list.iter().map(String::as_str).collect::<Vec<_>>())?;
+    for expected in ["1:0", "TEST_PARTITION_1", "2:0", "TEST_PARTITION_2", "db-p2-1-"] {
+        ensure!(out.contains(expected), "the listing lacks {expected:?}:\n{out}");
+    }
+    let replayed = rig.raw_messages(&rig.instructions)?;
+    let replay = with_settings(&[
+        "dlq",
+        "replay",
+        "2:0",
+        "--brokers",
+        &sasl_brokers,
+        "--topic",
+        &dlq,
+        "--to",
+        &rig.instructions,
+    ]);
+    questdbctl(&rig, &replay.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let message = replayed
+        .wait("the replayed letter", Duration::from_secs(30), |m| {
+            m.headers.get("qdb.replayed-from").map(String::as_str) == Some("2:0")
+        })
+        .await?;
+    let instruction = v1::Instruction::decode(message.payload.as_slice())?;
+    assert_eq!(instruction.database_id, "db-p2", "the letter of partition 2, as it was");
     Ok(())
 }

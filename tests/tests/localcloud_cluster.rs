@@ -35,10 +35,18 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
     let kube = kube_client(&env.kubeconfig).await?;
     let db = unique("db");
 
-    // 1. Launch the dedicated instance the way the operator will: kubelet flags in user data.
+    // 1. Launch the dedicated instance the way the operator does: an AL2023 NodeConfig naming the
+    // cluster, with the kubelet's labels and taint.
+    let var = |k: &str| env.network_var(k).with_context(|| format!("{k} of {cluster} in the env file"));
     let user_data = format!(
-        "#!/bin/bash\n/usr/bin/bootstrap --kubelet-extra-args '--node-labels=cloud.questdb.io/database={db} \
-         --register-with-taints=cloud.questdb.io/dedicated={db}:NoSchedule'\n"
+        "apiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec:\n  cluster:\n    name: {name}\n    \
+         apiServerEndpoint: {endpoint}\n    certificateAuthority: {ca}\n    cidr: {cidr}\n  kubelet:\n    \
+         flags:\n    - --node-labels=cloud.questdb.io/database={db}\n    \
+         - --register-with-taints=cloud.questdb.io/dedicated={db}:NoSchedule\n",
+        name = var("QDB_EKS_CLUSTER_NAME")?,
+        endpoint = var("QDB_EKS_ENDPOINT")?,
+        ca = var("QDB_EKS_CA")?,
+        cidr = var("QDB_EKS_SERVICE_CIDR")?,
     );
     // A join delay holds the new node back, like a slow bootstrap.
     let nodesim = reqwest::Client::new();
