@@ -13,6 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 pub mod cpu;
 pub mod ec2_calls;
 pub mod faults;
+pub mod iam;
 pub mod kube_proxy;
 pub mod rig;
 pub mod scripted;

@@ -277,7 +277,7 @@ async fn drift_is_repaired() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn version_config_restart_and_volume_changes_converge() -> Result<()> {
     let rig = Rig::new("op-change", 1).await?;
-    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let op = rig.spawn_operator("region-a", "a1", &[])?;
     let (api, q) = running(&rig, "region-a", "db3").await?;
     let uid = q.metadata.uid.clone().context("uid")?;
     let client = qdb_tests::kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
@@ -322,13 +322,15 @@ async fn version_config_restart_and_volume_changes_converge() -> Result<()> {
     assert_eq!(q.status.and_then(|s| s.volume).map(|v| v.size_gib), Some(30));
     let aws = rig.aws("region-a").await?;
     assert_eq!(aws.find_volume(&uid).await?.map(|v| v.size_gib), Some(30));
+    // Every AWS action it took is one the production IAM policy allows.
+    qdb_tests::iam::ensure_policy_allows(&op.metrics().await?)?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn delete_removes_everything_before_the_resource_goes() -> Result<()> {
     let rig = Rig::new("op-delete", 1).await?;
-    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let op = rig.spawn_operator("region-a", "a1", &[])?;
     let (api, q) = running(&rig, "region-a", "db4").await?;
     let uid = q.metadata.uid.clone().context("uid")?;
     let dns = q.status.as_ref().and_then(|s| s.dns.clone()).context("dns")?;
@@ -348,6 +350,8 @@ async fn delete_removes_everything_before_the_resource_goes() -> Result<()> {
         Ok(left.items.is_empty().then_some(()))
     })
     .await?;
+    // Every AWS action it took is one the production IAM policy allows.
+    qdb_tests::iam::ensure_policy_allows(&op.metrics().await?)?;
     Ok(())
 }
 
@@ -665,7 +669,7 @@ async fn labelled_legacy_objects_are_adopted_and_foreign_ones_left_alone() -> Re
 #[tokio::test(flavor = "multi_thread")]
 async fn pause_releases_the_instance_and_resume_reattaches_the_same_volume() -> Result<()> {
     let rig = Rig::new("op-pause", 1).await?;
-    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let op = rig.spawn_operator("region-a", "a1", &[])?;
     let (api, q) = running(&rig, "region-a", "db11").await?;
     let uid = q.metadata.uid.clone().context("uid")?;
     let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?;
@@ -694,6 +698,8 @@ async fn pause_releases_the_instance_and_resume_reattaches_the_same_volume() -> 
     assert_eq!(s.volume.map(|v| v.id), Some(volume.id.clone()), "the same volume after resume");
     ensure!(s.node.is_some_and(|n| n.instance_id != first.instance_id), "a new instance after resume");
     assert_fenced(&rig, &volume.id)?;
+    // Every AWS action it took is one the production IAM policy allows.
+    qdb_tests::iam::ensure_policy_allows(&op.metrics().await?)?;
     Ok(())
 }
 
@@ -1018,7 +1024,7 @@ async fn launched_ever(rig: &Rig, uid: &str) -> Result<Vec<String>> {
 async fn foreign_security_group_rules_are_revoked() -> Result<()> {
     use aws_sdk_ec2::types::{IpPermission, IpRange};
     let rig = Rig::new("op-foreign", 1).await?;
-    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let op = rig.spawn_operator("region-a", "a1", &[])?;
     let (_, q) = running(&rig, "region-a", "dbf").await?;
     let uid = q.metadata.uid.clone().context("uid")?;
     let aws = rig.aws("region-a").await?;
@@ -1050,6 +1056,8 @@ async fn foreign_security_group_rules_are_revoked() -> Result<()> {
             .map(|_| ()))
     })
     .await?;
+    // Every AWS action it took is one the production IAM policy allows.
+    qdb_tests::iam::ensure_policy_allows(&op.metrics().await?)?;
     Ok(())
 }
 

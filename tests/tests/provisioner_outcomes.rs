@@ -561,6 +561,13 @@ async fn a_provisioner_that_lost_its_rbac_fails_with_the_403_within_the_deadline
     gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
 
     bindings.delete("provisioner", &DeleteParams::default()).await?;
+    // The apiserver's authorizer learns of the deletion through its watch, a moment later: the
+    // upgrade goes once the identity is refused (sent at once, it was applied in one full run).
+    let identity: Api<qdb_crd::QuestDB> = Api::namespaced(kube_client(&path).await?, &rig.namespace);
+    qdb_tests::eventually("the binding's removal in effect", T, || async {
+        Ok(matches!(identity.get(db).await, Err(kube::Error::Api(s)) if s.code == 403).then_some(()))
+    })
+    .await?;
     let upgrade = ins::version(db, "region-a", 2, "8.3.0");
     let sent = Instant::now();
     rig.send(&upgrade).await?;

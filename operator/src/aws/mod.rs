@@ -21,6 +21,8 @@ pub mod route53;
 
 #[cfg(test)]
 mod emulator_test;
+#[cfg(test)]
+mod policy_test;
 
 use std::future::Future;
 use std::sync::Arc;
