@@ -53,9 +53,10 @@ pub fn start(cloud: &Cloud) -> Result<()> {
     process::wait_for(cloud, &p, "AWS emulator", 60, || probe::http(port, "/moto-api/data.json"))
 }
 
-/// The cluster's settings for its operators, kept as env file lines: the VPC (10.<index+1>.0.0/16, so two regions never share a node address), a subnet per
-/// zone, the EKS cluster security group and the node instance profile, made in the emulator by
-/// `localcloud/aws/network.py` (idempotent) and kept as env file lines for the operators.
+/// The cluster's settings for its operators, kept as env file lines: its network, made in the
+/// emulator by `localcloud/aws/network.py` (idempotent: a VPC 10.<index+1>.0.0/16, so two regions
+/// never share a node address, a subnet per zone, the EKS cluster security group and the node
+/// instance profile), and the EKS coordinates its nodes join with.
 pub fn network(cloud: &Cloud, c: &Cluster) -> Result<()> {
     let s = &cloud.settings;
     let region = c.aws_region().with_context(|| format!("no AWS region for cluster {}", c.name))?;
@@ -75,18 +76,15 @@ pub fn network(cloud: &Cloud, c: &Cluster) -> Result<()> {
     let ca = fs::read(&ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
     let up = c.env_name();
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&format!(
-        "export QDB_{up}_EKS_CLUSTER_NAME={}
-export QDB_{up}_EKS_ENDPOINT={}
-\
-         export QDB_{up}_EKS_CA={}
-export QDB_{up}_EKS_SERVICE_CIDR={}
-",
-        c.name,
-        cluster::server(s, c),
-        base64::engine::general_purpose::STANDARD.encode(ca),
-        cluster::SERVICE_CIDR,
-    ));
+    let eks = [
+        ("EKS_CLUSTER_NAME", c.name.clone()),
+        ("EKS_ENDPOINT", cluster::server(s, c)),
+        ("EKS_CA", base64::engine::general_purpose::STANDARD.encode(ca)),
+        ("EKS_SERVICE_CIDR", cluster::SERVICE_CIDR.to_string()),
+    ];
+    for (key, value) in eks {
+        text.push_str(&format!("export QDB_{up}_{key}={value}\n"));
+    }
     let path = network_env(s, c);
     fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
