@@ -316,6 +316,37 @@ impl Rig {
         Ok(())
     }
 
+    /// The broker's SASL_SSL listener (SCRAM-SHA-512, the local CA), as MSK runs Kafka.
+    pub fn sasl_brokers(&self) -> Result<String> {
+        self.cloud
+            .vars
+            .get("QDB_SASL_SSL_BROKERS")
+            .cloned()
+            .context("QDB_SASL_SSL_BROKERS missing from the env file")
+    }
+
+    /// `-X` settings for the SASL_SSL listener with `password` (None: the right one), as the
+    /// provisioner and questdbctl take them.
+    pub fn sasl_settings(&self, password: Option<&str>) -> Result<Vec<String>> {
+        let var = |k: &str| {
+            self.cloud.vars.get(k).cloned().with_context(|| format!("{k} missing from the env file"))
+        };
+        let password = match password {
+            Some(p) => p.to_string(),
+            None => var("QDB_SASL_PASSWORD")?,
+        };
+        Ok([
+            "security.protocol=SASL_SSL".to_string(),
+            "sasl.mechanisms=SCRAM-SHA-512".to_string(),
+            format!("sasl.username={}", var("QDB_SASL_USER")?),
+            format!("sasl.password={password}"),
+            format!("ssl.ca.location={}", var("QDB_SASL_SSL_CA")?),
+        ]
+        .into_iter()
+        .flat_map(|kv| ["-X".to_string(), kv])
+        .collect())
+    }
+
     /// Starts reading the gossip topic from its beginning.
     pub fn gossip(&self) -> Result<Reader<GossipEvent>> {
         Reader::start(&self.cloud.kafka_brokers, &self.gossip, |payload, _| GossipEvent::decode(payload).ok())

@@ -129,19 +129,11 @@ async fn dead_letters_of_every_partition_are_listed_and_replayed_over_sasl_ssl()
             .headers(headers);
         producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e)?;
     }
-    let var =
-        |k: &str| rig.cloud.vars.get(k).cloned().with_context(|| format!("{k} missing from the env file"));
-    let sasl_brokers = var("QDB_SASL_SSL_BROKERS")?;
-    let settings = [
-        "security.protocol=SASL_SSL".to_string(),
-        "sasl.mechanisms=SCRAM-SHA-512".to_string(),
-        format!("sasl.username={}", var("QDB_SASL_USER")?),
-        format!("sasl.password={}", var("QDB_SASL_PASSWORD")?),
-        format!("ssl.ca.location={}", var("QDB_SASL_SSL_CA")?),
-    ];
+    let sasl_brokers = rig.sasl_brokers()?;
+    let settings = rig.sasl_settings(None)?;
     let with_settings = |args: &[&str]| -> Vec<String> {
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        all.extend(settings.iter().flat_map(|kv| ["-X".to_string(), kv.clone()]));
+        all.extend(settings.iter().cloned());
         all
     };
     let list = with_settings(&["dlq", "list", "--brokers", &sasl_brokers, "--topic", &dlq]);

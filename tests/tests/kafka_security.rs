@@ -8,34 +8,13 @@ use anyhow::{Context, Result, ensure};
 use qdb_proto::v1::Phase;
 use qdb_tests::rig::{Rig, ins};
 
-/// `-X` settings for the SASL_SSL listener with `password`.
-fn sasl_settings(rig: &Rig, password: &str) -> Result<Vec<String>> {
-    let var =
-        |k: &str| rig.cloud.vars.get(k).cloned().with_context(|| format!("{k} missing from the env file"));
-    Ok([
-        "security.protocol=SASL_SSL".to_string(),
-        "sasl.mechanisms=SCRAM-SHA-512".to_string(),
-        format!("sasl.username={}", var("QDB_SASL_USER")?),
-        format!("sasl.password={password}"),
-        format!("ssl.ca.location={}", var("QDB_SASL_SSL_CA")?),
-    ]
-    .into_iter()
-    .flat_map(|kv| ["-X".to_string(), kv])
-    .collect())
-}
-
-fn sasl_brokers(rig: &Rig) -> Result<String> {
-    rig.cloud.vars.get("QDB_SASL_SSL_BROKERS").cloned().context("QDB_SASL_SSL_BROKERS")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn provisioner_consumes_and_publishes_over_sasl_ssl_with_scram() -> Result<()> {
     let rig = Rig::new("kafka-sasl", 1).await?;
     let gossip = rig.gossip()?;
-    let password = rig.cloud.vars.get("QDB_SASL_PASSWORD").cloned().context("QDB_SASL_PASSWORD")?;
-    let settings = sasl_settings(&rig, &password)?;
+    let settings = rig.sasl_settings(None)?;
     let args: Vec<&str> = settings.iter().map(String::as_str).collect();
-    let p = rig.spawn_with_brokers("r1", &sasl_brokers(&rig)?, &args)?;
+    let p = rig.spawn_with_brokers("r1", &rig.sasl_brokers()?, &args)?;
     p.wait_ready().await?;
 
     // Produced over plaintext by the backend; consumed, and answered on gossip, over SASL_SSL.
@@ -50,9 +29,9 @@ async fn provisioner_consumes_and_publishes_over_sasl_ssl_with_scram() -> Result
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_kafka_password_is_refused_at_start_with_the_reason() -> Result<()> {
     let rig = Rig::new("kafka-badpw", 1).await?;
-    let settings = sasl_settings(&rig, "not-the-password")?;
+    let settings = rig.sasl_settings(Some("not-the-password"))?;
     let args: Vec<&str> = settings.iter().map(String::as_str).collect();
-    let mut p = rig.spawn_with_brokers("r1", &sasl_brokers(&rig)?, &args)?;
+    let mut p = rig.spawn_with_brokers("r1", &rig.sasl_brokers()?, &args)?;
     let status = p.wait_exit(Duration::from_secs(60)).await?;
     ensure!(!status.success(), "a provisioner with a wrong password must not start");
     let log = p.log_text();
