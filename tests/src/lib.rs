@@ -15,6 +15,7 @@ pub mod ec2_calls;
 pub mod faults;
 pub mod iam;
 pub mod kube_proxy;
+pub mod questdb;
 pub mod rig;
 pub mod scripted;
 

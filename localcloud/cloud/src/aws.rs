@@ -60,7 +60,7 @@ pub fn start(cloud: &Cloud) -> Result<()> {
 pub fn network(cloud: &Cloud, c: &Cluster) -> Result<()> {
     let s = &cloud.settings;
     let region = c.aws_region().with_context(|| format!("no AWS region for cluster {}", c.name))?;
-    let cidr = format!("10.{}.0.0/16", c.index + 1);
+    let cidr = c.vpc_cidr();
     let out = process::output(
         Command::new(s.tools.moto_venv.join("bin/python"))
             .arg(s.localcloud_dir.join("aws/network.py"))

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::settings::Settings;
 use crate::tokens::token;
-use crate::{Cloud, aws, cluster, kafka, postgres, prometheus};
+use crate::{Cloud, aws, cluster, kafka, nodesim, postgres, prometheus};
 
 /// The env file. `sasl_password` is the `kafka-provisioner` token.
 pub fn render_env(s: &Settings, sasl_password: &str) -> String {
@@ -43,6 +43,7 @@ pub fn render_env(s: &Settings, sasl_password: &str) -> String {
         ),
         format!("export QDB_PROVISIONER_CONFIG={}", s.run.join("provisioner.yaml").display()),
         format!("export QDB_BIN_DIR={}", s.bin_dir().display()),
+        format!("export QDB_EBS_DIR={}", nodesim::volumes_dir(s).display()),
     ];
     for c in &s.clusters {
         let up = c.env_name();
@@ -138,6 +139,7 @@ export AWS_SECRET_ACCESS_KEY=testing
 export QDB_CLUSTERS=region-a,region-b
 export QDB_PROVISIONER_CONFIG=/r/provisioner.yaml
 export QDB_BIN_DIR=/cache/target/debug
+export QDB_EBS_DIR=/r/ebs
 export QDB_REGION_A_KUBECONFIG=/r/region-a/admin.kubeconfig
 export QDB_REGION_A_OPERATOR_KUBECONFIG=/r/region-a/operator.kubeconfig
 export QDB_REGION_A_PROVISIONER_KUBECONFIG=/r/region-a/provisioner.kubeconfig

@@ -9,6 +9,22 @@ use crate::process::{self, Proc, need_port};
 use crate::settings::{Cluster, Settings};
 use crate::{Cloud, aws, cluster, probe};
 
+/// QuestDB 8.x images run simulated: tests that prove the control plane, not data, use them.
+/// No 8.x release is installed, so there is no ambiguity with a real server.
+const STAND_IN_MAJOR: &str = "8";
+
+/// The EBS volumes' storage: one directory per volume id, shared by the clusters (volume ids
+/// are unique in the emulator).
+pub fn volumes_dir(s: &Settings) -> std::path::PathBuf {
+    s.run.join("ebs")
+}
+
+/// The cluster's bridge: its VPC on the machine, nodes are hosts on it.
+/// Named by the port base too, so a second local cloud never touches this one's.
+pub fn bridge(s: &Settings, c: &Cluster) -> String {
+    format!("qdb{}b{}", s.ports.base(), c.index)
+}
+
 pub fn proc(s: &Settings, c: &Cluster) -> Proc {
     Proc::new(format!("{}-nodesim", c.name), "nodesim", s.cluster_dir(c).join("nodesim.log"))
 }
@@ -26,13 +42,30 @@ pub fn start(cloud: &Cloud, c: &Cluster) -> Result<()> {
     }
     need_port(port, &format!("{} node simulator", c.name))?;
     let region = c.aws_region().with_context(|| format!("no AWS region for cluster {}", c.name))?;
+    let java = match (&s.tools.java, s.node_runtime.as_str()) {
+        (Some(java), _) => java.as_path(),
+        (None, "simulated") => std::path::Path::new("java"),
+        (None, _) => bail!(
+            "the node simulator runs QuestDB, which needs Java 23+: none found in /usr/lib/jvm/temurin-*; \
+             set QDB_JAVA, or QDB_NODE_RUNTIME=simulated to run no database"
+        ),
+    };
     let mut cmd = Command::new(&bin);
     cmd.env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .args(["--cluster", &c.name, "--kubeconfig"])
         .arg(cluster::kubeconfig(s, c, "admin"))
         .args(["--aws-region", region, "--aws-endpoint", &aws::endpoint(s)])
-        .args(["--listen", &format!("127.0.0.1:{port}")]);
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--runtime", &s.node_runtime, "--java"])
+        .arg(java)
+        .args(["--questdb", &s.tools.questdb, "--simulated-major", STAND_IN_MAJOR])
+        .arg("--volumes-dir")
+        .arg(volumes_dir(s))
+        .arg("--logs-dir")
+        .arg(s.cluster_dir(c).join("pods"))
+        .args(["--bridge", &bridge(s, c), "--bridge-address", &c.vpc_gateway()])
+        .args(["--netns-prefix", &format!("qdb{}-", s.ports.base())]);
     process::start(cloud, &p, cmd)?;
     process::wait_for(cloud, &p, &format!("{} node simulator", c.name), 30, || probe::http(port, "/healthz"))
 }

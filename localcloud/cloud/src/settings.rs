@@ -19,6 +19,16 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The cluster's VPC: 10.<index+1>.0.0/16, so two regions never share a node address.
+    pub fn vpc_cidr(&self) -> String {
+        format!("10.{}.0.0/16", self.index + 1)
+    }
+
+    /// The VPC router's address (.1, as in AWS): the node bridge's own address on the machine.
+    pub fn vpc_gateway(&self) -> String {
+        format!("10.{}.0.1/16", self.index + 1)
+    }
+
     pub fn aws_region(&self) -> Option<&'static str> {
         AWS_REGIONS.iter().find(|(c, _)| *c == self.name).map(|(_, r)| *r)
     }
@@ -128,6 +138,10 @@ pub struct Tools {
     pub traefik_home: PathBuf,
     /// Debian's newest PostgreSQL server; none when it is not installed.
     pub pg_bin: Option<PathBuf>,
+    /// The JVM the databases' QuestDB servers run on (Temurin 25: QuestDB's flags need 23+).
+    pub java: Option<PathBuf>,
+    /// Installed QuestDB releases, `VERSION=JAR,...` as the node simulator takes them.
+    pub questdb: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +157,9 @@ pub struct Settings {
     /// scale benchmarks) turns the delays off and anything else is realistic; it is handed on
     /// and written to the env file as given.
     pub aws_timing: String,
+    /// The node simulator's runtime: `real` (installed QuestDB versions run) or `simulated`
+    /// (no process; the scale benchmarks).
+    pub node_runtime: String,
     pub tools: Tools,
     /// The repository's `localcloud/` directory: the script, Kafka's log config, the emulator,
     /// the RBAC bindings.
@@ -181,6 +198,7 @@ impl Settings {
             gossip_partitions: number("QDB_GOSSIP_PARTITIONS", 3)?,
             k8s_version: required("QDB_K8S_VERSION")?,
             aws_timing,
+            node_runtime: get("QDB_NODE_RUNTIME").unwrap_or_else(|| "real".into()),
             tools: Tools {
                 k8s_bin: handed("LOCALCLOUD_K8S_BIN")?,
                 etcd: handed("LOCALCLOUD_ETCD")?,
@@ -188,6 +206,8 @@ impl Settings {
                 moto_venv: handed("LOCALCLOUD_MOTO_VENV")?,
                 traefik_home: handed("LOCALCLOUD_TRAEFIK_HOME")?,
                 pg_bin: get("LOCALCLOUD_PG_BIN").map(PathBuf::from),
+                java: get("LOCALCLOUD_JAVA").map(PathBuf::from),
+                questdb: get("LOCALCLOUD_QUESTDB").unwrap_or_default(),
             },
             localcloud_dir: handed("LOCALCLOUD_DIR")?,
             cargo_target_dir: handed("CARGO_TARGET_DIR")?,
@@ -272,6 +292,8 @@ pub(crate) mod tests {
             ("LOCALCLOUD_MOTO_VENV", "/cache/moto-venv"),
             ("LOCALCLOUD_TRAEFIK_HOME", "/cache/traefik-3.6.12"),
             ("LOCALCLOUD_PG_BIN", "/usr/lib/postgresql/15/bin"),
+            ("LOCALCLOUD_JAVA", "/usr/lib/jvm/temurin-25-jdk-amd64/bin/java"),
+            ("LOCALCLOUD_QUESTDB", "9.3.0=/cache/questdb-9.3.0/questdb.jar"),
             ("LOCALCLOUD_DIR", "/repo/localcloud"),
             ("CARGO_TARGET_DIR", "/cache/target"),
         ]

@@ -1,6 +1,7 @@
 //! Loopback control API, so tests can break machines on purpose:
 //! `GET /nodes`, `POST /nodes/{id}/kill`, `POST /nodes/{id}/revive` (id = instance id or node
-//! name), `PUT /join-delay/{seconds}`, `GET /healthz`.
+//! name), `PUT /join-delay/{seconds}`, `GET /containers` (the real QuestDB servers running:
+//! pod, pid, volume, version, readiness), `GET /healthz`.
 
 use std::time::Duration;
 
@@ -11,11 +12,17 @@ use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use tracing::info;
 
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::runtime::Runtime;
 use crate::sim::{Shared, SimNode};
 
-pub fn router(state: Shared) -> Router {
+pub fn router(state: Shared, runtime: Arc<Mutex<Runtime>>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/containers", get(move || containers(runtime.clone())))
         .route("/nodes", get(list))
         .route("/nodes/{id}/kill", post(kill))
         .route("/nodes/{id}/revive", post(revive))
@@ -58,4 +65,35 @@ async fn join_delay(
     state.lock().expect("state lock").join_delay = delay;
     info!(?delay, "join delay changed");
     Ok(format!("join delay {seconds}s\n"))
+}
+
+#[derive(Serialize)]
+struct ContainerView {
+    pod: String,
+    uid: String,
+    pid: Option<u32>,
+    instance_id: String,
+    volume_id: String,
+    version: String,
+    ready: bool,
+    restarts: i32,
+}
+
+async fn containers(runtime: Arc<Mutex<Runtime>>) -> Json<Vec<ContainerView>> {
+    let rt = runtime.lock().expect("runtime lock");
+    Json(
+        rt.containers
+            .iter()
+            .map(|(uid, c)| ContainerView {
+                pod: c.pod.clone(),
+                uid: uid.clone(),
+                pid: c.pid(),
+                instance_id: c.instance_id.clone(),
+                volume_id: c.volume_id.clone(),
+                version: c.version.clone(),
+                ready: c.ready,
+                restarts: c.restarts,
+            })
+            .collect(),
+    )
 }

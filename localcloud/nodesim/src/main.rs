@@ -3,7 +3,9 @@
 
 mod ec2;
 mod http;
+mod net;
 mod objects;
+mod runtime;
 mod sim;
 mod userdata;
 
@@ -42,6 +44,38 @@ struct Args {
     /// Delay between an instance running and its Node registering.
     #[arg(long, default_value = "0", value_parser = secs)]
     join_delay: Duration,
+    /// `real` runs installed QuestDB versions; `simulated` runs no process at all (scale benchmarks).
+    #[arg(long, env = "NODESIM_RUNTIME", value_enum, default_value = "real")]
+    runtime: runtime::Mode,
+    /// The JVM QuestDB runs on (Java 23+ for its flags).
+    #[arg(long, env = "NODESIM_JAVA", default_value = "java")]
+    java: PathBuf,
+    /// An installed QuestDB release, VERSION=JAR (repeat, or comma-separated).
+    #[arg(long = "questdb", env = "NODESIM_QUESTDB", value_delimiter = ',', value_parser = version_jar)]
+    questdb: Vec<(String, PathBuf)>,
+    /// QuestDB majors whose images run simulated (stand-ins for tests that prove no data).
+    #[arg(long = "simulated-major", env = "NODESIM_SIMULATED_MAJORS", value_delimiter = ',')]
+    simulated_majors: Vec<u32>,
+    /// EBS volume storage: one directory per volume id.
+    #[arg(long, env = "NODESIM_VOLUMES_DIR")]
+    volumes_dir: PathBuf,
+    /// Container logs.
+    #[arg(long, env = "NODESIM_LOGS_DIR")]
+    logs_dir: PathBuf,
+    /// The cluster's bridge, made on first use; nodes are hosts on it.
+    #[arg(long, env = "NODESIM_BRIDGE")]
+    bridge: String,
+    /// The bridge's own address and the VPC's prefix length, e.g. 10.1.0.1/16.
+    #[arg(long, env = "NODESIM_BRIDGE_ADDRESS")]
+    bridge_address: String,
+    /// Prefix of the nodes' network namespace names (unique per simulator).
+    #[arg(long, env = "NODESIM_NETNS_PREFIX")]
+    netns_prefix: String,
+}
+
+fn version_jar(s: &str) -> Result<(String, PathBuf), String> {
+    let (v, jar) = s.split_once('=').ok_or_else(|| format!("want VERSION=JAR, got {s:?}"))?;
+    Ok((v.to_string(), PathBuf::from(jar)))
 }
 
 fn secs(s: &str) -> Result<Duration, String> {
@@ -80,8 +114,12 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("binding control API on {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, cluster = args.cluster, "nodesim control API listening");
-    let api = axum::serve(listener, http::router(state.clone()));
+    let runtime = Arc::new(Mutex::new(runtime::Runtime::default()));
+    let api = axum::serve(listener, http::router(state.clone(), runtime.clone()));
 
+    let network = net::Network::new(args.bridge, &args.bridge_address, args.netns_prefix)?;
+    // What an earlier simulator left (it was killed): its servers died with it, their hosts not.
+    network.sweep(false).await;
     let sim = sim::Sim {
         cfg: sim::Config {
             cluster: args.cluster,
@@ -89,15 +127,30 @@ async fn main() -> Result<()> {
             tag_key: args.tag_key,
             heartbeat: args.heartbeat,
             tick: args.tick,
+            runtime: runtime::Config {
+                mode: args.runtime,
+                java: args.java,
+                installed: args.questdb.into_iter().collect(),
+                simulated_majors: args.simulated_majors,
+                volumes_dir: args.volumes_dir,
+                logs_dir: args.logs_dir,
+            },
+            network,
         },
         kube,
         ec2,
         state,
+        runtime,
+        http: reqwest::Client::new(),
     };
-    tokio::select! {
-        r = api => r.context("control API stopped")?,
-        _ = sim.run() => {},
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
-    }
-    Ok(())
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let result = tokio::select! {
+        r = api => r.context("control API stopped"),
+        _ = sim.run() => Ok(()),
+        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
+        _ = term.recv() => { tracing::info!("terminated"); Ok(()) }
+    };
+    sim.shutdown().await;
+    result
 }

@@ -99,26 +99,76 @@ pub fn build_lease(node_name: &str, node_uid: &str, now: &str) -> Value {
     })
 }
 
-/// What the kubelet reports for a pod it runs. `waiting` holds why its containers cannot start
-/// yet (e.g. a volume not attached to this node); `None` means all containers run and are ready.
+/// What a kubelet reports of a pod's containers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Not started: `reason` as the kubelet says it (ContainerCreating while a volume is not
+    /// attached, ImagePullBackOff for an image it cannot pull), `message` why.
+    Waiting {
+        reason: &'static str,
+        message: String,
+    },
+    Running {
+        started_at: String,
+        ready: bool,
+        restarts: i32,
+    },
+}
+
+impl ContainerState {
+    pub fn ready(&self) -> bool {
+        matches!(self, ContainerState::Running { ready: true, .. })
+    }
+
+    /// Whether `pod`'s reported status already says this (so nothing needs writing).
+    pub fn reported_by(&self, pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+        let Some(cs) = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()) else {
+            return false;
+        };
+        !cs.is_empty()
+            && cs.iter().all(|c| match self {
+                ContainerState::Waiting { reason, message } => {
+                    c.state.as_ref().and_then(|s| s.waiting.as_ref()).is_some_and(|w| {
+                        w.reason.as_deref() == Some(reason) && w.message.as_deref() == Some(message)
+                    })
+                }
+                ContainerState::Running { started_at, ready, restarts } => {
+                    c.ready == *ready
+                        && c.restart_count == *restarts
+                        && c.state.as_ref().and_then(|s| s.running.as_ref()).is_some_and(|r| {
+                            r.started_at.as_ref().map(|t| t.0.to_string()).as_deref()
+                                == Some(started_at.as_str())
+                        })
+                }
+            })
+    }
+}
+
+/// What the kubelet reports for a pod it runs, every container in `state`.
 pub fn build_pod_status(
     container_names_images: &[(String, String)],
     node_ip: &str,
     now: &str,
-    waiting: Option<&str>,
+    state: &ContainerState,
 ) -> Value {
-    let ready = waiting.is_none();
+    let ready = state.ready();
     let flag = if ready { "True" } else { "False" };
+    let (running, restarts) = match state {
+        ContainerState::Running { restarts, .. } => (true, *restarts),
+        ContainerState::Waiting { .. } => (false, 0),
+    };
     let containers: Vec<Value> = container_names_images
         .iter()
         .map(|(name, image)| {
-            let state = match waiting {
-                None => json!({"running": {"startedAt": now}}),
-                Some(why) => json!({"waiting": {"reason": "ContainerCreating", "message": why}}),
+            let st = match state {
+                ContainerState::Running { started_at, .. } => json!({"running": {"startedAt": started_at}}),
+                ContainerState::Waiting { reason, message } => {
+                    json!({"waiting": {"reason": reason, "message": message}})
+                }
             };
             json!({
                 "name": name, "image": image, "imageID": "", "ready": ready,
-                "started": ready, "restartCount": 0, "state": state,
+                "started": running, "restartCount": restarts, "state": st,
             })
         })
         .collect();
@@ -126,7 +176,7 @@ pub fn build_pod_status(
         |type_: &str, status: &str| json!({"type": type_, "status": status, "lastTransitionTime": now});
     json!({
         "status": {
-            "phase": if ready { "Running" } else { "Pending" },
+            "phase": if running { "Running" } else { "Pending" },
             "hostIP": node_ip,
             "podIP": node_ip,
             "podIPs": [{"ip": node_ip}],
@@ -190,11 +240,28 @@ mod tests {
     #[test]
     fn pod_waits_for_its_volume() {
         let c = vec![("questdb".to_string(), "questdb/questdb:8.1.0".to_string())];
-        let waiting = build_pod_status(&c, "10.0.0.1", "t", Some("volume vol-1 not attached"));
+        let creating = ContainerState::Waiting {
+            reason: "ContainerCreating",
+            message: "volume vol-1 not attached".into(),
+        };
+        let waiting = build_pod_status(&c, "10.0.0.1", "2026-01-01T00:00:01Z", &creating);
         assert_eq!(waiting["status"]["phase"], "Pending");
         assert_eq!(waiting["status"]["containerStatuses"][0]["ready"], false);
-        let running = build_pod_status(&c, "10.0.0.1", "t", None);
+        assert_eq!(
+            waiting["status"]["containerStatuses"][0]["state"]["waiting"]["reason"],
+            "ContainerCreating"
+        );
+        let up =
+            |ready| ContainerState::Running { started_at: "2026-01-01T00:00:00Z".into(), ready, restarts: 2 };
+        let running = build_pod_status(&c, "10.0.0.1", "2026-01-01T00:00:01Z", &up(true));
         assert_eq!(running["status"]["phase"], "Running");
         assert_eq!(running["status"]["conditions"][1]["status"], "True");
+        assert_eq!(running["status"]["containerStatuses"][0]["restartCount"], 2);
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(running).unwrap();
+        assert!(up(true).reported_by(&pod));
+        assert!(!up(false).reported_by(&pod), "readiness changed: must be written");
+        let starting = build_pod_status(&c, "10.0.0.1", "2026-01-01T00:00:01Z", &up(false));
+        assert_eq!(starting["status"]["phase"], "Running");
+        assert_eq!(starting["status"]["conditions"][1]["status"], "False");
     }
 }

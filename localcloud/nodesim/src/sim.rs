@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::ec2::{self, Instance};
-use crate::objects::{build_lease, build_node, build_node_status, build_pod_status};
+use crate::net::Network;
+use crate::objects::{ContainerState, build_lease, build_node, build_node_status, build_pod_status};
+use crate::runtime::{self, ImagePlan, Launch, Runtime, Verdict};
 use crate::userdata::{self, KubeletFlags};
 
 pub struct Config {
@@ -23,6 +25,8 @@ pub struct Config {
     pub tag_key: String,
     pub heartbeat: Duration,
     pub tick: Duration,
+    pub runtime: runtime::Config,
+    pub network: Network,
 }
 
 /// One simulated machine, keyed by instance id.
@@ -39,6 +43,8 @@ pub struct SimNode {
     pub killed: bool,
     /// Why it will never join (unreadable user data), if so.
     pub broken: Option<String>,
+    /// The partition in effect: the host end of its link is down.
+    pub link_down: bool,
     #[serde(skip)]
     flags: KubeletFlags,
     #[serde(skip)]
@@ -73,6 +79,8 @@ pub struct Sim {
     pub kube: kube::Client,
     pub ec2: aws_sdk_ec2::Client,
     pub state: Shared,
+    pub runtime: Arc<Mutex<Runtime>>,
+    pub http: reqwest::Client,
 }
 
 fn now() -> String {
@@ -92,7 +100,7 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 }
 
 impl Sim {
-    pub async fn run(self) {
+    pub async fn run(&self) {
         loop {
             if let Err(e) = self.tick().await {
                 warn!(error = format!("{e:#}"), "tick failed");
@@ -103,6 +111,7 @@ impl Sim {
 
     async fn tick(&self) -> Result<()> {
         self.sync_instances().await?;
+        self.apply_partitions().await;
         // Concurrently: with a hundred nodes, one request after another misses the heartbeat
         // interval and the controller manager marks healthy nodes unreachable.
         let ((), pods) = tokio::join!(self.heartbeats(), self.run_pods());
@@ -142,6 +151,7 @@ impl Sim {
                         joined: false,
                         killed: false,
                         broken: flags.as_ref().err().cloned(),
+                        link_down: false,
                         flags: flags.unwrap_or_default(),
                         instance: Some(inst.clone()),
                         first_seen: Some(Instant::now()),
@@ -156,14 +166,21 @@ impl Sim {
                 self.forget(&inst.id).await;
                 continue;
             }
-            let mut st = self.state.lock().expect("state lock");
-            if let Some(n) = st.nodes.get_mut(&inst.id) {
-                if n.running != inst.running {
+            let powered_off = {
+                let mut st = self.state.lock().expect("state lock");
+                let Some(n) = st.nodes.get_mut(&inst.id) else { continue };
+                let changed = n.running != inst.running;
+                if changed {
                     info!(instance = inst.id, running = inst.running, "instance state changed");
                     n.ready_since = None;
                 }
                 n.running = inst.running;
-                n.instance = Some(inst);
+                n.instance = Some(inst.clone());
+                changed && !inst.running
+            };
+            if powered_off {
+                // Only EC2 stopping the instance ends its processes; a partition does not.
+                self.power_off(&inst.id).await;
             }
         }
         // Instances that vanished from EC2 altogether (e.g. an emulator reset) are gone too.
@@ -178,9 +195,46 @@ impl Sim {
         Ok(())
     }
 
+    /// The machine lost power: its containers die at once, with no grace.
+    async fn power_off(&self, instance_id: &str) {
+        let dead: Vec<runtime::Container> = {
+            let mut rt = self.runtime.lock().expect("runtime lock");
+            rt.on_instance(instance_id).iter().filter_map(|uid| rt.take(uid)).collect()
+        };
+        for c in dead {
+            c.kill().await;
+        }
+    }
+
+    /// Partitions killed nodes and heals revived ones (their processes run on either way).
+    async fn apply_partitions(&self) {
+        let due: Vec<(String, bool)> = {
+            let st = self.state.lock().expect("state lock");
+            st.nodes
+                .values()
+                .filter(|n| n.joined && n.killed != n.link_down)
+                .map(|n| (n.instance_id.clone(), n.killed))
+                .collect()
+        };
+        for (id, down) in due {
+            match self.cfg.network.set_link(&id, !down).await {
+                Ok(()) => {
+                    if let Some(n) = self.state.lock().expect("state lock").nodes.get_mut(&id) {
+                        n.link_down = down;
+                    }
+                }
+                Err(e) => warn!(instance = id, error = %e, "changing a node's link failed"),
+            }
+        }
+    }
+
     async fn forget(&self, instance_id: &str) {
         let removed = self.state.lock().expect("state lock").nodes.remove(instance_id);
         let Some(n) = removed else { return };
+        self.power_off(instance_id).await;
+        if let Err(e) = self.cfg.network.remove_host(instance_id).await {
+            warn!(instance = instance_id, error = %e, "removing the node's host failed");
+        }
         if !n.joined {
             return;
         }
@@ -209,6 +263,10 @@ impl Sim {
         };
         for n in due {
             let Some(inst) = &n.instance else { continue };
+            if let Err(e) = self.cfg.network.ensure_host(&n.instance_id, &n.private_ip).await {
+                warn!(instance = n.instance_id, error = %e, "making the node's host failed; retrying");
+                continue;
+            }
             let node = build_node(inst, &n.flags, &self.cfg.region);
             let nodes: Api<Node> = Api::all(self.kube.clone());
             let obj: Node = match serde_json::from_value(node) {
@@ -308,8 +366,8 @@ impl Sim {
         Ok(())
     }
 
-    /// Plays the kubelet for the pods bound to live nodes: finishes graceful deletions and starts
-    /// containers once their volumes are attached to the node's instance.
+    /// Plays the kubelet for the pods bound to live nodes: finishes graceful deletions, starts
+    /// containers once their volumes are attached to the node's instance, and probes them.
     async fn run_pods(&self) -> Result<()> {
         let live: BTreeMap<String, SimNode> =
             self.live().into_iter().map(|n| (n.node_name.clone(), n)).collect();
@@ -325,6 +383,7 @@ impl Sim {
                 Some((pod, node))
             })
             .collect();
+        self.stop_orphans(&mine, &live).await;
         futures::stream::iter(mine)
             .for_each_concurrent(CONCURRENCY, |(pod, node)| async move {
                 if let Err(e) = self.run_pod(&pod, node).await {
@@ -335,12 +394,42 @@ impl Sim {
         Ok(())
     }
 
+    /// A live node's containers whose pod is gone from it (force-deleted while the node was cut
+    /// off, say) are stopped, as a kubelet does once it hears of it.
+    async fn stop_orphans(&self, mine: &[(Pod, &SimNode)], live: &BTreeMap<String, SimNode>) {
+        let wanted: HashSet<(String, String)> =
+            mine.iter().filter_map(|(p, n)| Some((p.metadata.uid.clone()?, n.instance_id.clone()))).collect();
+        let live_instances: HashSet<&str> = live.values().map(|n| n.instance_id.as_str()).collect();
+        let orphans: Vec<runtime::Container> = {
+            let mut rt = self.runtime.lock().expect("runtime lock");
+            let uids: Vec<String> = rt
+                .containers
+                .iter()
+                .filter(|(uid, c)| {
+                    live_instances.contains(c.instance_id.as_str())
+                        && !wanted.contains(&((*uid).clone(), c.instance_id.clone()))
+                })
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            uids.iter().filter_map(|u| rt.take(u)).collect()
+        };
+        for c in orphans {
+            info!(pod = c.pod, "its pod is no longer bound here; stopping it");
+            c.stop(Duration::from_secs(30)).await;
+        }
+    }
+
     async fn run_pod(&self, pod: &Pod, node: &SimNode) -> Result<()> {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.kube.clone(), &ns);
         if pod.metadata.deletion_timestamp.is_some() {
-            // The containers are "stopped": confirm the deletion as the kubelet does.
+            // Stop the containers, then confirm the deletion as the kubelet does.
+            let running = self.runtime.lock().expect("runtime lock").take(&uid);
+            if let Some(c) = running {
+                c.stop(grace_period(pod)).await;
+            }
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
                 preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }),
@@ -352,57 +441,138 @@ impl Sim {
                 Err(e) => Err(e).context("confirming pod deletion"),
             };
         }
-        // Like a kubelet, volumes are checked before the containers start, not again afterwards:
-        // a running pod stays running (and re-reading EC2 for every pod every tick would swamp
-        // the emulator with a hundred databases).
-        let ready = pod_is_ready(pod);
-        if ready {
-            return Ok(());
-        }
-        let waiting = self.volume_wait_reason(pod, &ns, &node.instance_id).await?;
-        let already_waiting =
-            pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| {
-                cs.iter().any(|c| {
-                    c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.message.as_deref())
-                        == waiting.as_deref()
-                })
-            });
-        if waiting.is_some() && already_waiting {
-            return Ok(());
-        }
         let containers: Vec<(String, String)> = pod
             .spec
             .iter()
             .flat_map(|s| s.containers.iter())
             .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
             .collect();
-        let status = build_pod_status(&containers, &node.private_ip, &now(), waiting.as_deref());
+        let image = containers.first().map(|(_, i)| i.clone()).unwrap_or_default();
+        let state = match runtime::plan_image(&self.cfg.runtime, &image) {
+            ImagePlan::Simulated => {
+                // Like a kubelet, volumes are checked before the containers start, not again
+                // afterwards: a running pod stays running (and re-reading EC2 for every pod every
+                // tick would swamp the emulator with a hundred databases).
+                if pod_is_ready(pod) {
+                    return Ok(());
+                }
+                match self.attached_volumes(pod, &ns, &node.instance_id).await? {
+                    Err(message) => ContainerState::Waiting { reason: "ContainerCreating", message },
+                    Ok(_) => ContainerState::Running { started_at: now(), ready: true, restarts: 0 },
+                }
+            }
+            ImagePlan::PullBackOff(message) => {
+                ContainerState::Waiting { reason: "ImagePullBackOff", message }
+            }
+            ImagePlan::Real { version, jar } => self.run_real(pod, node, &version, &jar).await?,
+        };
+        if state.reported_by(pod) {
+            return Ok(());
+        }
+        let status = build_pod_status(&containers, &node.private_ip, &now(), &state);
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
             .await
             .context("patching pod status")?;
-        if waiting.is_none() {
-            info!(pod = format!("{ns}/{name}"), node = node.node_name, "pod running");
-        }
+        info!(pod = format!("{ns}/{name}"), node = node.node_name, state = ?state, "pod status");
         Ok(())
     }
 
-    /// A kubelet cannot start a pod whose EBS volume is not attached to its instance; nor can we.
-    async fn volume_wait_reason(&self, pod: &Pod, ns: &str, instance_id: &str) -> Result<Option<String>> {
-        let claims: Vec<String> = pod
+    /// A pod that runs the real server: started once its volume is attached, then probed.
+    async fn run_real(
+        &self,
+        pod: &Pod,
+        node: &SimNode,
+        version: &str,
+        jar: &std::path::Path,
+    ) -> Result<ContainerState> {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let running = self.runtime.lock().expect("runtime lock").take(&uid);
+        let Some(mut c) = running else {
+            return self.start_real(pod, node, version, jar, 0).await;
+        };
+        if c.exited() {
+            warn!(pod = c.pod, "QuestDB exited; restarting it");
+        } else {
+            let verdict =
+                runtime::run_probes(&self.http, &mut c, &runtime::probes(pod), &node.private_ip).await;
+            if verdict != Verdict::Unhealthy {
+                let state = ContainerState::Running {
+                    started_at: c.started_at.clone(),
+                    ready: c.ready,
+                    restarts: c.restarts,
+                };
+                self.runtime.lock().expect("runtime lock").put(&uid, c);
+                return Ok(state);
+            }
+            warn!(pod = c.pod, "liveness probe failed; restarting QuestDB");
+        }
+        let restarts = c.restarts + 1;
+        c.stop(grace_period(pod)).await;
+        self.start_real(pod, node, version, jar, restarts).await
+    }
+
+    async fn start_real(
+        &self,
+        pod: &Pod,
+        node: &SimNode,
+        version: &str,
+        jar: &std::path::Path,
+        restarts: i32,
+    ) -> Result<ContainerState> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let volumes = match self.attached_volumes(pod, &ns, &node.instance_id).await? {
+            Err(message) => return Ok(ContainerState::Waiting { reason: "ContainerCreating", message }),
+            Ok(v) => v,
+        };
+        let mounts = self.data_mounts(pod, &ns, &volumes).await?;
+        let started_at = now();
+        let pod_name = format!("{ns}/{}", pod.metadata.name.clone().unwrap_or_default());
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let netns = self.cfg.network.netns(&node.instance_id);
+        let launch = Launch {
+            pod: &pod_name,
+            uid: &uid,
+            instance_id: &node.instance_id,
+            netns: &netns,
+            version,
+            jar,
+            volume_id: &mounts.volume_id,
+            files: mounts.files,
+            memory_limit: memory_limit(pod),
+            started_at: started_at.clone(),
+            restarts,
+        };
+        self.runtime.lock().expect("runtime lock").start(&self.cfg.runtime, launch)?;
+        Ok(ContainerState::Running { started_at, ready: false, restarts })
+    }
+
+    /// The EBS volumes behind the pod's claims when every one is attached to `instance_id`
+    /// (claim name -> volume id), or why the pod waits: a kubelet cannot start a pod whose EBS
+    /// volume is not attached to its instance; nor can we.
+    async fn attached_volumes(
+        &self,
+        pod: &Pod,
+        ns: &str,
+        instance_id: &str,
+    ) -> Result<Result<BTreeMap<String, String>, String>> {
+        let claims: Vec<(String, String)> = pod
             .spec
             .iter()
             .flat_map(|s| s.volumes.iter().flatten())
-            .filter_map(|v| v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone()))
+            .filter_map(|v| {
+                v.persistent_volume_claim.as_ref().map(|c| (v.name.clone(), c.claim_name.clone()))
+            })
             .collect();
-        for claim in claims {
+        let mut ids = BTreeMap::new();
+        for (volume, claim) in claims {
             let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(self.kube.clone(), ns);
             let Some(pv_name) = pvcs.get_opt(&claim).await?.and_then(|c| c.spec).and_then(|s| s.volume_name)
             else {
-                return Ok(Some(format!("claim {claim} is not bound")));
+                return Ok(Err(format!("claim {claim} is not bound")));
             };
             let pvs: Api<PersistentVolume> = Api::all(self.kube.clone());
             let Some(pv) = pvs.get_opt(&pv_name).await? else {
-                return Ok(Some(format!("volume {pv_name} not found")));
+                return Ok(Err(format!("volume {pv_name} not found")));
             };
             let Some(volume_id) = ebs_volume_id(&pv) else { continue };
             let attached =
@@ -411,11 +581,82 @@ impl Sim {
                     false
                 });
             if !attached {
-                return Ok(Some(format!("EBS volume {volume_id} is not attached to {instance_id}")));
+                return Ok(Err(format!("EBS volume {volume_id} is not attached to {instance_id}")));
             }
+            ids.insert(volume, volume_id);
         }
-        Ok(None)
+        Ok(Ok(ids))
     }
+
+    /// Where the container's data root is (the EBS volume mounted over it) and the ConfigMap
+    /// files mounted inside it (`subPath` mounts, e.g. conf/server.conf), read once at start as a
+    /// kubelet does for subPath mounts.
+    async fn data_mounts(
+        &self,
+        pod: &Pod,
+        ns: &str,
+        volumes: &BTreeMap<String, String>,
+    ) -> Result<DataMounts> {
+        let spec = pod.spec.as_ref().context("pod has no spec")?;
+        let container = spec.containers.first().context("pod has no container")?;
+        let mounts = container.volume_mounts.clone().unwrap_or_default();
+        let (root_path, volume_id) = mounts
+            .iter()
+            .find_map(|m| volumes.get(&m.name).map(|id| (m.mount_path.clone(), id.clone())))
+            .context("no EBS volume is mounted into the container")?;
+        let mut files = Vec::new();
+        for m in &mounts {
+            let Some(rel) = m.mount_path.strip_prefix(&root_path).map(|r| r.trim_start_matches('/')) else {
+                continue;
+            };
+            let Some(key) = &m.sub_path else { continue };
+            let Some(cm_name) = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == m.name)
+                .and_then(|v| v.config_map.as_ref())
+                .map(|c| c.name.clone())
+            else {
+                continue;
+            };
+            let cms: Api<ConfigMap> = Api::namespaced(self.kube.clone(), ns);
+            let cm = cms.get(&cm_name).await.with_context(|| format!("reading ConfigMap {ns}/{cm_name}"))?;
+            let content = cm
+                .data
+                .and_then(|d| d.get(key).cloned())
+                .with_context(|| format!("ConfigMap {ns}/{cm_name} has no key {key}"))?;
+            files.push((std::path::PathBuf::from(rel), content));
+        }
+        Ok(DataMounts { volume_id, files })
+    }
+
+    /// At shutdown: stops every server (as its machine's kubelet would) and removes the hosts.
+    pub async fn shutdown(&self) {
+        let all: Vec<runtime::Container> = {
+            let mut rt = self.runtime.lock().expect("runtime lock");
+            let uids: Vec<String> = rt.containers.keys().cloned().collect();
+            uids.iter().filter_map(|u| rt.take(u)).collect()
+        };
+        futures::future::join_all(all.into_iter().map(|c| c.stop(Duration::from_secs(10)))).await;
+        self.cfg.network.sweep(true).await;
+    }
+}
+
+struct DataMounts {
+    volume_id: String,
+    files: Vec<(std::path::PathBuf, String)>,
+}
+
+fn grace_period(pod: &Pod) -> Duration {
+    let secs = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
+    Duration::from_secs(secs.max(0) as u64)
+}
+
+fn memory_limit(pod: &Pod) -> Option<u64> {
+    let c = pod.spec.as_ref()?.containers.first()?;
+    let q = c.resources.as_ref()?.limits.as_ref()?.get("memory")?;
+    runtime::quantity_bytes(&q.0)
 }
 
 fn pod_is_ready(pod: &Pod) -> bool {

@@ -339,6 +339,9 @@ pub enum DegradedReason {
     InvalidSpec,
     /// EC2 does not know the node image (InvalidAMIID.*).
     ImageNotFound,
+    /// The node cannot pull the database's QuestDB image (the kubelet's ImagePullBackOff,
+    /// ErrImagePull, InvalidImageName): no such release.
+    ImagePullFailed,
     /// The operator's AWS identity may not do what the database needs (UnauthorizedOperation,
     /// AuthFailure, OptInRequired, Blocked).
     Unauthorized,
@@ -360,6 +363,7 @@ impl DegradedReason {
             Self::StepFailed => "StepFailed",
             Self::InvalidSpec => "InvalidSpec",
             Self::ImageNotFound => "ImageNotFound",
+            Self::ImagePullFailed => "ImagePullFailed",
             Self::Unauthorized => "Unauthorized",
             Self::InsufficientCapacity => "InsufficientCapacity",
             Self::QuotaExceeded => "QuotaExceeded",
@@ -375,6 +379,7 @@ impl DegradedReason {
             Self::StepFailed,
             Self::InvalidSpec,
             Self::ImageNotFound,
+            Self::ImagePullFailed,
             Self::Unauthorized,
             Self::InsufficientCapacity,
             Self::QuotaExceeded,

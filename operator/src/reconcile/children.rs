@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Service};
 use kube::Resource;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
-use qdb_crd::{OPERATOR_MANAGER, WaitReason, keys};
+use qdb_crd::{DegradedReason, OPERATOR_MANAGER, WaitReason, keys};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -145,8 +145,25 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         );
     } else if !facts.pod_ready {
         facts.wait(WaitReason::StartingDatabase, format!("waiting for pod {} to be Ready", d.names.pod()));
+        ctx.metrics.kube("get", "Pod");
+        let pods = Api::<Pod>::namespaced(client, ns);
+        let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?;
+        facts.pod_failure = pod.as_ref().and_then(pod_failure);
     }
     Ok(())
+}
+
+/// Why the pod can never start as it is, from its containers' waiting reasons: an image the node
+/// cannot pull. Other waits (ContainerCreating, a crash loop) may pass on their own.
+pub fn pod_failure(pod: &Pod) -> Option<(DegradedReason, String)> {
+    const PULL: [&str; 3] = ["ImagePullBackOff", "ErrImagePull", "InvalidImageName"];
+    pod.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| {
+        let w = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = w.reason.as_deref()?;
+        PULL.contains(&reason).then(|| {
+            (DegradedReason::ImagePullFailed, format!("{reason}: {}", w.message.as_deref().unwrap_or(reason)))
+        })
+    })
 }
 
 fn is_bound(pvc: &PersistentVolumeClaim) -> bool {
@@ -194,6 +211,26 @@ pub fn rolled_out_and_ready(sts: &StatefulSet) -> bool {
 mod tests {
     use super::*;
     use crate::build::fixtures;
+
+    #[test]
+    fn only_an_image_that_cannot_be_pulled_fails_the_pod() {
+        let pod = |reason: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({"status": {"containerStatuses": [{
+                "name": "questdb", "image": "questdb/questdb:9.9.9", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": reason, "message": "no such manifest"}},
+            }]}}))
+            .unwrap()
+        };
+        let (reason, message) = pod_failure(&pod("ImagePullBackOff")).unwrap();
+        assert_eq!(
+            (reason, message.as_str()),
+            (DegradedReason::ImagePullFailed, "ImagePullBackOff: no such manifest")
+        );
+        assert!(pod_failure(&pod("ErrImagePull")).is_some());
+        assert_eq!(pod_failure(&pod("ContainerCreating")), None);
+        assert_eq!(pod_failure(&pod("CrashLoopBackOff")), None);
+        assert_eq!(pod_failure(&Pod::default()), None);
+    }
 
     #[test]
     fn ownership_by_label_or_reference_only() {

@@ -101,6 +101,8 @@ pub struct Facts {
     pub volume: Option<Volume>,
     pub volume_attached: bool,
     pub pod_ready: bool,
+    /// The pod cannot start for a reason only a change cures (its image cannot be pulled).
+    pub pod_failure: Option<(DegradedReason, String)>,
     /// No pod left (pause waits for this before releasing the instance).
     pub pod_gone: bool,
     /// Instances of this database not terminated (pause: none once released).
@@ -242,7 +244,11 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     let error = result.as_ref().err().map(|e| chain(e));
     let attempts =
         ctx.failures.lock().map(|f| f.get(&failure_key(&qdb)).copied().unwrap_or(0)).unwrap_or(0) + 1;
-    let failed = result.as_ref().err().and_then(|e| permanent(e, attempts, ctx.settings.capacity_retries));
+    let failed = result
+        .as_ref()
+        .err()
+        .and_then(|e| permanent(e, attempts, ctx.settings.capacity_retries))
+        .or_else(|| facts.pod_failure.clone());
     let problem = status::Problem {
         error: error.as_deref(),
         failed: failed.as_ref().map(|(reason, message)| (*reason, message.as_str())),
@@ -260,6 +266,11 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     timed(ctx, "status", status::ensure(ctx, &qdb, new.clone())).await?;
     if let Some(note) = transition {
         publish(ctx, &reference, EventType::Normal, "PhaseChanged", note).await;
+        if result.is_ok()
+            && let Some((reason, message)) = &facts.pod_failure
+        {
+            publish(ctx, &reference, EventType::Warning, reason.as_str(), message.clone()).await;
+        }
     }
     if let Some(note) = facts.held.clone().filter(|_| !status::was_held(qdb.status.as_ref())) {
         ctx.metrics.failovers_held.inc();

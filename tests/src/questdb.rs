@@ -1,0 +1,175 @@
+//! A QuestDB client as the database's users have one: rows written over ILP on HTTP (which
+//! acknowledges each batch), read back over pgwire; and the fencing sampler, which counts the
+//! processes holding each EBS volume's storage open.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use sqlx::{Connection, Row};
+
+/// pgwire's default credentials, as QuestDB ships.
+const PG_USER: &str = "admin";
+const PG_PASSWORD: &str = "quest";
+
+/// Writes `count` rows `id = from..from+count` into `table` over ILP/HTTP; returns once QuestDB
+/// acknowledged them (204): from then on they must survive every lifecycle step.
+pub async fn write_rows(host: &str, table: &str, from: u64, count: u64) -> Result<()> {
+    let mut body = String::new();
+    for id in from..from + count {
+        body.push_str(&format!("{table},src=test id={id}i\n"));
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("http://{host}:9000/write"))
+        .timeout(Duration::from_secs(10))
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("ILP write to {host}"))?;
+    let status = resp.status();
+    ensure!(
+        status.as_u16() == 204,
+        "ILP write to {host}: {status} {}",
+        resp.text().await.unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn connect(host: &str) -> Result<sqlx::PgConnection> {
+    let opts = sqlx::postgres::PgConnectOptions::new()
+        .host(host)
+        .port(8812)
+        .username(PG_USER)
+        .password(PG_PASSWORD)
+        .database("qdb");
+    tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect_with(&opts))
+        .await
+        .with_context(|| format!("pgwire connect to {host}: timed out"))?
+        .with_context(|| format!("pgwire connect to {host}"))
+}
+
+/// The ids in `table`, read over pgwire (simple query protocol), sorted.
+pub async fn read_ids(host: &str, table: &str) -> Result<Vec<i64>> {
+    let mut conn = connect(host).await?;
+    // The table name is the test's own constant.
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SELECT id FROM {table} ORDER BY id")))
+        .fetch_all(&mut conn)
+        .await
+        .with_context(|| format!("reading {table} on {host}"))?;
+    rows.iter().map(|r| r.try_get::<i64, _>(0).context("id column")).collect()
+}
+
+/// One text value, e.g. `SELECT build()`.
+pub async fn query_text(host: &str, sql: &'static str) -> Result<String> {
+    let mut conn = connect(host).await?;
+    let row = sqlx::raw_sql(sql).fetch_one(&mut conn).await.with_context(|| format!("{sql} on {host}"))?;
+    row.try_get::<String, _>(0).with_context(|| format!("{sql}: first column"))
+}
+
+/// Polls until `ids` (every acknowledged row) can be read back from `host`, or fails with what
+/// was missing.
+pub async fn expect_rows(
+    host: &str,
+    table: &str,
+    ids: std::ops::Range<u64>,
+    timeout: Duration,
+) -> Result<()> {
+    let want: Vec<i64> = ids.map(|i| i as i64).collect();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let got = read_ids(host, table).await;
+        match &got {
+            Ok(got) if got == &want => return Ok(()),
+            _ if tokio::time::Instant::now() >= deadline => {
+                let got = got?;
+                let missing = want.iter().filter(|w| !got.contains(w)).count();
+                anyhow::bail!(
+                    "{table} on {host}: {} rows read, {missing} of {} acknowledged rows missing",
+                    got.len(),
+                    want.len()
+                );
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// Counts, every 200 ms, the processes that hold files of each EBS volume's storage open; the
+/// most ever seen at once per volume is what fencing is judged by (never above 1).
+pub struct FencingSampler {
+    most: Arc<Mutex<BTreeMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FencingSampler {
+    pub fn start(ebs_dir: PathBuf) -> Self {
+        let most: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+        let seen = most.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let now = tokio::task::spawn_blocking({
+                    let dir = ebs_dir.clone();
+                    move || holders(&dir)
+                })
+                .await
+                .unwrap_or_default();
+                {
+                    let mut m = seen.lock().expect("sampler lock");
+                    for (volume, pids) in now {
+                        let e = m.entry(volume).or_default();
+                        *e = (*e).max(pids);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Self { most, task }
+    }
+
+    /// The most processes seen holding each volume at once.
+    pub fn most(&self) -> BTreeMap<String, usize> {
+        self.most.lock().expect("sampler lock").clone()
+    }
+
+    /// Fails if any volume was ever held by more than one process.
+    pub fn assert_fenced(&self) -> Result<BTreeMap<String, usize>> {
+        let most = self.most();
+        let doubled: Vec<_> = most.iter().filter(|(_, n)| **n > 1).collect();
+        ensure!(doubled.is_empty(), "volumes held by more than one process at once: {doubled:?}");
+        Ok(most)
+    }
+}
+
+impl Drop for FencingSampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Volume id -> number of processes with an open file under `<ebs_dir>/<volume id>/`.
+pub fn holders(ebs_dir: &Path) -> BTreeMap<String, usize> {
+    let mut out: BTreeMap<String, usize> = BTreeMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    for p in procs.flatten() {
+        if !p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
+        let mut volumes: Vec<String> = fds
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter_map(|target| {
+                let rest = target.strip_prefix(ebs_dir).ok()?;
+                rest.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned())
+            })
+            .collect();
+        volumes.sort();
+        volumes.dedup();
+        for v in volumes {
+            *out.entry(v).or_default() += 1;
+        }
+    }
+    out
+}

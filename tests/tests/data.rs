@@ -1,0 +1,136 @@
+//! Issue 16: a real QuestDB in the database's pod. Rows are written over ILP/HTTP (acknowledged)
+//! before each lifecycle step, the step runs through Kafka instructions (provisioner + operator +
+//! node simulator), and every acknowledged row is read back over pgwire from the node's address
+//! afterwards. A sampler checks all along that no EBS volume is ever open in two processes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use qdb_proto::v1::{self, Phase, instruction::Operation};
+use qdb_tests::questdb::{FencingSampler, expect_rows, query_text, write_rows};
+use qdb_tests::rig::{Rig, ins};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(180);
+/// Installed by `localcloud install` (see QUESTDB_VERSIONS in the script).
+const OLDER: &str = "9.2.3";
+const NEWER: &str = "9.3.0";
+
+async fn node_ip(rig: &Rig, db: &str) -> Result<(String, String)> {
+    let q = rig.questdbs("region-a").await?.get(db).await?;
+    let node = q.status.and_then(|s| s.node).context("no node in status")?;
+    Ok((node.private_ip.context("no private IP")?, node.instance_id))
+}
+
+/// The real servers the node simulator runs, as its control API lists them.
+async fn containers(rig: &Rig) -> Result<Vec<Value>> {
+    let nodesim = &rig.cloud.cluster("region-a")?.nodesim;
+    Ok(reqwest::get(format!("{nodesim}/containers")).await?.json().await?)
+}
+
+async fn pid_of(rig: &Rig, pod: &str) -> Result<Option<u64>> {
+    Ok(containers(rig).await?.iter().find(|c| c["pod"] == pod).and_then(|c| c["pid"].as_u64()))
+}
+
+fn ebs_dir(rig: &Rig) -> Result<PathBuf> {
+    rig.cloud.vars.get("QDB_EBS_DIR").map(PathBuf::from).context("QDB_EBS_DIR missing from the env file")
+}
+
+/// Restart, QuestDB version upgrade, then a node killed (a partition: its QuestDB keeps running
+/// until EC2 stops its instance): every acknowledged row is there after each, the upgrade really
+/// changed the binary, and no volume was ever open in two processes.
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> {
+    let rig = Rig::new("data-life", 1).await?;
+    let sampler = FencingSampler::start(ebs_dir(&rig)?);
+    let gossip = rig.gossip()?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+    let db = "db-data";
+    let pod = format!("{}/{db}-0", rig.namespace);
+
+    let create = ins::create(db, "region-a", 1, OLDER);
+    rig.send(&create).await?;
+    gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
+    let (ip, first_instance) = node_ip(&rig, db).await?;
+    let build = query_text(&ip, "SELECT build()").await?;
+    ensure!(build.contains(&format!("QuestDB {OLDER}")), "{build}");
+    write_rows(&ip, "trades", 0, 100).await?;
+    expect_rows(&ip, "trades", 0..100, Duration::from_secs(10)).await?;
+
+    // Restart: a new process on the same data.
+    let before = pid_of(&rig, &pod).await?.context("no QuestDB process for the pod")?;
+    let restart = ins::new(db, "region-a", 2, Operation::Restart(v1::Restart {}));
+    rig.send(&restart).await?;
+    gossip.phase(&restart.instruction_id, Phase::Succeeded, T).await?;
+    let after = pid_of(&rig, &pod).await?.context("no QuestDB process after the restart")?;
+    ensure!(after != before, "the restart left the same process {before}");
+    expect_rows(&ip, "trades", 0..100, Duration::from_secs(10)).await?;
+    write_rows(&ip, "trades", 100, 100).await?;
+
+    // Version upgrade: the other jar, the same data.
+    let upgrade = ins::version(db, "region-a", 3, NEWER);
+    rig.send(&upgrade).await?;
+    gossip.phase(&upgrade.instruction_id, Phase::Succeeded, T).await?;
+    let build = query_text(&ip, "SELECT build()").await?;
+    ensure!(build.contains(&format!("QuestDB {NEWER}")), "after the upgrade: {build}");
+    expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
+    write_rows(&ip, "trades", 200, 100).await?;
+    let old_pid = pid_of(&rig, &pod).await?.context("no QuestDB process after the upgrade")?;
+
+    // Failover: the node is cut off; its QuestDB runs on until EC2 stops the instance.
+    let nodesim = rig.cloud.cluster("region-a")?.nodesim.clone();
+    let killed = reqwest::Client::new().post(format!("{nodesim}/nodes/{first_instance}/kill")).send().await?;
+    ensure!(killed.status().is_success(), "kill: {}", killed.status());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
+        "a partition must not kill the node's QuestDB"
+    );
+    let api = rig.questdbs("region-a").await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let new_ip = loop {
+        let q = api.get(db).await?;
+        let status = q.status.unwrap_or_default();
+        let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        if let Some(node) = status.node.filter(|n| n.instance_id != first_instance && ready) {
+            break node.private_ip.context("no private IP")?;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "no failover within 300 s");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    ensure!(new_ip != ip, "the replacement has its own address");
+    ensure!(
+        !std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
+        "the partitioned QuestDB must be dead once its instance is stopped"
+    );
+    expect_rows(&new_ip, "trades", 0..300, Duration::from_secs(30)).await?;
+    let most = sampler.assert_fenced()?;
+    println!("most processes per volume at once: {most:?}");
+    ensure!(!most.is_empty(), "the sampler never saw a volume open: it proves nothing");
+    Ok(())
+}
+
+/// An image whose QuestDB version is not installed cannot be pulled: the pod waits in
+/// ImagePullBackOff, and the backend hears FAILED with that reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_that_cannot_be_pulled_fails_on_gossip() -> Result<()> {
+    let rig = Rig::new("data-pull", 1).await?;
+    let gossip = rig.gossip()?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+    let create = ins::create("db-nopull", "region-a", 1, "9.9.9");
+    rig.send(&create).await?;
+    let end = gossip
+        .wait(&format!("terminal for {}", create.instruction_id), T, |e| {
+            e.instruction_id == create.instruction_id && qdb_tests::rig::is_terminal(e.phase())
+        })
+        .await?;
+    ensure!(end.phase() == Phase::Failed, "{end:?}");
+    ensure!(end.reason == "IMAGE_PULL_FAILED", "{end:?}");
+    ensure!(end.message.contains("questdb/questdb:9.9.9"), "{end:?}");
+    Ok(())
+}
