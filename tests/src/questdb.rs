@@ -68,6 +68,19 @@ pub async fn query_text(host: &str, sql: &'static str) -> Result<String> {
     row.try_get::<String, _>(0).with_context(|| format!("{sql}: first column"))
 }
 
+/// Every server setting in effect (`SHOW PARAMETERS`): property path -> value.
+pub async fn parameters(host: &str) -> Result<BTreeMap<String, String>> {
+    let mut conn = connect(host).await?;
+    let rows = sqlx::raw_sql("SHOW PARAMETERS").fetch_all(&mut conn).await.context("SHOW PARAMETERS")?;
+    rows.iter()
+        .map(|r| {
+            let key: String = r.try_get("property_path")?;
+            let value: Option<String> = r.try_get("value")?;
+            Ok((key, value.unwrap_or_default()))
+        })
+        .collect()
+}
+
 /// Polls until `ids` (every acknowledged row) can be read back from `host`, or fails with what
 /// was missing.
 pub async fn expect_rows(
