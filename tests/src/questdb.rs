@@ -109,6 +109,88 @@ pub async fn expect_rows(
     }
 }
 
+/// A client's view of availability: `SELECT 1` over pgwire every 100 ms against the address
+/// the database's status names (a new connection after any failure, the address looked up again
+/// then, as a client with a DNS TTL of 0 would). Unavailability is the time from the first
+/// failed query to the next good one, summed.
+pub struct AvailabilityProbe {
+    state: Arc<Mutex<ProbeTally>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProbeTally {
+    unavailable: Duration,
+    down_since: Option<tokio::time::Instant>,
+    failures: u64,
+}
+
+impl AvailabilityProbe {
+    pub fn start(api: kube::Api<qdb_crd::QuestDB>, db: String) -> Self {
+        let state: Arc<Mutex<ProbeTally>> = Arc::default();
+        let tally = state.clone();
+        let task = tokio::spawn(async move {
+            let mut conn: Option<sqlx::PgConnection> = None;
+            loop {
+                let t0 = tokio::time::Instant::now();
+                if conn.is_none() {
+                    let ip = api.get(&db).await.ok().and_then(|q| q.status?.node?.private_ip);
+                    if let Some(ip) = ip {
+                        conn = connect(&ip).await.ok();
+                    }
+                }
+                let ok = match conn.as_mut() {
+                    Some(c) => tokio::time::timeout(
+                        Duration::from_secs(1),
+                        sqlx::raw_sql("SELECT 1").fetch_one(&mut *c),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok()),
+                    None => false,
+                };
+                if !ok {
+                    conn = None;
+                }
+                {
+                    let mut t = tally.lock().expect("probe lock");
+                    match (ok, t.down_since) {
+                        (false, None) => {
+                            t.down_since = Some(t0);
+                            t.failures += 1;
+                        }
+                        (false, Some(_)) => t.failures += 1,
+                        (true, Some(since)) => {
+                            t.unavailable += since.elapsed();
+                            t.down_since = None;
+                        }
+                        (true, None) => {}
+                    }
+                }
+                tokio::time::sleep_until(t0 + Duration::from_millis(100)).await;
+            }
+        });
+        Self { state, task }
+    }
+
+    /// Unavailability seen since the last call (an outage still under way counts up to now),
+    /// and the failed queries.
+    pub fn take(&self) -> (Duration, u64) {
+        let mut t = self.state.lock().expect("probe lock");
+        let mut total = std::mem::take(&mut t.unavailable);
+        if let Some(since) = t.down_since {
+            total += since.elapsed();
+            t.down_since = Some(tokio::time::Instant::now());
+        }
+        (total, std::mem::take(&mut t.failures))
+    }
+}
+
+impl Drop for AvailabilityProbe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Counts, every 200 ms, the processes that hold files of each EBS volume's storage open; the
 /// most ever seen at once per volume is what fencing is judged by (never above 1).
 pub struct FencingSampler {

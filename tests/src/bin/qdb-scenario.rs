@@ -2,6 +2,11 @@
 //! cloud's `instructions` topic, prints every gossip event as it arrives, and ends with a summary
 //! table. Exits 0 only if every instruction ended as expected.
 //!
+//! The databases run a real QuestDB (the node simulator runs the installed releases): before each
+//! step the scenario writes rows into region-a's database over ILP/HTTP, after it reads them back
+//! over pgwire, and a client probe (`SELECT 1` every 100 ms) measures the unavailability it saw.
+//! A step that lost an acknowledged row is a mismatch.
+//!
 //! Needs the local cloud up with an operator per cluster and the provisioner running
 //! (`localcloud/localcloud main` does all of it).
 
@@ -17,6 +22,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// QuestDB releases the local cloud installs (QUESTDB_VERSIONS in localcloud/localcloud).
+const OLDER: &str = "9.2.3";
+const NEWER: &str = "9.3.0";
+/// Rows written into region-a's database before each step.
+const ROWS_PER_STEP: u64 = 50;
 
 struct Step {
     label: String,
@@ -35,9 +46,9 @@ fn scenario(tag: &str) -> Vec<Step> {
     let op = |db: &str, cluster: &str, seq: u64, o: Operation| ins::new(db, cluster, seq, o);
     let modify = |m: v1::Modify| Operation::Modify(m);
     vec![
-        step("create in region-a", ins::create(&a, "region-a", 1, "8.2.1"), Phase::Succeeded),
-        step("create in region-b", ins::create(&b, "region-b", 1, "8.2.1"), Phase::Succeeded),
-        step("upgrade QuestDB", ins::version(&a, "region-a", 2, "8.2.3"), Phase::Succeeded),
+        step("create in region-a", ins::create(&a, "region-a", 1, OLDER), Phase::Succeeded),
+        step("create in region-b", ins::create(&b, "region-b", 1, OLDER), Phase::Succeeded),
+        step("upgrade QuestDB", ins::version(&a, "region-a", 2, NEWER), Phase::Succeeded),
         step(
             "change server config",
             op(
@@ -74,8 +85,8 @@ fn scenario(tag: &str) -> Vec<Step> {
             ),
             Phase::Succeeded,
         ),
-        step("stale sequence", ins::version(&a, "region-a", 2, "8.2.0"), Phase::Superseded),
-        step("unknown cluster", ins::create(&format!("{tag}-x"), "mars", 1, "8.2.1"), Phase::Rejected),
+        step("stale sequence", ins::version(&a, "region-a", 2, OLDER), Phase::Superseded),
+        step("unknown cluster", ins::create(&format!("{tag}-x"), "mars", 1, NEWER), Phase::Rejected),
         step(
             "delete in region-b",
             op(&b, "region-b", 2, Operation::Delete(v1::Delete { retain_volume: false })),
@@ -116,6 +127,22 @@ async fn kill_node(cloud: &Cloud, db: &str) -> Result<()> {
     }
 }
 
+/// What a step did to region-a's data, and what a client saw.
+struct Data {
+    rows_before: Option<u64>,
+    rows_after: Option<u64>,
+    unavailable: Option<Duration>,
+}
+
+async fn node_ip(api: &kube::Api<qdb_crd::QuestDB>, db: &str) -> Result<String> {
+    api.get(db)
+        .await?
+        .status
+        .and_then(|s| s.node)
+        .and_then(|n| n.private_ip)
+        .ok_or_else(|| anyhow::anyhow!("{db} has no node address in its status"))
+}
+
 fn phase_name(p: Phase) -> &'static str {
     p.as_str_name().trim_start_matches("PHASE_")
 }
@@ -148,6 +175,16 @@ async fn main() -> Result<()> {
 
     let tag = unique("demo");
     let steps = scenario(&tag);
+    let db_a = format!("{tag}-a");
+    let api_a: kube::Api<qdb_crd::QuestDB> = kube::Api::namespaced(
+        qdb_tests::kube_client(&cloud.cluster("region-a")?.kubeconfig).await?,
+        "questdb",
+    );
+    let probe = qdb_tests::questdb::AvailabilityProbe::start(api_a.clone(), db_a.clone());
+    // Whether region-a's database serves (created, not paused, not deleted), and the rows it
+    // acknowledged so far.
+    let mut serving = false;
+    let mut written: u64 = 0;
     let started = Instant::now();
     let mut results = Vec::new();
     println!("scenario {tag}: {} instructions\n", steps.len());
@@ -155,6 +192,17 @@ async fn main() -> Result<()> {
         let i = &s.instruction;
         println!("==> {} ({} {}, sequence {})", s.label, i.cluster, i.database_id, i.sequence);
         let t0 = Instant::now();
+        let on_a = i.database_id == db_a;
+        let was_serving = serving && on_a;
+        let rows_before = if serving && on_a {
+            let ip = node_ip(&api_a, &db_a).await?;
+            qdb_tests::questdb::write_rows(&ip, "trades", written, ROWS_PER_STEP).await?;
+            written += ROWS_PER_STEP;
+            Some(written)
+        } else {
+            None
+        };
+        probe.take();
         if s.label == "restart after failover" {
             kill_node(&cloud, &i.database_id).await?;
         }
@@ -192,27 +240,59 @@ async fn main() -> Result<()> {
                 terminal = Some(ev.phase());
             }
         }
-        let ok = terminal == Some(s.expect);
-        results.push((s, terminal, t0.elapsed(), ok));
+        let took = t0.elapsed();
+        let (unavailable, _) = probe.take();
+        if on_a {
+            match &i.operation {
+                Some(Operation::Create(_) | Operation::Resume(_)) => {
+                    serving = terminal == Some(Phase::Succeeded)
+                }
+                Some(Operation::Pause(_) | Operation::Delete(_)) => serving = false,
+                _ => {}
+            }
+        }
+        let rows_after = if serving && on_a {
+            let ip = node_ip(&api_a, &db_a).await?;
+            let ids = qdb_tests::questdb::read_ids(&ip, "trades").await.unwrap_or_default();
+            println!("    rows: {written} acknowledged, {} read back", ids.len());
+            Some(ids.len() as u64)
+        } else {
+            None
+        };
+        // Only for a database that served before the step: creating or resuming one is not an outage.
+        let data = Data { rows_before, rows_after, unavailable: was_serving.then_some(unavailable) };
+        let ok = terminal == Some(s.expect) && rows_after.is_none_or(|n| n == written);
+        results.push((s, terminal, took, ok, data));
         if terminal.is_none() {
             println!("\n    no terminal phase within {timeout:?}");
         }
     }
 
-    println!("\n{:<22} {:<28} {:<11} {:<11} {:>8}", "instruction", "database", "expected", "actual", "time");
+    println!(
+        "\n{:<22} {:<28} {:<11} {:<11} {:>8} {:>8} {:>8} {:>9}",
+        "instruction", "database", "expected", "actual", "time", "rows in", "rows out", "unavail."
+    );
     let mut failures = 0;
-    for (s, actual, took, ok) in &results {
+    let count = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
+    for (s, actual, took, ok, data) in &results {
         failures += usize::from(!ok);
         println!(
-            "{:<22} {:<28} {:<11} {:<11} {:>7.1}s {}",
+            "{:<22} {:<28} {:<11} {:<11} {:>7.1}s {:>8} {:>8} {:>9} {}",
             s.label,
             s.instruction.database_id,
             phase_name(s.expect),
             actual.map(phase_name).unwrap_or("none"),
             took.as_secs_f64(),
+            count(data.rows_before),
+            count(data.rows_after),
+            data.unavailable.map_or("-".to_string(), |d| format!("{:.1}s", d.as_secs_f64())),
             if *ok { "ok" } else { "MISMATCH" }
         );
     }
+    println!(
+        "rows in: acknowledged rows written before the step; rows out: rows read back after it; \
+         unavail.: a client's SELECT 1 every 100 ms, time from a failed query to the next good one"
+    );
     println!(
         "\n{} of {} as expected in {:.0}s",
         results.len() - failures,
