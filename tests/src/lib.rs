@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod ec2_calls;
 pub mod faults;
 pub mod iam;
+pub mod ingress;
 pub mod kube_proxy;
 pub mod questdb;
 pub mod rig;
@@ -132,6 +133,34 @@ impl Cloud {
             clusters,
             vars,
         })
+    }
+
+    /// An AWS client for `cluster`'s region of the emulator, built as the operator builds its own.
+    pub async fn aws(&self, cluster: &str) -> Result<qdb_operator::aws::Aws> {
+        let c = self.cluster(cluster)?;
+        let var = |k: &str| c.network_var(k).map(str::to_string);
+        let list = |k: &str| -> Vec<String> {
+            var(k).map(|v| v.split(',').map(str::to_string).collect()).unwrap_or_default()
+        };
+        let network = qdb_operator::aws::NodeNetwork::from_flags(
+            var("QDB_VPC_ID"),
+            &list("QDB_SUBNETS"),
+            list("QDB_EXTRA_SECURITY_GROUPS"),
+            var("QDB_INSTANCE_PROFILE"),
+            1,
+            &[],
+        )?;
+        let cfg = qdb_operator::aws::AwsConfig {
+            region: c.aws_region.clone(),
+            endpoint: Some(self.aws_endpoint.clone()),
+            ec2_per_sec: 50,
+            route53_per_sec: 50,
+            network,
+        };
+        let credentials =
+            aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "localcloud");
+        let sdk = qdb_operator::aws::sdk_loader(&cfg).credentials_provider(credentials).load().await;
+        Ok(qdb_operator::aws::Aws::from_sdk_config(&sdk, &cfg))
     }
 
     /// Starts measuring the CPU of every server of the local cloud, of this process (the

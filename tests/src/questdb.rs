@@ -1,6 +1,7 @@
-//! A QuestDB client as the database's users have one: rows written over ILP on HTTP (which
-//! acknowledges each batch), read back over pgwire; and the fencing sampler, which counts the
-//! processes holding each EBS volume's storage open.
+//! A QuestDB client as the database's users have one, through the database's ingress by its DNS
+//! name ([`crate::ingress::Ingress`]): rows written over ILP on HTTP (which acknowledges each
+//! batch), read back over pgwire; a client's availability probe; and the fencing sampler, which
+//! counts the processes holding each EBS volume's storage open.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,20 +11,22 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use sqlx::{Connection, Row};
 
+use crate::ingress::Ingress;
+
 /// pgwire's default credentials, as QuestDB ships.
 const PG_USER: &str = "admin";
 const PG_PASSWORD: &str = "quest";
 
 /// Writes `count` rows `id = from..from+count` into `table` over ILP/HTTP; returns once QuestDB
 /// acknowledged them (204): from then on they must survive every lifecycle step.
-pub async fn write_rows(host: &str, table: &str, from: u64, count: u64) -> Result<()> {
+pub async fn write_rows(db: &Ingress, table: &str, from: u64, count: u64) -> Result<()> {
     let mut body = String::new();
     for id in from..from + count {
         body.push_str(&format!("{table},src=test id={id}i\n"));
     }
-    let resp = reqwest::Client::new()
-        .post(format!("http://{host}:9000/write"))
-        .timeout(Duration::from_secs(10))
+    let host = &db.dns_name;
+    let resp = db
+        .http(reqwest::Method::POST, "/write")
         .body(body)
         .send()
         .await
@@ -37,10 +40,14 @@ pub async fn write_rows(host: &str, table: &str, from: u64, count: u64) -> Resul
     Ok(())
 }
 
-async fn connect(host: &str) -> Result<sqlx::PgConnection> {
+async fn connect(db: &Ingress) -> Result<sqlx::PgConnection> {
+    let addr = db.pgwire();
+    let host = &db.dns_name;
     let opts = sqlx::postgres::PgConnectOptions::new()
-        .host(host)
-        .port(8812)
+        .host(&addr.ip().to_string())
+        .port(addr.port())
+        // The relay carries TLS to the ingress; to sqlx it is a plain server.
+        .ssl_mode(sqlx::postgres::PgSslMode::Disable)
         .username(PG_USER)
         .password(PG_PASSWORD)
         .database("qdb");
@@ -51,26 +58,27 @@ async fn connect(host: &str) -> Result<sqlx::PgConnection> {
 }
 
 /// The ids in `table`, read over pgwire (simple query protocol), sorted.
-pub async fn read_ids(host: &str, table: &str) -> Result<Vec<i64>> {
-    let mut conn = connect(host).await?;
+pub async fn read_ids(db: &Ingress, table: &str) -> Result<Vec<i64>> {
+    let mut conn = connect(db).await?;
     // The table name is the test's own constant.
     let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SELECT id FROM {table} ORDER BY id")))
         .fetch_all(&mut conn)
         .await
-        .with_context(|| format!("reading {table} on {host}"))?;
+        .with_context(|| format!("reading {table} on {}", db.dns_name))?;
     rows.iter().map(|r| r.try_get::<i64, _>(0).context("id column")).collect()
 }
 
 /// One text value, e.g. `SELECT build()`.
-pub async fn query_text(host: &str, sql: &'static str) -> Result<String> {
-    let mut conn = connect(host).await?;
-    let row = sqlx::raw_sql(sql).fetch_one(&mut conn).await.with_context(|| format!("{sql} on {host}"))?;
+pub async fn query_text(db: &Ingress, sql: &'static str) -> Result<String> {
+    let mut conn = connect(db).await?;
+    let row =
+        sqlx::raw_sql(sql).fetch_one(&mut conn).await.with_context(|| format!("{sql} on {}", db.dns_name))?;
     row.try_get::<String, _>(0).with_context(|| format!("{sql}: first column"))
 }
 
 /// Every server setting in effect (`SHOW PARAMETERS`): property path -> value.
-pub async fn parameters(host: &str) -> Result<BTreeMap<String, String>> {
-    let mut conn = connect(host).await?;
+pub async fn parameters(db: &Ingress) -> Result<BTreeMap<String, String>> {
+    let mut conn = connect(db).await?;
     let rows = sqlx::raw_sql("SHOW PARAMETERS").fetch_all(&mut conn).await.context("SHOW PARAMETERS")?;
     rows.iter()
         .map(|r| {
@@ -81,10 +89,9 @@ pub async fn parameters(host: &str) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
-/// Polls until `ids` (every acknowledged row) can be read back from `host`, or fails with what
-/// was missing.
+/// Polls until `ids` (every acknowledged row) can be read back, or fails with what was missing.
 pub async fn expect_rows(
-    host: &str,
+    db: &Ingress,
     table: &str,
     ids: std::ops::Range<u64>,
     timeout: Duration,
@@ -92,14 +99,15 @@ pub async fn expect_rows(
     let want: Vec<i64> = ids.map(|i| i as i64).collect();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let got = read_ids(host, table).await;
+        let got = read_ids(db, table).await;
         match &got {
             Ok(got) if got == &want => return Ok(()),
             _ if tokio::time::Instant::now() >= deadline => {
                 let got = got?;
                 let missing = want.iter().filter(|w| !got.contains(w)).count();
                 anyhow::bail!(
-                    "{table} on {host}: {} rows read, {missing} of {} acknowledged rows missing",
+                    "{table} on {}: {} rows read, {missing} of {} acknowledged rows missing",
+                    db.dns_name,
                     got.len(),
                     want.len()
                 );
@@ -109,10 +117,10 @@ pub async fn expect_rows(
     }
 }
 
-/// A client's view of availability: `SELECT 1` over pgwire every 100 ms against the address
-/// the database's status names (a new connection after any failure, the address looked up again
-/// then, as a client with a DNS TTL of 0 would). Unavailability is the time from the first
-/// failed query to the next good one, summed.
+/// A client's view of availability: `SELECT 1` over pgwire every 100 ms through the ingress, by
+/// the database's DNS name (a new connection after any failure, the name resolved again then, as
+/// a client that does not cache DNS would). Unavailability is the time from the first failed
+/// query to the next good one, summed.
 pub struct AvailabilityProbe {
     state: Arc<Mutex<ProbeTally>>,
     task: tokio::task::JoinHandle<()>,
@@ -126,21 +134,20 @@ struct ProbeTally {
 }
 
 impl AvailabilityProbe {
-    pub fn start(api: kube::Api<qdb_crd::QuestDB>, db: String) -> Self {
+    pub fn start(aws: qdb_operator::aws::Aws, zone: String, dns_name: String) -> Self {
         let state: Arc<Mutex<ProbeTally>> = Arc::default();
         let tally = state.clone();
         let task = tokio::spawn(async move {
-            let mut conn: Option<sqlx::PgConnection> = None;
+            let mut conn: Option<(sqlx::PgConnection, Ingress)> = None;
             loop {
                 let t0 = tokio::time::Instant::now();
-                if conn.is_none() {
-                    let ip = api.get(&db).await.ok().and_then(|q| q.status?.node?.private_ip);
-                    if let Some(ip) = ip {
-                        conn = connect(&ip).await.ok();
-                    }
+                if conn.is_none()
+                    && let Ok(ingress) = Ingress::resolve(&aws, &zone, &dns_name).await
+                {
+                    conn = connect(&ingress).await.ok().map(|c| (c, ingress));
                 }
                 let ok = match conn.as_mut() {
-                    Some(c) => tokio::time::timeout(
+                    Some((c, _)) => tokio::time::timeout(
                         Duration::from_secs(1),
                         sqlx::raw_sql("SELECT 1").fetch_one(&mut *c),
                     )

@@ -372,30 +372,7 @@ impl Rig {
 
     /// An AWS client for `cluster`'s region of the emulator, built as the operator builds its own.
     pub async fn aws(&self, cluster: &str) -> Result<qdb_operator::aws::Aws> {
-        let c = self.cloud.cluster(cluster)?;
-        let var = |k: &str| c.network_var(k).map(str::to_string);
-        let list = |k: &str| -> Vec<String> {
-            var(k).map(|v| v.split(',').map(str::to_string).collect()).unwrap_or_default()
-        };
-        let network = qdb_operator::aws::NodeNetwork::from_flags(
-            var("QDB_VPC_ID"),
-            &list("QDB_SUBNETS"),
-            list("QDB_EXTRA_SECURITY_GROUPS"),
-            var("QDB_INSTANCE_PROFILE"),
-            1,
-            &[],
-        )?;
-        let cfg = qdb_operator::aws::AwsConfig {
-            region: c.aws_region.clone(),
-            endpoint: Some(self.cloud.aws_endpoint.clone()),
-            ec2_per_sec: 50,
-            route53_per_sec: 50,
-            network,
-        };
-        let credentials =
-            aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "localcloud");
-        let sdk = qdb_operator::aws::sdk_loader(&cfg).credentials_provider(credentials).load().await;
-        Ok(qdb_operator::aws::Aws::from_sdk_config(&sdk, &cfg))
+        self.cloud.aws(cluster).await
     }
 
     /// The journal of this rig's provisioner.

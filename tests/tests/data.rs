@@ -1,13 +1,16 @@
 //! Issue 16: a real QuestDB in the database's pod. Rows are written over ILP/HTTP (acknowledged)
 //! before each lifecycle step, the step runs through Kafka instructions (provisioner + operator +
-//! node simulator), and every acknowledged row is read back over pgwire from the node's address
-//! afterwards. A sampler checks all along that no EBS volume is ever open in two processes.
+//! node simulator), and every acknowledged row is read back over pgwire afterwards. Clients go
+//! the users' way: the database's DNS name through Route53, TLS to the node's Traefik, which
+//! routes by server name to the pod. A sampler checks all along that no EBS volume is ever open
+//! in two processes.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use qdb_proto::v1::{self, Phase, instruction::Operation};
+use qdb_tests::ingress::Ingress;
 use qdb_tests::questdb::{FencingSampler, expect_rows, parameters, query_text, write_rows};
 use qdb_tests::rig::{Rig, ins};
 use serde_json::Value;
@@ -17,16 +20,33 @@ const T: Duration = Duration::from_secs(180);
 const OLDER: &str = "9.2.3";
 const NEWER: &str = "9.3.0";
 
-/// Waits for the database to serve (Ready) from an instance other than `not`, and returns its
-/// address and instance.
-async fn serving_elsewhere(rig: &Rig, db: &str, not: &str, timeout: Duration) -> Result<(String, String)> {
+/// The database as a client reaches it: its DNS name from status, resolved through Route53, and
+/// the ingress there serving it (the node's Traefik has the route and the pod's endpoint).
+async fn ingress(rig: &Rig, db: &str) -> Result<Ingress> {
+    let q = rig.questdbs("region-a").await?.get(db).await?;
+    let name = q.status.and_then(|s| s.dns).map(|d| d.name).context("no DNS name in status")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ingress = Ingress::resolve(&rig.aws("region-a").await?, &rig.dns_zone(), &name).await?;
+        match ingress.wait_serving(Duration::from_secs(5)).await {
+            Ok(()) => return Ok(ingress),
+            // The record may still name the old node for a moment after a move.
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Waits for the database to serve (Ready) from an instance other than `not`, and returns it as
+/// a client reaches it, and its instance.
+async fn serving_elsewhere(rig: &Rig, db: &str, not: &str, timeout: Duration) -> Result<(Ingress, String)> {
     let api = rig.questdbs("region-a").await?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let status = api.get(db).await?.status.unwrap_or_default();
         let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
         if let Some(node) = status.node.filter(|n| n.instance_id != not && ready) {
-            return Ok((node.private_ip.context("no private IP")?, node.instance_id));
+            return Ok((ingress(rig, db).await?, node.instance_id));
         }
         ensure!(
             tokio::time::Instant::now() < deadline,
@@ -36,10 +56,11 @@ async fn serving_elsewhere(rig: &Rig, db: &str, not: &str, timeout: Duration) ->
     }
 }
 
-async fn node_ip(rig: &Rig, db: &str) -> Result<(String, String)> {
+/// The database through its ingress, and the instance it runs on.
+async fn node_ip(rig: &Rig, db: &str) -> Result<(Ingress, String)> {
     let q = rig.questdbs("region-a").await?.get(db).await?;
     let node = q.status.and_then(|s| s.node).context("no node in status")?;
-    Ok((node.private_ip.context("no private IP")?, node.instance_id))
+    Ok((ingress(rig, db).await?, node.instance_id))
 }
 
 /// The real servers the node simulator runs, as its control API lists them.
@@ -109,7 +130,7 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
         "a partition must not kill the node's QuestDB"
     );
     let (new_ip, _) = serving_elsewhere(&rig, db, &first_instance, Duration::from_secs(300)).await?;
-    ensure!(new_ip != ip, "the replacement has its own address");
+    ensure!(new_ip.address != ip.address, "the name points at the replacement's address");
     ensure!(
         !std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
         "the partitioned QuestDB must be dead once its instance is stopped"

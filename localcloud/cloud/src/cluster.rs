@@ -262,6 +262,15 @@ fn apply(s: &Settings, c: &Cluster) -> Result<()> {
     if !apply_files(s, c, &ours) {
         bail!("applying the QuestDB CRD and roles to {} failed", c.name);
     }
+    // The ingress of every database node, as production runs it (the node simulator runs its
+    // pods with the real Traefik).
+    let mut ingress = kubectl(s, c);
+    ingress
+        .args(["apply", "--server-side", "--field-manager=localcloud", "-k"])
+        .arg(repo.join("deploy/ingress"));
+    if !kubectl_ok(&mut ingress) {
+        bail!("applying deploy/ingress to {} failed", c.name);
+    }
     let established = kubectl_ok(kubectl(s, c).args([
         "wait",
         "--for=condition=Established",

@@ -59,6 +59,8 @@ pub fn start(cloud: &Cloud, c: &Cluster) -> Result<()> {
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--runtime", &s.node_runtime, "--java"])
         .arg(java)
+        .arg("--traefik")
+        .arg(s.traefik())
         .args(["--questdb", &s.tools.questdb, "--simulated-major", STAND_IN_MAJOR])
         .arg("--volumes-dir")
         .arg(volumes_dir(s))

@@ -1,7 +1,7 @@
 //! Loopback control API, so tests can break machines on purpose:
 //! `GET /nodes`, `POST /nodes/{id}/kill`, `POST /nodes/{id}/revive` (id = instance id or node
-//! name), `PUT /join-delay/{seconds}`, `GET /containers` (the real QuestDB servers running:
-//! pod, pid, volume, version, readiness), `GET /healthz`.
+//! name), `PUT /join-delay/{seconds}`, `GET /containers` (the real processes running: pod,
+//! pid, image, address, volume, readiness), `GET /healthz`.
 
 use std::time::Duration;
 
@@ -72,9 +72,10 @@ struct ContainerView {
     pod: String,
     uid: String,
     pid: Option<u32>,
+    image: String,
     instance_id: String,
-    volume_id: String,
-    version: String,
+    pod_ip: String,
+    volume_id: Option<String>,
     ready: bool,
     restarts: i32,
 }
@@ -88,9 +89,10 @@ async fn containers(runtime: Arc<Mutex<Runtime>>) -> Json<Vec<ContainerView>> {
                 pod: c.pod.clone(),
                 uid: uid.clone(),
                 pid: c.pid(),
+                image: c.image.clone(),
                 instance_id: c.instance_id.clone(),
+                pod_ip: c.pod_ip.clone(),
                 volume_id: c.volume_id.clone(),
-                version: c.version.clone(),
                 ready: c.ready,
                 restarts: c.restarts,
             })

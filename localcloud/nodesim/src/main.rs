@@ -5,6 +5,7 @@ mod ec2;
 mod http;
 mod net;
 mod objects;
+mod relay;
 mod runtime;
 mod sim;
 mod userdata;
@@ -47,6 +48,9 @@ struct Args {
     /// `real` runs installed QuestDB versions; `simulated` runs no process at all (scale benchmarks).
     #[arg(long, env = "NODESIM_RUNTIME", value_enum, default_value = "real")]
     runtime: runtime::Mode,
+    /// The Traefik binary pods of `traefik:` images run (the ingress DaemonSet); simulated without.
+    #[arg(long, env = "NODESIM_TRAEFIK")]
+    traefik: Option<PathBuf>,
     /// The JVM QuestDB runs on (Java 23+ for its flags).
     #[arg(long, env = "NODESIM_JAVA", default_value = "java")]
     java: PathBuf,
@@ -101,6 +105,18 @@ async fn main() -> Result<()> {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .context("loading kubeconfig")?;
+    // Pods that talk to the apiserver (Traefik) reach it through their node's relay, and trust
+    // the cluster CA.
+    let apiserver = config
+        .cluster_url
+        .authority()
+        .and_then(|a| a.as_str().parse::<std::net::SocketAddr>().ok())
+        .with_context(|| format!("the apiserver URL {} is not host:port of an IP", config.cluster_url))?;
+    let ca_file = args.logs_dir.join("cluster-ca.crt");
+    let ca = config.root_cert.iter().flatten().map(|der| pem("CERTIFICATE", der)).collect::<String>();
+    std::fs::create_dir_all(&args.logs_dir)
+        .with_context(|| format!("creating {}", args.logs_dir.display()))?;
+    std::fs::write(&ca_file, ca).with_context(|| format!("writing {}", ca_file.display()))?;
     let kube = kube::Client::try_from(config).context("building Kubernetes client")?;
     let aws = aws_config::defaults(BehaviorVersion::latest())
         .endpoint_url(&args.aws_endpoint)
@@ -130,18 +146,22 @@ async fn main() -> Result<()> {
             runtime: runtime::Config {
                 mode: args.runtime,
                 java: args.java,
+                traefik: args.traefik,
                 installed: args.questdb.into_iter().collect(),
                 simulated_majors: args.simulated_majors,
                 volumes_dir: args.volumes_dir,
                 logs_dir: args.logs_dir,
             },
             network,
+            apiserver,
+            ca_file,
         },
         kube,
         ec2,
         state,
         runtime,
         http: reqwest::Client::new(),
+        relays: Mutex::default(),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -153,4 +173,17 @@ async fn main() -> Result<()> {
     };
     sim.shutdown().await;
     result
+}
+
+/// DER as PEM, 64 columns.
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }

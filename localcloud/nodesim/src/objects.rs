@@ -144,10 +144,12 @@ impl ContainerState {
     }
 }
 
-/// What the kubelet reports for a pod it runs, every container in `state`.
+/// What a kubelet reports for a pod it runs, every container in `state`; `pod_ip` is the node's
+/// for a pod on the node's network (hostPorts, simulated pods), its own otherwise.
 pub fn build_pod_status(
     container_names_images: &[(String, String)],
     node_ip: &str,
+    pod_ip: &str,
     now: &str,
     state: &ContainerState,
 ) -> Value {
@@ -178,8 +180,8 @@ pub fn build_pod_status(
         "status": {
             "phase": if running { "Running" } else { "Pending" },
             "hostIP": node_ip,
-            "podIP": node_ip,
-            "podIPs": [{"ip": node_ip}],
+            "podIP": pod_ip,
+            "podIPs": [{"ip": pod_ip}],
             "startTime": now,
             "conditions": [
                 cond("Initialized", "True"),
@@ -244,7 +246,7 @@ mod tests {
             reason: "ContainerCreating",
             message: "volume vol-1 not attached".into(),
         };
-        let waiting = build_pod_status(&c, "10.0.0.1", "2026-01-01T00:00:01Z", &creating);
+        let waiting = build_pod_status(&c, "10.0.0.1", "10.0.128.2", "2026-01-01T00:00:01Z", &creating);
         assert_eq!(waiting["status"]["phase"], "Pending");
         assert_eq!(waiting["status"]["containerStatuses"][0]["ready"], false);
         assert_eq!(
@@ -253,14 +255,18 @@ mod tests {
         );
         let up =
             |ready| ContainerState::Running { started_at: "2026-01-01T00:00:00Z".into(), ready, restarts: 2 };
-        let running = build_pod_status(&c, "10.0.0.1", "2026-01-01T00:00:01Z", &up(true));
+        let running = build_pod_status(&c, "10.0.0.1", "10.0.128.2", "2026-01-01T00:00:01Z", &up(true));
         assert_eq!(running["status"]["phase"], "Running");
+        assert_eq!(
+            (running["status"]["hostIP"].as_str(), running["status"]["podIP"].as_str()),
+            (Some("10.0.0.1"), Some("10.0.128.2"))
+        );
         assert_eq!(running["status"]["conditions"][1]["status"], "True");
         assert_eq!(running["status"]["containerStatuses"][0]["restartCount"], 2);
         let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(running).unwrap();
         assert!(up(true).reported_by(&pod));
         assert!(!up(false).reported_by(&pod), "readiness changed: must be written");
-        let starting = build_pod_status(&c, "10.0.0.1", "2026-01-01T00:00:01Z", &up(false));
+        let starting = build_pod_status(&c, "10.0.0.1", "10.0.128.2", "2026-01-01T00:00:01Z", &up(false));
         assert_eq!(starting["status"]["phase"], "Running");
         assert_eq!(starting["status"]["conditions"][1]["status"], "False");
     }

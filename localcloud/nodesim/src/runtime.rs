@@ -1,10 +1,12 @@
-//! The container runtime: which pods run a real QuestDB server, and those servers' processes.
+//! The container runtime: which pods run a real process, and those processes.
 //!
 //! A pod of image `questdb/questdb:<version>` runs the real server when that version's jar is
-//! installed (from Maven Central, by `localcloud install`), in its node's network namespace, with
-//! its data directory on the storage of its EBS volume. A version that is neither installed nor
-//! of a stand-in major fails like an image pull (ImagePullBackOff). Every other image, the
-//! stand-in majors (tests that prove control-plane behaviour without data) and every pod under
+//! installed (from Maven Central, by `localcloud install`), in a network namespace of its own,
+//! with its data directory on the storage of its EBS volume. A version that is neither installed
+//! nor of a stand-in major fails like an image pull (ImagePullBackOff). A pod of image
+//! `traefik:<tag>` (the ingress DaemonSet) runs the local cloud's Traefik binary in its node's
+//! namespace, which is what its hostPorts amount to. Every other image, the stand-in majors
+//! (tests that prove control-plane behaviour without data) and every pod under
 //! `--runtime simulated` (scale benchmarks) are simulated: Ready once their volumes attach.
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,6 +21,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 pub const QUESTDB_REPOSITORY: &str = "questdb/questdb";
+pub const TRAEFIK_REPOSITORY: &str = "traefik";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -32,6 +35,8 @@ pub enum Mode {
 pub struct Config {
     pub mode: Mode,
     pub java: PathBuf,
+    /// The Traefik binary `traefik:` images run; without it they are simulated.
+    pub traefik: Option<PathBuf>,
     /// Installed QuestDB versions and their jars.
     pub installed: BTreeMap<String, PathBuf>,
     /// QuestDB majors whose images run simulated (no release of them is installed).
@@ -46,9 +51,12 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImagePlan {
     Simulated,
-    Real {
+    QuestDb {
         version: String,
         jar: PathBuf,
+    },
+    Traefik {
+        bin: PathBuf,
     },
     /// The image cannot be pulled; the message says why, as a kubelet's event would.
     PullBackOff(String),
@@ -58,11 +66,15 @@ pub fn plan_image(cfg: &Config, image: &str) -> ImagePlan {
     if cfg.mode == Mode::Simulated {
         return ImagePlan::Simulated;
     }
+    let traefik_tag = image.strip_prefix(TRAEFIK_REPOSITORY).and_then(|r| r.strip_prefix(':'));
+    if let (Some(bin), Some(_)) = (&cfg.traefik, traefik_tag) {
+        return ImagePlan::Traefik { bin: bin.clone() };
+    }
     let Some(version) = image.strip_prefix(QUESTDB_REPOSITORY).and_then(|rest| rest.strip_prefix(':')) else {
         return ImagePlan::Simulated;
     };
     if let Some(jar) = cfg.installed.get(version) {
-        return ImagePlan::Real { version: version.to_string(), jar: jar.clone() };
+        return ImagePlan::QuestDb { version: version.to_string(), jar: jar.clone() };
     }
     let major = version.split('.').next().and_then(|m| m.parse::<u32>().ok());
     if major.is_some_and(|m| cfg.simulated_majors.contains(&m)) {
@@ -79,8 +91,8 @@ pub fn plan_image(cfg: &Config, image: &str) -> ImagePlan {
 pub enum RuntimeError {
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("starting QuestDB {version} for {pod}: {source}")]
-    Start { version: String, pod: String, source: std::io::Error },
+    #[error("starting {image} for {pod}: {source}")]
+    Start { image: String, pod: String, source: std::io::Error },
 }
 
 /// The JVM and server settings of a small machine: a pod's memory limit, where set, sizes the
@@ -132,12 +144,16 @@ pub fn java_args(jar: &Path, root: &Path, heap: &str) -> Vec<String> {
     args
 }
 
-/// One running QuestDB container.
+/// One running container.
 pub struct Container {
     pub pod: String,
+    pub image: String,
     pub instance_id: String,
-    pub volume_id: String,
-    pub version: String,
+    /// The EBS volume it runs on (QuestDB).
+    pub volume_id: Option<String>,
+    pub pod_ip: String,
+    /// It has a host of its own (`Network::pod_netns`), to remove with the pod.
+    pub own_host: bool,
     pub started_at: String,
     pub restarts: i32,
     pub ready: bool,
@@ -154,19 +170,79 @@ struct ProbeState {
 }
 
 /// A container to start: everything the runtime needs, gathered by the simulator.
-pub struct Launch<'a> {
-    pub pod: &'a str,
-    pub uid: &'a str,
-    pub instance_id: &'a str,
-    pub netns: &'a str,
-    pub version: &'a str,
-    pub jar: &'a Path,
-    pub volume_id: &'a str,
-    /// Files to materialise relative to the data root (the pod's ConfigMap, e.g. conf/server.conf).
-    pub files: Vec<(PathBuf, String)>,
-    pub memory_limit: Option<u64>,
+pub struct Launch {
+    pub pod: String,
+    pub uid: String,
+    pub image: String,
+    pub instance_id: String,
+    /// The namespace it runs in: its own, or its node's.
+    pub netns: String,
+    pub pod_ip: String,
+    pub own_host: bool,
+    pub volume_id: Option<String>,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
     pub started_at: String,
     pub restarts: i32,
+}
+
+/// Makes the QuestDB root on the volume's storage with the pod's files in it (its ConfigMap as
+/// conf/server.conf); returns the root.
+pub fn prepare_questdb_root(
+    cfg: &Config,
+    volume_id: &str,
+    files: &[(PathBuf, String)],
+) -> Result<PathBuf, RuntimeError> {
+    let root = cfg.volumes_dir.join(volume_id);
+    for dir in [root.join("conf"), root.join("tmp")] {
+        std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::Write { path: dir.clone(), source })?;
+    }
+    for (rel, content) in files {
+        let path = root.join(rel);
+        std::fs::write(&path, content)
+            .map_err(|source| RuntimeError::Write { path: path.clone(), source })?;
+    }
+    Ok(root)
+}
+
+/// QuestDB's program, arguments and environment: a small machine's worker pools (env overrides
+/// leave server.conf exactly as rendered) and the memory the pod's limit allows.
+pub fn questdb_command(
+    cfg: &Config,
+    jar: &Path,
+    root: &Path,
+    memory_limit: Option<u64>,
+) -> (PathBuf, Vec<String>, Vec<(String, String)>) {
+    let (heap, ram_limit) = memory_settings(memory_limit);
+    let env = [
+        ("QDB_SHARED_NETWORK_WORKER_COUNT", "1".to_string()),
+        ("QDB_SHARED_QUERY_WORKER_COUNT", "1".to_string()),
+        ("QDB_SHARED_WRITE_WORKER_COUNT", "1".to_string()),
+        ("QDB_TELEMETRY_ENABLED", "false".to_string()),
+        ("QDB_RAM_USAGE_LIMIT_BYTES", ram_limit.to_string()),
+    ];
+    (
+        cfg.java.clone(),
+        java_args(jar, root, &heap),
+        env.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    )
+}
+
+/// Traefik as the DaemonSet runs it: the container's own arguments, and the apiserver reached the
+/// way a pod does (the node's `kubernetes` Service address, the service account's token, the
+/// cluster CA), given as the provider's flags since no in-cluster files exist here.
+pub fn traefik_command(
+    bin: &Path,
+    container_args: &[String],
+    token: &str,
+    ca_file: &Path,
+) -> (PathBuf, Vec<String>) {
+    let mut args = container_args.to_vec();
+    args.push(format!("--providers.kubernetescrd.endpoint=https://{}", crate::relay::IN_NODE));
+    args.push(format!("--providers.kubernetescrd.token={token}"));
+    args.push(format!("--providers.kubernetescrd.certauthfilepath={}", ca_file.display()));
+    (bin.to_path_buf(), args)
 }
 
 /// What a probe is checked against.
@@ -185,17 +261,9 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn start(&mut self, cfg: &Config, l: Launch<'_>) -> Result<(), RuntimeError> {
-        let root = cfg.volumes_dir.join(l.volume_id);
-        for dir in [root.join("conf"), root.join("tmp"), cfg.logs_dir.clone()] {
-            std::fs::create_dir_all(&dir)
-                .map_err(|source| RuntimeError::Write { path: dir.clone(), source })?;
-        }
-        for (rel, content) in &l.files {
-            let path = root.join(rel);
-            std::fs::write(&path, content)
-                .map_err(|source| RuntimeError::Write { path: path.clone(), source })?;
-        }
+    pub fn start(&mut self, cfg: &Config, l: Launch) -> Result<(), RuntimeError> {
+        std::fs::create_dir_all(&cfg.logs_dir)
+            .map_err(|source| RuntimeError::Write { path: cfg.logs_dir.clone(), source })?;
         let log_path = cfg.logs_dir.join(format!("{}_{}.log", l.pod.replace('/', "_"), l.uid));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -203,21 +271,17 @@ impl Runtime {
             .open(&log_path)
             .map_err(|source| RuntimeError::Write { path: log_path.clone(), source })?;
         let err = log.try_clone().map_err(|source| RuntimeError::Write { path: log_path.clone(), source })?;
-        let (heap, ram_limit) = memory_settings(l.memory_limit);
         let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", l.netns])
-            .arg(&cfg.java)
-            .args(java_args(l.jar, &root, &heap))
-            // A small machine's worker pools; env overrides leave server.conf exactly as rendered.
-            .env("QDB_SHARED_NETWORK_WORKER_COUNT", "1")
-            .env("QDB_SHARED_QUERY_WORKER_COUNT", "1")
-            .env("QDB_SHARED_WRITE_WORKER_COUNT", "1")
-            .env("QDB_TELEMETRY_ENABLED", "false")
-            .env("QDB_RAM_USAGE_LIMIT_BYTES", ram_limit.to_string())
+        cmd.args(["netns", "exec", &l.netns])
+            .arg(&l.program)
+            .args(&l.args)
+            .envs(l.env.iter().map(|(k, v)| (k, v)))
+            // A pod finds the apiserver through its flags, never through the simulator's env.
+            .env_remove("KUBERNETES_SERVICE_HOST")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
-        // SAFETY: prctl(2) only, between fork and exec. The server dies with the simulator, as
+        // SAFETY: prctl(2) only, between fork and exec. The process dies with the simulator, as
         // containers die with their machine; `ip netns exec` execs it in place, so it applies.
         unsafe {
             cmd.pre_exec(|| {
@@ -225,17 +289,27 @@ impl Runtime {
                 Ok(())
             });
         }
-        let child = tokio::process::Command::from(cmd).kill_on_drop(true).spawn().map_err(|source| {
-            RuntimeError::Start { version: l.version.to_string(), pod: l.pod.to_string(), source }
-        })?;
-        info!(pod = l.pod, version = l.version, volume = l.volume_id, pid = child.id(), "QuestDB started");
+        let child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| RuntimeError::Start { image: l.image.clone(), pod: l.pod.clone(), source })?;
+        info!(
+            pod = l.pod,
+            image = l.image,
+            volume = l.volume_id,
+            ip = l.pod_ip,
+            pid = child.id(),
+            "container started"
+        );
         self.containers.insert(
-            l.uid.to_string(),
+            l.uid,
             Container {
-                pod: l.pod.to_string(),
-                instance_id: l.instance_id.to_string(),
-                volume_id: l.volume_id.to_string(),
-                version: l.version.to_string(),
+                pod: l.pod,
+                image: l.image,
+                instance_id: l.instance_id,
+                volume_id: l.volume_id,
+                pod_ip: l.pod_ip,
+                own_host: l.own_host,
                 started_at: l.started_at,
                 restarts: l.restarts,
                 ready: false,
@@ -279,16 +353,16 @@ impl Container {
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         }
         if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
-            warn!(pod = self.pod, "QuestDB ignored SIGTERM for the grace period; killing it");
+            warn!(pod = self.pod, "the container ignored SIGTERM for the grace period; killing it");
             let _ = self.child.kill().await;
         }
-        info!(pod = self.pod, volume = self.volume_id, "QuestDB stopped");
+        info!(pod = self.pod, image = self.image, "container stopped");
     }
 
     /// Power lost: SIGKILL at once.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
-        info!(pod = self.pod, volume = self.volume_id, "QuestDB killed with its machine");
+        info!(pod = self.pod, image = self.image, "container killed with its machine");
     }
 }
 
@@ -379,6 +453,7 @@ mod tests {
         Config {
             mode,
             java: "java".into(),
+            traefik: None,
             installed: [("9.3.0".to_string(), PathBuf::from("/q/9.3.0.jar"))].into(),
             simulated_majors: vec![8],
             volumes_dir: "/v".into(),
@@ -391,10 +466,16 @@ mod tests {
         let c = cfg(Mode::Real);
         assert_eq!(
             plan_image(&c, "questdb/questdb:9.3.0"),
-            ImagePlan::Real { version: "9.3.0".into(), jar: "/q/9.3.0.jar".into() }
+            ImagePlan::QuestDb { version: "9.3.0".into(), jar: "/q/9.3.0.jar".into() }
         );
         assert_eq!(plan_image(&c, "questdb/questdb:8.2.1"), ImagePlan::Simulated);
-        assert_eq!(plan_image(&c, "traefik:v3.6"), ImagePlan::Simulated);
+        assert_eq!(plan_image(&c, "traefik:v3.6"), ImagePlan::Simulated, "no Traefik binary given");
+        let with_traefik = Config { traefik: Some("/t/traefik".into()), ..cfg(Mode::Real) };
+        assert_eq!(
+            plan_image(&with_traefik, "traefik:v3.6.12"),
+            ImagePlan::Traefik { bin: "/t/traefik".into() }
+        );
+        assert_eq!(plan_image(&with_traefik, "traefikee:1"), ImagePlan::Simulated);
         let ImagePlan::PullBackOff(why) = plan_image(&c, "questdb/questdb:9.9.9") else {
             panic!("9.9.9 is not installed")
         };
@@ -414,6 +495,20 @@ mod tests {
     fn memory_follows_the_pod_limit_where_set() {
         assert_eq!(memory_settings(None), ("-Xmx256m".to_string(), 512 << 20));
         assert_eq!(memory_settings(Some(2 << 30)), ("-Xmx512m".to_string(), 1 << 30));
+    }
+
+    #[test]
+    fn traefik_keeps_the_daemonsets_arguments_and_reaches_the_apiserver_as_a_pod() {
+        let (bin, args) = traefik_command(
+            Path::new("/t/traefik"),
+            &["--entrypoints.pgwire.address=:8812".to_string()],
+            "tok",
+            Path::new("/r/ca.crt"),
+        );
+        assert_eq!(bin, PathBuf::from("/t/traefik"));
+        assert_eq!(args[0], "--entrypoints.pgwire.address=:8812");
+        assert!(args.contains(&"--providers.kubernetescrd.endpoint=https://127.0.0.1:6443".to_string()));
+        assert!(args.contains(&"--providers.kubernetescrd.token=tok".to_string()));
     }
 
     #[test]

@@ -7,8 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount,
+};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -27,6 +30,10 @@ pub struct Config {
     pub tick: Duration,
     pub runtime: runtime::Config,
     pub network: Network,
+    /// The apiserver, for the nodes' relays (pods reach it as the `kubernetes` Service).
+    pub apiserver: std::net::SocketAddr,
+    /// The cluster CA, for pods that talk to the apiserver.
+    pub ca_file: std::path::PathBuf,
 }
 
 /// One simulated machine, keyed by instance id.
@@ -81,6 +88,8 @@ pub struct Sim {
     pub state: Shared,
     pub runtime: Arc<Mutex<Runtime>>,
     pub http: reqwest::Client,
+    /// Per node (instance id), its apiserver relay.
+    pub relays: Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 fn now() -> String {
@@ -197,12 +206,34 @@ impl Sim {
 
     /// The machine lost power: its containers die at once, with no grace.
     async fn power_off(&self, instance_id: &str) {
-        let dead: Vec<runtime::Container> = {
+        let dead: Vec<(String, runtime::Container)> = {
             let mut rt = self.runtime.lock().expect("runtime lock");
-            rt.on_instance(instance_id).iter().filter_map(|uid| rt.take(uid)).collect()
+            rt.on_instance(instance_id)
+                .into_iter()
+                .filter_map(|uid| Some((uid.clone(), rt.take(&uid)?)))
+                .collect()
         };
-        for c in dead {
+        for (uid, c) in dead {
+            let own_host = c.own_host;
             c.kill().await;
+            if own_host {
+                self.remove_pod_host(&uid).await;
+            }
+        }
+    }
+
+    async fn remove_pod_host(&self, uid: &str) {
+        if let Err(e) = self.cfg.network.remove_pod_host(uid).await {
+            warn!(uid, error = %e, "removing a pod's host failed");
+        }
+    }
+
+    /// Stops a container as the kubelet does for a pod that goes, and removes its host.
+    async fn stop_for_good(&self, uid: &str, c: runtime::Container, grace: Duration) {
+        let own_host = c.own_host;
+        c.stop(grace).await;
+        if own_host {
+            self.remove_pod_host(uid).await;
         }
     }
 
@@ -217,7 +248,21 @@ impl Sim {
                 .collect()
         };
         for (id, down) in due {
-            match self.cfg.network.set_link(&id, !down).await {
+            // The node and the pods with hosts of their own on it are cut off together.
+            let pods: Vec<String> = {
+                let rt = self.runtime.lock().expect("runtime lock");
+                rt.containers
+                    .iter()
+                    .filter(|(_, c)| c.instance_id == id && c.own_host)
+                    .map(|(uid, _)| crate::net::pod_veth(uid))
+                    .collect()
+            };
+            for veth in pods {
+                if let Err(e) = self.cfg.network.set_link(&veth, !down).await {
+                    warn!(instance = id, veth, error = %e, "changing a pod's link failed");
+                }
+            }
+            match self.cfg.network.set_link(&crate::net::host_veth(&id), !down).await {
                 Ok(()) => {
                     if let Some(n) = self.state.lock().expect("state lock").nodes.get_mut(&id) {
                         n.link_down = down;
@@ -232,6 +277,9 @@ impl Sim {
         let removed = self.state.lock().expect("state lock").nodes.remove(instance_id);
         let Some(n) = removed else { return };
         self.power_off(instance_id).await;
+        if let Some(relay) = self.relays.lock().expect("relays lock").remove(instance_id) {
+            relay.abort();
+        }
         if let Err(e) = self.cfg.network.remove_host(instance_id).await {
             warn!(instance = instance_id, error = %e, "removing the node's host failed");
         }
@@ -400,7 +448,7 @@ impl Sim {
         let wanted: HashSet<(String, String)> =
             mine.iter().filter_map(|(p, n)| Some((p.metadata.uid.clone()?, n.instance_id.clone()))).collect();
         let live_instances: HashSet<&str> = live.values().map(|n| n.instance_id.as_str()).collect();
-        let orphans: Vec<runtime::Container> = {
+        let orphans: Vec<(String, runtime::Container)> = {
             let mut rt = self.runtime.lock().expect("runtime lock");
             let uids: Vec<String> = rt
                 .containers
@@ -411,11 +459,11 @@ impl Sim {
                 })
                 .map(|(uid, _)| uid.clone())
                 .collect();
-            uids.iter().filter_map(|u| rt.take(u)).collect()
+            uids.into_iter().filter_map(|u| Some((u.clone(), rt.take(&u)?))).collect()
         };
-        for c in orphans {
+        for (uid, c) in orphans {
             info!(pod = c.pod, "its pod is no longer bound here; stopping it");
-            c.stop(Duration::from_secs(30)).await;
+            self.stop_for_good(&uid, c, Duration::from_secs(30)).await;
         }
     }
 
@@ -428,7 +476,7 @@ impl Sim {
             // Stop the containers, then confirm the deletion as the kubelet does.
             let running = self.runtime.lock().expect("runtime lock").take(&uid);
             if let Some(c) = running {
-                c.stop(grace_period(pod)).await;
+                self.stop_for_good(&uid, c, grace_period(pod)).await;
             }
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
@@ -448,6 +496,7 @@ impl Sim {
             .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
             .collect();
         let image = containers.first().map(|(_, i)| i.clone()).unwrap_or_default();
+        let mut pod_ip = node.private_ip.clone();
         let state = match runtime::plan_image(&self.cfg.runtime, &image) {
             ImagePlan::Simulated => {
                 // Like a kubelet, volumes are checked before the containers start, not again
@@ -464,12 +513,16 @@ impl Sim {
             ImagePlan::PullBackOff(message) => {
                 ContainerState::Waiting { reason: "ImagePullBackOff", message }
             }
-            ImagePlan::Real { version, jar } => self.run_real(pod, node, &version, &jar).await?,
+            plan @ (ImagePlan::QuestDb { .. } | ImagePlan::Traefik { .. }) => {
+                let (state, ip) = self.run_real(pod, node, &plan).await?;
+                pod_ip = ip;
+                state
+            }
         };
         if state.reported_by(pod) {
             return Ok(());
         }
-        let status = build_pod_status(&containers, &node.private_ip, &now(), &state);
+        let status = build_pod_status(&containers, &node.private_ip, &pod_ip, &now(), &state);
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
             .await
             .context("patching pod status")?;
@@ -477,24 +530,24 @@ impl Sim {
         Ok(())
     }
 
-    /// A pod that runs the real server: started once its volume is attached, then probed.
+    /// A pod that runs a real process: started once its volumes are attached, then probed.
+    /// Returns its state and its address.
     async fn run_real(
         &self,
         pod: &Pod,
         node: &SimNode,
-        version: &str,
-        jar: &std::path::Path,
-    ) -> Result<ContainerState> {
+        plan: &ImagePlan,
+    ) -> Result<(ContainerState, String)> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let running = self.runtime.lock().expect("runtime lock").take(&uid);
         let Some(mut c) = running else {
-            return self.start_real(pod, node, version, jar, 0).await;
+            return self.start_real(pod, node, plan, 0, None).await;
         };
         if c.exited() {
-            warn!(pod = c.pod, "QuestDB exited; restarting it");
+            warn!(pod = c.pod, "the container exited; restarting it");
         } else {
-            let verdict =
-                runtime::run_probes(&self.http, &mut c, &runtime::probes(pod), &node.private_ip).await;
+            let ip = c.pod_ip.clone();
+            let verdict = runtime::run_probes(&self.http, &mut c, &runtime::probes(pod), &ip).await;
             if verdict != Verdict::Unhealthy {
                 let state = ContainerState::Running {
                     started_at: c.started_at.clone(),
@@ -502,48 +555,137 @@ impl Sim {
                     restarts: c.restarts,
                 };
                 self.runtime.lock().expect("runtime lock").put(&uid, c);
-                return Ok(state);
+                return Ok((state, ip));
             }
-            warn!(pod = c.pod, "liveness probe failed; restarting QuestDB");
+            warn!(pod = c.pod, "liveness probe failed; restarting the container");
         }
+        // A restart keeps the pod's sandbox: the same host and address.
         let restarts = c.restarts + 1;
+        let ip = c.pod_ip.clone();
         c.stop(grace_period(pod)).await;
-        self.start_real(pod, node, version, jar, restarts).await
+        self.start_real(pod, node, plan, restarts, Some(ip)).await
     }
 
     async fn start_real(
         &self,
         pod: &Pod,
         node: &SimNode,
-        version: &str,
-        jar: &std::path::Path,
+        plan: &ImagePlan,
         restarts: i32,
-    ) -> Result<ContainerState> {
+        pod_ip: Option<String>,
+    ) -> Result<(ContainerState, String)> {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
         let volumes = match self.attached_volumes(pod, &ns, &node.instance_id).await? {
-            Err(message) => return Ok(ContainerState::Waiting { reason: "ContainerCreating", message }),
+            Err(message) => {
+                return Ok((
+                    ContainerState::Waiting { reason: "ContainerCreating", message },
+                    node.private_ip.clone(),
+                ));
+            }
             Ok(v) => v,
         };
-        let mounts = self.data_mounts(pod, &ns, &volumes).await?;
+        let image = pod.spec.as_ref().and_then(|s| s.containers.first()).and_then(|c| c.image.clone());
         let started_at = now();
-        let pod_name = format!("{ns}/{}", pod.metadata.name.clone().unwrap_or_default());
-        let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let netns = self.cfg.network.netns(&node.instance_id);
-        let launch = Launch {
-            pod: &pod_name,
-            uid: &uid,
-            instance_id: &node.instance_id,
-            netns: &netns,
-            version,
-            jar,
-            volume_id: &mounts.volume_id,
-            files: mounts.files,
-            memory_limit: memory_limit(pod),
+        let mut launch = Launch {
+            pod: format!("{ns}/{}", pod.metadata.name.clone().unwrap_or_default()),
+            uid: uid.clone(),
+            image: image.unwrap_or_default(),
+            instance_id: node.instance_id.clone(),
+            netns: self.cfg.network.netns(&node.instance_id),
+            pod_ip: node.private_ip.clone(),
+            own_host: false,
+            volume_id: None,
+            program: Default::default(),
+            args: Vec::new(),
+            env: Vec::new(),
             started_at: started_at.clone(),
             restarts,
         };
+        match plan {
+            ImagePlan::QuestDb { jar, .. } => {
+                let mounts = self.data_mounts(pod, &ns, &volumes).await?;
+                let root =
+                    runtime::prepare_questdb_root(&self.cfg.runtime, &mounts.volume_id, &mounts.files)?;
+                let (program, args, env) =
+                    runtime::questdb_command(&self.cfg.runtime, jar, &root, memory_limit(pod));
+                // Its own host and address, so its ports never meet the node's (Traefik's).
+                let ip = match pod_ip {
+                    Some(ip) => ip,
+                    None => self.cfg.network.allocate_pod_ip().to_string(),
+                };
+                self.cfg.network.ensure_pod_host(&uid, &ip).await?;
+                launch = Launch {
+                    netns: self.cfg.network.pod_netns(&uid),
+                    pod_ip: ip,
+                    own_host: true,
+                    volume_id: Some(mounts.volume_id),
+                    program,
+                    args,
+                    env,
+                    ..launch
+                };
+            }
+            ImagePlan::Traefik { bin } => {
+                self.ensure_relay(&node.instance_id)?;
+                let token = self.service_account_token(pod, &ns).await?;
+                let container_args = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.containers.first())
+                    .and_then(|c| c.args.clone())
+                    .unwrap_or_default();
+                let (program, args) =
+                    runtime::traefik_command(bin, &container_args, &token, &self.cfg.ca_file);
+                launch = Launch { program, args, ..launch };
+            }
+            ImagePlan::Simulated | ImagePlan::PullBackOff(_) => {
+                anyhow::bail!("{} runs no process", launch.image)
+            }
+        }
+        let ip = launch.pod_ip.clone();
         self.runtime.lock().expect("runtime lock").start(&self.cfg.runtime, launch)?;
-        Ok(ContainerState::Running { started_at, ready: false, restarts })
+        Ok((ContainerState::Running { started_at, ready: false, restarts }, ip))
+    }
+
+    /// The node's `kubernetes` Service: a relay to the apiserver inside its namespace, once.
+    fn ensure_relay(&self, instance_id: &str) -> Result<()> {
+        let mut relays = self.relays.lock().expect("relays lock");
+        if relays.get(instance_id).is_some_and(|r| !r.is_finished()) {
+            return Ok(());
+        }
+        let relay = crate::relay::start(&self.cfg.network.netns(instance_id), self.cfg.apiserver)?;
+        relays.insert(instance_id.to_string(), relay);
+        Ok(())
+    }
+
+    /// A token of the pod's service account, bound to the pod, as the kubelet asks for one for
+    /// a projected service account volume.
+    async fn service_account_token(&self, pod: &Pod, ns: &str) -> Result<String> {
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let api: Api<ServiceAccount> = Api::namespaced(self.kube.clone(), ns);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![],
+                expiration_seconds: Some(24 * 3600),
+                bound_object_ref: Some(k8s_openapi::api::authentication::v1::BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: pod.metadata.uid.clone(),
+                }),
+            },
+            ..TokenRequest::default()
+        };
+        let answer = api
+            .create_token_request(&sa, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("requesting a token of service account {ns}/{sa}"))?;
+        answer.status.map(|s| s.token).context("the token request has no token")
     }
 
     /// The EBS volumes behind the pod's claims when every one is attached to `instance_id`
@@ -633,6 +775,9 @@ impl Sim {
 
     /// At shutdown: stops every server (as its machine's kubelet would) and removes the hosts.
     pub async fn shutdown(&self) {
+        for (_, relay) in self.relays.lock().expect("relays lock").drain() {
+            relay.abort();
+        }
         let all: Vec<runtime::Container> = {
             let mut rt = self.runtime.lock().expect("runtime lock");
             let uids: Vec<String> = rt.containers.keys().cloned().collect();

@@ -4,7 +4,8 @@
 //!
 //! The databases run a real QuestDB (the node simulator runs the installed releases): before each
 //! step the scenario writes rows into region-a's database over ILP/HTTP, after it reads them back
-//! over pgwire, and a client probe (`SELECT 1` every 100 ms) measures the unavailability it saw.
+//! over pgwire, and a client probe (`SELECT 1` every 100 ms) measures the unavailability it saw;
+//! all of it by the database's DNS name through its node's Traefik, as users reach it.
 //! A step that lost an acknowledged row is a mismatch.
 //!
 //! Needs the local cloud up with an operator per cluster and the provisioner running
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use qdb_proto::Message;
 use qdb_proto::v1::{self, GossipEvent, Phase, instruction::Operation};
+use qdb_tests::ingress::Ingress;
 use qdb_tests::rig::{ins, is_terminal};
 use qdb_tests::{Cloud, unique};
 use rdkafka::config::ClientConfig;
@@ -28,6 +30,8 @@ const OLDER: &str = "9.2.3";
 const NEWER: &str = "9.3.0";
 /// Rows written into region-a's database before each step.
 const ROWS_PER_STEP: u64 = 50;
+/// The main job's operator in region-a names databases in this zone (localcloud's services).
+const ZONE_A: &str = "region-a.questdb.local";
 
 struct Step {
     label: String,
@@ -134,13 +138,22 @@ struct Data {
     unavailable: Option<Duration>,
 }
 
-async fn node_ip(api: &kube::Api<qdb_crd::QuestDB>, db: &str) -> Result<String> {
-    api.get(db)
-        .await?
-        .status
-        .and_then(|s| s.node)
-        .and_then(|n| n.private_ip)
-        .ok_or_else(|| anyhow::anyhow!("{db} has no node address in its status"))
+/// The database as its users reach it: its DNS name resolved through Route53, TLS to the
+/// node's Traefik. Waits (up to a minute) until that answers for it: after a move the record and
+/// the new node's Traefik take a moment.
+async fn ingress(aws: &qdb_operator::aws::Aws, dns_name: &str) -> Result<Ingress> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = match Ingress::resolve(aws, ZONE_A, dns_name).await {
+            Ok(ingress) => ingress.wait_serving(Duration::from_secs(5)).await.map(|()| ingress),
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(ingress) => return Ok(ingress),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 fn phase_name(p: Phase) -> &'static str {
@@ -176,11 +189,11 @@ async fn main() -> Result<()> {
     let tag = unique("demo");
     let steps = scenario(&tag);
     let db_a = format!("{tag}-a");
-    let api_a: kube::Api<qdb_crd::QuestDB> = kube::Api::namespaced(
-        qdb_tests::kube_client(&cloud.cluster("region-a")?.kubeconfig).await?,
-        "questdb",
-    );
-    let probe = qdb_tests::questdb::AvailabilityProbe::start(api_a.clone(), db_a.clone());
+    // The operator's default name: <db>.<namespace>.<zone>.
+    let dns_a = format!("{db_a}.questdb.{ZONE_A}");
+    let aws_a = cloud.aws("region-a").await?;
+    let probe =
+        qdb_tests::questdb::AvailabilityProbe::start(aws_a.clone(), ZONE_A.to_string(), dns_a.clone());
     // Whether region-a's database serves (created, not paused, not deleted), and the rows it
     // acknowledged so far.
     let mut serving = false;
@@ -195,8 +208,8 @@ async fn main() -> Result<()> {
         let on_a = i.database_id == db_a;
         let was_serving = serving && on_a;
         let rows_before = if serving && on_a {
-            let ip = node_ip(&api_a, &db_a).await?;
-            qdb_tests::questdb::write_rows(&ip, "trades", written, ROWS_PER_STEP).await?;
+            let db = ingress(&aws_a, &dns_a).await?;
+            qdb_tests::questdb::write_rows(&db, "trades", written, ROWS_PER_STEP).await?;
             written += ROWS_PER_STEP;
             Some(written)
         } else {
@@ -252,8 +265,8 @@ async fn main() -> Result<()> {
             }
         }
         let rows_after = if serving && on_a {
-            let ip = node_ip(&api_a, &db_a).await?;
-            let ids = qdb_tests::questdb::read_ids(&ip, "trades").await.unwrap_or_default();
+            let db = ingress(&aws_a, &dns_a).await?;
+            let ids = qdb_tests::questdb::read_ids(&db, "trades").await.unwrap_or_default();
             println!("    rows: {written} acknowledged, {} read back", ids.len());
             Some(ids.len() as u64)
         } else {
