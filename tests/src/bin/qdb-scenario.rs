@@ -206,7 +206,9 @@ async fn main() -> Result<()> {
         println!("==> {} ({} {}, sequence {})", s.label, i.cluster, i.database_id, i.sequence);
         let t0 = Instant::now();
         let on_a = i.database_id == db_a;
-        let was_serving = serving && on_a;
+        // A pause or a delete stops the database on purpose: no outage to measure there.
+        let intended_stop = matches!(i.operation, Some(Operation::Pause(_) | Operation::Delete(_)));
+        let was_serving = serving && on_a && !intended_stop;
         let rows_before = if serving && on_a {
             let db = ingress(&aws_a, &dns_a).await?;
             qdb_tests::questdb::write_rows(&db, "trades", written, ROWS_PER_STEP).await?;
