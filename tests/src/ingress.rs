@@ -152,6 +152,20 @@ impl Ingress {
             .timeout(Duration::from_secs(10))
     }
 
+    /// Sends ILP lines over TCP (9009, TLS with the name as server name). ILP over TCP has no
+    /// acknowledgement: read the rows back to know they arrived.
+    pub async fn write_ilp_tcp(&self, lines: &str) -> Result<()> {
+        let ip: std::net::IpAddr = self.address.parse()?;
+        let relay = TlsRelay::start(SocketAddr::new(ip, 9009), &self.dns_name, Wrap::Tls).await?;
+        let mut conn = tokio::net::TcpStream::connect(relay.local).await?;
+        conn.write_all(lines.as_bytes()).await?;
+        conn.shutdown().await?;
+        // The relay forwards what it read before it goes.
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.read_to_end(&mut rest)).await;
+        Ok(())
+    }
+
     /// Waits until the ingress answers for the database (Traefik has the route and an endpoint).
     pub async fn wait_serving(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -134,20 +134,37 @@ struct ProbeTally {
 }
 
 impl AvailabilityProbe {
-    pub fn start(aws: qdb_operator::aws::Aws, zone: String, dns_name: String) -> Self {
+    /// `dns_cache`: `None` resolves the name again for every new connection; `Some(ttl)` keeps
+    /// an answer for `ttl`, as a caching resolver does with the record's TTL.
+    pub fn start(
+        aws: qdb_operator::aws::Aws,
+        zone: String,
+        dns_name: String,
+        dns_cache: Option<Duration>,
+    ) -> Self {
         let state: Arc<Mutex<ProbeTally>> = Arc::default();
         let tally = state.clone();
         let task = tokio::spawn(async move {
-            let mut conn: Option<(sqlx::PgConnection, Ingress)> = None;
+            let mut answer: Option<(Ingress, tokio::time::Instant)> = None;
+            let mut conn: Option<sqlx::PgConnection> = None;
             loop {
                 let t0 = tokio::time::Instant::now();
+                let stale = match (&answer, dns_cache) {
+                    (None, _) => true,
+                    (Some(_), None) => conn.is_none(),
+                    (Some((_, at)), Some(ttl)) => at.elapsed() >= ttl,
+                };
+                if stale && let Ok(ingress) = Ingress::resolve(&aws, &zone, &dns_name).await {
+                    answer = Some((ingress, tokio::time::Instant::now()));
+                    conn = None;
+                }
                 if conn.is_none()
-                    && let Ok(ingress) = Ingress::resolve(&aws, &zone, &dns_name).await
+                    && let Some((ingress, _)) = &answer
                 {
-                    conn = connect(&ingress).await.ok().map(|c| (c, ingress));
+                    conn = connect(ingress).await.ok();
                 }
                 let ok = match conn.as_mut() {
-                    Some((c, _)) => tokio::time::timeout(
+                    Some(c) => tokio::time::timeout(
                         Duration::from_secs(1),
                         sqlx::raw_sql("SELECT 1").fetch_one(&mut *c),
                     )

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use qdb_proto::v1::{self, Phase, instruction::Operation};
 use qdb_tests::ingress::Ingress;
-use qdb_tests::questdb::{FencingSampler, expect_rows, parameters, query_text, write_rows};
+use qdb_tests::questdb::{FencingSampler, expect_rows, parameters, query_text, read_ids, write_rows};
 use qdb_tests::rig::{Rig, ins};
 use serde_json::Value;
 
@@ -305,5 +305,49 @@ async fn node_moves_and_a_failover_with_the_operator_killed_keep_every_row() -> 
     let (ip, _) = serving_elsewhere(&rig, db, &instance, Duration::from_secs(300)).await?;
     expect_rows(&ip, "trades", 0..300, Duration::from_secs(30)).await?;
     sampler.assert_fenced()?;
+    Ok(())
+}
+
+/// Each database's name reaches that database through the ingress on all three of its ports:
+/// HTTPS (console, ILP over HTTP) on 443, pgwire on 8812, ILP over TCP on 9009, all TLS with
+/// the name as server name; the name resolves to its node's address; and a second database
+/// sees none of the first's tables.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_name_reaches_its_own_database_on_all_three_ports() -> Result<()> {
+    let rig = Rig::new("data-names", 1).await?;
+    let gossip = rig.gossip()?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+    let (x, y) = ("db-x", "db-y");
+    let creates = [ins::create(x, "region-a", 1, NEWER), ins::create(y, "region-a", 1, NEWER)];
+    rig.send_many(&creates).await?;
+    for c in &creates {
+        gossip.phase(&c.instruction_id, Phase::Succeeded, T).await?;
+    }
+    let (x_in, _) = node_ip(&rig, x).await?;
+    let (y_in, _) = node_ip(&rig, y).await?;
+    let x_node = rig.questdbs("region-a").await?.get(x).await?.status.and_then(|s| s.node).context("node")?;
+    ensure!(
+        x_node.private_ip.as_deref() == Some(x_in.address.as_str()),
+        "{} resolves to {}, its node is {:?}",
+        x_in.dns_name,
+        x_in.address,
+        x_node.private_ip
+    );
+    ensure!(x_in.address != y_in.address, "two databases, two nodes");
+
+    write_rows(&x_in, "over_https", 0, 10).await?;
+    x_in.write_ilp_tcp("over_tcp,src=test id=0i\nover_tcp,src=test id=1i\nover_tcp,src=test id=2i\n").await?;
+    expect_rows(&x_in, "over_https", 0..10, Duration::from_secs(10)).await?;
+    expect_rows(&x_in, "over_tcp", 0..3, Duration::from_secs(30)).await?;
+    for table in ["over_https", "over_tcp"] {
+        ensure!(
+            read_ids(&y_in, table).await.is_err(),
+            "{table} written through {}'s name is visible in {}",
+            x_in.dns_name,
+            y_in.dns_name
+        );
+    }
     Ok(())
 }

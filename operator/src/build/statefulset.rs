@@ -20,6 +20,11 @@ use crate::names::{CONFIG_HASH, RESTART_TOKEN};
 pub const CONTAINER: &str = "questdb";
 pub const IMAGE_REPOSITORY: &str = "questdb/questdb";
 
+/// The image of the database's QuestDB release.
+pub fn image(d: &Desired) -> String {
+    format!("{IMAGE_REPOSITORY}:{}", d.spec.version)
+}
+
 pub fn build_statefulset(d: &Desired) -> StatefulSet {
     let names = &d.names;
     let port = |name: &str, port: u16| ContainerPort {
@@ -35,7 +40,7 @@ pub fn build_statefulset(d: &Desired) -> StatefulSet {
     ];
     let container = Container {
         name: CONTAINER.into(),
-        image: Some(format!("{IMAGE_REPOSITORY}:{}", d.spec.version)),
+        image: Some(image(d)),
         ports: Some(vec![
             port("http", HTTP_PORT),
             port("pgwire", PGWIRE_PORT),

@@ -7,8 +7,8 @@ use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Service};
-use kube::Resource;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
 use qdb_crd::{DegradedReason, OPERATOR_MANAGER, WaitReason, keys};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -22,7 +22,7 @@ use crate::build::ingress::{
     ingress_route_tcp_resource,
 };
 use crate::build::service::build_service;
-use crate::build::statefulset::build_statefulset;
+use crate::build::statefulset::{build_statefulset, image};
 use crate::build::volume::{VolumeFacts, build_pv, build_pvc};
 use crate::context::Context;
 
@@ -148,16 +148,54 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         ctx.metrics.kube("get", "Pod");
         let pods = Api::<Pod>::namespaced(client, ns);
         let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?;
-        facts.pod_failure = pod.as_ref().and_then(pod_failure);
+        match (pod, &sts) {
+            (Some(pod), Some(sts)) if stuck_on_an_old_revision(&pod, sts) => {
+                // A StatefulSet never replaces a pod that is not Ready on a template it no longer
+                // has (Kubernetes' "forced rollback"): once the template is right again (drift
+                // repaired, a bad version rolled back), the stuck pod is deleted so it comes back
+                // from the template.
+                let revision = pod.labels().get(REVISION_LABEL).cloned().unwrap_or_default();
+                delete_if_present(ctx, &pods, &d.names.pod(), "Pod", &DeleteParams::default()).await?;
+                facts.did(
+                    "DeletedStuckPod",
+                    format!(
+                        "{} was not Ready on revision {revision}, which the StatefulSet no longer has",
+                        d.names.pod()
+                    ),
+                );
+            }
+            (Some(pod), _) => facts.pod_failure = pod_failure(&pod, &image(d)),
+            (None, _) => {}
+        }
     }
     Ok(())
 }
 
-/// Why the pod can never start as it is, from its containers' waiting reasons: an image the node
-/// cannot pull. Other waits (ContainerCreating, a crash loop) may pass on their own.
-pub fn pod_failure(pod: &Pod) -> Option<(DegradedReason, String)> {
+/// The label the StatefulSet controller puts on each pod: the template revision it came from.
+const REVISION_LABEL: &str = "controller-revision-hash";
+
+/// A pod not Ready, from a template revision other than the one the StatefulSet now rolls out
+/// (judged only once the controller has seen the current template).
+pub fn stuck_on_an_old_revision(pod: &Pod, sts: &StatefulSet) -> bool {
+    let Some(status) = &sts.status else { return false };
+    let seen = status.observed_generation.is_some() && status.observed_generation >= sts.metadata.generation;
+    let Some(update) = status.update_revision.as_deref().filter(|_| seen) else { return false };
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    pod.metadata.deletion_timestamp.is_none()
+        && !ready
+        && pod.labels().get(REVISION_LABEL).is_some_and(|r| r != update)
+}
+
+/// Why the pod can never start as it is, from its containers' waiting reasons: the database's
+/// own image (`image`) the node cannot pull. Other waits (ContainerCreating, a crash loop) may
+/// pass on their own, and another image is drift the operator repairs, not the spec's fault.
+pub fn pod_failure(pod: &Pod, image: &str) -> Option<(DegradedReason, String)> {
     const PULL: [&str; 3] = ["ImagePullBackOff", "ErrImagePull", "InvalidImageName"];
-    pod.status.as_ref()?.container_statuses.as_ref()?.iter().find_map(|c| {
+    pod.status.as_ref()?.container_statuses.as_ref()?.iter().filter(|c| c.image == image).find_map(|c| {
         let w = c.state.as_ref()?.waiting.as_ref()?;
         let reason = w.reason.as_deref()?;
         PULL.contains(&reason).then(|| {
@@ -213,23 +251,60 @@ mod tests {
     use crate::build::fixtures;
 
     #[test]
-    fn only_an_image_that_cannot_be_pulled_fails_the_pod() {
-        let pod = |reason: &str| -> Pod {
+    fn only_the_databases_own_image_that_cannot_be_pulled_fails_the_pod() {
+        let pod = |reason: &str, image: &str| -> Pod {
             serde_json::from_value(serde_json::json!({"status": {"containerStatuses": [{
-                "name": "questdb", "image": "questdb/questdb:9.9.9", "imageID": "", "ready": false,
+                "name": "questdb", "image": image, "imageID": "", "ready": false,
                 "restartCount": 0, "state": {"waiting": {"reason": reason, "message": "no such manifest"}},
             }]}}))
             .unwrap()
         };
-        let (reason, message) = pod_failure(&pod("ImagePullBackOff")).unwrap();
+        let ours = "questdb/questdb:9.9.9";
+        let (reason, message) = pod_failure(&pod("ImagePullBackOff", ours), ours).unwrap();
         assert_eq!(
             (reason, message.as_str()),
             (DegradedReason::ImagePullFailed, "ImagePullBackOff: no such manifest")
         );
-        assert!(pod_failure(&pod("ErrImagePull")).is_some());
-        assert_eq!(pod_failure(&pod("ContainerCreating")), None);
-        assert_eq!(pod_failure(&pod("CrashLoopBackOff")), None);
-        assert_eq!(pod_failure(&Pod::default()), None);
+        assert!(pod_failure(&pod("ErrImagePull", ours), ours).is_some());
+        assert_eq!(
+            pod_failure(&pod("ImagePullBackOff", "questdb/questdb:evil"), ours),
+            None,
+            "drift, not the spec"
+        );
+        assert_eq!(pod_failure(&pod("ContainerCreating", ours), ours), None);
+        assert_eq!(pod_failure(&pod("CrashLoopBackOff", ours), ours), None);
+        assert_eq!(pod_failure(&Pod::default(), ours), None);
+    }
+
+    #[test]
+    fn a_pod_not_ready_on_a_revision_the_statefulset_left_is_stuck() {
+        let sts = |generation: i64, observed: i64, update: &str| -> StatefulSet {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "db", "generation": generation},
+                "status": {"replicas": 1, "observedGeneration": observed, "updateRevision": update},
+            }))
+            .unwrap()
+        };
+        let pod = |revision: &str, ready: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "db-0", "labels": {"controller-revision-hash": revision}},
+                "status": {"conditions": [{"type": "Ready", "status": ready}]},
+            }))
+            .unwrap()
+        };
+        assert!(stuck_on_an_old_revision(&pod("db-evil", "False"), &sts(3, 3, "db-good")));
+        assert!(
+            !stuck_on_an_old_revision(&pod("db-good", "False"), &sts(3, 3, "db-good")),
+            "starting on the current one"
+        );
+        assert!(
+            !stuck_on_an_old_revision(&pod("db-old", "True"), &sts(3, 3, "db-good")),
+            "serving: the controller rolls it"
+        );
+        assert!(
+            !stuck_on_an_old_revision(&pod("db-evil", "False"), &sts(3, 2, "db-evil2")),
+            "template not seen yet"
+        );
     }
 
     #[test]

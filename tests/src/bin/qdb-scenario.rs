@@ -193,7 +193,7 @@ async fn main() -> Result<()> {
     let dns_a = format!("{db_a}.questdb.{ZONE_A}");
     let aws_a = cloud.aws("region-a").await?;
     let probe =
-        qdb_tests::questdb::AvailabilityProbe::start(aws_a.clone(), ZONE_A.to_string(), dns_a.clone());
+        qdb_tests::questdb::AvailabilityProbe::start(aws_a.clone(), ZONE_A.to_string(), dns_a.clone(), None);
     // Whether region-a's database serves (created, not paused, not deleted), and the rows it
     // acknowledged so far.
     let mut serving = false;
