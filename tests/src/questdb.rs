@@ -196,6 +196,11 @@ impl AvailabilityProbe {
         Self { state, task }
     }
 
+    /// Whether the last query succeeded.
+    pub fn is_up(&self) -> bool {
+        self.state.lock().expect("probe lock").down_since.is_none()
+    }
+
     /// Unavailability seen since the last call (an outage still under way counts up to now),
     /// and the failed queries.
     pub fn take(&self) -> (Duration, u64) {

@@ -190,9 +190,16 @@ async fn main() -> Result<()> {
                 apply_all(&api, &names, &spec).await?;
             }
             all_settled(&api, &names, Duration::from_secs(600)).await?;
-            // A caching client may still be on the old address: its outage ends when its cache does.
-            tokio::time::sleep(Duration::from_secs(2)).await;
             let took = t0.elapsed().as_secs_f64();
+            // A caching client may still be on the old address: its outage ends when its cache
+            // does, so every client is waited for (up to the TTL and a margin).
+            let deadline = Instant::now() + DNS_TTL + Duration::from_secs(15);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            while !probes.fresh.iter().chain(&probes.caching).all(AvailabilityProbe::is_up)
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             let (fresh, caching) = probes.take();
             let (fresh_s, fresh_worst) = summary(fresh);
             let (caching_s, _) = summary(caching);
