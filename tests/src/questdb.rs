@@ -76,6 +76,14 @@ pub async fn query_text(db: &Ingress, sql: &'static str) -> Result<String> {
     row.try_get::<String, _>(0).with_context(|| format!("{sql}: first column"))
 }
 
+/// Rows of two LONG columns, e.g. `SELECT id, cast(timestamp AS long) FROM t`.
+pub async fn query_pairs(db: &Ingress, sql: &'static str) -> Result<Vec<(i64, i64)>> {
+    let mut conn = connect(db).await?;
+    let rows =
+        sqlx::raw_sql(sql).fetch_all(&mut conn).await.with_context(|| format!("{sql} on {}", db.dns_name))?;
+    rows.iter().map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?))).collect()
+}
+
 /// Every server setting in effect (`SHOW PARAMETERS`): property path -> value.
 pub async fn parameters(db: &Ingress) -> Result<BTreeMap<String, String>> {
     let mut conn = connect(db).await?;

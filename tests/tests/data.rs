@@ -120,7 +120,16 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
     write_rows(&ip, "trades", 200, 100).await?;
     let old_pid = pid_of(&rig, &pod).await?.context("no QuestDB process after the upgrade")?;
 
-    // Failover: the node is cut off; its QuestDB runs on until EC2 stops the instance.
+    // Failover: the node is cut off; its QuestDB runs on until EC2 stops the instance, and a
+    // writer on that machine (in the pod) keeps writing to it all the while.
+    let uid = containers(&rig)
+        .await?
+        .iter()
+        .find(|c| c["pod"] == pod.as_str())
+        .and_then(|c| c["uid"].as_str().map(str::to_string))
+        .context("the pod's uid")?;
+    let port_base = rig.cloud.vars.get("QDB_PORT_BASE").context("QDB_PORT_BASE")?;
+    let old_writer = tokio::spawn(write_in_pod(format!("qdb{port_base}-p-{uid}")));
     let nodesim = rig.cloud.cluster("region-a")?.nodesim.clone();
     let killed = reqwest::Client::new().post(format!("{nodesim}/nodes/{first_instance}/kill")).send().await?;
     ensure!(killed.status().is_success(), "kill: {}", killed.status());
@@ -136,10 +145,68 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
         "the partitioned QuestDB must be dead once its instance is stopped"
     );
     expect_rows(&new_ip, "trades", 0..300, Duration::from_secs(30)).await?;
+
+    // Fencing as rows show it: everything the old process acknowledged is on the volume, and its
+    // last row comes before the new process's first.
+    let acknowledged = old_writer.await??;
+    ensure!(acknowledged > 0, "the writer in the partitioned pod got no row acknowledged");
+    write_rows(&new_ip, "fence", 1_000_000, 1).await?;
+    let rows = fence_rows(&new_ip).await?;
+    let old: Vec<&(i64, i64)> = rows.iter().filter(|(id, _)| *id < 1_000_000).collect();
+    let first_new =
+        rows.iter().filter(|(id, _)| *id >= 1_000_000).map(|(_, ts)| *ts).min().context("new row")?;
+    let last_old = old.iter().map(|(_, ts)| *ts).max().context("old rows")?;
+    ensure!(
+        old.len() as u64 == acknowledged,
+        "{} of {acknowledged} rows the old process acknowledged",
+        old.len()
+    );
+    ensure!(
+        last_old < first_new,
+        "the old process wrote at {last_old}, after the new one's first row at {first_new}"
+    );
+    println!(
+        "the partitioned QuestDB acknowledged {acknowledged} rows; its last {} us before the new one's first",
+        first_new - last_old
+    );
     let most = sampler.assert_fenced()?;
     println!("most processes per volume at once: {most:?}");
     ensure!(!most.is_empty(), "the sampler never saw a volume open: it proves nothing");
     Ok(())
+}
+
+/// Writes one row a time into `fence` from inside the pod's network namespace (as a process on
+/// that machine would, unaffected by the partition) until the server stops answering; returns
+/// how many it acknowledged.
+async fn write_in_pod(netns: String) -> Result<u64> {
+    let mut acknowledged = 0;
+    let mut failures = 0;
+    for id in 0.. {
+        let out = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["-m", "2", "-XPOST", "http://127.0.0.1:9000/write", "--data-binary"])
+            .arg(format!("fence,src=old id={id}i"))
+            .output()
+            .await?;
+        if out.stdout == b"204" {
+            acknowledged += 1;
+            failures = 0;
+        } else {
+            failures += 1;
+            if failures >= 5 && acknowledged > 0 {
+                return Ok(acknowledged);
+            }
+            anyhow::ensure!(id < 3000, "the pod's QuestDB never stopped answering");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    unreachable!("the loop returns")
+}
+
+/// `(id, timestamp in microseconds)` of every row of `fence`.
+async fn fence_rows(db: &Ingress) -> Result<Vec<(i64, i64)>> {
+    let rows = qdb_tests::questdb::query_pairs(db, "SELECT id, cast(timestamp AS long) FROM fence").await?;
+    Ok(rows)
 }
 
 /// An image whose QuestDB version is not installed cannot be pulled: the pod waits in
