@@ -335,6 +335,16 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
         }
         Err(e @ ExecError::Refused { refusal, .. }) => {
             let message = e.to_string();
+            if matches!(refusal, Refusal::SpecRefused | Refusal::StaleSequence)
+                && let Some(by) = overtaken_by(cluster, &ins).await
+            {
+                // The resource already reflects a later instruction (a replay after a crash can
+                // get here): this one came too late, whichever rule of the cluster said no first
+                // (a version downgrade's is checked before the sequence policy).
+                let message = format!("the resource already reflects instruction {by}: {message}");
+                superseded(ctx, head, &subject, &by, &message).await?;
+                return Ok(true);
+            }
             if refusal == Refusal::SpecRefused {
                 // Everything written was validated first: the cluster and the provisioner
                 // disagree on what a valid spec is, and that is for the provisioner to fix.
@@ -373,6 +383,40 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
             Ok(false)
         }
     }
+}
+
+/// The later instruction the live resource reflects, when its sequence is above `ins`'s.
+async fn overtaken_by(cluster: &Cluster, ins: &v1::Instruction) -> Option<String> {
+    let live = cluster.questdbs().get_opt(&ins.database_id).await.ok().flatten()?;
+    let annotations = live.metadata.annotations.as_ref()?;
+    let sequence: u64 = annotations.get(keys::INSTRUCTION_SEQUENCE)?.parse().ok()?;
+    (sequence > ins.sequence).then(|| annotations.get(keys::INSTRUCTION_ID).cloned().unwrap_or_default())
+}
+
+/// Ends an instruction as superseded by the later instruction `by`.
+async fn superseded(
+    ctx: &Shared,
+    head: &Open,
+    subject: &Subject,
+    by: &str,
+    message: &str,
+) -> Result<(), JournalError> {
+    let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
+    let reason = gossip::SUPERSEDED_BY_LATER;
+    let written =
+        journal::finish(&mut tx, Some(&ctx.replica), &head.id, State::Superseded, reason, message).await?;
+    if written {
+        journal::enqueue(&mut tx, &gossip::superseded(subject, by, message, None)).await?;
+    }
+    tx.commit().await.map_err(journal::tx_error)?;
+    if !written {
+        lease_lost(ctx, head);
+        return Ok(());
+    }
+    ctx.metrics.count(State::Superseded.as_str());
+    ctx.outbox_wake.notify_one();
+    info!(instruction = %head.id, database = %head.database_id, by, "instruction superseded");
+    Ok(())
 }
 
 /// Ends an instruction with a gossip event, and a dead-letter copy for a rejection.

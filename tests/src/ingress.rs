@@ -139,6 +139,28 @@ impl Ingress {
         })
     }
 
+    /// Resolves `dns_name` and waits until the ingress there serves the database, resolving again
+    /// while it does not: after a move the record and the new node's Traefik take a moment.
+    pub async fn resolve_serving(
+        aws: &qdb_operator::aws::Aws,
+        zone: &str,
+        dns_name: &str,
+        timeout: Duration,
+    ) -> Result<Ingress> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let attempt = match Ingress::resolve(aws, zone, dns_name).await {
+                Ok(ingress) => ingress.wait_serving(Duration::from_secs(5)).await.map(|()| ingress),
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(ingress) => return Ok(ingress),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
     /// `host:port` a plain pgwire client connects to (the relay).
     pub fn pgwire(&self) -> SocketAddr {
         self.pgwire.local

@@ -16,6 +16,8 @@ use qdb_tests::rig::{Rig, ins};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(180);
+/// How long the ingress may take to reach a restarted pod.
+const CATCH_UP: Duration = Duration::from_secs(30);
 /// Installed by `localcloud install` (see QUESTDB_VERSIONS in the script).
 const OLDER: &str = "9.2.3";
 const NEWER: &str = "9.3.0";
@@ -25,16 +27,8 @@ const NEWER: &str = "9.3.0";
 async fn ingress(rig: &Rig, db: &str) -> Result<Ingress> {
     let q = rig.questdbs("region-a").await?.get(db).await?;
     let name = q.status.and_then(|s| s.dns).map(|d| d.name).context("no DNS name in status")?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let ingress = Ingress::resolve(&rig.aws("region-a").await?, &rig.dns_zone(), &name).await?;
-        match ingress.wait_serving(Duration::from_secs(5)).await {
-            Ok(()) => return Ok(ingress),
-            // The record may still name the old node for a moment after a move.
-            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-            Err(_) => {}
-        }
-    }
+    Ingress::resolve_serving(&rig.aws("region-a").await?, &rig.dns_zone(), &name, Duration::from_secs(60))
+        .await
 }
 
 /// Waits for the database to serve (Ready) from an instance other than `not`, and returns it as
@@ -105,6 +99,9 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
     let restart = ins::new(db, "region-a", 2, Operation::Restart(v1::Restart {}));
     rig.send(&restart).await?;
     gossip.phase(&restart.instruction_id, Phase::Succeeded, T).await?;
+    // Ready is reported as the pod passes its probe; the node's Traefik learns of the new pod's
+    // endpoint a moment later (it applies changes at most every 2 s).
+    ip.wait_serving(CATCH_UP).await?;
     let after = pid_of(&rig, &pod).await?.context("no QuestDB process after the restart")?;
     ensure!(after != before, "the restart left the same process {before}");
     expect_rows(&ip, "trades", 0..100, Duration::from_secs(10)).await?;
@@ -114,6 +111,7 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
     let upgrade = ins::version(db, "region-a", 3, NEWER);
     rig.send(&upgrade).await?;
     gossip.phase(&upgrade.instruction_id, Phase::Succeeded, T).await?;
+    ip.wait_serving(CATCH_UP).await?;
     let build = query_text(&ip, "SELECT build()").await?;
     ensure!(build.contains(&format!("QuestDB {NEWER}")), "after the upgrade: {build}");
     expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
@@ -268,6 +266,7 @@ async fn config_change_pause_resume_and_volume_growth_keep_every_row() -> Result
     );
     rig.send(&set).await?;
     gossip.phase(&set.instruction_id, Phase::Succeeded, T).await?;
+    ip.wait_serving(CATCH_UP).await?;
     let params = parameters(&ip).await?;
     let got = |k: &str| params.get(k).cloned().unwrap_or_default();
     ensure!(got("cairo.snapshot.instance.id") == TRICKY, "read back {:?}", got("cairo.snapshot.instance.id"));
@@ -295,6 +294,7 @@ async fn config_change_pause_resume_and_volume_growth_keep_every_row() -> Result
     );
     rig.send(&grow).await?;
     gossip.phase(&grow.instruction_id, Phase::Succeeded, T).await?;
+    ip.wait_serving(CATCH_UP).await?;
     expect_rows(&ip, "trades", 0..300, Duration::from_secs(10)).await?;
     sampler.assert_fenced()?;
     Ok(())

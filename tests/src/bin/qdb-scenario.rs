@@ -142,18 +142,7 @@ struct Data {
 /// node's Traefik. Waits (up to a minute) until that answers for it: after a move the record and
 /// the new node's Traefik take a moment.
 async fn ingress(aws: &qdb_operator::aws::Aws, dns_name: &str) -> Result<Ingress> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let attempt = match Ingress::resolve(aws, ZONE_A, dns_name).await {
-            Ok(ingress) => ingress.wait_serving(Duration::from_secs(5)).await.map(|()| ingress),
-            Err(e) => Err(e),
-        };
-        match attempt {
-            Ok(ingress) => return Ok(ingress),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
+    Ingress::resolve_serving(aws, ZONE_A, dns_name, Duration::from_secs(60)).await
 }
 
 fn phase_name(p: Phase) -> &'static str {
