@@ -596,6 +596,14 @@ impl Reader<GossipEvent> {
         .with_context(|| format!("phases seen for {id}: {:?}", self.phases(id)))
     }
 
+    /// Waits for the terminal event of instruction `id`, whichever phase it is.
+    pub async fn end(&self, id: &str, timeout: Duration) -> Result<GossipEvent> {
+        self.wait(&format!("terminal for {id}"), timeout, |e| {
+            e.instruction_id == id && is_terminal(e.phase())
+        })
+        .await
+    }
+
     pub fn phases(&self, id: &str) -> Vec<Phase> {
         self.events(id).iter().map(|e| e.phase()).collect()
     }

@@ -218,11 +218,7 @@ async fn a_version_that_cannot_be_pulled_fails_on_gossip() -> Result<()> {
     p.wait_ready().await?;
     let create = ins::create("db-nopull", "region-a", 1, "9.9.9");
     rig.send(&create).await?;
-    let end = gossip
-        .wait(&format!("terminal for {}", create.instruction_id), T, |e| {
-            e.instruction_id == create.instruction_id && qdb_tests::rig::is_terminal(e.phase())
-        })
-        .await?;
+    let end = gossip.end(&create.instruction_id, T).await?;
     ensure!(end.phase() == Phase::Failed, "{end:?}");
     ensure!(end.reason == "IMAGE_PULL_FAILED", "{end:?}");
     ensure!(end.message.contains("questdb/questdb:9.9.9"), "{end:?}");

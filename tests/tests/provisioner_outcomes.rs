@@ -57,11 +57,7 @@ async fn removing_the_last_server_config_key_empties_the_config() -> Result<()> 
         v1::Modify { remove_server_config: vec!["cairo.commit.lag".into()], ..Default::default() },
     );
     rig.send(&empty).await?;
-    let end = gossip
-        .wait(&format!("terminal for {}", empty.instruction_id), T, |e| {
-            e.instruction_id == empty.instruction_id && qdb_tests::rig::is_terminal(e.phase())
-        })
-        .await?;
+    let end = gossip.end(&empty.instruction_id, T).await?;
     ensure!(
         end.phase() == Phase::Succeeded,
         "emptying the config ended {:?}: {} {}",
@@ -497,11 +493,7 @@ async fn an_upgrade_rolled_back_at_once_is_superseded_and_the_rollback_succeeds(
             report_converged(&api, db).await?;
             gossip.phase(&rollback.instruction_id, Phase::Succeeded, T).await?;
         }
-        let end = gossip
-            .wait(&format!("terminal for {}", upgrade.instruction_id), T, |e| {
-                e.instruction_id == upgrade.instruction_id && qdb_tests::rig::is_terminal(e.phase())
-            })
-            .await?;
+        let end = gossip.end(&upgrade.instruction_id, T).await?;
         assert_eq!(end.phase(), Phase::Superseded, "{db}: {end:?}");
         assert_eq!(end.superseded_by, rollback.instruction_id, "{db}");
         let state: String = sqlx::query_scalar("SELECT state FROM instructions WHERE id = $1")
@@ -571,13 +563,7 @@ async fn a_provisioner_that_lost_its_rbac_fails_with_the_403_within_the_deadline
     let upgrade = ins::version(db, "region-a", 2, "8.3.0");
     let sent = Instant::now();
     rig.send(&upgrade).await?;
-    let end = gossip
-        .wait(
-            &format!("terminal for {}", upgrade.instruction_id),
-            Duration::from_secs(deadline_secs + 30),
-            |e| e.instruction_id == upgrade.instruction_id && qdb_tests::rig::is_terminal(e.phase()),
-        )
-        .await?;
+    let end = gossip.end(&upgrade.instruction_id, Duration::from_secs(deadline_secs + 30)).await?;
     let took = sent.elapsed();
     assert_eq!(end.phase(), Phase::Failed, "{end:?}");
     assert_eq!(end.reason, "FORBIDDEN", "{end:?}");

@@ -84,11 +84,7 @@ async fn a_create_with_an_image_aws_does_not_know_fails_on_gossip_with_the_aws_r
         c.spec.as_mut().context("spec")?.node_image = UNKNOWN.into();
     }
     rig.send(&create).await?;
-    let end = gossip
-        .wait(&format!("terminal for {}", create.instruction_id), T, |e| {
-            e.instruction_id == create.instruction_id && qdb_tests::rig::is_terminal(e.phase())
-        })
-        .await?;
+    let end = gossip.end(&create.instruction_id, T).await?;
     ensure!(end.phase() == Phase::Failed, "{end:?}");
     ensure!(end.reason == "IMAGE_NOT_FOUND", "the operator's reason in gossip's case: {end:?}");
     ensure!(end.message.contains("InvalidAMIID.NotFound") && end.message.contains(UNKNOWN), "{end:?}");
