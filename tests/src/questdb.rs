@@ -305,3 +305,24 @@ pub fn holders(ebs_dir: &Path) -> BTreeMap<String, usize> {
     }
     out
 }
+
+/// The size in bytes of the filesystem mounted at `dir`, which must be a mount point of its own
+/// (a volume's storage, not a directory of the machine's disk).
+pub fn filesystem_bytes(dir: &Path) -> Result<u64> {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=size,target"])
+        .arg(dir)
+        .output()
+        .context("running df")?;
+    ensure!(out.status.success(), "df {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().nth(1).context("df printed no filesystem")?;
+    let (size, target) = line.trim().split_once(' ').context("df's line has no mount point")?;
+    ensure!(
+        Path::new(target.trim()) == dir,
+        "{} is not a filesystem of its own (it is on {}): volumes are directories on this machine",
+        dir.display(),
+        target.trim()
+    );
+    size.parse().with_context(|| format!("df size {size:?}"))
+}

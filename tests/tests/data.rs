@@ -9,10 +9,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{Api, ListParams};
 use qdb_proto::v1::{self, Phase, instruction::Operation};
 use qdb_tests::ingress::Ingress;
-use qdb_tests::questdb::{FencingSampler, expect_rows, parameters, query_text, read_ids, write_rows};
+use qdb_tests::questdb::{
+    FencingSampler, expect_rows, filesystem_bytes, parameters, query_text, read_ids, write_rows,
+};
 use qdb_tests::rig::{Rig, ins};
+use qdb_tests::{eventually, kube_client};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(180);
@@ -222,6 +227,20 @@ async fn a_version_that_cannot_be_pulled_fails_on_gossip() -> Result<()> {
     ensure!(end.phase() == Phase::Failed, "{end:?}");
     ensure!(end.reason == "IMAGE_PULL_FAILED", "{end:?}");
     ensure!(end.message.contains("questdb/questdb:9.9.9"), "{end:?}");
+    // The kubelet says so on the pod too, as `kubectl describe pod` shows it.
+    let c = rig.cloud.cluster("region-a")?;
+    let events: Api<Event> = Api::namespaced(kube_client(&c.kubeconfig).await?, &rig.namespace);
+    let said: Vec<(String, String, String)> = events
+        .list(&ListParams::default().fields("involvedObject.name=db-nopull-0"))
+        .await?
+        .into_iter()
+        .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect();
+    ensure!(
+        said.iter().any(|(t, r, m)| t == "Warning" && r == "Failed" && m.contains("questdb/questdb:9.9.9")),
+        "no Failed event for the image: {said:?}"
+    );
+    ensure!(said.iter().any(|(_, r, _)| r == "BackOff"), "no BackOff event: {said:?}");
     Ok(())
 }
 
@@ -282,6 +301,14 @@ async fn config_change_pause_resume_and_volume_growth_keep_every_row() -> Result
     expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
     write_rows(&ip, "trades", 200, 100).await?;
 
+    // The volume is a filesystem of its own, of the volume's size (20 GiB at create).
+    let pod = format!("{}/{db}-0", rig.namespace);
+    let server =
+        containers(&rig).await?.into_iter().find(|c| c["pod"] == pod.as_str()).context("no server")?;
+    let volume = server["volume_id"].as_str().context("the server has no volume")?.to_string();
+    let root = ebs_dir(&rig)?.join(&volume);
+    let before = filesystem_bytes(&root)?;
+    ensure!((19 * GIB..=20 * GIB).contains(&before), "{volume} is {before} bytes before growing");
     let grow = ins::new(
         db,
         "region-a",
@@ -292,9 +319,21 @@ async fn config_change_pause_resume_and_volume_growth_keep_every_row() -> Result
     gossip.phase(&grow.instruction_id, Phase::Succeeded, T).await?;
     ip.wait_serving(CATCH_UP).await?;
     expect_rows(&ip, "trades", 0..300, Duration::from_secs(10)).await?;
+    // Grown online, under the running server: the same process, a larger filesystem.
+    let grown = eventually("the filesystem to grow", Duration::from_secs(30), || async {
+        let now = filesystem_bytes(&root)?;
+        Ok((now > 29 * GIB).then_some(now))
+    })
+    .await?;
+    ensure!(grown <= 30 * GIB, "{volume} is {grown} bytes after growing to 30 GiB");
+    ensure!(pid_of(&rig, &pod).await? == server["pid"].as_u64(), "the server restarted to grow its volume");
+    write_rows(&ip, "trades", 300, 100).await?;
+    expect_rows(&ip, "trades", 0..400, Duration::from_secs(10)).await?;
     sampler.assert_fenced()?;
     Ok(())
 }
+
+const GIB: u64 = 1 << 30;
 
 /// Node image upgrade and instance type change move the database to a new machine; then a
 /// failover whose operator is killed mid-way: a new operator finishes it. Every acknowledged

@@ -1,6 +1,6 @@
 //! The clusters of the local cloud behave like a cloud: an EC2 instance launched in the emulator
 //! joins its cluster as a dedicated node, the real scheduler places a workload there, the node
-//! simulator runs it, a killed node is marked unreachable by the real controller-manager and
+//! simulator runs it once its EBS volume is attached (FailedMount events until then), a killed node is marked unreachable by the real controller-manager and
 //! recovers when revived, a join delay holds a node back, and a terminated instance's Node goes.
 
 use std::time::Duration;
@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
 use base64::Engine;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use qdb_tests::{Cloud, ClusterEnv, eventually, kube_client, unique};
 use serde_json::json;
@@ -100,10 +100,38 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         );
 
         // 3. A workload that selects and tolerates it is scheduled there by the real scheduler
-        //    and run by the simulator.
+        //    and run by the simulator, once its EBS volume is attached to the instance: until
+        //    then the kubelet reports FailedMount, as a real one does.
         let namespaces: Api<Namespace> = Api::all(kube.clone());
         namespaces
             .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": db}}))?)
+            .await?;
+        let zone = inst.placement().and_then(|p| p.availability_zone()).context("no zone")?;
+        let volume =
+            ec2.create_volume().availability_zone(zone).size(1).send().await.context("CreateVolume")?;
+        let volume_id = volume.volume_id().context("volume id")?.to_string();
+        let pv: PersistentVolume = serde_json::from_value(json!({
+            "metadata": {"name": db},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "claimRef": {"namespace": db, "name": "data"},
+                "csi": {"driver": "ebs.csi.aws.com", "volumeHandle": volume_id, "fsType": "xfs"},
+            }
+        }))?;
+        Api::<PersistentVolume>::all(kube.clone()).create(&PostParams::default(), &pv).await?;
+        let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": "data"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "volumeName": db,
+                "resources": {"requests": {"storage": "1Gi"}},
+            }
+        }))?;
+        Api::<PersistentVolumeClaim>::namespaced(kube.clone(), &db)
+            .create(&PostParams::default(), &pvc)
             .await?;
         let deploy: Deployment = serde_json::from_value(json!({
             "metadata": {"name": "questdb"},
@@ -116,13 +144,40 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
                         "nodeSelector": {"cloud.questdb.io/database": db},
                         "tolerations": [{"key": "cloud.questdb.io/dedicated", "operator": "Equal",
                                          "value": db, "effect": "NoSchedule"}],
-                        "containers": [{"name": "questdb", "image": "questdb/questdb:8.2.1"}],
+                        "containers": [{"name": "questdb", "image": "questdb/questdb:8.2.1",
+                                        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/questdb"}]}],
+                        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
                     }
                 }
             }
         }))?;
         Api::<Deployment>::namespaced(kube.clone(), &db).create(&PostParams::default(), &deploy).await?;
         let pods: Api<Pod> = Api::namespaced(kube.clone(), &db);
+        let events: Api<Event> = Api::namespaced(kube.clone(), &db);
+        let waiting = eventually("the kubelet's FailedMount event", Duration::from_secs(60), || async {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list.into_iter().find(|e| e.reason.as_deref() == Some("FailedMount")))
+        })
+        .await?;
+        assert_eq!(waiting.type_.as_deref(), Some("Warning"));
+        assert_eq!(waiting.source.as_ref().and_then(|s| s.component.as_deref()), Some("kubelet"));
+        assert_eq!(waiting.source.as_ref().and_then(|s| s.host.as_deref()), Some(node_name.as_str()));
+        let message = waiting.message.clone().unwrap_or_default();
+        assert!(message.contains(&volume_id) && message.contains(&instance_id), "{message}");
+        let list = pods.list(&ListParams::default().labels("app=questdb")).await?;
+        assert!(!list.items.iter().any(pod_ready), "a pod ran before its volume was attached");
+        // EC2 refuses the attach until the new volume is available (1-4 s here).
+        eventually("the volume to attach", Duration::from_secs(30), || async {
+            let attached = ec2
+                .attach_volume()
+                .volume_id(&volume_id)
+                .instance_id(&instance_id)
+                .device("/dev/xvdf")
+                .send()
+                .await;
+            Ok(attached.ok().map(|_| ()))
+        })
+        .await?;
         let pod = eventually("pod to run on the dedicated node", Duration::from_secs(60), || async {
             let list = pods.list(&ListParams::default().labels("app=questdb")).await?;
             Ok(list.into_iter().find(pod_ready))
@@ -160,6 +215,7 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
     })
     .await;
     let _ = Api::<Namespace>::all(kube.clone()).delete(&db, &DeleteParams::default()).await;
+    let _ = Api::<PersistentVolume>::all(kube.clone()).delete(&db, &DeleteParams::default()).await;
     result?;
     gone
 }

@@ -264,6 +264,7 @@ pub fn restart(cloud: &Cloud, component: Option<&str>) -> Result<()> {
 pub fn reset(cloud: &Cloud) -> Result<()> {
     down(cloud)?;
     let run = &cloud.settings.run;
+    nodesim::unmount_volumes(run)?;
     match fs::remove_dir_all(run) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(e).with_context(|| format!("removing {}", run.display()));

@@ -19,6 +19,21 @@ pub fn volumes_dir(s: &Settings) -> std::path::PathBuf {
     s.run.join("ebs")
 }
 
+/// Unmounts every volume mounted under `dir` (the simulators mount XFS images there; a killed
+/// one leaves its mounts), so the directory can be removed.
+pub fn unmount_volumes(dir: &std::path::Path) -> Result<()> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let Ok(dir) = dir.canonicalize() else { return Ok(()) };
+    let prefix = format!("{}/", dir.display());
+    for point in info.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| p.starts_with(&prefix)) {
+        let out = Command::new("umount").args(["-l", point]).output().context("running umount")?;
+        if !out.status.success() {
+            bail!("umount -l {point}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    Ok(())
+}
+
 /// The cluster's bridge: its VPC on the machine, nodes are hosts on it.
 /// Named by the port base too, so a second local cloud never touches this one's.
 pub fn bridge(s: &Settings, c: &Cluster) -> String {
@@ -64,6 +79,8 @@ pub fn start(cloud: &Cloud, c: &Cluster) -> Result<()> {
         .args(["--questdb", &s.tools.questdb, "--simulated-major", STAND_IN_MAJOR])
         .arg("--volumes-dir")
         .arg(volumes_dir(s))
+        .arg("--volume-images-dir")
+        .arg(s.run.join("ebs-images"))
         .arg("--logs-dir")
         .arg(s.cluster_dir(c).join("pods"))
         .args(["--bridge", &bridge(s, c), "--bridge-address", &c.vpc_gateway()])

@@ -67,17 +67,36 @@ pub async fn user_data(ec2: &Client, instance_id: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// True when EC2 reports the volume attached to exactly this instance.
-pub async fn volume_attached_to(ec2: &Client, volume_id: &str, instance_id: &str) -> Result<bool> {
+/// The volume's size in bytes when EC2 reports it attached to exactly this instance.
+pub async fn attached_volume(ec2: &Client, volume_id: &str, instance_id: &str) -> Result<Option<u64>> {
+    let sizes = describe_volumes(ec2, &[volume_id.to_string()], Some(instance_id)).await?;
+    Ok(sizes.get(volume_id).copied())
+}
+
+/// Volume id -> size in bytes, of the volumes EC2 knows among `ids` (attached to `instance_id`
+/// only, if given).
+pub async fn describe_volumes(
+    ec2: &Client,
+    ids: &[String],
+    instance_id: Option<&str>,
+) -> Result<std::collections::BTreeMap<String, u64>> {
     let out = ec2
         .describe_volumes()
-        .volume_ids(volume_id)
+        // A filter, not VolumeIds: one volume deleted meanwhile must not fail the whole call.
+        .filters(Filter::builder().name("volume-id").set_values(Some(ids.to_vec())).build())
         .send()
         .await
-        .with_context(|| format!("DescribeVolumes {volume_id}"))?;
+        .with_context(|| format!("DescribeVolumes {}", ids.join(" ")))?;
     Ok(out
         .volumes()
         .iter()
-        .flat_map(|v| v.attachments())
-        .any(|a| a.instance_id() == Some(instance_id) && a.state() == Some(&VolumeAttachmentState::Attached)))
+        .filter(|v| {
+            instance_id.is_none_or(|i| {
+                v.attachments().iter().any(|a| {
+                    a.instance_id() == Some(i) && a.state() == Some(&VolumeAttachmentState::Attached)
+                })
+            })
+        })
+        .filter_map(|v| Some((v.volume_id()?.to_string(), v.size()?.max(0) as u64 * (1 << 30))))
+        .collect())
 }

@@ -2,12 +2,14 @@
 //! instances that the AWS emulator holds for that cluster.
 
 mod ec2;
+mod events;
 mod http;
 mod net;
 mod objects;
 mod relay;
 mod runtime;
 mod sim;
+mod storage;
 mod userdata;
 
 use std::path::PathBuf;
@@ -60,9 +62,15 @@ struct Args {
     /// QuestDB majors whose images run simulated (stand-ins for tests that prove no data).
     #[arg(long = "simulated-major", env = "NODESIM_SIMULATED_MAJORS", value_delimiter = ',')]
     simulated_majors: Vec<u32>,
-    /// EBS volume storage: one directory per volume id.
+    /// EBS volume storage: `<dir>/<volume id>` is what pods mount.
     #[arg(long, env = "NODESIM_VOLUMES_DIR")]
     volumes_dir: PathBuf,
+    /// The volumes' block devices (images), for `--volume-storage xfs-image`.
+    #[arg(long, env = "NODESIM_VOLUME_IMAGES_DIR")]
+    volume_images_dir: PathBuf,
+    /// How volumes are stored: XFS images grown online where the machine allows, else directories.
+    #[arg(long, env = "NODESIM_VOLUME_STORAGE", value_enum, default_value = "auto")]
+    volume_storage: storage::Kind,
     /// Container logs.
     #[arg(long, env = "NODESIM_LOGS_DIR")]
     logs_dir: PathBuf,
@@ -136,6 +144,8 @@ async fn main() -> Result<()> {
     let network = net::Network::new(args.bridge, &args.bridge_address, args.netns_prefix)?;
     // What an earlier simulator left (it was killed): its servers died with it, their hosts not.
     network.sweep(false).await;
+    let storage =
+        storage::Storage::new(args.volume_storage, args.volumes_dir.clone(), args.volume_images_dir).await?;
     let sim = sim::Sim {
         cfg: sim::Config {
             cluster: args.cluster,
@@ -162,6 +172,8 @@ async fn main() -> Result<()> {
         runtime,
         http: reqwest::Client::new(),
         relays: Mutex::default(),
+        storage,
+        grown_at: Mutex::default(),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

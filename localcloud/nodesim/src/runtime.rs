@@ -380,7 +380,7 @@ pub fn probes(pod: &Pod) -> Probes {
     }
 }
 
-fn probe_url(p: &Probe, ip: &str) -> Option<String> {
+pub fn probe_url(p: &Probe, ip: &str) -> Option<String> {
     let get = p.http_get.as_ref()?;
     let port = match &get.port {
         IntOrString::Int(n) => *n,

@@ -17,6 +17,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::ec2::{self, Instance};
+use crate::events;
 use crate::net::Network;
 use crate::objects::{ContainerState, build_lease, build_node, build_node_status, build_pod_status};
 use crate::runtime::{self, ImagePlan, Launch, Runtime, Verdict};
@@ -90,6 +91,9 @@ pub struct Sim {
     pub http: reqwest::Client,
     /// Per node (instance id), its apiserver relay.
     pub relays: Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
+    pub storage: crate::storage::Storage,
+    /// When volumes were last checked for growth.
+    pub grown_at: Mutex<Option<Instant>>,
 }
 
 fn now() -> String {
@@ -124,7 +128,43 @@ impl Sim {
         // Concurrently: with a hundred nodes, one request after another misses the heartbeat
         // interval and the controller manager marks healthy nodes unreachable.
         let ((), pods) = tokio::join!(self.heartbeats(), self.run_pods());
+        self.grow_volumes().await;
         pods
+    }
+
+    /// Grows the filesystems of running servers' volumes that EC2 says grew (ModifyVolume),
+    /// every few seconds: one DescribeVolumes for all of them.
+    async fn grow_volumes(&self) {
+        const EVERY: Duration = Duration::from_secs(3);
+        {
+            let mut at = self.grown_at.lock().expect("grow lock");
+            if at.is_some_and(|t| t.elapsed() < EVERY) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        let ids: Vec<String> = {
+            let rt = self.runtime.lock().expect("runtime lock");
+            let mut ids: Vec<String> = rt.containers.values().filter_map(|c| c.volume_id.clone()).collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        if ids.is_empty() || self.storage.kind() != crate::storage::Kind::XfsImage {
+            return;
+        }
+        let sizes = match ec2::describe_volumes(&self.ec2, &ids, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = format!("{e:#}"), "cannot read volume sizes");
+                return;
+            }
+        };
+        for (id, size) in sizes {
+            if let Err(e) = self.storage.grow(&id, size).await {
+                warn!(volume = id, error = %e, "growing a volume's filesystem failed");
+            }
+        }
     }
 
     /// Brings the simulated machines in line with EC2, joining new ones after the join delay and
@@ -522,6 +562,7 @@ impl Sim {
         if state.reported_by(pod) {
             return Ok(());
         }
+        events::record(&self.kube, pod, &node.node_name, &events::on_waiting(&state, &image)).await;
         let status = build_pod_status(&containers, &node.private_ip, &pod_ip, &now(), &state);
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
             .await
@@ -547,7 +588,20 @@ impl Sim {
             warn!(pod = c.pod, "the container exited; restarting it");
         } else {
             let ip = c.pod_ip.clone();
-            let verdict = runtime::run_probes(&self.http, &mut c, &runtime::probes(pod), &ip).await;
+            let probes = runtime::probes(pod);
+            let verdict = runtime::run_probes(&self.http, &mut c, &probes, &ip).await;
+            let failed = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+                let url = p.as_ref().and_then(|p| runtime::probe_url(p, &ip)).unwrap_or_default();
+                format!("HTTP probe to {url} failed")
+            };
+            let said = match verdict {
+                Verdict::BecameUnready => vec![events::readiness_failed(&failed(&probes.readiness))],
+                Verdict::Unhealthy => {
+                    events::liveness_failed(&container_name(pod), &failed(&probes.liveness)).to_vec()
+                }
+                Verdict::Unchanged | Verdict::BecameReady => Vec::new(),
+            };
+            events::record(&self.kube, pod, &node.node_name, &said).await;
             if verdict != Verdict::Unhealthy {
                 let state = ContainerState::Running {
                     started_at: c.started_at.clone(),
@@ -605,8 +659,9 @@ impl Sim {
         match plan {
             ImagePlan::QuestDb { jar, .. } => {
                 let mounts = self.data_mounts(pod, &ns, &volumes).await?;
+                self.storage.ensure(&mounts.volume.id, mounts.volume.size_bytes).await?;
                 let root =
-                    runtime::prepare_questdb_root(&self.cfg.runtime, &mounts.volume_id, &mounts.files)?;
+                    runtime::prepare_questdb_root(&self.cfg.runtime, &mounts.volume.id, &mounts.files)?;
                 let (program, args, env) =
                     runtime::questdb_command(&self.cfg.runtime, jar, &root, memory_limit(pod));
                 // Its own host and address, so its ports never meet the node's (Traefik's).
@@ -619,7 +674,7 @@ impl Sim {
                     netns: self.cfg.network.pod_netns(&uid),
                     pod_ip: ip,
                     own_host: true,
-                    volume_id: Some(mounts.volume_id),
+                    volume_id: Some(mounts.volume.id),
                     program,
                     args,
                     env,
@@ -645,6 +700,7 @@ impl Sim {
         }
         let ip = launch.pod_ip.clone();
         self.runtime.lock().expect("runtime lock").start(&self.cfg.runtime, launch)?;
+        events::record(&self.kube, pod, &node.node_name, &[events::started(&container_name(pod))]).await;
         Ok((ContainerState::Running { started_at, ready: false, restarts }, ip))
     }
 
@@ -696,7 +752,7 @@ impl Sim {
         pod: &Pod,
         ns: &str,
         instance_id: &str,
-    ) -> Result<Result<BTreeMap<String, String>, String>> {
+    ) -> Result<Result<BTreeMap<String, AttachedVolume>, String>> {
         let claims: Vec<(String, String)> = pod
             .spec
             .iter()
@@ -717,15 +773,15 @@ impl Sim {
                 return Ok(Err(format!("volume {pv_name} not found")));
             };
             let Some(volume_id) = ebs_volume_id(&pv) else { continue };
-            let attached =
-                ec2::volume_attached_to(&self.ec2, &volume_id, instance_id).await.unwrap_or_else(|e| {
+            let size_bytes =
+                ec2::attached_volume(&self.ec2, &volume_id, instance_id).await.unwrap_or_else(|e| {
                     warn!(volume = volume_id, error = format!("{e:#}"), "cannot read volume");
-                    false
+                    None
                 });
-            if !attached {
+            let Some(size_bytes) = size_bytes else {
                 return Ok(Err(format!("EBS volume {volume_id} is not attached to {instance_id}")));
-            }
-            ids.insert(volume, volume_id);
+            };
+            ids.insert(volume, AttachedVolume { id: volume_id, size_bytes });
         }
         Ok(Ok(ids))
     }
@@ -737,14 +793,14 @@ impl Sim {
         &self,
         pod: &Pod,
         ns: &str,
-        volumes: &BTreeMap<String, String>,
+        volumes: &BTreeMap<String, AttachedVolume>,
     ) -> Result<DataMounts> {
         let spec = pod.spec.as_ref().context("pod has no spec")?;
         let container = spec.containers.first().context("pod has no container")?;
         let mounts = container.volume_mounts.clone().unwrap_or_default();
-        let (root_path, volume_id) = mounts
+        let (root_path, volume) = mounts
             .iter()
-            .find_map(|m| volumes.get(&m.name).map(|id| (m.mount_path.clone(), id.clone())))
+            .find_map(|m| volumes.get(&m.name).map(|v| (m.mount_path.clone(), v.clone())))
             .context("no EBS volume is mounted into the container")?;
         let mut files = Vec::new();
         for m in &mounts {
@@ -770,7 +826,7 @@ impl Sim {
                 .with_context(|| format!("ConfigMap {ns}/{cm_name} has no key {key}"))?;
             files.push((std::path::PathBuf::from(rel), content));
         }
-        Ok(DataMounts { volume_id, files })
+        Ok(DataMounts { volume, files })
     }
 
     /// At shutdown: stops every server (as its machine's kubelet would) and removes the hosts.
@@ -784,18 +840,30 @@ impl Sim {
             uids.iter().filter_map(|u| rt.take(u)).collect()
         };
         futures::future::join_all(all.into_iter().map(|c| c.stop(Duration::from_secs(10)))).await;
+        self.storage.release().await;
         self.cfg.network.sweep(true).await;
     }
 }
 
+/// An EBS volume EC2 shows attached to the pod's node.
+#[derive(Debug, Clone)]
+struct AttachedVolume {
+    id: String,
+    size_bytes: u64,
+}
+
 struct DataMounts {
-    volume_id: String,
+    volume: AttachedVolume,
     files: Vec<(std::path::PathBuf, String)>,
 }
 
 fn grace_period(pod: &Pod) -> Duration {
     let secs = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30);
     Duration::from_secs(secs.max(0) as u64)
+}
+
+fn container_name(pod: &Pod) -> String {
+    pod.spec.as_ref().and_then(|s| s.containers.first()).map(|c| c.name.clone()).unwrap_or_default()
 }
 
 fn memory_limit(pod: &Pod) -> Option<u64> {
