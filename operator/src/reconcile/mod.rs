@@ -293,11 +293,17 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
 /// queued databases every few seconds would load the apiserver for nothing.
 const QUEUED_RECHECK: Duration = Duration::from_secs(30);
 
+/// How often a node move that waits on EC2 (the old instance stopping, the volume detaching or
+/// attaching) looks again: each of these takes seconds and the database is down meanwhile, so a
+/// 3 s poll added about 1.5 s to each wait of a failover. Moves at once are few (the replacement
+/// budget, the zone gate), so the extra describes are too.
+const MOVE_POLL: Duration = Duration::from_secs(1);
+
 /// When to look again.
 /// - Converged with nothing awaited: at the resync. The watches bring any change sooner.
 /// - Waiting on something: polled. A database may be serving (phase Running) while it waits, for
 ///   example on a replacement, and AWS state such as an instance stopping or a volume detaching
-///   has no watch.
+///   has no watch; a move waiting on EC2 at [`MOVE_POLL`].
 /// - Only queued for the upgrade budget: at [`QUEUED_RECHECK`].
 pub fn next_check(
     new: &qdb_crd::QuestDBStatus,
@@ -309,6 +315,13 @@ pub fn next_check(
         if status::is_converged(new) { resync } else { poll }
     } else if waiting.iter().all(|(reason, _)| *reason == WaitReason::UpgradeQueued) {
         QUEUED_RECHECK.min(resync).max(poll)
+    } else if waiting.iter().any(|(reason, _)| {
+        matches!(
+            reason,
+            WaitReason::FencingOldNode | WaitReason::VolumeDetaching | WaitReason::VolumeAttaching
+        )
+    }) {
+        MOVE_POLL.min(poll)
     } else {
         poll
     }
@@ -415,6 +428,10 @@ mod tests {
         let queued = [(WaitReason::UpgradeQueued, "waiting for the replacement budget".to_string())];
         assert_eq!(next_check(&running, &queued, resync, poll), QUEUED_RECHECK);
         assert_eq!(next_check(&running, &queued, Duration::from_secs(5), poll), Duration::from_secs(5));
+        for reason in [WaitReason::FencingOldNode, WaitReason::VolumeDetaching, WaitReason::VolumeAttaching] {
+            let moving = [(WaitReason::ReplacingNode, String::new()), (reason, String::new())];
+            assert_eq!(next_check(&running, &moving, resync, poll), MOVE_POLL, "{reason:?}");
+        }
     }
 
     #[test]

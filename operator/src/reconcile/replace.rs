@@ -2,8 +2,11 @@
 //! nodes say, which instance serves and what to do next. Failover uses it today; node image and
 //! instance type changes are the same flow with a different reason to replace.
 //!
-//! The order is fixed: launch the replacement first, wait until its node is Ready, then fence the
-//! lost instance (stop it, confirmed by EC2) before the volume moves. Once fenced, the lost
+//! The order is fixed: launch the replacement first, then fence the old instance (stop it,
+//! confirmed by EC2) before the volume moves, and attach the volume only to a replacement whose
+//! node is Ready. An upgrade fences once the replacement is Ready (the old one serves until
+//! then); a failover fences at once, while the replacement boots, since the lost machine serves
+//! nothing. Once fenced, the lost
 //! instance is no longer live, the replacement is the only candidate, and the ordinary steps move
 //! the volume, start the pod, flip DNS and retire the fenced instance. Everything is derived from
 //! what AWS and Kubernetes show, so an operator restart at any step resumes correctly.
@@ -156,6 +159,10 @@ pub fn next_move(step: Step, why: Why, seen: &MoveSeen, join_timeout_secs: u64) 
         Some(InstanceState::Stopping | InstanceState::ShuttingDown) => step.max(Step::StopIssued),
         _ => step,
     };
+    if step < Step::StopIssued && !fenced && why == Why::Failover {
+        // The lost machine serves nothing: fence it while the replacement boots, not after.
+        return (Step::StopIssued, MoveAction::Stop { force: true });
+    }
     if step < Step::StopIssued && !fenced {
         match seen.replacement {
             Some((_, NodeSeen::Ready)) => {}
@@ -190,11 +197,17 @@ pub fn next_move(step: Step, why: Why, seen: &MoveSeen, join_timeout_secs: u64) 
         }
         VolumeSeen::Elsewhere(_) => (step, MoveAction::Wait(Waiting::VolumeElsewhere)),
         VolumeSeen::Available => match seen.replacement {
-            Some((InstanceState::Running | InstanceState::Stopped, _)) => {
+            Some((InstanceState::Running, NodeSeen::Ready) | (InstanceState::Stopped, _)) => {
                 (Step::Attaching, MoveAction::Attach)
             }
-            // The old instance is fenced but the replacement is gone: start over with a new one
-            // (the volume waits, available, for it).
+            // A failover fenced before its replacement joined: the volume waits, available,
+            // for the node (attached to a machine that never joins, it would serve nothing).
+            Some((InstanceState::Running | InstanceState::Pending, _)) | None
+                if seen.age_secs < join_timeout_secs =>
+            {
+                (step, MoveAction::Wait(Waiting::ReplacementJoining))
+            }
+            // The replacement is gone or never joined: start over with a new one.
             _ => (step, MoveAction::GiveUpReplacement),
         },
         VolumeSeen::OnReplacement { settled: false } => {
@@ -323,19 +336,68 @@ mod tests {
     }
 
     #[test]
-    fn a_move_waits_for_the_replacement_and_gives_up_after_the_timeout() {
+    fn an_upgrade_waits_for_the_replacement_and_gives_up_after_the_timeout() {
         let mut s = moving(Some(InstanceState::Running), VolumeSeen::OnOld { settled: true });
         s.replacement = None;
         assert_eq!(
-            next_move(Step::Launched, Why::Failover, &s, 600),
+            next_move(Step::Launched, Why::Upgrade, &s, 600),
             (Step::Launched, MoveAction::Wait(Waiting::ReplacementJoining)),
             "a just-launched instance missing from Describe is eventual consistency, not loss"
         );
         s.replacement = Some((InstanceState::Running, NodeSeen::Missing));
         s.age_secs = 601;
         assert_eq!(
-            next_move(Step::Launched, Why::Failover, &s, 600),
+            next_move(Step::Launched, Why::Upgrade, &s, 600),
             (Step::Launched, MoveAction::GiveUpReplacement)
+        );
+    }
+
+    #[test]
+    fn a_failover_fences_while_the_replacement_boots_and_attaches_once_it_joined() {
+        let mut s = moving(Some(InstanceState::Running), VolumeSeen::OnOld { settled: true });
+        s.replacement = None;
+        assert_eq!(
+            next_move(Step::Launched, Why::Failover, &s, 600),
+            (Step::StopIssued, MoveAction::Stop { force: true }),
+            "the lost machine is stopped without waiting for its replacement"
+        );
+        let fenced = |replacement, age_secs| MoveSeen {
+            old: Some(InstanceState::Stopped),
+            replacement,
+            volume: VolumeSeen::Available,
+            pod_on_old: false,
+            age_secs,
+        };
+        for joining in [
+            None,
+            Some((InstanceState::Pending, NodeSeen::Missing)),
+            Some((InstanceState::Running, NodeSeen::Missing)),
+            Some((InstanceState::Running, NodeSeen::NotReady { for_secs: 5 })),
+        ] {
+            assert_eq!(
+                next_move(Step::Detaching, Why::Failover, &fenced(joining, 20), 600),
+                (Step::Detaching, MoveAction::Wait(Waiting::ReplacementJoining)),
+                "the volume waits for {joining:?}"
+            );
+            assert_eq!(
+                next_move(Step::Detaching, Why::Failover, &fenced(joining, 601), 600),
+                (Step::Detaching, MoveAction::GiveUpReplacement),
+                "{joining:?} never joined"
+            );
+        }
+        assert_eq!(
+            next_move(
+                Step::Detaching,
+                Why::Failover,
+                &fenced(Some((InstanceState::Running, NodeSeen::Ready)), 20),
+                600
+            ),
+            (Step::Attaching, MoveAction::Attach)
+        );
+        let gone = fenced(Some((InstanceState::Terminated, NodeSeen::Missing)), 20);
+        assert_eq!(
+            next_move(Step::Detaching, Why::Failover, &gone, 600),
+            (Step::Detaching, MoveAction::GiveUpReplacement)
         );
     }
 
