@@ -335,6 +335,18 @@ async fn config_change_pause_resume_and_volume_growth_keep_every_row() -> Result
 
 const GIB: u64 = 1 << 30;
 
+/// How many pods the database's StatefulSet has created so far, from its controller's events.
+async fn pods_created(rig: &Rig, db: &str) -> Result<i32> {
+    let c = rig.cloud.cluster("region-a")?;
+    let events: Api<Event> = Api::namespaced(kube_client(&c.kubeconfig).await?, &rig.namespace);
+    let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={db}"))).await?;
+    Ok(list
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("SuccessfulCreate"))
+        .map(|e| e.count.unwrap_or(1))
+        .sum())
+}
+
 /// Node image upgrade and instance type change move the database to a new machine; then a
 /// failover whose operator is killed mid-way: a new operator finishes it. Every acknowledged
 /// row is there after each, and no volume was ever open in two processes.
@@ -362,6 +374,7 @@ async fn node_moves_and_a_failover_with_the_operator_killed_keep_every_row() -> 
             ..Default::default()
         }),
     );
+    let created = pods_created(&rig, db).await?;
     rig.send(&image).await?;
     gossip.phase(&image.instruction_id, Phase::Succeeded, T).await?;
     let (ip, instance) = {
@@ -369,6 +382,10 @@ async fn node_moves_and_a_failover_with_the_operator_killed_keep_every_row() -> 
         ensure!(now.1 != instance, "the node image upgrade kept instance {instance}");
         now
     };
+    // One new pod for the move (the drained one is recreated on the replacement, where it
+    // waits for the volume); not one per pass while the move waits on EC2.
+    let recreated = pods_created(&rig, db).await? - created;
+    ensure!(recreated <= 2, "the pod was created {recreated} times during one node move");
     expect_rows(&ip, "trades", 0..100, Duration::from_secs(10)).await?;
     write_rows(&ip, "trades", 100, 100).await?;
 

@@ -228,13 +228,21 @@ async fn remove_stuck_pod(ctx: &Context, d: &Desired, facts: &mut Facts) -> Resu
         return Ok(());
     };
     let bound = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-    if bound.as_ref().is_none_or(|n| n == active_node) {
+    if !is_stuck(bound.as_deref(), active_node, &facts.ready_nodes) {
         return Ok(());
     }
     let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
     delete_if_present(ctx, &pods, &d.names.pod(), "Pod", &params).await?;
     facts.did("DeletedStuckPod", format!("{} was bound to {}", d.names.pod(), bound.unwrap_or_default()));
     Ok(())
+}
+
+/// A pod bound to a node other than the serving one, which has no kubelet to stop it (the node
+/// is lost or gone). A pod already on a Ready node is left alone: during an upgrade the drained
+/// pod is recreated on the replacement before the volume moves there, and deleting it again on
+/// every pass only churned it (once a second while the move waited on EC2).
+pub fn is_stuck(bound: Option<&str>, active_node: &str, ready_nodes: &[String]) -> bool {
+    bound.is_some_and(|b| b != active_node && !ready_nodes.iter().any(|r| r == b))
 }
 
 /// The StatefulSet's one pod runs the current template and is Ready.
@@ -249,6 +257,15 @@ pub fn rolled_out_and_ready(sts: &StatefulSet) -> bool {
 mod tests {
     use super::*;
     use crate::build::fixtures;
+
+    #[test]
+    fn only_a_pod_on_a_lost_node_is_stuck() {
+        let ready = ["new".to_string()];
+        assert!(is_stuck(Some("lost"), "new", &ready), "bound to the lost node after a failover");
+        assert!(!is_stuck(Some("new"), "new", &ready));
+        assert!(!is_stuck(Some("new"), "old", &ready), "an upgrade's pod waiting on the replacement");
+        assert!(!is_stuck(None, "new", &ready), "not scheduled yet");
+    }
 
     #[test]
     fn only_the_databases_own_image_that_cannot_be_pulled_fails_the_pod() {

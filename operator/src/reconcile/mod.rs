@@ -98,6 +98,8 @@ pub struct Facts {
     pub instance: Option<Instance>,
     /// The Kubernetes node of `instance`, and whether it is Ready.
     pub node: Option<(String, bool)>,
+    /// The database's nodes that are Ready (a pod bound to one has a kubelet to run or stop it).
+    pub ready_nodes: Vec<String>,
     pub volume: Option<Volume>,
     pub volume_attached: bool,
     pub pod_ready: bool,

@@ -85,6 +85,8 @@ pub async fn ensure(
     }
 
     let nodes = nodes_of(ctx, d).await?;
+    facts.ready_nodes =
+        nodes.values().filter(|(_, seen)| *seen == NodeSeen::Ready).map(|(name, _)| name.clone()).collect();
     let live: Vec<&Instance> = instances.iter().filter(|i| is_live(i)).collect();
     let seen: Vec<Seen> = live
         .iter()
