@@ -11,12 +11,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ListParams};
-use qdb_proto::v1::{self, Phase, instruction::Operation};
+use qdb_proto::v1::{self, GossipEvent, Phase, instruction::Operation};
 use qdb_tests::ingress::Ingress;
 use qdb_tests::questdb::{
     FencingSampler, expect_rows, filesystem_bytes, parameters, query_text, read_ids, write_rows,
 };
-use qdb_tests::rig::{Rig, ins};
+use qdb_tests::rig::{Reader, Rig, ins};
 use qdb_tests::{eventually, kube_client};
 use serde_json::Value;
 
@@ -60,6 +60,15 @@ async fn node_ip(rig: &Rig, db: &str) -> Result<(Ingress, String)> {
     let q = rig.questdbs("region-a").await?.get(db).await?;
     let node = q.status.and_then(|s| s.node).context("no node in status")?;
     Ok((ingress(rig, db).await?, node.instance_id))
+}
+
+/// Deletes a database through Kafka, as the backend would, and waits for SUCCEEDED: its server,
+/// node and ingress process go with it, so they do not load the machine for the tests after
+/// (left running, the data tests' databases and their nodes' Traefiks kept both cores busy).
+async fn delete(rig: &Rig, gossip: &Reader<GossipEvent>, db: &str, sequence: u64) -> Result<()> {
+    let delete = ins::new(db, "region-a", sequence, Operation::Delete(v1::Delete { retain_volume: false }));
+    rig.send(&delete).await?;
+    gossip.phase(&delete.instruction_id, Phase::Succeeded, T).await.map(drop)
 }
 
 /// The real servers the node simulator runs, as its control API lists them.
@@ -175,7 +184,7 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
     let most = sampler.assert_fenced()?;
     println!("most processes per volume at once: {most:?}");
     ensure!(!most.is_empty(), "the sampler never saw a volume open: it proves nothing");
-    Ok(())
+    delete(&rig, &gossip, db, 4).await
 }
 
 /// Writes one row a time into `fence` from inside the pod's network namespace (as a process on
@@ -241,7 +250,7 @@ async fn a_version_that_cannot_be_pulled_fails_on_gossip() -> Result<()> {
         "no Failed event for the image: {said:?}"
     );
     ensure!(said.iter().any(|(_, r, _)| r == "BackOff"), "no BackOff event: {said:?}");
-    Ok(())
+    delete(&rig, &gossip, "db-nopull", 2).await
 }
 
 /// A value QuestDB must read back exactly as the spec says: a trailing backslash (which, written
@@ -330,7 +339,7 @@ async fn config_change_pause_resume_and_volume_growth_keep_every_row() -> Result
     write_rows(&ip, "trades", 300, 100).await?;
     expect_rows(&ip, "trades", 0..400, Duration::from_secs(10)).await?;
     sampler.assert_fenced()?;
-    Ok(())
+    delete(&rig, &gossip, db, 6).await
 }
 
 const GIB: u64 = 1 << 30;
@@ -424,7 +433,7 @@ async fn node_moves_and_a_failover_with_the_operator_killed_keep_every_row() -> 
     let (ip, _) = serving_elsewhere(&rig, db, &instance, Duration::from_secs(300)).await?;
     expect_rows(&ip, "trades", 0..300, Duration::from_secs(30)).await?;
     sampler.assert_fenced()?;
-    Ok(())
+    delete(&rig, &gossip, db, 4).await
 }
 
 /// Each database's name reaches that database through the ingress on all three of its ports:
@@ -468,5 +477,6 @@ async fn each_name_reaches_its_own_database_on_all_three_ports() -> Result<()> {
             y_in.dns_name
         );
     }
-    Ok(())
+    delete(&rig, &gossip, x, 2).await?;
+    delete(&rig, &gossip, y, 2).await
 }

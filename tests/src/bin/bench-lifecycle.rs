@@ -229,6 +229,12 @@ async fn main() -> Result<()> {
         for name in &names {
             let _ = api.delete(name, &Default::default()).await;
         }
+        // Gone before the next round: a round's servers and nodes left running would take CPU
+        // from the next (and the operator must outlive the deletes, or their machines run on).
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < deadline && !api.list(&Default::default()).await?.items.is_empty() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
     Ok(())
 }
