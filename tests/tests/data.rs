@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams};
 use qdb_proto::v1::{self, GossipEvent, Phase, instruction::Operation};
 use qdb_tests::ingress::Ingress;
 use qdb_tests::questdb::{
-    FencingSampler, expect_rows, filesystem_bytes, parameters, query_text, read_ids, write_rows,
+    FencingSampler, expect_rows, filesystem_bytes, parameters, query_pairs, query_text, read_ids, write_rows,
 };
 use qdb_tests::rig::{Reader, Rig, ins};
 use qdb_tests::{eventually, kube_client};
@@ -163,7 +163,7 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
     let acknowledged = old_writer.await??;
     ensure!(acknowledged > 0, "the writer in the partitioned pod got no row acknowledged");
     write_rows(&new_ip, "fence", 1_000_000, 1).await?;
-    let rows = fence_rows(&new_ip).await?;
+    let rows = query_pairs(&new_ip, "SELECT id, cast(timestamp AS long) FROM fence").await?;
     let old: Vec<&(i64, i64)> = rows.iter().filter(|(id, _)| *id < 1_000_000).collect();
     let first_new =
         rows.iter().filter(|(id, _)| *id >= 1_000_000).map(|(_, ts)| *ts).min().context("new row")?;
@@ -215,12 +215,6 @@ async fn write_in_pod(netns: String) -> Result<u64> {
     unreachable!("the loop returns")
 }
 
-/// `(id, timestamp in microseconds)` of every row of `fence`.
-async fn fence_rows(db: &Ingress) -> Result<Vec<(i64, i64)>> {
-    let rows = qdb_tests::questdb::query_pairs(db, "SELECT id, cast(timestamp AS long) FROM fence").await?;
-    Ok(rows)
-}
-
 /// An image whose QuestDB version is not installed cannot be pulled: the pod waits in
 /// ImagePullBackOff, and the backend hears FAILED with that reason.
 #[tokio::test(flavor = "multi_thread")]
@@ -237,9 +231,8 @@ async fn a_version_that_cannot_be_pulled_fails_on_gossip() -> Result<()> {
     ensure!(end.reason == "IMAGE_PULL_FAILED", "{end:?}");
     ensure!(end.message.contains("questdb/questdb:9.9.9"), "{end:?}");
     // The kubelet says so on the pod too, as `kubectl describe pod` shows it.
-    let c = rig.cloud.cluster("region-a")?;
-    let events: Api<Event> = Api::namespaced(kube_client(&c.kubeconfig).await?, &rig.namespace);
-    let said: Vec<(String, String, String)> = events
+    let said: Vec<(String, String, String)> = events(&rig)
+        .await?
         .list(&ListParams::default().fields("involvedObject.name=db-nopull-0"))
         .await?
         .into_iter()
@@ -344,11 +337,16 @@ async fn config_change_pause_resume_and_volume_growth_keep_every_row() -> Result
 
 const GIB: u64 = 1 << 30;
 
+/// The Events of the test's namespace in region-a.
+async fn events(rig: &Rig) -> Result<Api<Event>> {
+    let c = rig.cloud.cluster("region-a")?;
+    Ok(Api::namespaced(kube_client(&c.kubeconfig).await?, &rig.namespace))
+}
+
 /// How many pods the database's StatefulSet has created so far, from its controller's events.
 async fn pods_created(rig: &Rig, db: &str) -> Result<i32> {
-    let c = rig.cloud.cluster("region-a")?;
-    let events: Api<Event> = Api::namespaced(kube_client(&c.kubeconfig).await?, &rig.namespace);
-    let list = events.list(&ListParams::default().fields(&format!("involvedObject.name={db}"))).await?;
+    let list =
+        events(rig).await?.list(&ListParams::default().fields(&format!("involvedObject.name={db}"))).await?;
     Ok(list
         .into_iter()
         .filter(|e| e.reason.as_deref() == Some("SuccessfulCreate"))

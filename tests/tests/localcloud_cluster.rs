@@ -1,7 +1,8 @@
 //! The clusters of the local cloud behave like a cloud: an EC2 instance launched in the emulator
 //! joins its cluster as a dedicated node, the real scheduler places a workload there, the node
-//! simulator runs it once its EBS volume is attached (FailedMount events until then), a killed node is marked unreachable by the real controller-manager and
-//! recovers when revived, a join delay holds a node back, and a terminated instance's Node goes.
+//! simulator runs it once its EBS volume is attached (FailedMount events until then), a killed
+//! node is marked unreachable by the real controller-manager and recovers when revived, a join
+//! delay holds a node back, and a terminated instance's Node goes.
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! the EBS volume is not attached to the node's instance, Failed and BackOff for an image that
 //! cannot be pulled, Started, Unhealthy for failed probes and Killing before a restart.
 
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod, Probe};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, PostParams};
 use tracing::warn;
@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 static SERIAL: AtomicU64 = AtomicU64::new(0);
 
 use crate::objects::ContainerState;
+use crate::runtime::{self, Probes, Verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -75,18 +76,27 @@ pub fn started(container: &str) -> PodEvent {
     PodEvent::new(Reason::Started, format!("Started container {container}"))
 }
 
-pub fn readiness_failed(detail: &str) -> PodEvent {
-    PodEvent::new(Reason::Unhealthy, format!("Readiness probe failed: {detail}"))
-}
-
-pub fn liveness_failed(container: &str, detail: &str) -> [PodEvent; 2] {
-    [
-        PodEvent::new(Reason::Unhealthy, format!("Liveness probe failed: {detail}")),
-        PodEvent::new(
-            Reason::Killing,
-            format!("Container {container} failed liveness probe, will be restarted"),
-        ),
-    ]
+/// The events a kubelet records when a round of probes at `ip` ends in `verdict`: a readiness
+/// probe that started failing, or a liveness probe past its threshold (the container restarts).
+pub fn on_probes(verdict: Verdict, container: &str, probes: &Probes, ip: &str) -> Vec<PodEvent> {
+    let failed = |p: &Option<Probe>| {
+        let url = p.as_ref().and_then(|p| runtime::probe_url(p, ip)).unwrap_or_default();
+        format!("HTTP probe to {url} failed")
+    };
+    match verdict {
+        Verdict::BecameUnready => vec![PodEvent::new(
+            Reason::Unhealthy,
+            format!("Readiness probe failed: {}", failed(&probes.readiness)),
+        )],
+        Verdict::Unhealthy => vec![
+            PodEvent::new(Reason::Unhealthy, format!("Liveness probe failed: {}", failed(&probes.liveness))),
+            PodEvent::new(
+                Reason::Killing,
+                format!("Container {container} failed liveness probe, will be restarted"),
+            ),
+        ],
+        Verdict::Unchanged | Verdict::BecameReady => Vec::new(),
+    }
 }
 
 /// The Event object, as the kubelet of `node` writes it (source kubelet, the pod as involved object).
@@ -175,7 +185,28 @@ mod tests {
             ..Pod::default()
         };
         let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
-        let e = build(&pod, "ip-10-1-0-5", &liveness_failed("questdb", "HTTP 503")[0], &now);
+        let get = |path: &str| Probe {
+            http_get: Some(k8s_openapi::api::core::v1::HTTPGetAction {
+                path: Some(path.into()),
+                port: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9003),
+                ..Default::default()
+            }),
+            ..Probe::default()
+        };
+        let probes = Probes { readiness: Some(get("/ready")), liveness: Some(get("/live")) };
+        let restart = on_probes(Verdict::Unhealthy, "questdb", &probes, "10.1.128.7");
+        let reasons: Vec<Reason> = restart.iter().map(|e| e.reason).collect();
+        assert_eq!(reasons, [Reason::Unhealthy, Reason::Killing]);
+        assert!(restart[0].message.contains("http://10.1.128.7:9003/live"), "{}", restart[0].message);
+        let unready = on_probes(Verdict::BecameUnready, "questdb", &probes, "10.1.128.7");
+        assert!(
+            unready[0]
+                .message
+                .starts_with("Readiness probe failed: HTTP probe to http://10.1.128.7:9003/ready")
+        );
+        assert!(on_probes(Verdict::BecameReady, "questdb", &probes, "10.1.128.7").is_empty());
+
+        let e = build(&pod, "ip-10-1-0-5", &restart[0], &now);
         assert_eq!(e.type_.as_deref(), Some("Warning"));
         assert_eq!(e.reason.as_deref(), Some("Unhealthy"));
         assert_eq!(e.involved_object.uid.as_deref(), Some("u-1"));

@@ -145,7 +145,7 @@ async fn main() -> Result<()> {
     // What an earlier simulator left (it was killed): its servers died with it, their hosts not.
     network.sweep(false).await;
     let storage =
-        storage::Storage::new(args.volume_storage, args.volumes_dir.clone(), args.volume_images_dir).await?;
+        storage::Storage::new(args.volume_storage, args.volumes_dir, args.volume_images_dir).await?;
     let sim = sim::Sim {
         cfg: sim::Config {
             cluster: args.cluster,
@@ -159,7 +159,6 @@ async fn main() -> Result<()> {
                 traefik: args.traefik,
                 installed: args.questdb.into_iter().collect(),
                 simulated_majors: args.simulated_majors,
-                volumes_dir: args.volumes_dir,
                 logs_dir: args.logs_dir,
             },
             network,

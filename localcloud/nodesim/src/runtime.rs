@@ -41,8 +41,6 @@ pub struct Config {
     pub installed: BTreeMap<String, PathBuf>,
     /// QuestDB majors whose images run simulated (no release of them is installed).
     pub simulated_majors: Vec<u32>,
-    /// EBS volume storage: `<dir>/<volume id>` is the volume's filesystem.
-    pub volumes_dir: PathBuf,
     /// Container logs: `<dir>/<namespace>_<pod>_<uid>.log`.
     pub logs_dir: PathBuf,
 }
@@ -187,14 +185,9 @@ pub struct Launch {
     pub restarts: i32,
 }
 
-/// Makes the QuestDB root on the volume's storage with the pod's files in it (its ConfigMap as
-/// conf/server.conf); returns the root.
-pub fn prepare_questdb_root(
-    cfg: &Config,
-    volume_id: &str,
-    files: &[(PathBuf, String)],
-) -> Result<PathBuf, RuntimeError> {
-    let root = cfg.volumes_dir.join(volume_id);
+/// Makes the QuestDB root on the volume's filesystem (`root`) with the pod's files in it (its
+/// ConfigMap as conf/server.conf).
+pub fn prepare_questdb_root(root: &Path, files: &[(PathBuf, String)]) -> Result<(), RuntimeError> {
     for dir in [root.join("conf"), root.join("tmp")] {
         std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::Write { path: dir.clone(), source })?;
     }
@@ -203,7 +196,7 @@ pub fn prepare_questdb_root(
         std::fs::write(&path, content)
             .map_err(|source| RuntimeError::Write { path: path.clone(), source })?;
     }
-    Ok(root)
+    Ok(())
 }
 
 /// QuestDB's program, arguments and environment: a small machine's worker pools (env overrides
@@ -456,7 +449,6 @@ mod tests {
             traefik: None,
             installed: [("9.3.0".to_string(), PathBuf::from("/q/9.3.0.jar"))].into(),
             simulated_majors: vec![8],
-            volumes_dir: "/v".into(),
             logs_dir: "/l".into(),
         }
     }

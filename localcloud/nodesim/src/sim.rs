@@ -143,6 +143,9 @@ impl Sim {
             }
             *at = Some(Instant::now());
         }
+        if self.storage.kind() != crate::storage::Kind::XfsImage {
+            return;
+        }
         let ids: Vec<String> = {
             let rt = self.runtime.lock().expect("runtime lock");
             let mut ids: Vec<String> = rt.containers.values().filter_map(|c| c.volume_id.clone()).collect();
@@ -150,7 +153,7 @@ impl Sim {
             ids.dedup();
             ids
         };
-        if ids.is_empty() || self.storage.kind() != crate::storage::Kind::XfsImage {
+        if ids.is_empty() {
             return;
         }
         let sizes = match ec2::describe_volumes(&self.ec2, &ids, None).await {
@@ -590,17 +593,7 @@ impl Sim {
             let ip = c.pod_ip.clone();
             let probes = runtime::probes(pod);
             let verdict = runtime::run_probes(&self.http, &mut c, &probes, &ip).await;
-            let failed = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
-                let url = p.as_ref().and_then(|p| runtime::probe_url(p, &ip)).unwrap_or_default();
-                format!("HTTP probe to {url} failed")
-            };
-            let said = match verdict {
-                Verdict::BecameUnready => vec![events::readiness_failed(&failed(&probes.readiness))],
-                Verdict::Unhealthy => {
-                    events::liveness_failed(&container_name(pod), &failed(&probes.liveness)).to_vec()
-                }
-                Verdict::Unchanged | Verdict::BecameReady => Vec::new(),
-            };
+            let said = events::on_probes(verdict, &container_name(pod), &probes, &ip);
             events::record(&self.kube, pod, &node.node_name, &said).await;
             if verdict != Verdict::Unhealthy {
                 let state = ContainerState::Running {
@@ -659,9 +652,8 @@ impl Sim {
         match plan {
             ImagePlan::QuestDb { jar, .. } => {
                 let mounts = self.data_mounts(pod, &ns, &volumes).await?;
-                self.storage.ensure(&mounts.volume.id, mounts.volume.size_bytes).await?;
-                let root =
-                    runtime::prepare_questdb_root(&self.cfg.runtime, &mounts.volume.id, &mounts.files)?;
+                let root = self.storage.ensure(&mounts.volume.id, mounts.volume.size_bytes).await?;
+                runtime::prepare_questdb_root(&root, &mounts.files)?;
                 let (program, args, env) =
                     runtime::questdb_command(&self.cfg.runtime, jar, &root, memory_limit(pod));
                 // Its own host and address, so its ports never meet the node's (Traefik's).

@@ -89,7 +89,7 @@ impl Storage {
 
     /// The volume's filesystem, ready for a pod: made on first use, mounted if it is not.
     pub async fn ensure(&self, volume_id: &str, size_bytes: u64) -> Result<PathBuf, StorageError> {
-        let root = self.mounts_dir.join(volume_id);
+        let root = self.root(volume_id);
         mkdir(&root)?;
         if self.kind != Kind::XfsImage {
             return Ok(root);
@@ -115,7 +115,7 @@ impl Storage {
     /// Grows a mounted volume to `size_bytes` if EC2 says it is larger than its device: returns
     /// the new size, or None when there was nothing to do.
     pub async fn grow(&self, volume_id: &str, size_bytes: u64) -> Result<Option<u64>, StorageError> {
-        let root = self.mounts_dir.join(volume_id);
+        let root = self.root(volume_id);
         if self.kind != Kind::XfsImage || !is_mounted(&root)? {
             return Ok(None);
         }
@@ -135,11 +135,16 @@ impl Storage {
         let mine: Vec<String> =
             std::mem::take(&mut *self.mine.lock().expect("storage lock")).into_iter().collect();
         for volume_id in mine {
-            let root = self.mounts_dir.join(&volume_id);
+            let root = self.root(&volume_id);
             if let Err(e) = unmount(&root).await {
                 warn!(volume = volume_id, error = %e, "unmounting a volume failed");
             }
         }
+    }
+
+    /// Where pods see the volume.
+    fn root(&self, volume_id: &str) -> PathBuf {
+        self.mounts_dir.join(volume_id)
     }
 
     fn image(&self, volume_id: &str) -> PathBuf {

@@ -6,10 +6,10 @@
 //! confirmed by EC2) before the volume moves, and attach the volume only to a replacement whose
 //! node is Ready. An upgrade fences once the replacement is Ready (the old one serves until
 //! then); a failover fences at once, while the replacement boots, since the lost machine serves
-//! nothing. Once fenced, the lost
-//! instance is no longer live, the replacement is the only candidate, and the ordinary steps move
-//! the volume, start the pod, flip DNS and retire the fenced instance. Everything is derived from
-//! what AWS and Kubernetes show, so an operator restart at any step resumes correctly.
+//! nothing. Once fenced, the lost instance is no longer live, the replacement is the only
+//! candidate, and the ordinary steps move the volume, start the pod, flip DNS and retire the
+//! fenced instance. Everything is derived from what AWS and Kubernetes show, so an operator
+//! restart at any step resumes correctly.
 
 /// What the database's node says about one live (pending or running) instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,11 +362,9 @@ mod tests {
             "the lost machine is stopped without waiting for its replacement"
         );
         let fenced = |replacement, age_secs| MoveSeen {
-            old: Some(InstanceState::Stopped),
             replacement,
-            volume: VolumeSeen::Available,
-            pod_on_old: false,
             age_secs,
+            ..moving(Some(InstanceState::Stopped), VolumeSeen::Available)
         };
         for joining in [
             None,
