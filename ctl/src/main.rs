@@ -12,10 +12,11 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use qdb_crd::QuestDB;
 use qdb_operator::aws::{Aws, AwsConfig};
 use qdb_proto::Message as _;
+use qdb_provisioner::aws_auth::{CredentialCache, KafkaAuth, MskIam};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::Row;
 
@@ -56,6 +57,9 @@ enum Command {
         /// variables too (`QDB_KAFKA_SASL_PASSWORD` is `sasl.password`).
         #[arg(short = 'X', long = "kafka", global = true, value_parser = qdb_provisioner::config::parse_key_value)]
         kafka: Vec<(String, String)>,
+        /// Amazon MSK with IAM authentication in this region, as the provisioner's flag.
+        #[arg(long, env = "QDB_MSK_IAM_REGION", global = true)]
+        msk_iam_region: Option<String>,
     },
 }
 
@@ -79,8 +83,9 @@ async fn main() -> Result<()> {
         Command::Status { database, namespace, kubeconfig, database_url, aws_region, aws_endpoint } => {
             status(&database, &namespace, &kubeconfig, database_url, aws_region, aws_endpoint).await
         }
-        Command::Dlq { command: Dlq::List, brokers, topic, kafka } => {
-            for l in read_dlq(&kafka_config(&brokers, &kafka), &topic)? {
+        Command::Dlq { command: Dlq::List, brokers, topic, kafka, msk_iam_region } => {
+            let (config, auth) = kafka_config(&brokers, &kafka, msk_iam_region).await?;
+            for l in read_dlq(&config, auth, &topic)? {
                 let id = qdb_proto::v1::Instruction::decode(l.payload.as_slice())
                     .map(|i| format!("{} ({} seq {})", i.instruction_id, i.database_id, i.sequence))
                     .unwrap_or_else(|_| "-".into());
@@ -99,15 +104,15 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Dlq { command: Dlq::Replay { position, to }, brokers, topic, kafka } => {
-            let config = kafka_config(&brokers, &kafka);
+        Command::Dlq { command: Dlq::Replay { position, to }, brokers, topic, kafka, msk_iam_region } => {
+            let (config, auth) = kafka_config(&brokers, &kafka, msk_iam_region).await?;
             let Position { partition, offset } = position;
-            let letter = read_dlq(&config, &topic)?
+            let letter = read_dlq(&config, KafkaAuth(auth.0.clone()), &topic)?
                 .into_iter()
                 .find(|l| l.partition == partition && l.offset == offset)
                 .with_context(|| format!("no dead letter at {partition}:{offset}"))?;
-            let producer: ThreadedProducer<DefaultProducerContext> =
-                config.clone().set("enable.idempotence", "true").create()?;
+            let producer: ThreadedProducer<KafkaAuth> =
+                config.clone().set("enable.idempotence", "true").create_with_context(auth)?;
             let headers = OwnedHeaders::new().insert(rdkafka::message::Header {
                 key: "qdb.replayed-from",
                 value: Some(&format!("{partition}:{offset}")),
@@ -151,22 +156,37 @@ fn parse_position(s: &str) -> Result<Position, String> {
     Ok(Position { partition, offset })
 }
 
-/// A client configuration for `brokers` with the properties of `-X` and `QDB_KAFKA_*`.
-fn kafka_config(brokers: &str, flags: &[(String, String)]) -> ClientConfig {
-    let props = qdb_provisioner::config::stack_kafka_properties(&Default::default(), std::env::vars(), flags);
+/// A client configuration for `brokers` with the properties of `-X` and `QDB_KAFKA_*`, and MSK
+/// IAM's token signer where asked for.
+async fn kafka_config(
+    brokers: &str,
+    flags: &[(String, String)],
+    msk_iam_region: Option<String>,
+) -> Result<(ClientConfig, KafkaAuth)> {
+    let mut props =
+        qdb_provisioner::config::stack_kafka_properties(&Default::default(), std::env::vars(), flags);
+    let mut auth = KafkaAuth(None);
+    if let Some(region) = msk_iam_region {
+        props = qdb_provisioner::config::with_msk_iam(props)?;
+        let credentials = CredentialCache::load(&region).await?;
+        auth = KafkaAuth(Some(MskIam { region, credentials }));
+    }
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers);
     for (k, v) in props {
         config.set(k, v);
     }
-    config
+    Ok((config, auth))
 }
 
 /// The whole dead-letter topic, every partition, read without joining any group.
-fn read_dlq(config: &ClientConfig, topic: &str) -> Result<Vec<Letter>> {
+fn read_dlq(config: &ClientConfig, auth: KafkaAuth, topic: &str) -> Result<Vec<Letter>> {
     let timeout = Duration::from_secs(10);
-    let consumer: BaseConsumer =
-        config.clone().set("group.id", "questdbctl").set("enable.auto.commit", "false").create()?;
+    let consumer: BaseConsumer<KafkaAuth> = config
+        .clone()
+        .set("group.id", "questdbctl")
+        .set("enable.auto.commit", "false")
+        .create_with_context(auth)?;
     let metadata = consumer.fetch_metadata(Some(topic), timeout).context("reading the topic's metadata")?;
     let partitions: Vec<i32> = metadata
         .topics()

@@ -32,6 +32,11 @@ pub struct Config {
     /// `-X security.protocol=SASL_SSL -X sasl.mechanisms=SCRAM-SHA-512`.
     #[arg(short = 'X', long = "kafka", value_parser = parse_key_value)]
     pub kafka: Vec<(String, String)>,
+    /// Authenticate to Amazon MSK with IAM: SASL/OAUTHBEARER tokens signed with the standard
+    /// AWS credential chain (IRSA, EKS Pod Identity, environment) for the cluster's region.
+    /// Sets `security.protocol=SASL_SSL` and `sasl.mechanisms=OAUTHBEARER` unless given.
+    #[arg(long, env = "QDB_MSK_IAM_REGION")]
+    pub msk_iam_region: Option<String>,
     /// PostgreSQL journal.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
@@ -112,6 +117,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("parsing config file {path}")]
     Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("MSK IAM needs sasl.mechanisms=OAUTHBEARER, not {0}")]
+    MskIamMechanism(String),
     #[error("config file {0} names no clusters")]
     NoClusters(PathBuf),
     #[error("deadline override {0:?}: expected operation=seconds")]
@@ -149,6 +156,17 @@ pub fn stack_kafka_properties(
     props
 }
 
+/// The properties MSK IAM needs, added to `props` where absent; a mechanism other than
+/// OAUTHBEARER cannot carry the IAM token and is refused.
+pub fn with_msk_iam(mut props: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ConfigError> {
+    props.entry("security.protocol".into()).or_insert_with(|| "SASL_SSL".into());
+    let mechanism = props.entry("sasl.mechanisms".into()).or_insert_with(|| "OAUTHBEARER".into());
+    if mechanism != "OAUTHBEARER" {
+        return Err(ConfigError::MskIamMechanism(mechanism.clone()));
+    }
+    Ok(props)
+}
+
 impl Config {
     /// librdkafka properties for every client: file, then `QDB_KAFKA_*` env, then flags.
     pub fn kafka_properties(
@@ -183,6 +201,18 @@ mod tests {
             vec!["qdb-provisioner", "--config", "c.yaml", "--brokers", "b:9092", "--database-url", "pg"];
         argv.extend_from_slice(args);
         Config::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn msk_iam_fills_in_oauthbearer_over_tls_and_refuses_another_mechanism() {
+        let props = with_msk_iam(BTreeMap::new()).unwrap();
+        assert_eq!(props["security.protocol"], "SASL_SSL");
+        assert_eq!(props["sasl.mechanisms"], "OAUTHBEARER");
+        let scram = BTreeMap::from([("sasl.mechanisms".to_string(), "SCRAM-SHA-512".to_string())]);
+        assert_eq!(
+            with_msk_iam(scram).unwrap_err().to_string(),
+            "MSK IAM needs sasl.mechanisms=OAUTHBEARER, not SCRAM-SHA-512"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::client::ClientContext;
+use rdkafka::client::{ClientContext, OAuthToken};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::Shared;
+use crate::aws_auth::{self, MskIam};
 use crate::gossip::Source;
 use crate::intake::{self, Verdict};
 use crate::journal::{self, JournalError};
@@ -26,9 +27,16 @@ pub struct IntakeContext {
     /// The client's last error and the broker's reason (e.g. a refused SASL handshake), so a
     /// failed start-up check can say why rather than only "transport failure".
     last_error: std::sync::Mutex<Option<String>>,
+    msk_iam: Option<MskIam>,
 }
 
 impl ClientContext for IntakeContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(&self, _: Option<&str>) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+        aws_auth::oauth_token(self.msk_iam.as_ref())
+    }
+
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         tracing::error!(error = %error, reason, "librdkafka error");
         // "All brokers are down" follows every other failure and says nothing of its cause.
@@ -117,6 +125,7 @@ pub fn consumer(
     group: &str,
     props: &BTreeMap<String, String>,
     metrics: Arc<Metrics>,
+    msk_iam: Option<MskIam>,
 ) -> KafkaResult<IntakeConsumer> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
@@ -131,7 +140,7 @@ pub fn consumer(
     for (k, v) in props {
         cfg.set(k, v);
     }
-    cfg.create_with_context(IntakeContext { metrics, last_error: Default::default() })
+    cfg.create_with_context(IntakeContext { metrics, last_error: Default::default(), msk_iam })
 }
 
 /// A message's headers as text (values decoded lossily), for dead letters and for people.

@@ -8,6 +8,7 @@
 //! The journal is the only queue: every step reads and writes it, so any replica can carry on
 //! after another dies, and nothing waits in memory.
 
+pub mod aws_auth;
 pub mod clusters;
 pub mod config;
 pub mod consumer;
@@ -58,6 +59,8 @@ pub struct Shared {
     pub lease: Duration,
     pub max_retry_delay: Duration,
     pub journal_retention: Duration,
+    /// Signs Kafka's OAUTHBEARER tokens when the brokers are MSK with IAM.
+    pub msk_iam: Option<aws_auth::MskIam>,
     deadlines: BTreeMap<String, Duration>,
     default_deadline: Duration,
     pub consuming: AtomicBool,
@@ -87,6 +90,8 @@ pub enum StartError {
     /// Wrong brokers, TLS settings or credentials: refused at start, not retried forever.
     #[error("cannot reach Kafka at {brokers} (check the brokers and the security settings)")]
     KafkaUnreachable { brokers: String, source: consumer::ConnectError },
+    #[error("loading AWS credentials for MSK IAM")]
+    Aws(#[source] aws_auth::AuthError),
     #[error("listening on {addr}")]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
 }
@@ -109,7 +114,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
         .map_err(StartError::Database)?;
     sqlx::migrate!("../migrations").run(&pool).await.map_err(StartError::Migrate)?;
     let registry = Registry::connect(&file).await?;
-    let kafka = config.kafka_properties(&file, std::env::vars());
+    let mut kafka = config.kafka_properties(&file, std::env::vars());
+    let msk_iam = match &config.msk_iam_region {
+        Some(region) => {
+            kafka = config::with_msk_iam(kafka)?;
+            let credentials = aws_auth::CredentialCache::load(region).await.map_err(StartError::Aws)?;
+            Some(aws_auth::MskIam { region: region.clone(), credentials })
+        }
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
 
     let mut views = BTreeMap::new();
@@ -138,6 +151,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
         lease: Duration::from_secs(config.lease_secs.max(5)),
         max_retry_delay: Duration::from_secs(config.max_retry_delay_secs.max(1)),
         journal_retention: Duration::from_secs(config.journal_retention_secs),
+        msk_iam: msk_iam.clone(),
         deadlines,
         default_deadline: Duration::from_secs(config.deadline_secs),
         consuming: AtomicBool::new(false),
@@ -150,7 +164,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
         .await
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;
     let consumer =
-        consumer::consumer(&config.brokers, &config.group_id, &kafka_with(&kafka, &config), metrics)
+        consumer::consumer(&config.brokers, &config.group_id, &kafka_with(&kafka, &config), metrics, msk_iam)
             .map_err(StartError::Kafka)?;
     consumer::check_connection(&consumer, &config.instructions_topic)
         .await

@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 
 use sqlx::{PgConnection, Row};
 
+use crate::aws_auth::{KafkaAuth, MskIam};
 use crate::journal::{self, JournalError, err};
 use crate::metrics::{OutcomeLabels, ParkedLabels};
 use crate::{Shared, gossip};
@@ -126,7 +127,9 @@ pub enum OutboxError {
     Publish { topic: String, source: KafkaError },
 }
 
-pub fn producer(props: &BTreeMap<String, String>) -> Result<FutureProducer, KafkaError> {
+pub type Publisher = FutureProducer<KafkaAuth>;
+
+pub fn producer(props: &BTreeMap<String, String>, msk_iam: Option<MskIam>) -> Result<Publisher, KafkaError> {
     let mut cfg = ClientConfig::new();
     cfg.set("enable.idempotence", "true")
         .set("acks", "all")
@@ -135,7 +138,7 @@ pub fn producer(props: &BTreeMap<String, String>) -> Result<FutureProducer, Kafk
     for (k, v) in props {
         cfg.set(k, v);
     }
-    cfg.create()
+    cfg.create_with_context(KafkaAuth(msk_iam))
 }
 
 /// Whether a publish that failed with `code` can never succeed for this record, whatever the
@@ -169,7 +172,7 @@ enum Fate {
 /// Publishes one batch: rows delivered are removed (so a retry never sends them again), rows the
 /// broker can never take are set aside, the rest stay. Returns how many rows left the outbox,
 /// or the first transient error once the rows done before it are recorded.
-async fn drain_once(ctx: &Shared, producer: &FutureProducer) -> Result<usize, OutboxError> {
+async fn drain_once(ctx: &Shared, producer: &Publisher) -> Result<usize, OutboxError> {
     let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(DRAIN_LOCK)
@@ -258,7 +261,7 @@ async fn drain_once(ctx: &Shared, producer: &FutureProducer) -> Result<usize, Ou
 
 /// Drains until stopped, then flushes what is left (bounded) before returning.
 pub async fn run(ctx: Arc<Shared>, props: BTreeMap<String, String>, stop: CancellationToken) {
-    let mut producer: Option<FutureProducer> = None;
+    let mut producer: Option<Publisher> = None;
     let mut failures = 0;
     let mut flush_until = None;
     loop {
@@ -271,7 +274,7 @@ pub async fn run(ctx: Arc<Shared>, props: BTreeMap<String, String>, stop: Cancel
         }
         let p = match &producer {
             Some(p) => p,
-            None => match self::producer(&props) {
+            None => match self::producer(&props, ctx.msk_iam.clone()) {
                 Ok(p) => producer.insert(p),
                 Err(e) => {
                     warn!(error = %e, "creating the producer failed");

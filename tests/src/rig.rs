@@ -90,7 +90,7 @@ impl Rig {
         let mut clusters = BTreeMap::new();
         for c in &cloud.clusters {
             let client = kube_client(&c.kubeconfig).await?;
-            let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}}))?;
+            let ns = restricted_namespace(&namespace);
             Api::<Namespace>::all(client).create(&PostParams::default(), &ns).await?;
             clusters.insert(
                 c.name.clone(),
@@ -816,4 +816,21 @@ pub fn fake_operator(api: Api<QuestDB>) -> tokio::task::JoinHandle<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     })
+}
+
+/// A namespace for databases, labelled as production's (`localcloud/rbac-bindings.yaml`): the
+/// apiserver's Pod Security admission refuses any pod below the `restricted` level.
+pub fn restricted_namespace(name: &str) -> Namespace {
+    let labels = [
+        ("pod-security.kubernetes.io/enforce", "restricted"),
+        ("pod-security.kubernetes.io/warn", "restricted"),
+    ];
+    Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
 }

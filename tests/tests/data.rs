@@ -110,6 +110,14 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
 
     // Restart: a new process on the same data.
     let before = pid_of(&rig, &pod).await?.context("no QuestDB process for the pod")?;
+    // The pod met the namespace's `restricted` Pod Security level, and the server runs as the
+    // image's questdb user with no capabilities, writing to a volume it owns only by its group.
+    let status = std::fs::read_to_string(format!("/proc/{before}/status"))?;
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_string()
+    };
+    ensure!(field("Uid:").split_whitespace().all(|u| u == "10001"), "Uid {}", field("Uid:"));
+    ensure!(field("CapEff:") == "0000000000000000" && field("NoNewPrivs:") == "1", "{status}");
     let restart = ins::new(db, "region-a", 2, Operation::Restart(v1::Restart {}));
     rig.send(&restart).await?;
     gossip.phase(&restart.instruction_id, Phase::Succeeded, T).await?;

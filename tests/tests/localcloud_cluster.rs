@@ -12,6 +12,7 @@ use base64::Engine;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use qdb_tests::rig::restricted_namespace;
 use qdb_tests::{Cloud, ClusterEnv, eventually, kube_client, unique};
 use serde_json::json;
 
@@ -104,9 +105,22 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         //    and run by the simulator, once its EBS volume is attached to the instance: until
         //    then the kubelet reports FailedMount, as a real one does.
         let namespaces: Api<Namespace> = Api::all(kube.clone());
-        namespaces
-            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": db}}))?)
-            .await?;
+        namespaces.create(&PostParams::default(), &restricted_namespace(&db)).await?;
+        // The apiserver's Pod Security admission enforces the namespace's level: a pod that
+        // would run as root with every capability is refused, naming the level it violates.
+        let privileged: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "privileged"},
+            "spec": {"containers": [{"name": "c", "image": "questdb/questdb:8.2.1",
+                                     "securityContext": {"privileged": true}}]}
+        }))?;
+        let refused =
+            Api::<Pod>::namespaced(kube.clone(), &db).create(&PostParams::default(), &privileged).await;
+        match refused {
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                assert!(e.message.contains("violates PodSecurity \"restricted:latest\""), "{}", e.message)
+            }
+            other => anyhow::bail!("a privileged pod in a restricted namespace: {other:?}"),
+        }
         let zone = inst.placement().and_then(|p| p.availability_zone()).context("no zone")?;
         let volume =
             ec2.create_volume().availability_zone(zone).size(1).send().await.context("CreateVolume")?;
@@ -145,7 +159,11 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
                         "nodeSelector": {"cloud.questdb.io/database": db},
                         "tolerations": [{"key": "cloud.questdb.io/dedicated", "operator": "Equal",
                                          "value": db, "effect": "NoSchedule"}],
+                        "securityContext": {"runAsNonRoot": true, "runAsUser": 10001, "fsGroup": 10001,
+                                            "seccompProfile": {"type": "RuntimeDefault"}},
                         "containers": [{"name": "questdb", "image": "questdb/questdb:8.2.1",
+                                        "securityContext": {"allowPrivilegeEscalation": false,
+                                                            "capabilities": {"drop": ["ALL"]}},
                                         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/questdb"}]}],
                         "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
                     }

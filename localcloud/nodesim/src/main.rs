@@ -8,6 +8,7 @@ mod net;
 mod objects;
 mod relay;
 mod runtime;
+mod security;
 mod sim;
 mod storage;
 mod userdata;

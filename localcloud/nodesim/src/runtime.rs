@@ -183,6 +183,8 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     pub started_at: String,
     pub restarts: i32,
+    /// The user it runs as; `None`: root.
+    pub identity: Option<crate::security::Identity>,
 }
 
 /// Makes the QuestDB root on the volume's filesystem (`root`) with the pod's files in it (its
@@ -266,6 +268,7 @@ impl Runtime {
         let err = log.try_clone().map_err(|source| RuntimeError::Write { path: log_path.clone(), source })?;
         let mut cmd = std::process::Command::new("ip");
         cmd.args(["netns", "exec", &l.netns])
+            .args(l.identity.as_ref().map(crate::security::setpriv_args).unwrap_or_default())
             .arg(&l.program)
             .args(&l.args)
             .envs(l.env.iter().map(|(k, v)| (k, v)))

@@ -21,6 +21,7 @@ use crate::events;
 use crate::net::Network;
 use crate::objects::{ContainerState, build_lease, build_node, build_node_status, build_pod_status};
 use crate::runtime::{self, ImagePlan, Launch, Runtime, Verdict};
+use crate::security;
 use crate::userdata::{self, KubeletFlags};
 
 pub struct Config {
@@ -632,6 +633,16 @@ impl Sim {
             }
             Ok(v) => v,
         };
+        let identity = match security::identity(pod) {
+            Ok(i) => i,
+            Err(e) => {
+                let message = e.to_string();
+                return Ok((
+                    ContainerState::Waiting { reason: "CreateContainerConfigError", message },
+                    node.private_ip.clone(),
+                ));
+            }
+        };
         let image = pod.spec.as_ref().and_then(|s| s.containers.first()).and_then(|c| c.image.clone());
         let started_at = now();
         let mut launch = Launch {
@@ -648,12 +659,16 @@ impl Sim {
             env: Vec::new(),
             started_at: started_at.clone(),
             restarts,
+            identity,
         };
         match plan {
             ImagePlan::QuestDb { jar, .. } => {
                 let mounts = self.data_mounts(pod, &ns, &volumes).await?;
                 let root = self.storage.ensure(&mounts.volume.id, mounts.volume.size_bytes).await?;
                 runtime::prepare_questdb_root(&root, &mounts.files)?;
+                if let Some((gid, on_root_mismatch)) = security::fs_group(pod)? {
+                    security::apply_fs_group(&root, gid, on_root_mismatch)?;
+                }
                 let (program, args, env) =
                     runtime::questdb_command(&self.cfg.runtime, jar, &root, memory_limit(pod));
                 // Its own host and address, so its ports never meet the node's (Traefik's).

@@ -7,8 +7,9 @@
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, PersistentVolumeClaimVolumeSource,
-    PodSpec, PodTemplateSpec, Probe, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -20,9 +21,39 @@ use crate::names::{CONFIG_HASH, RESTART_TOKEN};
 pub const CONTAINER: &str = "questdb";
 pub const IMAGE_REPOSITORY: &str = "questdb/questdb";
 
+/// The `questdb` user and group of the official image: its entrypoint drops to them from root,
+/// and runs as them directly when the pod starts it as them.
+pub const QUESTDB_UID: i64 = 10001;
+
 /// The image of the database's QuestDB release.
 pub fn image(d: &Desired) -> String {
     format!("{IMAGE_REPOSITORY}:{}", d.spec.version)
+}
+
+/// What the `restricted` Pod Security level requires of the pod: a non-root user, the runtime's
+/// seccomp profile. The volume's group is the database's (`fsGroup`), set only when the volume's
+/// root does not have it yet, since a recursive pass over a large volume delays every start.
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(QUESTDB_UID),
+        run_as_group: Some(QUESTDB_UID),
+        fs_group: Some(QUESTDB_UID),
+        fs_group_change_policy: Some("OnRootMismatch".into()),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// What `restricted` requires of each container: no privilege escalation, every capability
+/// dropped (QuestDB binds ports above 1024 and needs none).
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        run_as_non_root: Some(true),
+        ..SecurityContext::default()
+    }
 }
 
 pub fn build_statefulset(d: &Desired) -> StatefulSet {
@@ -66,9 +97,11 @@ pub fn build_statefulset(d: &Desired) -> StatefulSet {
                 ..VolumeMount::default()
             },
         ]),
+        security_context: Some(container_security()),
         ..Container::default()
     };
     let pod = PodSpec {
+        security_context: Some(pod_security()),
         containers: vec![container],
         node_selector: Some(names.node_labels()),
         tolerations: Some(vec![names.toleration()]),
@@ -150,6 +183,22 @@ mod tests {
         assert_eq!(mounts[0].mount_path, "/var/lib/questdb");
         assert_eq!(mounts[1].mount_path, "/var/lib/questdb/conf/server.conf");
         assert_eq!(mounts[1].sub_path.as_deref(), Some("server.conf"));
+    }
+
+    #[test]
+    fn the_pod_meets_the_restricted_pod_security_level() {
+        let sts = build_statefulset(&desired());
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let p = pod.security_context.unwrap();
+        assert_eq!((p.run_as_non_root, p.run_as_user, p.fs_group), (Some(true), Some(10001), Some(10001)));
+        assert_eq!(p.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        for c in &pod.containers {
+            let s = c.security_context.as_ref().unwrap();
+            assert_eq!(s.allow_privilege_escalation, Some(false));
+            assert_eq!(s.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+            assert_ne!(s.privileged, Some(true));
+        }
+        assert!(pod.host_network.is_none() && pod.host_pid.is_none());
     }
 
     #[test]

@@ -94,7 +94,7 @@ async fn main() -> Result<()> {
     // The apiserver's write capacity here: ConfigMap creates, 32 at a time (measured before the
     // baseline of the run below, so these writes are not counted in it).
     let scratch = format!("{}-scratch", rig.namespace);
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": scratch}}))?;
+    let ns = qdb_tests::rig::restricted_namespace(&scratch);
     Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &ns).await?;
     let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &scratch);
     let slots = Arc::new(Semaphore::new(32));
