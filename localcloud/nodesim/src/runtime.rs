@@ -274,6 +274,9 @@ impl Runtime {
             .envs(l.env.iter().map(|(k, v)| (k, v)))
             // A pod finds the apiserver through its flags, never through the simulator's env.
             .env_remove("KUBERNETES_SERVICE_HOST")
+            // A user the image's passwd does not name gets HOME=/ from the runtime, not the
+            // simulator's (root's, which that user may not even read).
+            .envs(l.identity.as_ref().map(|_| ("HOME", "/")))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
