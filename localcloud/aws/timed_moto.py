@@ -19,6 +19,8 @@ still stopping). So this wraps moto's EC2 backend in-process, before its server 
   result, as EC2 does (moto ignores it);
 - a RunInstances' network-interface tags land on the instance's interface, as in EC2 (moto drops
   them); a live instance's private address is never handed to another (moto's may be);
+- ModifyVolume: a second modification of a volume within QDB_AWS_MODIFY_COOLDOWN_SECONDS (default 21600, EBS's six hours) of
+  the last is refused with VolumeModificationRateExceeded, as EBS refuses it;
 - every AttachVolume / DetachVolume / StopInstances / TerminateInstances is appended to
   QDB_AWS_CALL_LOG (JSON lines) with the true state, at that moment, of every instance that ever
   held the volume, so a test can prove the fencing order from the calls themselves.
@@ -57,6 +59,7 @@ INSTANCE_SECONDS = seconds_range("QDB_AWS_INSTANCE_SECONDS", "3-8")
 VOLUME_SECONDS = seconds_range("QDB_AWS_VOLUME_SECONDS", "1-4")
 DESCRIBE_LAG_SECONDS = seconds_range("QDB_AWS_DESCRIBE_LAG_SECONDS", "0-3")
 CALL_LOG = os.environ.get("QDB_AWS_CALL_LOG")
+MODIFY_COOLDOWN_SECONDS = float(os.environ.get("QDB_AWS_MODIFY_COOLDOWN_SECONDS", "21600"))
 
 _log_lock = threading.Lock()
 # Calls moto makes to itself (an instance's root volume at launch, the detach inside a
@@ -397,6 +400,23 @@ def install():
 
     SecurityGroup.__init__ = sg_init
     EC2Backend.describe_security_groups = describe_security_groups
+
+    # ------------------------------------------------------------------ volume modifications
+    original_modify = Volume.modify
+
+    def modify(self, *args, **kwargs):
+        last = self.modifications[-1] if self.modifications else None
+        started = getattr(last, "_qdb_started", None)
+        if started is not None and time.time() < started + MODIFY_COOLDOWN_SECONDS:
+            raise EC2IncorrectState(
+                "VolumeModificationRateExceeded",
+                "You've reached the maximum modification rate per volume limit. "
+                "Wait at least 6 hours between modifications per EBS volume.",
+            )
+        original_modify(self, *args, **kwargs)
+        self.modifications[-1]._qdb_started = time.time()
+
+    Volume.modify = modify
 
     # A region's backend makes its default VPC and security group when first used: those exist
     # long before any client asks, so they are visible at once.

@@ -63,6 +63,8 @@ pub struct Context {
     pub replacing: Mutex<HashSet<String>>,
     /// Failovers started per zone, against the unhealthy-zone rate.
     pub failover_starts: Mutex<Starts>,
+    /// Volumes whose next modification EBS allows only from then (volume id -> time).
+    pub modifiable_at: Mutex<HashMap<String, jiff::Timestamp>>,
 }
 
 impl Context {
@@ -81,6 +83,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             replacing: Mutex::new(HashSet::new()),
             failover_starts: Mutex::new(Starts::default()),
+            modifiable_at: Mutex::new(HashMap::new()),
         }
     }
 }

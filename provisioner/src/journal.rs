@@ -393,6 +393,27 @@ pub async fn set_progress(conn: &mut PgConnection, id: &str, progress: &str) -> 
     Ok(done.rows_affected() == 1)
 }
 
+/// An applied instruction whose change is delayed by design until `until` (EBS's cool-down)
+/// gets its deadline counted from then. Never shortened.
+pub async fn extend_deadline(
+    conn: &mut PgConnection,
+    id: &str,
+    until: jiff::Timestamp,
+    deadline: Duration,
+) -> Result<(), JournalError> {
+    sqlx::query(
+        "UPDATE instructions SET deadline_at = GREATEST(deadline_at, $2::timestamptz + make_interval(secs => $3))
+         WHERE id = $1 AND state = 'applied'",
+    )
+    .bind(id)
+    .bind(until.to_string())
+    .bind(deadline.as_secs_f64())
+    .execute(conn)
+    .await
+    .map_err(err("extending the deadline"))?;
+    Ok(())
+}
+
 /// A failed attempt: the database's pending instructions wait `delay`, so its order holds.
 /// Written only while `owner` holds the lease; false when it no longer does.
 pub async fn retry_later(

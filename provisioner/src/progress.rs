@@ -108,6 +108,20 @@ pub fn upper_snake(reason: &str) -> String {
     out
 }
 
+/// Until when the operator says the instruction's change waits on something slow by design:
+/// EBS allows one volume modification per six hours (reason `StorageResizeBlocked`, the time in
+/// `status.volume.modifiableAt`). The instruction stays open, delayed, instead of failing at its
+/// deadline while the change is still to come.
+pub fn delayed_until(q: &QuestDB) -> Option<jiff::Timestamp> {
+    let blocked = condition(q, "Progressing").is_some_and(|c| {
+        c.status == "True" && c.reason == qdb_crd::WaitReason::StorageResizeBlocked.as_str()
+    });
+    if !blocked {
+        return None;
+    }
+    q.status.as_ref()?.volume.as_ref()?.modifiable_at.as_ref().map(|t| t.0)
+}
+
 fn progress_of(q: &QuestDB) -> Verdict {
     progressing(q).map_or(Verdict::Wait, Verdict::Progress)
 }
@@ -302,5 +316,40 @@ mod tests {
         assert_eq!(judge("delete", None, Some(&q)), Verdict::Wait);
         q.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
         assert_eq!(judge("delete", None, Some(&q)), Verdict::Progress("Deleting".into()));
+    }
+
+    #[test]
+    fn a_volume_change_blocked_by_the_ebs_cool_down_is_delayed_until_it_clears() {
+        let mut q = qdb(
+            2,
+            Phase::Running,
+            vec![
+                cond("Ready", "True", "Serving", ""),
+                cond(
+                    "Progressing",
+                    "True",
+                    "StorageResizeBlocked",
+                    "growing vol-1 from 30 to 40 GiB at 2026-12-06T18:00:00Z",
+                ),
+            ],
+        );
+        assert_eq!(delayed_until(&q), None, "no time in status: not delayed");
+        let at: jiff::Timestamp = "2026-12-06T18:00:00Z".parse().unwrap();
+        q.status.as_mut().unwrap().volume = Some(qdb_crd::VolumeStatus {
+            id: "vol-1".into(),
+            size_gib: 30,
+            zone: "us-east-1a".into(),
+            modifiable_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at)),
+        });
+        assert_eq!(delayed_until(&q), Some(at));
+        assert_eq!(
+            judge("modify", Some(2), Some(&q)),
+            Verdict::Progress(
+                "StorageResizeBlocked: growing vol-1 from 30 to 40 GiB at 2026-12-06T18:00:00Z".into()
+            )
+        );
+        // Another wait is no delay, even with the time still in status.
+        q.status.as_mut().unwrap().conditions[1].reason = "NodeJoining".into();
+        assert_eq!(delayed_until(&q), None);
     }
 }

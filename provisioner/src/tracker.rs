@@ -56,6 +56,12 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
         sequence: u64::try_from(row.sequence).unwrap_or_default(),
     };
     let status = qdb.map(gossip::database_status);
+    // A change delayed by design (EBS's cool-down) keeps its instruction open until then plus its
+    // deadline; past that, it fails like any other.
+    let delayed = qdb.and_then(progress::delayed_until).filter(|until| {
+        let deadline = jiff::SignedDuration::try_from(ctx.deadline(&row.operation)).unwrap_or_default();
+        *until + deadline > jiff::Timestamp::now()
+    });
     let (state, phase, reason, message) = match verdict {
         Verdict::Succeeded => (State::Succeeded, Phase::Succeeded, String::new(), String::new()),
         Verdict::Failed { reason, message } => (State::Failed, Phase::Failed, reason, message),
@@ -79,8 +85,11 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
             }
             return Ok(());
         }
-        Verdict::Progress(text) if !row.due => {
+        Verdict::Progress(text) if !row.due || delayed.is_some() => {
             let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
+            if let Some(until) = delayed {
+                journal::extend_deadline(&mut tx, &row.id, until, ctx.deadline(&row.operation)).await?;
+            }
             if journal::set_progress(&mut tx, &row.id, &text).await? {
                 journal::enqueue(&mut tx, &gossip::event(&subject, Phase::Progressing, "", &text, status))
                     .await?;

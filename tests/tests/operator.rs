@@ -327,6 +327,60 @@ async fn version_config_restart_and_volume_changes_converge() -> Result<()> {
     Ok(())
 }
 
+/// EBS refuses a second modification of a volume within six hours (the emulator as well). A
+/// second growth waits, says until when, and is not retried in a loop: one ModifyVolume in all,
+/// no AWS error, and the database keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_volume_change_within_six_hours_waits_and_says_when() -> Result<()> {
+    let rig = Rig::new("op-cooldown", 1).await?;
+    let op = rig.spawn_operator("region-a", "a1", &[])?;
+    let (api, q) = running(&rig, "region-a", "db16").await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let mut next = questdb("db16", "8.2.1")?;
+    next.spec.volume.size_gib = 30;
+    apply(&api, &next).await?;
+    let grown_at = jiff::Timestamp::now();
+    let q = wait_phase(&api, "db16", Phase::Running, T).await?;
+    ensure!(q.status.and_then(|s| s.volume).map(|v| v.size_gib) == Some(30), "first growth");
+
+    next.spec.volume.size_gib = 40;
+    apply(&api, &next).await?;
+    let q = eventually("the growth blocked with its time", T, || async {
+        let q = api.get("db16").await?;
+        let blocked = q.status.as_ref().is_some_and(|s| {
+            s.conditions.iter().any(|c| c.type_ == "Progressing" && c.reason == "StorageResizeBlocked")
+        });
+        Ok(blocked.then_some(q))
+    })
+    .await?;
+    let s = q.status.context("status")?;
+    let at = s.volume.as_ref().and_then(|v| v.modifiable_at.clone()).context("modifiableAt")?.0;
+    let six = jiff::SignedDuration::from_hours(6);
+    let slack = jiff::SignedDuration::from_secs(120);
+    ensure!(
+        at > grown_at + six - slack && at < grown_at + six + slack,
+        "modifiable at {at}, grown at {grown_at}"
+    );
+    let c = s.conditions.iter().find(|c| c.type_ == "Progressing").context("Progressing")?;
+    ensure!(c.status == "True" && c.message.contains("from 30 to 40 GiB"), "{c:?}");
+    ensure!(s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"), "still serving: {s:?}");
+    // Passes go on (a resync, watch events), and none of them retries the modification.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let aws = rig.aws("region-a").await?;
+    assert_eq!(aws.find_volume(&uid).await?.map(|v| v.size_gib), Some(30));
+    let m = op.metrics().await?;
+    let calls = |op: &str, outcome: &str| {
+        let filter = format!("operation=\"{op}\",outcome=\"{outcome}\"");
+        qdb_tests::metric_total(&m, "qdb_operator_aws_calls_total", &filter)
+    };
+    ensure!(calls("ModifyVolume", "ok") == 1.0, "ModifyVolume calls: {m}");
+    let sent = qdb_tests::metric_total(&m, "qdb_operator_aws_calls_total", "operation=\"ModifyVolume\"");
+    ensure!(sent == 1.0, "a ModifyVolume EBS refuses was sent: {sent} in all");
+    ensure!(calls("DescribeVolumesModifications", "ok") <= 2.0, "the cool-down is read once per change: {m}");
+    qdb_tests::iam::ensure_policy_allows(&m)?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn delete_removes_everything_before_the_resource_goes() -> Result<()> {
     let rig = Rig::new("op-delete", 1).await?;

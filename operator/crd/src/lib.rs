@@ -266,6 +266,9 @@ pub struct VolumeStatus {
     pub id: String,
     pub size_gib: u32,
     pub zone: String,
+    /// A volume change waits for EBS's six hours since the last modification: when it is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modifiable_at: Option<Time>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -436,6 +439,9 @@ pub enum WaitReason {
     StoppingDatabase,
     /// Pause waits for EC2 to confirm the instance terminated.
     ReleasingNode,
+    /// EBS allows one modification of a volume per six hours: the volume change waits until
+    /// `status.volume.modifiableAt`, and is made then.
+    StorageResizeBlocked,
 }
 
 impl WaitReason {
@@ -461,6 +467,7 @@ impl WaitReason {
             Self::RetiringInstance => "RetiringInstance",
             Self::StoppingDatabase => "StoppingDatabase",
             Self::ReleasingNode => "ReleasingNode",
+            Self::StorageResizeBlocked => "StorageResizeBlocked",
         }
     }
 }

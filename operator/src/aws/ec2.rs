@@ -73,6 +73,9 @@ pub struct Volume {
     pub tags: BTreeMap<String, String>,
 }
 
+/// EBS's answer to a second modification of a volume within six hours.
+pub const MODIFICATION_RATE_EXCEEDED: &str = "VolumeModificationRateExceeded";
+
 /// What one ModifyVolume changes; unset fields stay as they are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VolumeChange {
@@ -684,7 +687,8 @@ impl Aws {
     }
 
     /// Grows the volume and changes its provisioned performance, in one call: EBS allows one
-    /// modification per volume every six hours. The filesystem is grown on the node.
+    /// modification per volume every six hours (a second is refused with
+    /// [`MODIFICATION_RATE_EXCEEDED`]). The filesystem is grown on the node.
     pub async fn modify_volume(&self, volume_id: &str, change: &VolumeChange) -> Result<(), AwsError> {
         const OP: &str = "ModifyVolume";
         let req = self
@@ -695,6 +699,20 @@ impl Aws {
             .set_iops(to_ec2(OP, "iops", change.iops)?)
             .set_throughput(to_ec2(OP, "throughput (MiB/s)", change.throughput_mibps)?);
         self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
+    }
+
+    /// When the volume's latest modification started, if it had one (EBS allows the next one
+    /// six hours after).
+    pub async fn last_modification(&self, volume_id: &str) -> Result<Option<jiff::Timestamp>, AwsError> {
+        const OP: &str = "DescribeVolumesModifications";
+        let req = self.ec2.describe_volumes_modifications().volume_ids(volume_id);
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        Ok(out
+            .volumes_modifications()
+            .iter()
+            .filter_map(|m| m.start_time()?.to_millis().ok())
+            .filter_map(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+            .max())
     }
 
     /// Not found counts as deleted.

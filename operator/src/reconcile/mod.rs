@@ -125,6 +125,8 @@ pub struct Facts {
     pub last_create: Option<jiff::Timestamp>,
     /// The failover this database needs is held back (its zone looks like a blip), and why.
     pub held: Option<String>,
+    /// The volume change waits for EBS's modification cool-down until then.
+    pub modifiable_at: Option<jiff::Timestamp>,
 }
 
 impl Facts {
@@ -315,6 +317,9 @@ pub fn next_check(
 ) -> Duration {
     if waiting.is_empty() {
         if status::is_converged(new) { resync } else { poll }
+    } else if waiting.iter().all(|(reason, _)| *reason == WaitReason::StorageResizeBlocked) {
+        // Hours away, and nothing else to do: the resync will find the time has come.
+        resync
     } else if waiting.iter().all(|(reason, _)| *reason == WaitReason::UpgradeQueued) {
         QUEUED_RECHECK.min(resync).max(poll)
     } else if waiting.iter().any(|(reason, _)| {
@@ -434,6 +439,9 @@ mod tests {
             let moving = [(WaitReason::ReplacingNode, String::new()), (reason, String::new())];
             assert_eq!(next_check(&running, &moving, resync, poll), MOVE_POLL, "{reason:?}");
         }
+        // Hours of EBS cool-down alone: the resync finds the time, no poll every few seconds.
+        let blocked = [(WaitReason::StorageResizeBlocked, "growing vol-1 at ...".to_string())];
+        assert_eq!(next_check(&running, &blocked, resync, poll), resync);
     }
 
     #[test]

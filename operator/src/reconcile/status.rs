@@ -193,6 +193,7 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
             id: v.id.clone(),
             size_gib: v.size_gib,
             zone: v.zone.clone(),
+            modifiable_at: f.modifiable_at.map(Time),
         }),
         dns: f.dns.as_ref().map(|r| r.status()),
         endpoints: if released { None } else { Some(endpoints(&d.dns_name)) },

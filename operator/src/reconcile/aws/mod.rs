@@ -13,12 +13,15 @@ use std::time::Instant;
 use qdb_crd::WaitReason;
 
 use self::facts::{nodes_of, zone_health};
-use self::plan::{VolumeAction, is_live, next_launch, plan_volume};
+use self::plan::{VolumeAction, is_live, modifiable_at, next_launch, plan_volume};
 use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
 use super::zone::{self, Gate};
 use super::{Error, Facts, aws_err, owner_of};
-use crate::aws::{AttachmentState, AwsError, DATA_DEVICE, Instance, InstanceState, Launch, launch_of};
+use crate::aws::{
+    AttachmentState, Aws, AwsError, DATA_DEVICE, Instance, InstanceState, Launch, MODIFICATION_RATE_EXCEEDED,
+    Volume, VolumeChange, launch_of,
+};
 use crate::build::Desired;
 use crate::build::security_group::{desired_rules, sg_diff};
 use crate::build::userdata::build_user_data;
@@ -218,7 +221,24 @@ async fn finish(
                 }
                 VolumeAction::Modify(change) => {
                     let Some(v) = volume.as_mut() else { continue };
-                    aws.modify_volume(&v.id, &change).await.map_err(aws_err("modifying the volume"))?;
+                    if let Some(at) = modification_blocked(ctx, aws, &v.id).await? {
+                        block_modification(facts, v, &change, at);
+                        continue;
+                    }
+                    match aws.modify_volume(&v.id, &change).await {
+                        // Modified since we looked (another operator, a person): the same wait.
+                        Err(e) if e.code() == Some(MODIFICATION_RATE_EXCEEDED) => {
+                            let now = jiff::Timestamp::now();
+                            let at = modifiable_at(Some(now), now).unwrap_or(now);
+                            ctx.modifiable_at
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(v.id.clone(), at);
+                            block_modification(facts, v, &change, at);
+                            continue;
+                        }
+                        other => other.map_err(aws_err("modifying the volume"))?,
+                    }
                     if let Some(to) = change.size_gib {
                         facts.did("GrewVolume", format!("{} from {} to {to} GiB", v.id, v.size_gib));
                         v.size_gib = to;
@@ -403,4 +423,43 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
     facts.node = None;
     facts.volume_attached = false;
     Ok(())
+}
+
+/// When a volume change must wait for EBS's modification cool-down, and until when. Asked of
+/// EC2 once per planned change and remembered while it holds, so a blocked change costs no call
+/// per pass for six hours.
+async fn modification_blocked(
+    ctx: &Context,
+    aws: &Aws,
+    volume_id: &str,
+) -> Result<Option<jiff::Timestamp>, Error> {
+    let now = jiff::Timestamp::now();
+    let remembered = ctx.modifiable_at.lock().unwrap_or_else(|e| e.into_inner()).get(volume_id).copied();
+    if let Some(at) = remembered.filter(|at| *at > now) {
+        return Ok(Some(at));
+    }
+    let last =
+        aws.last_modification(volume_id).await.map_err(aws_err("reading the volume's modifications"))?;
+    let at = modifiable_at(last, now);
+    let mut cache = ctx.modifiable_at.lock().unwrap_or_else(|e| e.into_inner());
+    match at {
+        Some(at) => cache.insert(volume_id.to_string(), at),
+        None => cache.remove(volume_id),
+    };
+    Ok(at)
+}
+
+fn block_modification(facts: &mut Facts, v: &Volume, change: &VolumeChange, at: jiff::Timestamp) {
+    let what = match change.size_gib {
+        Some(to) => format!("growing {} from {} to {to} GiB", v.id, v.size_gib),
+        None => format!("changing {}'s performance", v.id),
+    };
+    facts.modifiable_at = Some(at);
+    facts.wait(
+        WaitReason::StorageResizeBlocked,
+        format!(
+            "{what} at {} (EBS allows one modification per volume every 6 hours)",
+            at.round(jiff::Unit::Second).unwrap_or(at)
+        ),
+    );
 }

@@ -29,6 +29,16 @@ pub fn next_launch(recorded: u32, listed: &[u32], last_create_age: Option<std::t
     }
 }
 
+/// EBS allows one modification of a volume per six hours, counted from the start of the last.
+pub const MODIFICATION_COOLDOWN: jiff::SignedDuration = jiff::SignedDuration::from_hours(6);
+
+/// When the volume may be modified again, if not now: `last` is when its latest modification
+/// started (EC2's DescribeVolumesModifications).
+pub fn modifiable_at(last: Option<jiff::Timestamp>, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+    let next = last? + MODIFICATION_COOLDOWN;
+    (next > now).then_some(next)
+}
+
 /// One thing the data volume needs, in the order to do them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum VolumeAction {
@@ -185,6 +195,16 @@ mod tests {
             throughput_mibps: None,
             reclaim_policy: qdb_crd::ReclaimPolicy::Delete,
         }
+    }
+
+    #[test]
+    fn a_volume_modified_less_than_six_hours_ago_waits_until_then() {
+        let t: jiff::Timestamp = "2026-12-06T12:00:00Z".parse().unwrap();
+        let hours = |h: i64| jiff::SignedDuration::from_hours(h);
+        assert_eq!(modifiable_at(None, t), None, "never modified");
+        assert_eq!(modifiable_at(Some(t - hours(1)), t), Some(t + hours(5)));
+        assert_eq!(modifiable_at(Some(t - hours(6)), t), None, "exactly six hours later");
+        assert_eq!(modifiable_at(Some(t - hours(7)), t), None);
     }
 
     #[test]
