@@ -142,6 +142,17 @@ pub fn exec_credential(token: &str, signed_at: jiff::Timestamp) -> serde_json::V
     })
 }
 
+/// The AWS SDK's default credential chain for `region`.
+pub async fn default_chain(
+    region: &str,
+) -> Result<aws_credential_types::provider::SharedCredentialsProvider, AuthError> {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_string()))
+        .load()
+        .await;
+    config.credentials_provider().ok_or(AuthError::NotYet)
+}
+
 /// Credentials from the standard chain (IRSA's web identity, EKS Pod Identity, environment,
 /// profile), kept fresh by a task, so a token is signed at once and without blocking: librdkafka
 /// asks for one from the thread that polls the client, which may be a runtime's.
@@ -154,11 +165,7 @@ impl CredentialCache {
     /// Loads the first credentials (an error names the chain) and refreshes them every 5
     /// minutes, well within the hour temporary credentials last.
     pub async fn load(region: &str) -> Result<Self, AuthError> {
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(region.to_string()))
-            .load()
-            .await;
-        let provider = config.credentials_provider().ok_or(AuthError::NotYet)?;
+        let provider = default_chain(region).await?;
         let first = provider.provide_credentials().await.map_err(AuthError::Credentials)?;
         let cache = Self { current: Arc::new(RwLock::new(Some(first))) };
         let current = Arc::downgrade(&cache.current);

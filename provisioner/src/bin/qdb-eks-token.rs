@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use aws_credential_types::provider::ProvideCredentials;
 use clap::Parser;
-use qdb_provisioner::aws_auth::{eks_token, exec_credential};
+use qdb_provisioner::aws_auth::{default_chain, eks_token, exec_credential};
 
 #[derive(Parser)]
 #[command(name = "qdb-eks-token", about = "EKS bearer token for a kubeconfig exec plugin")]
@@ -23,11 +23,7 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(args.region.clone()))
-        .load()
-        .await;
-    let provider = config.credentials_provider().context("no AWS credentials provider")?;
+    let provider = default_chain(&args.region).await?;
     let credentials = provider.provide_credentials().await.context("loading AWS credentials")?;
     let now = jiff::Timestamp::now();
     let token = eks_token(&credentials, &args.region, &args.cluster, now.into())?;

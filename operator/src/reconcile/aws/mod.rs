@@ -13,7 +13,7 @@ use std::time::Instant;
 use qdb_crd::WaitReason;
 
 use self::facts::{nodes_of, zone_health};
-use self::plan::{VolumeAction, is_live, modifiable_at, next_launch, plan_volume};
+use self::plan::{MODIFICATION_COOLDOWN, VolumeAction, is_live, modifiable_at, next_launch, plan_volume};
 use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
 use super::zone::{self, Gate};
@@ -222,19 +222,14 @@ async fn finish(
                 VolumeAction::Modify(change) => {
                     let Some(v) = volume.as_mut() else { continue };
                     if let Some(at) = modification_blocked(ctx, aws, &v.id).await? {
-                        block_modification(facts, v, &change, at);
+                        block_modification(ctx, facts, v, &change, at);
                         continue;
                     }
                     match aws.modify_volume(&v.id, &change).await {
                         // Modified since we looked (another operator, a person): the same wait.
                         Err(e) if e.code() == Some(MODIFICATION_RATE_EXCEEDED) => {
-                            let now = jiff::Timestamp::now();
-                            let at = modifiable_at(Some(now), now).unwrap_or(now);
-                            ctx.modifiable_at
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(v.id.clone(), at);
-                            block_modification(facts, v, &change, at);
+                            let at = jiff::Timestamp::now() + MODIFICATION_COOLDOWN;
+                            block_modification(ctx, facts, v, &change, at);
                             continue;
                         }
                         other => other.map_err(aws_err("modifying the volume"))?,
@@ -441,15 +436,21 @@ async fn modification_blocked(
     let last =
         aws.last_modification(volume_id).await.map_err(aws_err("reading the volume's modifications"))?;
     let at = modifiable_at(last, now);
-    let mut cache = ctx.modifiable_at.lock().unwrap_or_else(|e| e.into_inner());
-    match at {
-        Some(at) => cache.insert(volume_id.to_string(), at),
-        None => cache.remove(volume_id),
-    };
+    if at.is_none() {
+        ctx.modifiable_at.lock().unwrap_or_else(|e| e.into_inner()).remove(volume_id);
+    }
     Ok(at)
 }
 
-fn block_modification(facts: &mut Facts, v: &Volume, change: &VolumeChange, at: jiff::Timestamp) {
+/// Holds the change until `at`, remembered so the passes until then ask EC2 nothing.
+fn block_modification(
+    ctx: &Context,
+    facts: &mut Facts,
+    v: &Volume,
+    change: &VolumeChange,
+    at: jiff::Timestamp,
+) {
+    ctx.modifiable_at.lock().unwrap_or_else(|e| e.into_inner()).insert(v.id.clone(), at);
     let what = match change.size_gib {
         Some(to) => format!("growing {} from {} to {to} GiB", v.id, v.size_gib),
         None => format!("changing {}'s performance", v.id),
