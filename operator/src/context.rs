@@ -65,6 +65,8 @@ pub struct Context {
     pub failover_starts: Mutex<Starts>,
     /// Volumes whose next modification EBS allows only from then (volume id -> time).
     pub modifiable_at: Mutex<HashMap<String, jiff::Timestamp>>,
+    /// EC2's figures per instance type, read once each.
+    pub instance_types: Mutex<HashMap<String, crate::aws::InstanceType>>,
 }
 
 impl Context {
@@ -84,6 +86,7 @@ impl Context {
             replacing: Mutex::new(HashSet::new()),
             failover_starts: Mutex::new(Starts::default()),
             modifiable_at: Mutex::new(HashMap::new()),
+            instance_types: Mutex::new(HashMap::new()),
         }
     }
 }

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ListParams};
 use qdb_proto::v1::{self, GossipEvent, Phase, instruction::Operation};
 use qdb_tests::ingress::Ingress;
@@ -351,6 +352,29 @@ async fn events(rig: &Rig) -> Result<Api<Event>> {
     Ok(Api::namespaced(kube_client(&c.kubeconfig).await?, &rig.namespace))
 }
 
+/// The database's pod requests `memory` (also its limit) and `cpu`, fits its node's allocatable
+/// as the scheduler saw it, and its QuestDB runs with a quarter of the limit as heap.
+async fn expect_sized(rig: &Rig, db: &str, memory: &str, cpu: &str) -> Result<()> {
+    let c = rig.cloud.cluster("region-a")?;
+    let client = kube_client(&c.kubeconfig).await?;
+    let pod: Pod = Api::namespaced(client.clone(), &rig.namespace).get(&format!("{db}-0")).await?;
+    let spec = pod.spec.context("pod spec")?;
+    let r = spec.containers[0].resources.clone().context("no resources")?;
+    let get = |m: &Option<std::collections::BTreeMap<String, Quantity>>, k: &str| {
+        m.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone()).unwrap_or_default()
+    };
+    ensure!(get(&r.requests, "memory") == memory && get(&r.limits, "memory") == memory, "{r:?}");
+    ensure!(get(&r.requests, "cpu") == cpu && get(&r.limits, "cpu").is_empty(), "{r:?}");
+    let node: Node = Api::all(client).get(spec.node_name.as_deref().context("unscheduled")?).await?;
+    let allocatable = node.status.and_then(|s| s.allocatable).unwrap_or_default();
+    ensure!(allocatable.contains_key("memory") && allocatable.contains_key("pods"), "{allocatable:?}");
+    let mib: u64 = memory.trim_end_matches("Mi").parse()?;
+    let pid = pid_of(rig, &format!("{}/{db}-0", rig.namespace)).await?.context("no QuestDB process")?;
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))?.replace('\0', " ");
+    ensure!(cmdline.contains(&format!("-Xmx{}m", mib / 4)), "heap not from the limit: {cmdline}");
+    Ok(())
+}
+
 /// How many pods the database's StatefulSet has created so far, from its controller's events.
 async fn pods_created(rig: &Rig, db: &str) -> Result<i32> {
     let list =
@@ -404,12 +428,16 @@ async fn node_moves_and_a_failover_with_the_operator_killed_keep_every_row() -> 
     expect_rows(&ip, "trades", 0..100, Duration::from_secs(10)).await?;
     write_rows(&ip, "trades", 100, 100).await?;
 
+    // The pod is sized for its node (an m6i.large: 8192 MiB, 2 vCPUs, 29 pods), and the real
+    // QuestDB takes its heap from that limit.
+    expect_sized(&rig, db, "6514Mi", "1680m").await?;
     let resize = ins::new(
         db,
         "region-a",
         3,
         Operation::Modify(v1::Modify { instance_type: Some("m6i.xlarge".into()), ..Default::default() }),
     );
+    let created = pods_created(&rig, db).await?;
     rig.send(&resize).await?;
     gossip.phase(&resize.instruction_id, Phase::Succeeded, T).await?;
     let (ip, instance) = {
@@ -417,6 +445,10 @@ async fn node_moves_and_a_failover_with_the_operator_killed_keep_every_row() -> 
         ensure!(now.1 != instance, "the instance type change kept instance {instance}");
         now
     };
+    // Resized once, on the new node: not restarted on the old one first.
+    let recreated = pods_created(&rig, db).await? - created;
+    ensure!(recreated <= 2, "the pod was created {recreated} times during the instance type change");
+    expect_sized(&rig, db, "13895Mi", "3670m").await?;
     expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
     write_rows(&ip, "trades", 200, 100).await?;
 

@@ -67,6 +67,32 @@ pub async fn user_data(ec2: &Client, instance_id: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// EC2's figures for an instance type: what the machine has, which the node reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineType {
+    pub memory_mib: u64,
+    pub vcpus: u64,
+    pub network_interfaces: u64,
+    pub ipv4_per_interface: u64,
+}
+
+pub async fn machine_type(ec2: &Client, name: &str) -> Result<MachineType> {
+    let out = ec2
+        .describe_instance_types()
+        .instance_types(name.into())
+        .send()
+        .await
+        .with_context(|| format!("DescribeInstanceTypes {name}"))?;
+    let t = out.instance_types().first().with_context(|| format!("EC2 knows no instance type {name}"))?;
+    let n = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+    Ok(MachineType {
+        memory_mib: n(t.memory_info().and_then(|m| m.size_in_mib())),
+        vcpus: n(t.v_cpu_info().and_then(|v| v.default_v_cpus()).map(i64::from)),
+        network_interfaces: n(t.network_info().and_then(|v| v.maximum_network_interfaces()).map(i64::from)),
+        ipv4_per_interface: n(t.network_info().and_then(|v| v.ipv4_addresses_per_interface()).map(i64::from)),
+    })
+}
+
 /// The volume's size in bytes when EC2 reports it attached to exactly this instance.
 pub async fn attached_volume(ec2: &Client, volume_id: &str, instance_id: &str) -> Result<Option<u64>> {
     let sizes = describe_volumes(ec2, &[volume_id.to_string()], Some(instance_id)).await?;

@@ -174,6 +174,7 @@ async fn main() -> Result<()> {
         relays: Mutex::default(),
         storage,
         grown_at: Mutex::default(),
+        machine_types: Mutex::default(),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

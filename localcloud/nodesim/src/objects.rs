@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::ec2::Instance;
+use crate::ec2::{Instance, MachineType};
 use crate::userdata::KubeletFlags;
 
 /// The Node a kubelet registers for an instance, with the labels and taints its flags asked for.
@@ -45,9 +45,48 @@ pub fn build_node(inst: &Instance, flags: &KubeletFlags, region: &str) -> Value 
     })
 }
 
+/// What a node of this machine type offers, as an EKS AL2023 node reports it: capacity is the
+/// machine (memory as its kernel shows it, about 5 % below EC2's figure), allocatable that less
+/// what nodeadm reserves for the kubelet (11 MiB per pod of the VPC CNI's limit + 255 MiB; 6 % of
+/// the first core, 1 % of the second, 0.5 % of the next two, 0.25 % of the rest) and the
+/// kubelet's 100 MiB eviction threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeResources {
+    pub cpu_millis: u64,
+    pub memory_mib: u64,
+    pub pods: u64,
+    pub allocatable_cpu_millis: u64,
+    pub allocatable_memory_mib: u64,
+}
+
+impl NodeResources {
+    pub fn of(t: &MachineType) -> NodeResources {
+        let pods = t.network_interfaces * t.ipv4_per_interface.saturating_sub(1) + 2;
+        let memory_mib = t.memory_mib * 95 / 100;
+        let cpu_millis = t.vcpus * 1000;
+        // In quarters of a millicore, so 0.25 % of a core stays exact.
+        let reserved_cpu: u64 = (1..=t.vcpus)
+            .map(|c| match c {
+                1 => 240,
+                2 => 40,
+                3 | 4 => 20,
+                _ => 10,
+            })
+            .sum::<u64>()
+            .div_ceil(4);
+        NodeResources {
+            cpu_millis,
+            memory_mib,
+            pods,
+            allocatable_cpu_millis: cpu_millis.saturating_sub(reserved_cpu),
+            allocatable_memory_mib: memory_mib.saturating_sub(11 * pods + 255 + 100),
+        }
+    }
+}
+
 /// The status a healthy kubelet reports on every heartbeat. `ready_since` keeps the Ready
 /// condition's transition time stable across heartbeats, as a real kubelet does.
-pub fn build_node_status(inst: &Instance, now: &str, ready_since: &str) -> Value {
+pub fn build_node_status(inst: &Instance, res: &NodeResources, now: &str, ready_since: &str) -> Value {
     let cond = |type_: &str, status: &str, reason: &str, since: &str| {
         json!({
             "type": type_, "status": status, "reason": reason, "message": reason,
@@ -62,7 +101,14 @@ pub fn build_node_status(inst: &Instance, now: &str, ready_since: &str) -> Value
     if let Some(ip) = &inst.public_ip {
         addresses.push(json!({"type": "ExternalIP", "address": ip}));
     }
-    let capacity = json!({"cpu": "4", "memory": "16Gi", "pods": "110", "ephemeral-storage": "100Gi"});
+    let capacity = json!({
+        "cpu": format!("{}m", res.cpu_millis), "memory": format!("{}Mi", res.memory_mib),
+        "pods": res.pods.to_string(), "ephemeral-storage": "100Gi",
+    });
+    let allocatable = json!({
+        "cpu": format!("{}m", res.allocatable_cpu_millis), "memory": format!("{}Mi", res.allocatable_memory_mib),
+        "pods": res.pods.to_string(), "ephemeral-storage": "100Gi",
+    });
     json!({
         "status": {
             "conditions": [
@@ -73,7 +119,7 @@ pub fn build_node_status(inst: &Instance, now: &str, ready_since: &str) -> Value
             ],
             "addresses": addresses,
             "capacity": capacity,
-            "allocatable": capacity,
+            "allocatable": allocatable,
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
             "nodeInfo": {
                 "machineID": inst.id, "systemUUID": inst.id, "bootID": inst.id,
@@ -229,9 +275,28 @@ mod tests {
         assert_eq!(node["spec"]["taints"][0]["effect"], "NoSchedule");
     }
 
+    const M5_LARGE: MachineType =
+        MachineType { memory_mib: 8192, vcpus: 2, network_interfaces: 3, ipv4_per_interface: 10 };
+
+    #[test]
+    fn the_node_offers_what_nodeadm_leaves_of_the_machine() {
+        let r = NodeResources::of(&M5_LARGE);
+        // eni-max-pods.txt: m5.large 29; 11 x 29 + 255 = 574 MiB kube-reserved, 70m CPU.
+        assert_eq!((r.pods, r.cpu_millis, r.allocatable_cpu_millis), (29, 2000, 1930));
+        assert_eq!((r.memory_mib, r.allocatable_memory_mib), (7782, 7782 - 574 - 100));
+        let big =
+            MachineType { memory_mib: 524288, vcpus: 64, network_interfaces: 15, ipv4_per_interface: 50 };
+        assert_eq!(NodeResources::of(&big).allocatable_cpu_millis, 64000 - 230);
+    }
+
     #[test]
     fn status_reports_ready_with_addresses() {
-        let s = build_node_status(&inst(), "2026-01-01T00:00:10Z", "2026-01-01T00:00:00Z");
+        let s = build_node_status(
+            &inst(),
+            &NodeResources::of(&M5_LARGE),
+            "2026-01-01T00:00:10Z",
+            "2026-01-01T00:00:00Z",
+        );
         let ready = &s["status"]["conditions"][3];
         assert_eq!(ready["type"], "Ready");
         assert_eq!(ready["status"], "True");

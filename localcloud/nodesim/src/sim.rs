@@ -19,7 +19,9 @@ use tracing::{info, warn};
 use crate::ec2::{self, Instance};
 use crate::events;
 use crate::net::Network;
-use crate::objects::{ContainerState, build_lease, build_node, build_node_status, build_pod_status};
+use crate::objects::{
+    ContainerState, NodeResources, build_lease, build_node, build_node_status, build_pod_status,
+};
 use crate::runtime::{self, ImagePlan, Launch, Runtime, Verdict};
 use crate::security;
 use crate::userdata::{self, KubeletFlags};
@@ -56,6 +58,8 @@ pub struct SimNode {
     pub link_down: bool,
     #[serde(skip)]
     flags: KubeletFlags,
+    #[serde(skip)]
+    resources: Option<NodeResources>,
     #[serde(skip)]
     instance: Option<Instance>,
     #[serde(skip)]
@@ -95,6 +99,8 @@ pub struct Sim {
     pub storage: crate::storage::Storage,
     /// When volumes were last checked for growth.
     pub grown_at: Mutex<Option<Instant>>,
+    /// EC2's figures per instance type, read once each.
+    pub machine_types: Mutex<std::collections::HashMap<String, ec2::MachineType>>,
 }
 
 fn now() -> String {
@@ -171,6 +177,15 @@ impl Sim {
         }
     }
 
+    async fn machine_type(&self, name: &str) -> Result<ec2::MachineType> {
+        if let Some(m) = self.machine_types.lock().expect("types lock").get(name) {
+            return Ok(*m);
+        }
+        let m = ec2::machine_type(&self.ec2, name).await?;
+        self.machine_types.lock().expect("types lock").insert(name.to_string(), m);
+        Ok(m)
+    }
+
     /// Brings the simulated machines in line with EC2, joining new ones after the join delay and
     /// removing the Node of a terminated instance (the cloud node controller's job in a real cluster).
     async fn sync_instances(&self) -> Result<()> {
@@ -179,6 +194,14 @@ impl Sim {
         for inst in instances {
             let known = self.state.lock().expect("state lock").nodes.contains_key(&inst.id);
             if !known && inst.running {
+                // What the machine has, as its kubelet would find it; retried next tick.
+                let machine = match self.machine_type(&inst.instance_type).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(instance = inst.id, error = format!("{e:#}"), "cannot read the machine type");
+                        continue;
+                    }
+                };
                 let flags = match ec2::user_data(&self.ec2, &inst.id).await {
                     Ok(text) => userdata::parse(&text).map_err(|e| e.to_string()).and_then(|f| {
                         // A node joins the cluster its user data names, whichever that is.
@@ -206,6 +229,7 @@ impl Sim {
                         broken: flags.as_ref().err().cloned(),
                         link_down: false,
                         flags: flags.unwrap_or_default(),
+                        resources: Some(NodeResources::of(&machine)),
                         instance: Some(inst.clone()),
                         first_seen: Some(Instant::now()),
                         last_heartbeat: None,
@@ -432,7 +456,7 @@ impl Sim {
     }
 
     async fn heartbeat(&self, n: &SimNode) -> Result<()> {
-        let Some(inst) = &n.instance else { return Ok(()) };
+        let (Some(inst), Some(res)) = (&n.instance, &n.resources) else { return Ok(()) };
         let now = now();
         let since = n.ready_since.clone().unwrap_or_else(|| now.clone());
         let nodes: Api<Node> = Api::all(self.kube.clone());
@@ -440,7 +464,7 @@ impl Sim {
             .patch_status(
                 &n.node_name,
                 &PatchParams::default(),
-                &Patch::Merge(build_node_status(inst, &now, &since)),
+                &Patch::Merge(build_node_status(inst, res, &now, &since)),
             )
             .await
             .context("patching Node status")?;

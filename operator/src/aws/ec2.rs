@@ -73,6 +73,16 @@ pub struct Volume {
     pub tags: BTreeMap<String, String>,
 }
 
+/// What sizes a node of an instance type: its memory and vCPUs, and its network interfaces and
+/// addresses per interface, which bound its pods on EKS (the VPC CNI gives each pod an address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstanceType {
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub network_interfaces: u32,
+    pub ipv4_per_interface: u32,
+}
+
 /// EBS's answer to a second modification of a volume within six hours.
 pub const MODIFICATION_RATE_EXCEEDED: &str = "VolumeModificationRateExceeded";
 
@@ -713,6 +723,28 @@ impl Aws {
             .filter_map(|m| m.start_time()?.to_millis().ok())
             .filter_map(|ms| jiff::Timestamp::from_millisecond(ms).ok())
             .max())
+    }
+
+    /// What EC2 says sizes an instance type (memory, vCPUs, network interfaces); None for a
+    /// type it does not know.
+    pub async fn describe_instance_type(&self, name: &str) -> Result<Option<InstanceType>, AwsError> {
+        const OP: &str = "DescribeInstanceTypes";
+        let req = self.ec2.describe_instance_types().instance_types(name.into());
+        let out = match self.call(Service::Ec2, OP, || req.clone().send()).await {
+            Err(e) if e.code() == Some("InvalidInstanceType") => return Ok(None),
+            other => other?,
+        };
+        let count = |n: Option<i32>| n.and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        Ok(out.instance_types().first().map(|t| InstanceType {
+            memory_mib: t
+                .memory_info()
+                .and_then(|m| m.size_in_mib())
+                .and_then(|m| u64::try_from(m).ok())
+                .unwrap_or(0),
+            vcpus: count(t.v_cpu_info().and_then(|v| v.default_v_cpus())),
+            network_interfaces: count(t.network_info().and_then(|n| n.maximum_network_interfaces())),
+            ipv4_per_interface: count(t.network_info().and_then(|n| n.ipv4_addresses_per_interface())),
+        }))
     }
 
     /// Not found counts as deleted.

@@ -5,6 +5,7 @@
 pub mod configmap;
 pub mod dns;
 pub mod ingress;
+pub mod resources;
 pub mod security_group;
 pub mod service;
 pub mod statefulset;
@@ -82,6 +83,9 @@ pub(crate) mod fixtures {
     use super::Desired;
 
     pub const UID: &str = "6f1c2b4e-0000-4000-8000-000000000001";
+    /// An m6i.xlarge's share ([`super::resources`]).
+    pub const SHARE: super::resources::Share =
+        super::resources::Share { memory_mib: 13895, cpu_millis: 3670 };
 
     pub fn questdb() -> QuestDB {
         let mut q = QuestDB::new(

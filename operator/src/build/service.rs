@@ -48,7 +48,8 @@ mod tests {
             ports,
             [(Some("http".into()), 9000), (Some("pgwire".into()), 8812), (Some("ilp".into()), 9009)]
         );
-        let pod_labels = build_statefulset(&d).spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        let pod_labels =
+            build_statefulset(&d, &SHARE).spec.unwrap().template.metadata.unwrap().labels.unwrap();
         assert!(spec.selector.unwrap().iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
     }
 }

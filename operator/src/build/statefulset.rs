@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::configmap::{SERVER_CONF, config_hash, render_server_conf};
+use super::resources::{Share, build_resources};
 use super::{DATA_DIR, Desired, HEALTH_PORT, HTTP_PORT, ILP_PORT, PGWIRE_PORT};
 use crate::names::{CONFIG_HASH, RESTART_TOKEN};
 
@@ -56,7 +57,8 @@ fn container_security() -> SecurityContext {
     }
 }
 
-pub fn build_statefulset(d: &Desired) -> StatefulSet {
+/// `share` is the database's part of the node it runs on ([`super::resources`]).
+pub fn build_statefulset(d: &Desired, share: &Share) -> StatefulSet {
     let names = &d.names;
     let port = |name: &str, port: u16| ContainerPort {
         name: Some(name.into()),
@@ -98,6 +100,7 @@ pub fn build_statefulset(d: &Desired) -> StatefulSet {
             },
         ]),
         security_context: Some(container_security()),
+        resources: Some(build_resources(share)),
         ..Container::default()
     };
     let pod = PodSpec {
@@ -158,7 +161,7 @@ mod tests {
     #[test]
     fn one_pinned_pod_with_data_and_config() {
         let d = desired();
-        let sts = build_statefulset(&d);
+        let sts = build_statefulset(&d, &SHARE);
         assert_child_meta(&sts.metadata);
         assert_eq!(sts.metadata.name.as_deref(), Some("db-7f3a"));
         let spec = sts.spec.as_ref().unwrap();
@@ -187,7 +190,7 @@ mod tests {
 
     #[test]
     fn the_pod_meets_the_restricted_pod_security_level() {
-        let sts = build_statefulset(&desired());
+        let sts = build_statefulset(&desired(), &SHARE);
         let pod = sts.spec.unwrap().template.spec.unwrap();
         let p = pod.security_context.unwrap();
         assert_eq!((p.run_as_non_root, p.run_as_user, p.fs_group), (Some(true), Some(10001), Some(10001)));
@@ -205,22 +208,22 @@ mod tests {
     fn paused_scales_to_zero() {
         let mut q = questdb();
         q.spec.paused = true;
-        assert_eq!(build_statefulset(&desired_of(&q)).spec.unwrap().replicas, Some(0));
+        assert_eq!(build_statefulset(&desired_of(&q), &SHARE).spec.unwrap().replicas, Some(0));
     }
 
     #[test]
     fn config_and_restart_token_roll_the_pod_and_nothing_else_does() {
-        let base = build_statefulset(&desired());
+        let base = build_statefulset(&desired(), &SHARE);
         let hash = template_annotation(&base, CONFIG_HASH);
         assert_eq!(template_annotation(&base, RESTART_TOKEN), "");
 
         let mut q = questdb();
         q.spec.server_config.insert("cairo.commit.lag".into(), "2000".into());
-        assert_ne!(template_annotation(&build_statefulset(&desired_of(&q)), CONFIG_HASH), hash);
+        assert_ne!(template_annotation(&build_statefulset(&desired_of(&q), &SHARE), CONFIG_HASH), hash);
 
         let mut q = questdb();
         q.spec.restart_token = Some("r1".into());
-        let restarted = build_statefulset(&desired_of(&q));
+        let restarted = build_statefulset(&desired_of(&q), &SHARE);
         assert_eq!(template_annotation(&restarted, RESTART_TOKEN), "r1");
         assert_eq!(template_annotation(&restarted, CONFIG_HASH), hash);
 
@@ -229,7 +232,7 @@ mod tests {
         q.spec.network.allowed_cidrs.push("192.0.2.0/24".into());
         q.spec.volume.size_gib = 200;
         q.spec.paused = true;
-        let other = build_statefulset(&desired_of(&q));
+        let other = build_statefulset(&desired_of(&q), &SHARE);
         assert_eq!(other.spec.unwrap().template, base.spec.unwrap().template);
     }
 }

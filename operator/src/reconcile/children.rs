@@ -125,7 +125,14 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     let placeable = d.spec.paused || (node_ready && facts.volume_attached && claim_bound);
     let sts_api = Api::<StatefulSet>::namespaced(client.clone(), ns);
     let create_sts = if placeable { Yes } else { NotYet };
-    let sts = apply(ctx, &sts_api, d, &build_statefulset(d), "StatefulSet", facts, create_sts).await?;
+    // Without a share (a node type too small, said as the pod's failure) the StatefulSet stays
+    // as it is: nothing better can be built.
+    let sts = match facts.pod_share {
+        Some(share) => {
+            apply(ctx, &sts_api, d, &build_statefulset(d, &share), "StatefulSet", facts, create_sts).await?
+        }
+        None => None,
+    };
     let routes = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ingress_route_resource());
     apply(ctx, &routes, d, &build_ingress_route(d), "IngressRoute", facts, Yes).await?;
     let tcp = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ingress_route_tcp_resource());

@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod dns;
 pub mod node_move;
 pub mod replace;
+pub mod sizing;
 pub mod status;
 pub mod subset;
 pub mod zone;
@@ -127,6 +128,8 @@ pub struct Facts {
     pub held: Option<String>,
     /// The volume change waits for EBS's modification cool-down until then.
     pub modifiable_at: Option<jiff::Timestamp>,
+    /// The database's share of the node its pod runs on (None: the node type is too small).
+    pub pod_share: Option<crate::build::resources::Share>,
 }
 
 impl Facts {
@@ -233,6 +236,7 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         let known_volume = qdb.status.as_ref().and_then(|s| s.volume.as_ref()).map(|v| v.id.clone());
         let step = aws::ensure(ctx, &d, active.as_deref(), known_volume.as_deref(), max_age, &mut facts);
         timed(ctx, "aws", step).await?;
+        timed(ctx, "sizing", sizing::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "children", children::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "release", aws::release_if_paused(ctx, &d, &mut facts)).await?;
         timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await
