@@ -37,6 +37,7 @@ import threading
 import time
 
 from moto import server
+from moto.core.responses import BaseResponse
 from moto.ec2 import exceptions as ec2_errors
 from moto.ec2.models import EC2Backend
 from moto.ec2.models.elastic_block_store import Volume
@@ -127,6 +128,10 @@ def log_call(action, volume=None, instance_ids=(), **extra):
     if not CALL_LOG or is_internal():
         return
     entry = {"t": time.time(), "action": action, "instances": list(instance_ids), **extra}
+    # Who asked: the access key of the request's signature (each component has its own).
+    caller = getattr(_request, "caller", None)
+    if caller:
+        entry["caller"] = caller
     if volume is not None:
         entry["volume"] = volume.id
         entry["holders"] = {i.id: i._state.name for i in getattr(volume, "_qdb_holders", {}).values()}
@@ -134,7 +139,24 @@ def log_call(action, volume=None, instance_ids=(), **extra):
         f.write(json.dumps(entry) + "\n")
 
 
+def caller_of(headers):
+    """The access key id in a SigV4 Authorization header, e.g. `Credential=testing/2026...`."""
+    auth = (headers or {}).get("Authorization", "") or ""
+    marker = "Credential="
+    if marker not in auth:
+        return None
+    return auth.split(marker, 1)[1].split("/", 1)[0]
+
+
 def install():
+    original_setup = BaseResponse.setup_class
+
+    def setup_class(self, request, full_url, headers, *args, **kwargs):
+        _request.caller = caller_of(headers)
+        return original_setup(self, request, full_url, headers, *args, **kwargs)
+
+    BaseResponse.setup_class = setup_class
+
     # ------------------------------------------------------------------ instances
     original_run = EC2Backend.run_instances
 

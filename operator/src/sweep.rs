@@ -181,14 +181,8 @@ async fn remove(ctx: &Context, o: &Orphan, listing: &Listing) -> Result<bool, Aw
         }
         Kind::Volume => {
             let Some(v) = listing.volumes.iter().find(|v| v.id == o.id) else { return Ok(false) };
-            for a in &v.attachments {
-                // Only off a machine that can no longer write (the same rule as the node move).
-                let holder = listing.instances.iter().find(|i| i.id == a.instance_id);
-                if holder.is_some_and(|i| !i.state.is_fenced()) {
-                    return Ok(false);
-                }
-                aws.detach_volume(&v.id, &a.instance_id).await?;
-            }
+            // Attached, it waits: its orphan instance is terminated by this sweep (EC2 detaches
+            // it then), and any other attachment is the EBS CSI driver's to undo.
             if !v.attachments.is_empty() {
                 return Ok(false);
             }

@@ -22,6 +22,9 @@ pub struct Ec2Call {
     /// Instance id -> state name, for every instance that ever held `volume`.
     #[serde(default)]
     pub holders: BTreeMap<String, String>,
+    /// The access key that signed the call: which component made it.
+    #[serde(default)]
+    pub caller: Option<String>,
 }
 
 impl Cloud {
@@ -41,10 +44,22 @@ fn fenced(state: &str) -> bool {
     matches!(state, "stopped" | "terminated")
 }
 
+/// When a DetachVolume of a volume may be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detach {
+    /// Only once the instance it leaves is stopped or terminated: a failover, whose old machine
+    /// may be cut off and still writing.
+    AfterFence,
+    /// Also from a running instance whose pod was stopped (a planned move, a pause): its kubelet
+    /// unmounted the volume first (the attach/detach controller waits for that), and the
+    /// emulator, like EBS with a busy device, completes it only once the machine lets go.
+    AfterUnmount,
+}
+
 /// Every AttachVolume or DetachVolume of `volume` sent while another instance holding it was not
-/// yet stopped or terminated (for a detach, the instance it leaves counts too: a machine still
-/// stopping may still be writing).
-pub fn fencing_violations(calls: &[Ec2Call], volume: &str) -> Vec<String> {
+/// yet stopped or terminated (with [`Detach::AfterFence`], for a detach the instance it leaves
+/// counts too: a machine still stopping may still be writing).
+pub fn fencing_violations(calls: &[Ec2Call], volume: &str, detach: Detach) -> Vec<String> {
     calls
         .iter()
         .filter(|c| c.volume.as_deref() == Some(volume))
@@ -54,8 +69,9 @@ pub fn fencing_violations(calls: &[Ec2Call], volume: &str) -> Vec<String> {
                 .holders
                 .iter()
                 .filter(|(id, state)| {
-                    let other = c.action == "DetachVolume" || Some(id.as_str()) != target;
-                    other && !fenced(state)
+                    let leaving = Some(id.as_str()) == target;
+                    let counts = !leaving || (c.action == "DetachVolume" && detach == Detach::AfterFence);
+                    counts && !fenced(state)
                 })
                 .map(|(id, state)| format!("{id} {state}"))
                 .collect();
@@ -64,6 +80,16 @@ pub fn fencing_violations(calls: &[Ec2Call], volume: &str) -> Vec<String> {
                 format!("{} {volume} -> {:?} at {:.1} while {}", c.action, target, c.t, unfenced.join(", "))
             })
         })
+        .collect()
+}
+
+/// Who sent AttachVolume or DetachVolume for `volume` (access keys).
+pub fn attachers(calls: &[Ec2Call], volume: &str) -> std::collections::BTreeSet<String> {
+    calls
+        .iter()
+        .filter(|c| c.volume.as_deref() == Some(volume))
+        .filter(|c| matches!(c.action.as_str(), "AttachVolume" | "DetachVolume"))
+        .map(|c| c.caller.clone().unwrap_or_else(|| "(unsigned)".into()))
         .collect()
 }
 
@@ -78,6 +104,7 @@ mod tests {
             instances: vec![to.into()],
             volume: Some("vol-1".into()),
             holders: holders.iter().map(|(i, s)| (i.to_string(), s.to_string())).collect(),
+            caller: Some("ebs-csi-driver".into()),
         }
     }
 
@@ -89,7 +116,21 @@ mod tests {
             call("AttachVolume", "i-2", &[("i-1", "stopped")]),
             call("AttachVolume", "i-3", &[("i-1", "terminated"), ("i-2", "terminated")]),
         ];
-        assert!(fencing_violations(&calls, "vol-1").is_empty());
+        assert!(fencing_violations(&calls, "vol-1", Detach::AfterFence).is_empty());
+        assert_eq!(attachers(&calls, "vol-1").into_iter().collect::<Vec<_>>(), ["ebs-csi-driver"]);
+    }
+
+    #[test]
+    fn a_planned_move_may_detach_from_its_running_holder_but_never_attach_beside_it() {
+        let calls = [
+            call("DetachVolume", "i-1", &[("i-1", "running")]),
+            call("AttachVolume", "i-2", &[("i-1", "stopping")]),
+            call("AttachVolume", "i-2", &[("i-1", "stopped")]),
+        ];
+        let v = fencing_violations(&calls, "vol-1", Detach::AfterUnmount);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].starts_with("AttachVolume") && v[0].contains("i-1 stopping"), "{v:?}");
+        assert_eq!(fencing_violations(&calls, "vol-1", Detach::AfterFence).len(), 2);
     }
 
     #[test]
@@ -99,9 +140,9 @@ mod tests {
             call("AttachVolume", "i-2", &[("i-1", "running"), ("i-2", "running")]),
             call("AttachVolume", "i-2", &[("i-2", "running")]),
         ];
-        let v = fencing_violations(&calls, "vol-1");
+        let v = fencing_violations(&calls, "vol-1", Detach::AfterFence);
         assert_eq!(v.len(), 2, "{v:?}");
         assert!(v[0].contains("i-1 stopping") && v[1].contains("i-1 running"), "{v:?}");
-        assert!(fencing_violations(&calls, "vol-2").is_empty());
+        assert!(fencing_violations(&calls, "vol-2", Detach::AfterFence).is_empty());
     }
 }

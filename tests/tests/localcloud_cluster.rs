@@ -1,6 +1,7 @@
 //! The clusters of the local cloud behave like a cloud: an EC2 instance launched in the emulator
 //! joins its cluster as a dedicated node, the real scheduler places a workload there, the node
-//! simulator runs it once its EBS volume is attached (FailedMount events until then), a killed
+//! simulator runs it once the EBS CSI driver (the simulator too) has attached its EBS volume for
+//! the attach/detach controller's VolumeAttachment (FailedMount events until then), a killed
 //! node is marked unreachable by the real controller-manager and recovers when revived, a join
 //! delay holds a node back, and a terminated instance's Node goes.
 
@@ -11,6 +12,7 @@ use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
 use base64::Engine;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use qdb_tests::rig::restricted_namespace;
 use qdb_tests::{Cloud, ClusterEnv, eventually, kube_client, unique};
@@ -102,8 +104,9 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         );
 
         // 3. A workload that selects and tolerates it is scheduled there by the real scheduler
-        //    and run by the simulator, once its EBS volume is attached to the instance: until
-        //    then the kubelet reports FailedMount, as a real one does.
+        //    and run by the simulator once its EBS volume is attached to the instance (by the
+        //    attach/detach controller and the EBS CSI driver): until then the kubelet reports
+        //    FailedMount, as a real one does.
         let namespaces: Api<Namespace> = Api::all(kube.clone());
         namespaces.create(&PostParams::default(), &restricted_namespace(&db)).await?;
         // The apiserver's Pod Security admission enforces the namespace's level: a pod that
@@ -182,21 +185,35 @@ async fn dedicated_node_lifecycle(cluster: &str) -> Result<()> {
         assert_eq!(waiting.source.as_ref().and_then(|s| s.component.as_deref()), Some("kubelet"));
         assert_eq!(waiting.source.as_ref().and_then(|s| s.host.as_deref()), Some(node_name.as_str()));
         let message = waiting.message.clone().unwrap_or_default();
-        assert!(message.contains(&volume_id) && message.contains(&instance_id), "{message}");
-        let list = pods.list(&ListParams::default().labels("app=questdb")).await?;
-        assert!(!list.items.iter().any(pod_ready), "a pod ran before its volume was attached");
-        // EC2 refuses the attach until the new volume is available (1-4 s here).
-        eventually("the volume to attach", Duration::from_secs(30), || async {
-            let attached = ec2
-                .attach_volume()
-                .volume_id(&volume_id)
-                .instance_id(&instance_id)
-                .device("/dev/xvdf")
-                .send()
-                .await;
-            Ok(attached.ok().map(|_| ()))
+        assert!(message.contains(&db) && message.contains(&node_name), "{message}");
+        // The real attach/detach controller asks for the attachment (a VolumeAttachment for the
+        // pod's node), and the EBS CSI driver, played by the simulator, attaches: it claims the
+        // object, records the node's instance, calls AttachVolume, and reports the device.
+        let vas: Api<VolumeAttachment> = Api::all(kube.clone());
+        let va = eventually("the volume attached by the EBS CSI driver", Duration::from_secs(60), || async {
+            let list = vas.list(&ListParams::default()).await?;
+            Ok(list.into_iter().find(|va| {
+                va.spec.source.persistent_volume_name.as_deref() == Some(db.as_str())
+                    && va.spec.node_name == node_name
+                    && va.status.as_ref().is_some_and(|s| s.attached)
+            }))
         })
         .await?;
+        assert_eq!(va.spec.attacher, "ebs.csi.aws.com");
+        let annotations = va.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(annotations.get("csi.alpha.kubernetes.io/node-id"), Some(&instance_id));
+        let finalizers = va.metadata.finalizers.clone().unwrap_or_default();
+        assert!(finalizers.iter().any(|f| f == "external-attacher/ebs-csi-aws-com"), "{finalizers:?}");
+        let device = va.status.and_then(|s| s.attachment_metadata).unwrap_or_default();
+        assert!(device.get("devicePath").is_some_and(|d| d.starts_with("/dev/xvd")), "{device:?}");
+        let described = ec2.describe_volumes().volume_ids(&volume_id).send().await?;
+        let attachment =
+            described.volumes().first().and_then(|v| v.attachments().first()).context("attachment")?;
+        assert_eq!(attachment.instance_id(), Some(instance_id.as_str()));
+        // One actor: every AttachVolume and DetachVolume of the volume was the driver's.
+        let driver = cloud.vars.get("QDB_EBS_CSI_DRIVER_KEY").context("QDB_EBS_CSI_DRIVER_KEY in env")?;
+        let who = qdb_tests::ec2_calls::attachers(&cloud.ec2_calls()?, &volume_id);
+        assert!(who.iter().eq([driver]), "attached by {who:?}");
         let pod = eventually("pod to run on the dedicated node", Duration::from_secs(60), || async {
             let list = pods.list(&ListParams::default().labels("app=questdb")).await?;
             Ok(list.into_iter().find(pod_ready))

@@ -15,10 +15,11 @@ use crate::settings::{Cluster, K8S_BINS, Settings};
 use crate::tokens::token;
 use crate::{Cloud, probe};
 
-/// The controllers that need what the local cloud has not: pod IPs, attach/detach by a kubelet,
-/// volume expansion, certificate signing.
-const CONTROLLERS: &str = "*,-node-ipam-controller,-persistentvolume-attach-detach-controller,\
--persistentvolume-expander-controller,-certificatesigningrequest-signing-controller";
+/// The controllers that need what the local cloud has not: pod IPs, volume expansion through a
+/// storage class, certificate signing. The attach/detach controller runs: the EBS CSI driver the
+/// node simulator plays attaches what it asks for.
+const CONTROLLERS: &str = "*,-node-ipam-controller,-persistentvolume-expander-controller,\
+-certificatesigningrequest-signing-controller";
 
 /// The kubeconfig identities; Traefik's token is passed on its command line.
 pub const KUBECONFIG_IDENTITIES: [&str; 3] = ["admin", "operator", "provisioner"];
@@ -258,6 +259,7 @@ fn apply(s: &Settings, c: &Cluster) -> Result<()> {
         repo.join("deploy/provisioner/rbac.yaml"),
         repo.join("deploy/operator/rbac.yaml"),
         s.localcloud_dir.join("rbac-bindings.yaml"),
+        s.localcloud_dir.join("ebs-csi-driver.yaml"),
     ];
     if !apply_files(s, c, &ours) {
         bail!("applying the QuestDB CRD and roles to {} failed", c.name);

@@ -44,6 +44,7 @@ pub fn render_env(s: &Settings, sasl_password: &str) -> String {
         format!("export QDB_PROVISIONER_CONFIG={}", s.run.join("provisioner.yaml").display()),
         format!("export QDB_BIN_DIR={}", s.bin_dir().display()),
         format!("export QDB_EBS_DIR={}", nodesim::volumes_dir(s).display()),
+        format!("export QDB_EBS_CSI_DRIVER_KEY={}", nodesim::EBS_CSI_DRIVER_KEY),
     ];
     for c in &s.clusters {
         let up = c.env_name();
@@ -140,6 +141,7 @@ export QDB_CLUSTERS=region-a,region-b
 export QDB_PROVISIONER_CONFIG=/r/provisioner.yaml
 export QDB_BIN_DIR=/cache/target/debug
 export QDB_EBS_DIR=/r/ebs
+export QDB_EBS_CSI_DRIVER_KEY=ebs-csi-driver
 export QDB_REGION_A_KUBECONFIG=/r/region-a/admin.kubeconfig
 export QDB_REGION_A_OPERATOR_KUBECONFIG=/r/region-a/operator.kubeconfig
 export QDB_REGION_A_PROVISIONER_KUBECONFIG=/r/region-a/provisioner.kubeconfig

@@ -12,6 +12,9 @@ use crate::{Cloud, aws, cluster, probe};
 /// QuestDB 8.x images run simulated: tests that prove the control plane, not data, use them.
 /// No 8.x release is installed, so there is no ambiguity with a real server.
 const STAND_IN_MAJOR: &str = "8";
+/// The access key the node simulator signs with: it plays the EBS CSI driver, the one caller of
+/// AttachVolume and DetachVolume.
+pub const EBS_CSI_DRIVER_KEY: &str = "ebs-csi-driver";
 
 /// The EBS volumes' storage: one directory per volume id, shared by the clusters (volume ids
 /// are unique in the emulator).
@@ -66,7 +69,9 @@ pub fn start(cloud: &Cloud, c: &Cluster) -> Result<()> {
         ),
     };
     let mut cmd = Command::new(&bin);
-    cmd.env("AWS_ACCESS_KEY_ID", "testing")
+    // Its own identity, as the EBS CSI driver has (its IRSA role on EKS): the emulator's call
+    // log tells its AttachVolume and DetachVolume calls from everyone else's.
+    cmd.env("AWS_ACCESS_KEY_ID", EBS_CSI_DRIVER_KEY)
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .args(["--cluster", &c.name, "--kubeconfig"])
         .arg(cluster::kubeconfig(s, c, "admin"))

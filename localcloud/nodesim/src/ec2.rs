@@ -126,3 +126,51 @@ pub async fn describe_volumes(
         .filter_map(|v| Some((v.volume_id()?.to_string(), v.size()?.max(0) as u64 * (1 << 30))))
         .collect())
 }
+
+/// Volume id -> its attachments (instance id, state), for the volumes EC2 lists among `ids`.
+pub async fn volume_attachments(
+    ec2: &Client,
+    ids: &[String],
+) -> Result<std::collections::BTreeMap<String, Vec<(String, VolumeAttachmentState)>>> {
+    let out = ec2
+        .describe_volumes()
+        .filters(Filter::builder().name("volume-id").set_values(Some(ids.to_vec())).build())
+        .send()
+        .await
+        .with_context(|| format!("DescribeVolumes {}", ids.join(" ")))?;
+    Ok(out
+        .volumes()
+        .iter()
+        .filter_map(|v| {
+            let attachments = v
+                .attachments()
+                .iter()
+                .filter_map(|a| Some((a.instance_id()?.to_string(), a.state()?.clone())))
+                .collect();
+            Some((v.volume_id()?.to_string(), attachments))
+        })
+        .collect())
+}
+
+/// The EBS CSI driver's ControllerPublishVolume.
+pub async fn attach_volume(ec2: &Client, volume_id: &str, instance_id: &str, device: &str) -> Result<()> {
+    ec2.attach_volume()
+        .volume_id(volume_id)
+        .instance_id(instance_id)
+        .device(device)
+        .send()
+        .await
+        .map(drop)
+        .with_context(|| format!("AttachVolume {volume_id} to {instance_id}"))
+}
+
+/// The EBS CSI driver's ControllerUnpublishVolume.
+pub async fn detach_volume(ec2: &Client, volume_id: &str, instance_id: &str) -> Result<()> {
+    ec2.detach_volume()
+        .volume_id(volume_id)
+        .instance_id(instance_id)
+        .send()
+        .await
+        .map(drop)
+        .with_context(|| format!("DetachVolume {volume_id} from {instance_id}"))
+}

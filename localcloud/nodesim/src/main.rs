@@ -1,6 +1,7 @@
 //! nodesim: plays the kubelet and the node bootstrap of one regional cluster for the EC2
 //! instances that the AWS emulator holds for that cluster.
 
+mod csi;
 mod ec2;
 mod events;
 mod http;
@@ -175,6 +176,8 @@ async fn main() -> Result<()> {
         storage,
         grown_at: Mutex::default(),
         machine_types: Mutex::default(),
+        pvs_checked_at: Mutex::default(),
+        attacher_tries: Mutex::default(),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

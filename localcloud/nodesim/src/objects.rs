@@ -16,6 +16,7 @@ pub fn build_node(inst: &Instance, flags: &KubeletFlags, region: &str) -> Value 
         ("node.kubernetes.io/instance-type", inst.instance_type.as_str()),
         ("topology.kubernetes.io/zone", inst.az.as_str()),
         ("topology.kubernetes.io/region", region),
+        (crate::csi::TOPOLOGY_KEY, inst.az.as_str()),
     ] {
         labels.insert(k.into(), v.into());
     }
@@ -36,7 +37,8 @@ pub fn build_node(inst: &Instance, flags: &KubeletFlags, region: &str) -> Value 
         "metadata": {
             "name": inst.private_dns,
             "labels": labels,
-            "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+            // The attach/detach controller attaches this node's volumes (the kubelet's default).
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0", crate::csi::CONTROLLER_MANAGED: "true"},
         },
         "spec": {
             "providerID": format!("aws:///{}/{}", inst.az, inst.id),
@@ -86,7 +88,13 @@ impl NodeResources {
 
 /// The status a healthy kubelet reports on every heartbeat. `ready_since` keeps the Ready
 /// condition's transition time stable across heartbeats, as a real kubelet does.
-pub fn build_node_status(inst: &Instance, res: &NodeResources, now: &str, ready_since: &str) -> Value {
+pub fn build_node_status(
+    inst: &Instance,
+    res: &NodeResources,
+    volumes_in_use: &[String],
+    now: &str,
+    ready_since: &str,
+) -> Value {
     let cond = |type_: &str, status: &str, reason: &str, since: &str| {
         json!({
             "type": type_, "status": status, "reason": reason, "message": reason,
@@ -120,6 +128,8 @@ pub fn build_node_status(inst: &Instance, res: &NodeResources, now: &str, ready_
             "addresses": addresses,
             "capacity": capacity,
             "allocatable": allocatable,
+            // Always sent, empty too: the merge patch must clear what is no longer mounted.
+            "volumesInUse": volumes_in_use,
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
             "nodeInfo": {
                 "machineID": inst.id, "systemUUID": inst.id, "bootID": inst.id,
@@ -294,6 +304,7 @@ mod tests {
         let s = build_node_status(
             &inst(),
             &NodeResources::of(&M5_LARGE),
+            &["kubernetes.io/csi/ebs.csi.aws.com^vol-1".to_string()],
             "2026-01-01T00:00:10Z",
             "2026-01-01T00:00:00Z",
         );
@@ -302,6 +313,7 @@ mod tests {
         assert_eq!(ready["status"], "True");
         assert_eq!(ready["lastTransitionTime"], "2026-01-01T00:00:00Z");
         assert_eq!(s["status"]["addresses"][0]["address"], "10.1.2.3");
+        assert_eq!(s["status"]["volumesInUse"][0], "kubernetes.io/csi/ebs.csi.aws.com^vol-1");
     }
 
     #[test]

@@ -12,10 +12,12 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount,
 };
+use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::csi;
 use crate::ec2::{self, Instance};
 use crate::events;
 use crate::net::Network;
@@ -101,6 +103,10 @@ pub struct Sim {
     pub grown_at: Mutex<Option<Instant>>,
     /// EC2's figures per instance type, read once each.
     pub machine_types: Mutex<std::collections::HashMap<String, ec2::MachineType>>,
+    /// When PVs the EBS CSI driver holds were last checked for deletion.
+    pub pvs_checked_at: Mutex<Option<Instant>>,
+    /// The EBS CSI attacher's last EC2 call per VolumeAttachment, for its backoff.
+    pub attacher_tries: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 fn now() -> String {
@@ -134,9 +140,32 @@ impl Sim {
         self.apply_partitions().await;
         // Concurrently: with a hundred nodes, one request after another misses the heartbeat
         // interval and the controller manager marks healthy nodes unreachable.
-        let ((), pods) = tokio::join!(self.heartbeats(), self.run_pods());
+        // The attach/detach controller's objects, read once for the EBS CSI driver's attacher
+        // and for the kubelets, which mount only what the driver reports attached.
+        let vas = csi::ours(csi::list(&self.kube).await?);
+        if let Err(e) = self.attach_detach(&vas).await {
+            warn!(error = format!("{e:#}"), "the EBS CSI attacher's pass failed");
+        }
+        let attached = csi::attached(&vas);
+        let ((), pods) = tokio::join!(self.heartbeats(), self.run_pods(&attached));
         self.grow_volumes().await;
+        self.check_pvs(&vas).await;
         pods
+    }
+
+    /// Every few seconds: PVs the driver holds that are being deleted and no longer attached.
+    async fn check_pvs(&self, vas: &[VolumeAttachment]) {
+        const EVERY: Duration = Duration::from_secs(5);
+        {
+            let mut at = self.pvs_checked_at.lock().expect("pv lock");
+            if at.is_some_and(|t| t.elapsed() < EVERY) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        if let Err(e) = self.release_pvs(vas).await {
+            warn!(error = format!("{e:#}"), "releasing PVs failed");
+        }
     }
 
     /// Grows the filesystems of running servers' volumes that EC2 says grew (ModifyVolume),
@@ -425,6 +454,16 @@ impl Sim {
                     continue;
                 }
             };
+            // The EBS CSI node plugin registers with the kubelet: the driver and the instance id.
+            if let Some(node_uid) = &uid {
+                let csinode = csi::build_csinode(&n.node_name, node_uid, &n.instance_id);
+                let api: Api<k8s_openapi::api::storage::v1::CSINode> = Api::all(self.kube.clone());
+                let params = PatchParams::apply("nodesim").force();
+                if let Err(e) = api.patch(&n.node_name, &params, &Patch::Apply(csinode)).await {
+                    warn!(node = n.node_name, error = %e, "registering the EBS CSI driver failed");
+                    continue;
+                }
+            }
             info!(node = n.node_name, instance = n.instance_id, "node joined");
             let mut st = self.state.lock().expect("state lock");
             if let Some(s) = st.nodes.get_mut(&n.instance_id) {
@@ -455,6 +494,22 @@ impl Sim {
             .await;
     }
 
+    /// The EBS volumes mounted for running containers on the node, as the kubelet reports them
+    /// (`volumesInUse`): the attach/detach controller detaches none of them until they are
+    /// unmounted, that is until the container is stopped.
+    fn volumes_in_use(&self, instance_id: &str) -> Vec<String> {
+        let rt = self.runtime.lock().expect("runtime lock");
+        let mut names: Vec<String> = rt
+            .containers
+            .values()
+            .filter(|c| c.instance_id == instance_id)
+            .filter_map(|c| c.volume_id.as_deref().map(csi::unique_name))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     async fn heartbeat(&self, n: &SimNode) -> Result<()> {
         let (Some(inst), Some(res)) = (&n.instance, &n.resources) else { return Ok(()) };
         let now = now();
@@ -464,7 +519,13 @@ impl Sim {
             .patch_status(
                 &n.node_name,
                 &PatchParams::default(),
-                &Patch::Merge(build_node_status(inst, res, &now, &since)),
+                &Patch::Merge(build_node_status(
+                    inst,
+                    res,
+                    &self.volumes_in_use(&n.instance_id),
+                    &now,
+                    &since,
+                )),
             )
             .await
             .context("patching Node status")?;
@@ -484,7 +545,7 @@ impl Sim {
 
     /// Plays the kubelet for the pods bound to live nodes: finishes graceful deletions, starts
     /// containers once their volumes are attached to the node's instance, and probes them.
-    async fn run_pods(&self) -> Result<()> {
+    async fn run_pods(&self, attached: &std::collections::BTreeSet<(String, String)>) -> Result<()> {
         let live: BTreeMap<String, SimNode> =
             self.live().into_iter().map(|n| (n.node_name.clone(), n)).collect();
         if live.is_empty() {
@@ -502,7 +563,7 @@ impl Sim {
         self.stop_orphans(&mine, &live).await;
         futures::stream::iter(mine)
             .for_each_concurrent(CONCURRENCY, |(pod, node)| async move {
-                if let Err(e) = self.run_pod(&pod, node).await {
+                if let Err(e) = self.run_pod(&pod, node, attached).await {
                     warn!(pod = pod.metadata.name, error = format!("{e:#}"), "running pod failed");
                 }
             })
@@ -535,7 +596,12 @@ impl Sim {
         }
     }
 
-    async fn run_pod(&self, pod: &Pod, node: &SimNode) -> Result<()> {
+    async fn run_pod(
+        &self,
+        pod: &Pod,
+        node: &SimNode,
+        attached: &std::collections::BTreeSet<(String, String)>,
+    ) -> Result<()> {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
         let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -573,7 +639,7 @@ impl Sim {
                 if pod_is_ready(pod) {
                     return Ok(());
                 }
-                match self.attached_volumes(pod, &ns, &node.instance_id).await? {
+                match self.attached_volumes(pod, &ns, node, attached).await? {
                     Err(message) => ContainerState::Waiting { reason: "ContainerCreating", message },
                     Ok(_) => ContainerState::Running { started_at: now(), ready: true, restarts: 0 },
                 }
@@ -582,7 +648,7 @@ impl Sim {
                 ContainerState::Waiting { reason: "ImagePullBackOff", message }
             }
             plan @ (ImagePlan::QuestDb { .. } | ImagePlan::Traefik { .. }) => {
-                let (state, ip) = self.run_real(pod, node, &plan).await?;
+                let (state, ip) = self.run_real(pod, node, &plan, attached).await?;
                 pod_ip = ip;
                 state
             }
@@ -606,11 +672,12 @@ impl Sim {
         pod: &Pod,
         node: &SimNode,
         plan: &ImagePlan,
+        attached: &std::collections::BTreeSet<(String, String)>,
     ) -> Result<(ContainerState, String)> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let running = self.runtime.lock().expect("runtime lock").take(&uid);
         let Some(mut c) = running else {
-            return self.start_real(pod, node, plan, 0, None).await;
+            return self.start_real(pod, node, plan, 0, None, attached).await;
         };
         if c.exited() {
             warn!(pod = c.pod, "the container exited; restarting it");
@@ -635,7 +702,7 @@ impl Sim {
         let restarts = c.restarts + 1;
         let ip = c.pod_ip.clone();
         c.stop(grace_period(pod)).await;
-        self.start_real(pod, node, plan, restarts, Some(ip)).await
+        self.start_real(pod, node, plan, restarts, Some(ip), attached).await
     }
 
     async fn start_real(
@@ -645,10 +712,11 @@ impl Sim {
         plan: &ImagePlan,
         restarts: i32,
         pod_ip: Option<String>,
+        attached: &std::collections::BTreeSet<(String, String)>,
     ) -> Result<(ContainerState, String)> {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let volumes = match self.attached_volumes(pod, &ns, &node.instance_id).await? {
+        let volumes = match self.attached_volumes(pod, &ns, node, attached).await? {
             Err(message) => {
                 return Ok((
                     ContainerState::Waiting { reason: "ContainerCreating", message },
@@ -782,8 +850,10 @@ impl Sim {
         &self,
         pod: &Pod,
         ns: &str,
-        instance_id: &str,
+        node: &SimNode,
+        attached: &std::collections::BTreeSet<(String, String)>,
     ) -> Result<Result<BTreeMap<String, AttachedVolume>, String>> {
+        let instance_id = node.instance_id.as_str();
         let claims: Vec<(String, String)> = pod
             .spec
             .iter()
@@ -804,6 +874,14 @@ impl Sim {
                 return Ok(Err(format!("volume {pv_name} not found")));
             };
             let Some(volume_id) = ebs_volume_id(&pv) else { continue };
+            // The kubelet mounts a CSI volume only once its VolumeAttachment says attached
+            // (WaitForAttach), whatever EC2 shows.
+            if !attached.contains(&(pv_name.clone(), node.node_name.clone())) {
+                return Ok(Err(format!(
+                    "volume {pv_name} is not attached to node {} yet (no attached VolumeAttachment)",
+                    node.node_name
+                )));
+            }
             let size_bytes =
                 ec2::attached_volume(&self.ec2, &volume_id, instance_id).await.unwrap_or_else(|e| {
                     warn!(volume = volume_id, error = format!("{e:#}"), "cannot read volume");

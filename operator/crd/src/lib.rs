@@ -483,9 +483,9 @@ pub enum ReplaceStep {
     StopIssued,
     /// EC2 confirmed the old instance stopped: out-of-service taint and pod force-delete done.
     Fenced,
-    /// DetachVolume sent; waiting for the volume to be available.
+    /// The attachment to the fenced node deleted; waiting for the EBS CSI driver's detach.
     Detaching,
-    /// AttachVolume to the replacement sent; waiting for the attachment.
+    /// Waiting for the EBS CSI driver to attach the volume to the replacement.
     Attaching,
 }
 

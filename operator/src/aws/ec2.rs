@@ -13,9 +13,6 @@ use qdb_crd::{VolumeSpec, keys};
 use super::{Aws, AwsError, Owner, ROLE, ROLE_DATA, Service};
 use crate::build::security_group::Rule;
 
-/// Where the data volume is attached; the node's bootstrap mounts it from there.
-pub const DATA_DEVICE: &str = "/dev/sdf";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstanceState {
     Pending,
@@ -663,29 +660,6 @@ impl Aws {
             attachments: Vec::new(),
             tags: if out.tags().is_empty() { tags.into_iter().collect() } else { tag_map(out.tags()) },
         })
-    }
-
-    /// A non-root attachment is not deleted on termination, so the volume outlives the instance.
-    pub async fn attach_volume(
-        &self,
-        volume_id: &str,
-        instance_id: &str,
-        device: &str,
-    ) -> Result<(), AwsError> {
-        const OP: &str = "AttachVolume";
-        let req = self.ec2.attach_volume().volume_id(volume_id).instance_id(instance_id).device(device);
-        self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
-    }
-
-    /// Names the instance (the emulator requires it, and it keeps a stale call from detaching the
-    /// volume from a newer instance). Not attached there counts as detached.
-    pub async fn detach_volume(&self, volume_id: &str, instance_id: &str) -> Result<(), AwsError> {
-        const OP: &str = "DetachVolume";
-        let req = self.ec2.detach_volume().volume_id(volume_id).instance_id(instance_id);
-        match self.call(Service::Ec2, OP, || req.clone().send()).await {
-            Err(e) if e.code() == Some("InvalidAttachment.NotFound") => Ok(()),
-            other => other.map(|_| ()),
-        }
     }
 
     /// Adds one tag to an existing resource. Only for marks that are not used to find a

@@ -41,8 +41,8 @@ use prometheus_client::registry::Registry;
 use qdb_crd::{OPERATOR_MANAGER, keys};
 
 pub use ec2::{
-    Attachment, AttachmentState, DATA_DEVICE, Instance, InstanceState, InstanceType, Launch,
-    MODIFICATION_RATE_EXCEEDED, SecurityGroup, Volume, VolumeChange, VolumeState, launch_of, launch_token,
+    Attachment, AttachmentState, Instance, InstanceState, InstanceType, Launch, MODIFICATION_RATE_EXCEEDED,
+    SecurityGroup, Volume, VolumeChange, VolumeState, launch_of, launch_token,
 };
 pub use error::{AwsError, Outcome, classify};
 use limiter::TokenBucket;

@@ -1,7 +1,8 @@
 //! The PersistentVolume naming the database's EBS volume, and the claim pre-bound to it.
 //!
-//! Static binding (`claimRef` <-> `volumeName`, no storage class) because the operator creates and
-//! attaches the EBS volume itself; no provisioner or attach controller may act on it. The PV's
+//! Static binding (`claimRef` <-> `volumeName`, no storage class) because the operator creates the
+//! EBS volume itself (in the zone, with the tags and performance it decides); no provisioner may
+//! make another. The EBS CSI driver attaches, mounts and grows it, as for any EBS PV on EKS. The PV's
 //! reclaim policy is always Retain: whether the EBS volume outlives the database
 //! (`spec.volume.reclaimPolicy`) is decided and done by the operator's deletion step.
 //!

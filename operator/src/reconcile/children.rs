@@ -120,9 +120,10 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     remove_stuck_pod(ctx, d, facts).await?;
     // A first pod that cannot be scheduled yet (no node, claim unbound) fails scheduling, and the
     // scheduler backs it off for up to 10 s per failure: the StatefulSet is created only once
-    // its pod can be placed, then the node and claim watches bring the next pass.
+    // its pod can be placed, then the node and claim watches bring the next pass. Not once the
+    // volume is attached: the EBS CSI driver attaches it because the pod is scheduled there.
     let node_ready = facts.node.as_ref().is_some_and(|(_, ready)| *ready);
-    let placeable = d.spec.paused || (node_ready && facts.volume_attached && claim_bound);
+    let placeable = d.spec.paused || (node_ready && claim_bound);
     let sts_api = Api::<StatefulSet>::namespaced(client.clone(), ns);
     let create_sts = if placeable { Yes } else { NotYet };
     // Without a share (a node type too small, said as the pod's failure) the StatefulSet stays

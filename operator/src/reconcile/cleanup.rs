@@ -74,9 +74,14 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
             return Err(Error::CleanupWaiting("instances still shutting down".into()));
         }
     }
+    // Every instance is gone: what the attach/detach controller still records of them goes too.
+    super::attachment::release_all(ctx, &names.pv()).await?;
     if let Some(v) = aws.find_volume(uid).await.map_err(aws_err("finding the volume"))? {
-        for a in &v.attachments {
-            aws.detach_volume(&v.id, &a.instance_id).await.map_err(aws_err("detaching the volume"))?;
+        // The instances are gone, and with them their attachments (EC2 detaches at termination);
+        // one that remains is another machine's, detached by whoever attached it (the EBS CSI
+        // driver, once the pod is gone): wait for it rather than pull it away.
+        if let Some(a) = v.attachments.first() {
+            return Err(Error::CleanupWaiting(format!("{} is still attached to {}", v.id, a.instance_id)));
         }
         if q.spec.volume.reclaim_policy == ReclaimPolicy::Delete {
             aws.delete_volume(&v.id).await.map_err(aws_err("deleting the volume"))?;

@@ -2,6 +2,7 @@
 //! status, each step idempotent and finding what it made before by tags and labels, so a crash
 //! anywhere repeats work but never duplicates it. Deletion runs behind a finalizer.
 
+pub mod attachment;
 pub mod aws;
 pub mod children;
 pub mod cleanup;

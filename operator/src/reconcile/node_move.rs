@@ -11,8 +11,8 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use qdb_crd::{FailoverStatus, ReplacementStatus, WaitReason};
 
 use super::replace::{MoveAction, MoveSeen, NodeSeen, Step, VolumeSeen, Waiting, Why, next_move};
-use super::{Error, Facts, aws_err, delete_if_present, kube_err};
-use crate::aws::{AttachmentState, DATA_DEVICE, Instance, Volume, VolumeState};
+use super::{Error, Facts, attachment, aws_err, delete_if_present, kube_err};
+use crate::aws::{AttachmentState, Instance, Volume, VolumeState};
 use crate::build::Desired;
 use crate::context::Context;
 
@@ -61,12 +61,14 @@ fn waiting(w: Waiting, m: &ReplacementStatus, volume: &str) -> (WaitReason, Stri
         Waiting::Fencing => {
             (WaitReason::FencingOldNode, format!("waiting for EC2 to confirm {from} stopped"))
         }
-        Waiting::VolumeDetaching => {
-            (WaitReason::VolumeDetaching, format!("waiting for {volume} to be released by {from}"))
-        }
-        Waiting::VolumeAttaching => {
-            (WaitReason::VolumeAttaching, format!("waiting for {volume} to attach to {to}"))
-        }
+        Waiting::VolumeDetaching => (
+            WaitReason::VolumeDetaching,
+            format!("waiting for the EBS CSI driver to detach {volume} from {from}"),
+        ),
+        Waiting::VolumeAttaching => (
+            WaitReason::VolumeAttaching,
+            format!("waiting for the EBS CSI driver to attach {volume} to {to}"),
+        ),
         Waiting::VolumeElsewhere => (
             WaitReason::VolumeInUse,
             format!("{volume} is attached to an instance this move does not know; not touched"),
@@ -172,20 +174,25 @@ pub async fn drive(
         // Done above, before the second look.
         MoveAction::MarkFenced => {}
         MoveAction::Detach => {
-            ctx.aws
-                .detach_volume(&volume.id, &m.from_instance)
-                .await
-                .map_err(aws_err("detaching the volume from the fenced instance"))?;
-            facts.did("DetachedVolume", format!("{} from fenced instance {}", volume.id, m.from_instance));
+            // The EBS CSI driver detaches what its attachment to the fenced node held.
+            // The attach/detach controller may have deleted it first (the node is out of service
+            // and its pod gone): said once either way.
+            attachment::release(ctx, &d.names.pv(), &m.from_instance, from_node.as_deref()).await?;
+            if was < Step::Detaching {
+                facts.did(
+                    "ReleasedVolume",
+                    format!(
+                        "{} leaves fenced instance {} (its attachment deleted)",
+                        volume.id, m.from_instance
+                    ),
+                );
+            }
             let (reason, message) = waiting(Waiting::VolumeDetaching, &m, &volume.id);
             facts.wait(reason, message);
         }
         MoveAction::Attach => {
-            ctx.aws
-                .attach_volume(&volume.id, &m.to_instance, DATA_DEVICE)
-                .await
-                .map_err(aws_err("attaching the volume to the replacement"))?;
-            facts.did("AttachedVolume", format!("{} to {}", volume.id, m.to_instance));
+            // The pod's node is the replacement's: the attach/detach controller and the EBS CSI
+            // driver attach the volume there.
             let (reason, message) = waiting(Waiting::VolumeAttaching, &m, &volume.id);
             facts.wait(reason, message);
         }

@@ -126,12 +126,13 @@ pub enum MoveAction {
     Drain,
     /// StopInstances for the old instance (`force` on failover: a lost machine may never stop
     /// gracefully).
-    Stop {
-        force: bool,
-    },
+    Stop { force: bool },
     /// EC2 says the old instance is stopped: taint its node out of service, force-delete its pod.
     MarkFenced,
+    /// Delete the volume's attachment to the fenced node: the EBS CSI driver detaches.
     Detach,
+    /// The volume is free and the replacement's node Ready: the attach/detach controller and the
+    /// driver attach it where the pod is scheduled; wait for it.
     Attach,
     /// The volume is on the replacement: the move is over.
     Done,

@@ -17,10 +17,10 @@ use self::plan::{MODIFICATION_COOLDOWN, VolumeAction, is_live, modifiable_at, ne
 use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
 use super::zone::{self, Gate};
-use super::{Error, Facts, aws_err, owner_of};
+use super::{Error, Facts, attachment, aws_err, owner_of};
 use crate::aws::{
-    AttachmentState, Aws, AwsError, DATA_DEVICE, Instance, InstanceState, Launch, MODIFICATION_RATE_EXCEEDED,
-    Volume, VolumeChange, launch_of,
+    AttachmentState, Aws, AwsError, Instance, InstanceState, Launch, MODIFICATION_RATE_EXCEEDED, Volume,
+    VolumeChange, launch_of,
 };
 use crate::build::Desired;
 use crate::build::security_group::{desired_rules, sg_diff};
@@ -249,17 +249,17 @@ async fn finish(
                 }
                 VolumeAction::Detach { from } => {
                     let Some(v) = volume.as_ref() else { continue };
-                    aws.detach_volume(&v.id, &from)
-                        .await
-                        .map_err(aws_err("detaching from a fenced instance"))?;
-                    facts.did("DetachedVolume", format!("{} from stopped instance {from}", v.id));
-                }
-                VolumeAction::Attach => {
-                    let Some(v) = volume.as_ref() else { continue };
-                    aws.attach_volume(&v.id, &instance.id, DATA_DEVICE)
-                        .await
-                        .map_err(aws_err("attaching the volume"))?;
-                    facts.did("AttachedVolume", format!("{} to {}", v.id, instance.id));
+                    let node = nodes.get(&from).map(|n| n.0.as_str());
+                    if attachment::release(ctx, &d.names.pv(), &from, node).await? > 0 {
+                        facts.did(
+                            "ReleasedVolume",
+                            format!("{}'s attachment to stopped instance {from} deleted", v.id),
+                        );
+                    }
+                    facts.wait(
+                        WaitReason::VolumeDetaching,
+                        format!("waiting for the EBS CSI driver to detach {} from {from}", v.id),
+                    );
                 }
                 VolumeAction::Wait(reason, message) => facts.wait(reason, message),
             }
@@ -403,6 +403,18 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
         facts.wait(WaitReason::StoppingDatabase, "waiting for the pod to stop before releasing the node");
         return Ok(());
     }
+    // The kubelet's report of the unmount lets the attach/detach controller detach at once; a
+    // node terminated before it leaves the controller waiting six minutes (the resume would wait
+    // with it). A node that is not Ready reports nothing more and is not waited for.
+    if let Some(v) = facts.volume.as_ref().filter(|_| !facts.instances.is_empty())
+        && let Some(node) = attachment::mounted_on(ctx, d, &v.id).await?
+    {
+        facts.wait(
+            WaitReason::VolumeDetaching,
+            format!("waiting for the kubelet on {node} to unmount {} before releasing the node", v.id),
+        );
+        return Ok(());
+    }
     // The instances the AWS step found this round (not terminated). Terminating releases the
     // volume (its attachment is not deleted on termination) once the machine is really gone;
     // a detach first would pull the disk from a machine that may still be running.
@@ -413,6 +425,9 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
             facts.did("ReleasedInstance", format!("{} terminated while paused", i.id));
         }
         facts.wait(WaitReason::ReleasingNode, format!("waiting for EC2 to confirm {} terminated", i.id));
+    }
+    if facts.instances.is_empty() {
+        attachment::release_all(ctx, &d.names.pv()).await?;
     }
     facts.instance = None;
     facts.node = None;

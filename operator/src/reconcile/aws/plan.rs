@@ -48,11 +48,10 @@ pub enum VolumeAction {
     Create,
     /// Grow it and change its provisioned performance, in one ModifyVolume.
     Modify(VolumeChange),
-    /// From a holder EC2 shows fenced.
+    /// From a holder EC2 shows fenced: its attachment goes, and the EBS CSI driver detaches.
     Detach {
         from: String,
     },
-    Attach,
     Wait(WaitReason, String),
 }
 
@@ -119,8 +118,11 @@ pub fn plan_volume(
     } else if v.state != VolumeState::Available {
         out.push(Wait(WaitReason::VolumeCreating, format!("{} is {:?}", v.id, v.state)));
     } else if instance.state == InstanceState::Running {
-        out.push(Attach);
-        out.push(Wait(WaitReason::VolumeAttaching, format!("{} attaching to {}", v.id, instance.id)));
+        // Attached by the EBS CSI driver once the pod is scheduled on the instance's node.
+        out.push(Wait(
+            WaitReason::VolumeAttaching,
+            format!("waiting for the EBS CSI driver to attach {} to {}", v.id, instance.id),
+        ));
     } else {
         out.push(Wait(WaitReason::InstanceStarting, format!("{} is {:?}", instance.id, instance.state)));
     }
@@ -237,6 +239,10 @@ mod tests {
         InstanceState::Unknown,
     ];
 
+    fn attaches(step: &VolumeAction) -> bool {
+        matches!(step, VolumeAction::Wait(WaitReason::VolumeAttaching, _))
+    }
+
     #[test]
     fn the_volume_leaves_only_a_holder_ec2_shows_fenced() {
         let new = instance("i-new", InstanceState::Running);
@@ -247,7 +253,7 @@ mod tests {
                 let steps = plan_volume(Some(&v), Some("vol-1"), &gib(10), &new, &all);
                 let detaches = steps.iter().any(|s| matches!(s, VolumeAction::Detach { .. }));
                 assert_eq!(detaches, holder_state.is_fenced(), "{holder_state:?} {attachment:?}: {steps:?}");
-                assert!(!steps.contains(&VolumeAction::Attach), "never attached while held: {steps:?}");
+                assert!(!steps.iter().any(attaches), "never attached while held: {steps:?}");
             }
         }
         // A holder EC2 no longer lists at all is gone.
@@ -274,7 +280,7 @@ mod tests {
             let steps = plan_volume(Some(&v), None, &gib(20), &i, std::slice::from_ref(&i));
             let grow = VolumeChange { size_gib: Some(20), ..Default::default() };
             assert_eq!(steps[0], VolumeAction::Modify(grow));
-            assert_eq!(steps.contains(&VolumeAction::Attach), state == InstanceState::Running, "{state:?}");
+            assert_eq!(steps.iter().any(attaches), state == InstanceState::Running, "{state:?}");
         }
         let i = instance("i-1", InstanceState::Running);
         let attached = volume(VolumeState::InUse, 30, &[("i-1", AttachmentState::Attached)]);
