@@ -178,6 +178,7 @@ async fn main() -> Result<()> {
         machine_types: Mutex::default(),
         pvs_checked_at: Mutex::default(),
         attacher_tries: Mutex::default(),
+        mounted: Mutex::default(),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

@@ -107,6 +107,27 @@ pub struct Sim {
     pub pvs_checked_at: Mutex<Option<Instant>>,
     /// The EBS CSI attacher's last EC2 call per VolumeAttachment, for its backoff.
     pub attacher_tries: Mutex<std::collections::HashMap<String, Instant>>,
+    /// The volumes mounted for each pod, simulated ones too: the kubelet's volumes in use.
+    pub mounted: Mutex<std::collections::HashMap<String, Mount>>,
+}
+
+/// A pod's volumes on a node, from its mount until [`UNMOUNT_REPORTED`] after it is gone.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    instance_id: String,
+    volumes: Vec<String>,
+    gone_at: Option<Instant>,
+}
+
+/// How long a kubelet goes on reporting a gone pod's volumes in use: it unmounts them at once,
+/// and its node status (volumesInUse) says so at its next update, every 10 s. The attach/detach
+/// controller does not detach meanwhile, so a pod replaced on the same node keeps its volume.
+const UNMOUNT_REPORTED: Duration = Duration::from_secs(10);
+
+impl Mount {
+    fn in_use(&self) -> bool {
+        self.gone_at.is_none_or(|t| t.elapsed() < UNMOUNT_REPORTED)
+    }
 }
 
 fn now() -> String {
@@ -498,13 +519,21 @@ impl Sim {
     /// (`volumesInUse`): the attach/detach controller detaches none of them until they are
     /// unmounted, that is until the container is stopped.
     fn volumes_in_use(&self, instance_id: &str) -> Vec<String> {
-        let rt = self.runtime.lock().expect("runtime lock");
-        let mut names: Vec<String> = rt
-            .containers
-            .values()
-            .filter(|c| c.instance_id == instance_id)
-            .filter_map(|c| c.volume_id.as_deref().map(csi::unique_name))
-            .collect();
+        let mut names: Vec<String> = {
+            let rt = self.runtime.lock().expect("runtime lock");
+            rt.containers
+                .values()
+                .filter(|c| c.instance_id == instance_id)
+                .filter_map(|c| c.volume_id.as_deref().map(csi::unique_name))
+                .collect()
+        };
+        let mounted = self.mounted.lock().expect("mounted lock");
+        names.extend(
+            mounted
+                .values()
+                .filter(|m| m.instance_id == instance_id && m.in_use())
+                .flat_map(|m| m.volumes.iter().map(|v| csi::unique_name(v))),
+        );
         names.sort();
         names.dedup();
         names
@@ -553,6 +582,16 @@ impl Sim {
         }
         let pods: Api<Pod> = Api::all(self.kube.clone());
         let list = pods.list(&ListParams::default()).await.context("listing pods")?;
+        let listed: HashSet<String> = list.items.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+        {
+            let mut mounted = self.mounted.lock().expect("mounted lock");
+            for (uid, m) in mounted.iter_mut() {
+                if !listed.contains(uid) {
+                    m.gone_at.get_or_insert_with(Instant::now);
+                }
+            }
+            mounted.retain(|_, m| m.in_use());
+        }
         let mine: Vec<(Pod, &SimNode)> = list
             .into_iter()
             .filter_map(|pod| {
@@ -617,11 +656,17 @@ impl Sim {
                 preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }),
                 ..DeleteParams::default()
             };
-            return match api.delete(&name, &dp).await {
+            let confirmed = match api.delete(&name, &dp).await {
                 Ok(_) => Ok(()),
                 Err(e) if is_status(&e, 404) || is_status(&e, 409) => Ok(()),
                 Err(e) => Err(e).context("confirming pod deletion"),
             };
+            if confirmed.is_ok()
+                && let Some(m) = self.mounted.lock().expect("mounted lock").get_mut(&uid)
+            {
+                m.gone_at.get_or_insert_with(Instant::now);
+            }
+            return confirmed;
         }
         let containers: Vec<(String, String)> = pod
             .spec
@@ -892,6 +937,12 @@ impl Sim {
             };
             ids.insert(volume, AttachedVolume { id: volume_id, size_bytes });
         }
+        let volumes: Vec<String> = ids.values().map(|v: &AttachedVolume| v.id.clone()).collect();
+        if !volumes.is_empty() {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let mount = Mount { instance_id: instance_id.to_string(), volumes, gone_at: None };
+            self.mounted.lock().expect("mounted lock").insert(uid, mount);
+        }
         Ok(Ok(ids))
     }
 
@@ -1007,6 +1058,14 @@ mod tests {
     use k8s_openapi::api::core::v1::{
         AWSElasticBlockStoreVolumeSource, CSIPersistentVolumeSource, PersistentVolumeSpec,
     };
+
+    #[test]
+    fn a_gone_pods_volumes_stay_in_use_until_the_kubelet_would_report_the_unmount() {
+        let m = |gone_at| Mount { instance_id: "i-1".into(), volumes: vec!["vol-1".into()], gone_at };
+        assert!(m(None).in_use());
+        assert!(m(Some(Instant::now())).in_use(), "just gone: its node status still says in use");
+        assert!(!m(Instant::now().checked_sub(UNMOUNT_REPORTED)).in_use());
+    }
 
     #[test]
     fn lease_times_have_microseconds() {
