@@ -149,6 +149,7 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
             iops: None,
             throughput_mibps: None,
             reclaim_policy: ReclaimPolicy::Delete,
+            from_volume: None,
         },
         server_config: Default::default(),
         paused: false,
@@ -199,7 +200,7 @@ fn semver(v: &str) -> [u64; 3] {
 
 /// A protobuf database spec as a resource spec (not yet validated).
 pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
-    let volume = spec.volume.unwrap_or_default();
+    let volume = spec.volume.clone().unwrap_or_default();
     let type_ = match v1::VolumeType::try_from(volume.r#type) {
         Ok(v1::VolumeType::Gp3) => VolumeType::Gp3,
         Ok(v1::VolumeType::Gp2) => VolumeType::Gp2,
@@ -216,6 +217,7 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
             iops: volume.iops,
             throughput_mibps: volume.throughput_mibps,
             reclaim_policy: ReclaimPolicy::Delete,
+            from_volume: volume.from_volume_id.clone(),
         },
         server_config: spec.server_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         paused: false,
@@ -278,12 +280,28 @@ mod tests {
                 type_: VolumeType::Gp3,
                 iops: None,
                 throughput_mibps: None,
-                reclaim_policy: ReclaimPolicy::Delete
+                reclaim_policy: ReclaimPolicy::Delete,
+                from_volume: None,
             }
         );
         assert_eq!(spec.server_config.get("cairo.commit.lag").map(String::as_str), Some("1000"));
         assert_eq!(spec.network.allowed_cidrs, vec!["203.0.113.0/24".to_string()]);
         assert!(!spec.paused);
+    }
+
+    #[test]
+    fn a_create_from_a_kept_volume_names_it() {
+        let mut from = proto_spec();
+        if let Some(v) = from.volume.as_mut() {
+            v.from_volume_id = Some("vol-0123456789abcdef0".into());
+        }
+        let spec = applied(desired(&ins(Operation::Create(Create { spec: Some(from.clone()) })), None));
+        assert_eq!(spec.volume.from_volume.as_deref(), Some("vol-0123456789abcdef0"));
+        if let Some(v) = from.volume.as_mut() {
+            v.from_volume_id = Some("snap-1".into());
+        }
+        let bad = desired(&ins(Operation::Create(Create { spec: Some(from) })), None);
+        assert!(matches!(bad, Err(MapError::Invalid(_))), "{bad:?}");
     }
 
     #[test]

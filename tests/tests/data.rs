@@ -63,7 +63,7 @@ async fn node_ip(rig: &Rig, db: &str) -> Result<(Ingress, String)> {
     Ok((ingress(rig, db).await?, node.instance_id))
 }
 
-/// Deletes a database through Kafka, as the backend would, and waits for SUCCEEDED: its server,
+/// Deletes a database (and its volume) through Kafka, as the backend would, and waits for SUCCEEDED: its server,
 /// node and ingress process go with it, so they do not load the machine for the tests after
 /// (left running, the data tests' databases and their nodes' Traefiks kept both cores busy).
 async fn delete(rig: &Rig, gossip: &Reader<GossipEvent>, db: &str, sequence: u64) -> Result<()> {
@@ -261,9 +261,10 @@ async fn a_version_that_cannot_be_pulled_fails_on_gossip() -> Result<()> {
 const TRICKY: &str = "a\\b #!=: caf\u{e9} \u{20ac}5 \u{1d11e} end\\";
 
 /// A config change restarts QuestDB on the new server.conf, which reads back exactly (the pinned
-/// bind address too); pause then resume keeps the data; a volume growth keeps it too.
+/// bind address too); pause then resume keeps the data; a volume growth keeps it too; and a
+/// volume kept at deletion brings it back in a new database.
 #[tokio::test(flavor = "multi_thread")]
-async fn config_change_pause_resume_and_volume_growth_keep_every_row() -> Result<()> {
+async fn config_change_pause_resume_growth_and_a_kept_volume_keep_every_row() -> Result<()> {
     let rig = Rig::new("data-conf", 1).await?;
     let sampler = FencingSampler::start(ebs_dir(&rig)?);
     let gossip = rig.gossip()?;
@@ -340,8 +341,27 @@ async fn config_change_pause_resume_and_volume_growth_keep_every_row() -> Result
     ensure!(pid_of(&rig, &pod).await? == server["pid"].as_u64(), "the server restarted to grow its volume");
     write_rows(&ip, "trades", 300, 100).await?;
     expect_rows(&ip, "trades", 0..400, Duration::from_secs(10)).await?;
+
+    // "Keep my data": deleted with its volume kept, the rows come back in a new database created
+    // from that volume (its node in the volume's zone).
+    let keep = ins::new(db, "region-a", 6, Operation::Delete(v1::Delete { retain_volume: true }));
+    rig.send(&keep).await?;
+    gossip.phase(&keep.instruction_id, Phase::Succeeded, T).await?;
+    let again = "db-conf-again";
+    let mut create = ins::create(again, "region-a", 1, NEWER);
+    if let Some(Operation::Create(c)) = create.operation.as_mut() {
+        let spec = c.spec.as_mut().context("the create has a spec")?;
+        spec.volume.get_or_insert_default().from_volume_id = Some(volume.clone());
+    }
+    rig.send(&create).await?;
+    gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
+    let q = rig.questdbs("region-a").await?.get(again).await?;
+    let taken = q.status.and_then(|s| s.volume).context("no volume in status")?;
+    ensure!(taken.id == volume && taken.size_gib == 30, "not the kept volume: {taken:?}");
+    let (ip, _) = node_ip(&rig, again).await?;
+    expect_rows(&ip, "trades", 0..400, Duration::from_secs(30)).await?;
     sampler.assert_fenced()?;
-    delete(&rig, &gossip, db, 6).await
+    delete(&rig, &gossip, again, 2).await
 }
 
 const GIB: u64 = 1 << 30;

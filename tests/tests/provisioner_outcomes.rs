@@ -216,6 +216,7 @@ impl Gen {
                 r#type: type_,
                 iops,
                 throughput_mibps,
+                from_volume_id: None,
             }),
             server_config: self.config(),
             allowed_cidrs: self.cidrs(),

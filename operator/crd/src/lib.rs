@@ -134,6 +134,12 @@ pub struct VolumeSpec {
     /// What happens to the volume when the database is deleted.
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
+    /// Start from this EBS volume, with its data, instead of a new empty one: a volume of this
+    /// cluster that a deleted database kept (reclaim policy Retain). Read once, while the
+    /// database has no volume yet; the node goes to the volume's zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^vol-[0-9a-f]{8,17}$"))]
+    pub from_volume: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -29,6 +29,8 @@ pub enum SpecError {
     VolumePerformance(String),
     #[error("DNS name {0:?} is not a lowercase domain name")]
     DnsName(String),
+    #[error("volume to start from {0:?} is not an EBS volume id like vol-0123456789abcdef0")]
+    FromVolume(String),
 }
 
 /// An RFC 1123 label: what a database id must be, as it names the resource and its objects
@@ -58,6 +60,9 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     }
     if let Err(why) = volume_performance(&spec.volume) {
         errors.push(SpecError::VolumePerformance(why));
+    }
+    if let Some(id) = spec.volume.from_volume.as_ref().filter(|id| !is_resource_id(id, "vol-")) {
+        errors.push(SpecError::FromVolume(id.clone()));
     }
     for cidr in &spec.network.allowed_cidrs {
         if !is_ipv4_cidr(cidr) {
@@ -160,7 +165,12 @@ fn is_instance_type(s: &str) -> bool {
 }
 
 fn is_ami(s: &str) -> bool {
-    s.strip_prefix("ami-").is_some_and(|hex| {
+    is_resource_id(s, "ami-")
+}
+
+/// An EC2 id: the prefix, then 8 or 17 lowercase hex digits.
+fn is_resource_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix).is_some_and(|hex| {
         (8..=17).contains(&hex.len()) && hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
     })
 }
@@ -203,6 +213,7 @@ mod tests {
                 iops: None,
                 throughput_mibps: None,
                 reclaim_policy: ReclaimPolicy::Delete,
+                from_volume: None,
             },
             server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
             paused: false,
@@ -231,9 +242,11 @@ mod tests {
         s.server_config.insert("Bad Key".into(), "x".into());
         s.server_config.insert("http.bind.to".into(), "0.0.0.0\nevil=1".into());
         s.network.dns_name = Some("Not_A_Name".into());
+        s.volume.from_volume = Some("snap-0123456789abcdef0".into());
         let errors = validate(&s).unwrap_err();
-        assert_eq!(errors.len(), 10, "{errors:?}");
+        assert_eq!(errors.len(), 11, "{errors:?}");
         assert!(errors.contains(&SpecError::VolumeSize(0)));
+        assert!(errors.contains(&SpecError::FromVolume("snap-0123456789abcdef0".into())));
         assert!(errors.contains(&SpecError::ConfigValue("http.bind.to".into())));
     }
 
@@ -269,6 +282,7 @@ mod tests {
             iops,
             throughput_mibps,
             reclaim_policy: ReclaimPolicy::Delete,
+            from_volume: None,
         };
         use VolumeType::*;
         for ok in [

@@ -670,6 +670,21 @@ impl Aws {
         self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
     }
 
+    /// Takes a resource over: `tags` set (replacing their values), the `remove` keys deleted.
+    pub async fn retag(&self, id: &str, tags: &[(String, String)], remove: &[&str]) -> Result<(), AwsError> {
+        const OP: &str = "CreateTags";
+        let set: Vec<Tag> = tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();
+        let req = self.ec2.create_tags().resources(id).set_tags(Some(set));
+        self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        if !remove.is_empty() {
+            const DELETE: &str = "DeleteTags";
+            let keys: Vec<Tag> = remove.iter().map(|k| Tag::builder().key(*k).build()).collect();
+            let req = self.ec2.delete_tags().resources(id).set_tags(Some(keys));
+            self.call(Service::Ec2, DELETE, || req.clone().send()).await?;
+        }
+        Ok(())
+    }
+
     /// Grows the volume and changes its provisioned performance, in one call: EBS allows one
     /// modification per volume every six hours (a second is refused with
     /// [`MODIFICATION_RATE_EXCEEDED`]). The filesystem is grown on the node.

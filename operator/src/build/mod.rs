@@ -100,6 +100,7 @@ pub(crate) mod fixtures {
                     iops: None,
                     throughput_mibps: None,
                     reclaim_policy: ReclaimPolicy::Delete,
+                    from_volume: None,
                 },
                 server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
                 paused: false,

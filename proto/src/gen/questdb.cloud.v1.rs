@@ -66,7 +66,7 @@ pub struct DatabaseSpec {
     #[prost(string, repeated, tag = "6")]
     pub allowed_cidrs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Volume {
     #[prost(uint32, tag = "1")]
     pub size_gib: u32,
@@ -79,6 +79,11 @@ pub struct Volume {
     /// Provisioned throughput in MiB/s, gp3 only: 125-1,000 (at most 0.25 per IOPS; unset = 125).
     #[prost(uint32, optional, tag = "4")]
     pub throughput_mibps: ::core::option::Option<u32>,
+    /// Create only: start from this EBS volume and its data instead of a new empty one. It must be
+    /// a volume of the same regional cluster that a deleted database kept (Delete with
+    /// retain_volume); the node goes to its zone, and size_gib grows it if larger.
+    #[prost(string, optional, tag = "5")]
+    pub from_volume_id: ::core::option::Option<::prost::alloc::string::String>,
 }
 /// Create the database with this spec.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -10,17 +10,20 @@ pub mod plan;
 use std::collections::HashMap;
 use std::time::Instant;
 
-use qdb_crd::WaitReason;
+use qdb_crd::{DegradedReason, WaitReason, keys};
 
 use self::facts::{nodes_of, zone_health};
-use self::plan::{MODIFICATION_COOLDOWN, VolumeAction, is_live, modifiable_at, next_launch, plan_volume};
+use self::plan::{
+    MODIFICATION_COOLDOWN, Take, VolumeAction, is_live, modifiable_at, next_launch, plan_volume, take_volume,
+};
 use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
 use super::zone::{self, Gate};
 use super::{Error, Facts, attachment, aws_err, owner_of};
+use crate::aws::ec2::tag_filter;
 use crate::aws::{
-    AttachmentState, Aws, AwsError, Instance, InstanceState, Launch, MODIFICATION_RATE_EXCEEDED, Volume,
-    VolumeChange, launch_of,
+    AttachmentState, Aws, AwsError, Instance, InstanceState, Launch, MODIFICATION_RATE_EXCEEDED, Owner,
+    Volume, VolumeChange, launch_of,
 };
 use crate::build::Desired;
 use crate::build::security_group::{desired_rules, sg_diff};
@@ -72,7 +75,16 @@ pub async fn ensure(
     }
     let sg_id = sg.id;
 
-    let (volume, instances) = (found.volume, found.instances);
+    let (mut volume, instances) = (found.volume, found.instances);
+    if volume.is_none()
+        && known_volume.is_none()
+        && let Some(id) = &d.spec.volume.from_volume
+    {
+        volume = take_kept_volume(ctx, &owner, id, facts).await?;
+        if volume.is_none() {
+            return Ok(());
+        }
+    }
     let listed: Vec<u32> = instances.iter().filter_map(launch_of).collect();
     let age = facts.last_create.map(|t| jiff::Timestamp::now().duration_since(t));
     let age = age.and_then(|a| std::time::Duration::try_from(a).ok());
@@ -433,6 +445,46 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
     facts.node = None;
     facts.volume_attached = false;
     Ok(())
+}
+
+/// `spec.volume.fromVolume`, for a database with no volume yet: the kept volume becomes its own
+/// (its tags name the new owner, the kept mark goes), with its data and in its zone. None when it
+/// cannot be taken (yet); `facts` says why.
+async fn take_kept_volume(
+    ctx: &Context,
+    owner: &Owner,
+    id: &str,
+    facts: &mut Facts,
+) -> Result<Option<Volume>, Error> {
+    let by_id = aws_sdk_ec2::types::Filter::builder().name("volume-id").values(id).build();
+    let filters = vec![by_id, tag_filter(keys::CLUSTER, &owner.cluster)];
+    let listed = ctx.aws.list_volumes(filters).await.map_err(aws_err("reading the volume to start from"))?;
+    let found = listed.into_iter().map(|(_, v)| v).next();
+    match (take_volume(found.as_ref(), id, &owner.owner_uid), found) {
+        (Take::AlreadyOurs, found) => Ok(found),
+        (Take::Take, Some(mut v)) => {
+            ctx.aws
+                .retag(id, &owner.tags(), &[keys::RETAINED])
+                .await
+                .map_err(aws_err("taking the kept volume"))?;
+            ctx.inventory.changed(&owner.owner_uid);
+            let from = v.tags.get(keys::DATABASE).cloned().unwrap_or_default();
+            facts.did("TookVolume", format!("{id}, kept by deleted database {from}, with its data"));
+            v.tags.extend(owner.tags());
+            v.tags.remove(keys::RETAINED);
+            Ok(Some(v))
+        }
+        (Take::Wait(message), _) => {
+            facts.wait(WaitReason::VolumeInUse, message);
+            Ok(None)
+        }
+        (Take::Refuse(message), _) => {
+            facts.pod_failure = Some((DegradedReason::InvalidSpec, message));
+            Ok(None)
+        }
+        // take_volume takes only a volume it was given.
+        (Take::Take, None) => Ok(None),
+    }
 }
 
 /// When a volume change must wait for EBS's modification cool-down, and until when. Asked of

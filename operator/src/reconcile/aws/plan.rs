@@ -3,7 +3,7 @@
 //! fenced (stopped or terminated); moving it off a live one is the node move's job, which fences
 //! first.
 
-use qdb_crd::{VolumeSpec, WaitReason};
+use qdb_crd::{VolumeSpec, WaitReason, keys};
 
 use crate::aws::inventory::LISTING_LAG;
 use crate::aws::{AttachmentState, Instance, InstanceState, Volume, VolumeChange, VolumeState};
@@ -53,6 +53,38 @@ pub enum VolumeAction {
         from: String,
     },
     Wait(WaitReason, String),
+}
+
+/// What `spec.volume.fromVolume` allows with the volume EC2 lists under that id in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Take {
+    /// Taken by an earlier pass (its tags name this database already).
+    AlreadyOurs,
+    Take,
+    Wait(String),
+    /// Only a change of the spec cures it.
+    Refuse(String),
+}
+
+/// Only a volume a deleted database kept (tagged [`keys::RETAINED`] by its deletion) is taken:
+/// one a live database owns, or one made outside the operator, is not this database's to take.
+pub fn take_volume(v: Option<&Volume>, id: &str, uid: &str) -> Take {
+    let Some(v) = v else {
+        return Take::Refuse(format!("EC2 lists no volume {id} in this cluster"));
+    };
+    if v.tags.get(keys::OWNER_UID).is_some_and(|o| o == uid) {
+        return Take::AlreadyOurs;
+    }
+    if !v.tags.contains_key(keys::RETAINED) {
+        let owner = v.tags.get(keys::DATABASE).map_or("no database", String::as_str);
+        return Take::Refuse(format!(
+            "{id} belongs to {owner}, which has not released it: only a volume a deleted database kept can be taken"
+        ));
+    }
+    match v.attachments.first() {
+        Some(a) => Take::Wait(format!("{id} is still attached to {}", a.instance_id)),
+        None => Take::Take,
+    }
 }
 
 /// What a listed volume lacks of the spec: more size, other provisioned IOPS or throughput (a
@@ -196,6 +228,7 @@ mod tests {
             iops: None,
             throughput_mibps: None,
             reclaim_policy: qdb_crd::ReclaimPolicy::Delete,
+            from_volume: None,
         }
     }
 
@@ -260,6 +293,31 @@ mod tests {
         let v = volume(VolumeState::InUse, 10, &[("i-gone", AttachmentState::Attached)]);
         let steps = plan_volume(Some(&v), Some("vol-1"), &gib(10), &new, std::slice::from_ref(&new));
         assert_eq!(steps, [VolumeAction::Detach { from: "i-gone".into() }]);
+    }
+
+    #[test]
+    fn only_a_volume_a_deleted_database_kept_is_taken() {
+        let tagged = |tags: &[(&str, &str)], attachments: &[(&str, AttachmentState)]| Volume {
+            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..volume(VolumeState::Available, 10, attachments)
+        };
+        let kept =
+            tagged(&[(keys::OWNER_UID, "old"), (keys::DATABASE, "db-a"), (keys::RETAINED, "true")], &[]);
+        assert_eq!(take_volume(Some(&kept), "vol-1", "new"), Take::Take);
+        let live = tagged(&[(keys::OWNER_UID, "old"), (keys::DATABASE, "db-a")], &[]);
+        assert!(matches!(take_volume(Some(&live), "vol-1", "new"), Take::Refuse(m) if m.contains("db-a")));
+        assert!(
+            matches!(take_volume(Some(&tagged(&[], &[])), "vol-1", "new"), Take::Refuse(_)),
+            "not ours to take"
+        );
+        assert!(matches!(take_volume(None, "vol-1", "new"), Take::Refuse(_)));
+        let taken = tagged(&[(keys::OWNER_UID, "new")], &[]);
+        assert_eq!(take_volume(Some(&taken), "vol-1", "new"), Take::AlreadyOurs, "an earlier pass took it");
+        let held = tagged(
+            &[(keys::OWNER_UID, "old"), (keys::RETAINED, "true")],
+            &[("i-old", AttachmentState::Detaching)],
+        );
+        assert!(matches!(take_volume(Some(&held), "vol-1", "new"), Take::Wait(_)));
     }
 
     #[test]
