@@ -941,9 +941,26 @@ impl Sim {
         if !volumes.is_empty() {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             let mount = Mount { instance_id: instance_id.to_string(), volumes, gone_at: None };
-            self.mounted.lock().expect("mounted lock").insert(uid, mount);
+            let new = self.mounted.lock().expect("mounted lock").insert(uid.clone(), mount).is_none();
+            // As a kubelet: the node status says the volumes are in use before they are mounted,
+            // so the attach/detach controller never detaches one a pod of the node is using.
+            if new && let Err(e) = self.report_in_use(node).await {
+                // Not mounted, so not in use: the next try reports again.
+                self.mounted.lock().expect("mounted lock").remove(&uid);
+                return Ok(Err(format!("reporting the volumes in use: {e:#}")));
+            }
         }
         Ok(Ok(ids))
+    }
+
+    async fn report_in_use(&self, node: &SimNode) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.kube.clone());
+        let patch = serde_json::json!({"status": {"volumesInUse": self.volumes_in_use(&node.instance_id)}});
+        nodes
+            .patch_status(&node.node_name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map(drop)
+            .context("patching the node's volumes in use")
     }
 
     /// Where the container's data root is (the EBS volume mounted over it) and the ConfigMap
