@@ -99,13 +99,8 @@ pub async fn attached_volume(ec2: &Client, volume_id: &str, instance_id: &str) -
     Ok(sizes.get(volume_id).copied())
 }
 
-/// Volume id -> size in bytes, of the volumes EC2 knows among `ids` (attached to `instance_id`
-/// only, if given).
-pub async fn describe_volumes(
-    ec2: &Client,
-    ids: &[String],
-    instance_id: Option<&str>,
-) -> Result<std::collections::BTreeMap<String, u64>> {
+/// The volumes EC2 knows among `ids`.
+async fn volumes(ec2: &Client, ids: &[String]) -> Result<Vec<aws_sdk_ec2::types::Volume>> {
     let out = ec2
         .describe_volumes()
         // A filter, not VolumeIds: one volume deleted meanwhile must not fail the whole call.
@@ -113,8 +108,18 @@ pub async fn describe_volumes(
         .send()
         .await
         .with_context(|| format!("DescribeVolumes {}", ids.join(" ")))?;
-    Ok(out
-        .volumes()
+    Ok(out.volumes.unwrap_or_default())
+}
+
+/// Volume id -> size in bytes, of the volumes EC2 knows among `ids` (attached to `instance_id`
+/// only, if given).
+pub async fn describe_volumes(
+    ec2: &Client,
+    ids: &[String],
+    instance_id: Option<&str>,
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    Ok(volumes(ec2, ids)
+        .await?
         .iter()
         .filter(|v| {
             instance_id.is_none_or(|i| {
@@ -132,14 +137,8 @@ pub async fn volume_attachments(
     ec2: &Client,
     ids: &[String],
 ) -> Result<std::collections::BTreeMap<String, Vec<(String, VolumeAttachmentState)>>> {
-    let out = ec2
-        .describe_volumes()
-        .filters(Filter::builder().name("volume-id").set_values(Some(ids.to_vec())).build())
-        .send()
-        .await
-        .with_context(|| format!("DescribeVolumes {}", ids.join(" ")))?;
-    Ok(out
-        .volumes()
+    Ok(volumes(ec2, ids)
+        .await?
         .iter()
         .filter_map(|v| {
             let attachments = v

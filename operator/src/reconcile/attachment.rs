@@ -46,15 +46,8 @@ pub fn mounted(node: &Node, volume_id: &str) -> bool {
 /// before it reports the unmount leaves the attach/detach controller waiting six minutes for a
 /// report that never comes, the volume held by a node that is gone.
 pub async fn mounted_on(ctx: &Context, d: &Desired, volume_id: &str) -> Result<Option<String>, Error> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let selector =
-        d.names.node_labels().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-    ctx.metrics.kube("list", "Node");
-    let list = nodes
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(kube_err("aws", "listing nodes"))?;
-    Ok(list.items.into_iter().find(|n| mounted(n, volume_id)).and_then(|n| n.metadata.name))
+    let nodes = super::aws::facts::database_nodes(ctx, d).await?;
+    Ok(nodes.into_iter().find(|n| mounted(n, volume_id)).and_then(|n| n.metadata.name))
 }
 
 /// Deletes every attachment of `pv`: only when no instance of the database is live any more

@@ -13,11 +13,8 @@ use super::super::{Error, kube_err};
 use crate::build::Desired;
 use crate::context::Context;
 
-/// The database's nodes by instance id: (node name, readiness).
-pub(super) async fn nodes_of(
-    ctx: &Context,
-    d: &Desired,
-) -> Result<HashMap<String, (String, NodeSeen)>, Error> {
+/// The Nodes carrying the database's labels (its dedicated node, and a replacement's).
+pub(in crate::reconcile) async fn database_nodes(ctx: &Context, d: &Desired) -> Result<Vec<Node>, Error> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let selector =
         d.names.node_labels().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
@@ -26,9 +23,17 @@ pub(super) async fn nodes_of(
         .list(&ListParams::default().labels(&selector))
         .await
         .map_err(kube_err("aws", "listing nodes"))?;
+    Ok(list.items)
+}
+
+/// The database's nodes by instance id: (node name, readiness).
+pub(super) async fn nodes_of(
+    ctx: &Context,
+    d: &Desired,
+) -> Result<HashMap<String, (String, NodeSeen)>, Error> {
+    let list = database_nodes(ctx, d).await?;
     let now = jiff::Timestamp::now();
     Ok(list
-        .items
         .into_iter()
         .filter_map(|n| {
             let provider = n.spec.as_ref().and_then(|s| s.provider_id.clone())?;

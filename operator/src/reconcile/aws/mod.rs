@@ -4,7 +4,7 @@
 //! Ready node. The effects live here; what they read besides the inventory is in [`facts`], and
 //! what they decide in [`plan`].
 
-mod facts;
+pub(super) mod facts;
 pub mod plan;
 
 use std::collections::HashMap;
