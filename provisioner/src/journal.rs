@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::lease::holds_lease;
@@ -22,6 +25,24 @@ pub struct JournalError {
 
 pub(crate) fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> JournalError {
     move |source| JournalError { what, source }
+}
+
+/// How long a provisioner session may sit idle inside a transaction before PostgreSQL ends it.
+/// A replica frozen mid-transaction otherwise holds its row and advisory locks (the outbox
+/// drain's among them) until it wakes. Above the longest legitimate idle gap: the outbox drain
+/// waits inside its transaction for Kafka's delivery reports, up to the producer's 30 s
+/// `message.timeout.ms`.
+pub const IDLE_IN_TRANSACTION_LIMIT: Duration = Duration::from_secs(60);
+
+/// The journal's connection pool; every session ends a transaction left idle past `idle_limit`.
+pub async fn connect(url: &str, max_connections: u32, idle_limit: Duration) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?
+        .options([("idle_in_transaction_session_timeout", format!("{}ms", idle_limit.as_millis()))]);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
 }
 
 /// For beginning and committing transactions.

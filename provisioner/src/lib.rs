@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use kube::runtime::reflector;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -106,12 +105,10 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
     for op in ["create", "modify", "pause", "resume", "restart", "delete"] {
         deadlines.insert(op.to_string(), config.deadline_for(op)?);
     }
-    let pool = PgPoolOptions::new()
-        .max_connections(config.database_pool)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&config.database_url)
-        .await
-        .map_err(StartError::Database)?;
+    let pool =
+        journal::connect(&config.database_url, config.database_pool, journal::IDLE_IN_TRANSACTION_LIMIT)
+            .await
+            .map_err(StartError::Database)?;
     sqlx::migrate!("../migrations").run(&pool).await.map_err(StartError::Migrate)?;
     let registry = Registry::connect(&file).await?;
     let mut kafka = config.kafka_properties(&file, std::env::vars());

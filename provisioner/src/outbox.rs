@@ -116,7 +116,7 @@ pub async fn outbox_park(conn: &mut PgConnection, id: i64, reason: &str) -> Resu
 
 /// One drainer at a time across replicas keeps each database's events in order; the row locks
 /// (FOR UPDATE SKIP LOCKED) keep a row from being taken twice even without it.
-const DRAIN_LOCK: i64 = 0x71db_0001;
+pub const DRAIN_LOCK: i64 = 0x71db_0001;
 const BATCH: i64 = 500;
 
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,7 @@ use qdb_provisioner::journal::{
 use qdb_tests::{Cloud, unique};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use std::time::Duration;
 
 async fn pool() -> Result<PgPool> {
     let cloud = Cloud::load()?;
@@ -202,5 +203,40 @@ async fn finished_instructions_are_pruned_after_the_retention_and_their_replay_s
         Accepted::Stale { last_sequence: 2 },
         "a replay of a pruned instruction is stopped by the fence"
     );
+    Ok(())
+}
+
+/// A replica frozen (SIGSTOP, a long GC-like pause, a stalled VM) inside a transaction holds
+/// its locks for as long as it is frozen: the outbox drain lock among them, which silenced every
+/// replica's gossip until the frozen one woke (`faults::a_replica_frozen_mid_apply_past_its_
+/// lease_cannot_land_an_older_spec` failed on it about one run in four). The provisioner's
+/// sessions cut off a transaction left idle past their limit, so the lock frees.
+#[tokio::test]
+async fn a_transaction_left_idle_by_a_frozen_replica_frees_its_locks() -> Result<()> {
+    let cloud = Cloud::load()?;
+    let frozen = qdb_provisioner::journal::connect(&cloud.database_url, 1, Duration::from_secs(2)).await?;
+    let other = pool().await?;
+    let mut tx = frozen.begin().await?;
+    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(qdb_provisioner::outbox::DRAIN_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    assert!(held);
+    let start = std::time::Instant::now();
+    loop {
+        let mut probe = other.begin().await?;
+        let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(qdb_provisioner::outbox::DRAIN_LOCK)
+            .fetch_one(&mut *probe)
+            .await?;
+        probe.rollback().await?;
+        if free {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the idle transaction still holds the lock");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The frozen replica's work in that transaction is gone, not half-done: its commit fails.
+    assert!(tx.commit().await.is_err(), "a cut-off transaction must not commit");
     Ok(())
 }
