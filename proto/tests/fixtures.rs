@@ -46,7 +46,7 @@ fn instruction(n: u64, op: Operation) -> Instruction {
 
 fn instructions() -> Vec<(&'static str, Instruction)> {
     vec![
-        ("instruction-create", instruction(1, Operation::Create(Create { spec: Some(spec()) }))),
+        ("instruction-create", instruction(1, Operation::Create(Create { adopt: None, spec: Some(spec()) }))),
         (
             "instruction-modify",
             instruction(

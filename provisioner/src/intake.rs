@@ -185,6 +185,7 @@ mod tests {
             sequence: 1,
             issued_at_ms: 0,
             operation: Some(Operation::Create(v1::Create {
+                adopt: None,
                 spec: Some(v1::DatabaseSpec {
                     questdb_version: "8.2.1".into(),
                     instance_type: "m6i.xlarge".into(),

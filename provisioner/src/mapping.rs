@@ -5,7 +5,8 @@
 //! so a modify is resolved here against the current spec into the full desired spec.
 
 use qdb_crd::{
-    NetworkSpec, QuestDBSpec, ReclaimPolicy, SpecError, VolumeSpec, VolumeType, is_dns_label, validate,
+    AdoptSpec, NetworkSpec, QuestDBSpec, ReclaimPolicy, SpecError, VolumeSpec, VolumeType, is_dns_label,
+    validate,
 };
 use qdb_proto::v1::{self, instruction::Operation};
 
@@ -67,6 +68,14 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
         // A create of an existing database states its whole desired spec again: applied as is.
         Operation::Create(create) => {
             let mut spec = from_proto(create.spec.as_ref().ok_or(MapError::MissingSpec)?)?;
+            if let Some(a) = &create.adopt {
+                spec.adopt = Some(AdoptSpec {
+                    instance_id: a.instance_id.clone(),
+                    volume_id: a.volume_id.clone(),
+                    security_group_id: a.security_group_id.clone(),
+                });
+                spec.network.dns_name.clone_from(&a.dns_name);
+            }
             if let Some(cur) = current {
                 spec.paused = cur.paused;
                 spec.restart_token = cur.restart_token.clone();
@@ -156,6 +165,7 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
         restart_token: None,
         allow_version_downgrade: false,
         network: NetworkSpec::default(),
+        adopt: None,
     };
     let current = match instruction.operation {
         Some(Operation::Create(_) | Operation::Delete(_)) => None,
@@ -224,6 +234,7 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
         restart_token: None,
         allow_version_downgrade: false,
         network: NetworkSpec { allowed_cidrs: spec.allowed_cidrs.clone(), dns_name: None },
+        adopt: None,
     })
 }
 
@@ -269,7 +280,8 @@ mod tests {
 
     #[test]
     fn create_maps_every_field() {
-        let spec = applied(desired(&ins(Operation::Create(Create { spec: Some(proto_spec()) })), None));
+        let spec =
+            applied(desired(&ins(Operation::Create(Create { adopt: None, spec: Some(proto_spec()) })), None));
         assert_eq!(spec.version, "8.2.1");
         assert_eq!(spec.instance_type, "m6i.xlarge");
         assert_eq!(spec.node_image, "ami-0123456789abcdef0");
@@ -295,13 +307,41 @@ mod tests {
         if let Some(v) = from.volume.as_mut() {
             v.from_volume_id = Some("vol-0123456789abcdef0".into());
         }
-        let spec = applied(desired(&ins(Operation::Create(Create { spec: Some(from.clone()) })), None));
+        let spec =
+            applied(desired(&ins(Operation::Create(Create { adopt: None, spec: Some(from.clone()) })), None));
         assert_eq!(spec.volume.from_volume.as_deref(), Some("vol-0123456789abcdef0"));
         if let Some(v) = from.volume.as_mut() {
             v.from_volume_id = Some("snap-1".into());
         }
-        let bad = desired(&ins(Operation::Create(Create { spec: Some(from) })), None);
+        let bad = desired(&ins(Operation::Create(Create { adopt: None, spec: Some(from) })), None);
         assert!(matches!(bad, Err(MapError::Invalid(_))), "{bad:?}");
+    }
+
+    #[test]
+    fn a_create_that_adopts_names_the_running_resources_and_their_dns_name() {
+        let adopt = v1::Adopt {
+            instance_id: "i-0123456789abcdef0".into(),
+            volume_id: "vol-0123456789abcdef0".into(),
+            security_group_id: "sg-0123456789abcdef0".into(),
+            dns_name: Some("legacy-7.db.example.com".into()),
+        };
+        let create = Create { adopt: Some(adopt.clone()), spec: Some(proto_spec()) };
+        let spec = applied(desired(&ins(Operation::Create(create)), None));
+        let a = spec.adopt.expect("adopt");
+        assert_eq!(
+            (a.instance_id.as_str(), a.volume_id.as_str(), a.security_group_id.as_str()),
+            ("i-0123456789abcdef0", "vol-0123456789abcdef0", "sg-0123456789abcdef0")
+        );
+        assert_eq!(spec.network.dns_name.as_deref(), Some("legacy-7.db.example.com"));
+        let bad = Create {
+            adopt: Some(v1::Adopt { instance_id: "i-1".into(), ..adopt }),
+            spec: Some(proto_spec()),
+        };
+        let refused = desired(&ins(Operation::Create(bad)), None);
+        assert!(
+            matches!(&refused, Err(MapError::Invalid(e)) if matches!(e[..], [SpecError::Adopt(_)])),
+            "{refused:?}"
+        );
     }
 
     #[test]
@@ -309,24 +349,31 @@ mod tests {
         let mut cur = current();
         cur.paused = true;
         cur.restart_token = Some("t".into());
-        let spec = applied(desired(&ins(Operation::Create(Create { spec: Some(proto_spec()) })), Some(&cur)));
+        let spec = applied(desired(
+            &ins(Operation::Create(Create { adopt: None, spec: Some(proto_spec()) })),
+            Some(&cur),
+        ));
         assert!(spec.paused);
         assert_eq!(spec.restart_token.as_deref(), Some("t"));
     }
 
     #[test]
     fn create_rejects_bad_input() {
-        assert_eq!(desired(&ins(Operation::Create(Create { spec: None })), None), Err(MapError::MissingSpec));
+        assert_eq!(
+            desired(&ins(Operation::Create(Create { adopt: None, spec: None })), None),
+            Err(MapError::MissingSpec)
+        );
         let mut bad_type = proto_spec();
         bad_type.volume = Some(Volume { size_gib: 10, r#type: 42, ..Default::default() });
         assert_eq!(
-            desired(&ins(Operation::Create(Create { spec: Some(bad_type) })), None),
+            desired(&ins(Operation::Create(Create { adopt: None, spec: Some(bad_type) })), None),
             Err(MapError::UnknownVolumeType(42))
         );
         let mut invalid = proto_spec();
         invalid.questdb_version = "latest".into();
         invalid.allowed_cidrs = vec!["nope".into()];
-        let err = desired(&ins(Operation::Create(Create { spec: Some(invalid) })), None).unwrap_err();
+        let err =
+            desired(&ins(Operation::Create(Create { adopt: None, spec: Some(invalid) })), None).unwrap_err();
         assert_eq!(err.reason(), "INVALID_SPEC");
         assert!(err.to_string().contains("latest") && err.to_string().contains("nope"), "{err}");
     }
@@ -364,13 +411,14 @@ mod tests {
             iops: Some(20_000),
             ..Default::default()
         });
-        let spec = applied(desired(&ins(Operation::Create(Create { spec: Some(io2.clone()) })), None));
+        let spec =
+            applied(desired(&ins(Operation::Create(Create { adopt: None, spec: Some(io2.clone()) })), None));
         assert_eq!(
             (spec.volume.type_, spec.volume.iops, spec.volume.throughput_mibps),
             (VolumeType::Io2, Some(20_000), None)
         );
         io2.volume = Some(Volume { size_gib: 100, r#type: v1::VolumeType::Io2 as i32, ..Default::default() });
-        let create = ins(Operation::Create(Create { spec: Some(io2) }));
+        let create = ins(Operation::Create(Create { adopt: None, spec: Some(io2) }));
         assert!(
             matches!(precheck(&create), Err(MapError::Invalid(_))),
             "io2 without iops is refused on arrival"
@@ -465,7 +513,7 @@ mod tests {
             Some(Operation::Modify(v1::Modify { volume_size_gib: Some(1), ..Default::default() }));
         assert_eq!(precheck(&modify), Ok(()), "shrink is only known at apply time");
         assert_eq!(precheck(&ins(Operation::Pause(v1::Pause {}))), Ok(()));
-        let mut create = ins(Operation::Create(v1::Create { spec: Some(proto_spec()) }));
+        let mut create = ins(Operation::Create(v1::Create { adopt: None, spec: Some(proto_spec()) }));
         assert_eq!(precheck(&create), Ok(()));
         for bad in ["", "Upper", "-x", "x-", "a_b", &"a".repeat(64)] {
             create.database_id = bad.to_string();

@@ -758,7 +758,7 @@ pub mod ins {
     }
 
     pub fn create(db: &str, cluster: &str, sequence: u64, version: &str) -> v1::Instruction {
-        new(db, cluster, sequence, Operation::Create(v1::Create { spec: Some(spec(version)) }))
+        new(db, cluster, sequence, Operation::Create(v1::Create { adopt: None, spec: Some(spec(version)) }))
     }
 
     pub fn version(db: &str, cluster: &str, sequence: u64, version: &str) -> v1::Instruction {

@@ -538,3 +538,135 @@ async fn each_name_reaches_its_own_database_on_all_three_ports() -> Result<()> {
     delete(&rig, &gossip, x, 2).await?;
     delete(&rig, &gossip, y, 2).await
 }
+
+/// Issue 17, the migration path: a running database another provisioner built is adopted by a
+/// create that names its instance, volume and security group. The legacy database is built by
+/// hand here: applied straight to the cluster (no provisioner), served by the operator, then
+/// stripped of everything that made it the operator's: the resource itself (deleted with its
+/// finalizer removed, children orphaned), the owner references on its objects, and the owner
+/// tags on its AWS resources (the instance keeps only the cluster tag, by which the node
+/// simulator finds its machines). The adoption keeps the same QuestDB process serving every row,
+/// makes and replaces nothing in AWS, and the next change (a version upgrade) goes the ordinary
+/// way on the adopted node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_database_is_adopted_without_a_restart_then_upgraded() -> Result<()> {
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use kube::api::{DeleteParams, Patch, PatchParams, PropagationPolicy};
+    use qdb_crd::{QuestDB, keys};
+
+    let rig = Rig::new("data-adopt", 1).await?;
+    let gossip = rig.gossip()?;
+    let db = "db-legacy";
+    let pod_key = format!("{}/{db}-0", rig.namespace);
+    let api = rig.questdbs("region-a").await?;
+    let mut legacy_op = rig.spawn_operator("region-a", "legacy", &[])?;
+    let spec = qdb_provisioner::mapping::from_proto(&ins::spec(OLDER))?;
+    api.create(&Default::default(), &QuestDB::new(db, spec)).await?;
+    let status = eventually("the legacy database serves", T, || async {
+        let s = api.get(db).await?.status.unwrap_or_default();
+        let ready = s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        Ok(ready.then_some(s))
+    })
+    .await?;
+    let legacy_uid = api.get(db).await?.metadata.uid.context("uid")?;
+    let instance = status.node.context("node")?.instance_id;
+    let volume = status.volume.context("volume")?.id;
+    let aws = rig.aws("region-a").await?;
+    let group = aws.find_security_group(&legacy_uid).await?.context("security group")?.id;
+    let (ip, _) = node_ip(&rig, db).await?;
+    write_rows(&ip, "trades", 0, 100).await?;
+
+    // What the old provisioner leaves: no resource, nobody's owner references, untagged parts.
+    legacy_op.terminate(Duration::from_secs(30)).await?;
+    api.patch(
+        db,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+    )
+    .await?;
+    let orphan = DeleteParams { propagation_policy: Some(PropagationPolicy::Orphan), ..Default::default() };
+    api.delete(db, &orphan).await?;
+    let client = kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &rig.namespace);
+    eventually("the objects are orphaned", T, || async {
+        let gone = api.get_opt(db).await?.is_none();
+        let owners = sets.get(db).await?.metadata.owner_references.unwrap_or_default();
+        Ok((gone && owners.is_empty()).then_some(()))
+    })
+    .await?;
+    let ec2 = rig.cloud.ec2(&rig.cloud.cluster("region-a")?.aws_region).await;
+    let ours = [keys::OWNER_UID, keys::DATABASE, keys::NAMESPACE, keys::LAUNCH, keys::CLUSTER, "Name"];
+    for (id, keep_cluster) in [(&instance, true), (&volume, false), (&group, false)] {
+        let remove = ours.iter().filter(|k| !(keep_cluster && **k == keys::CLUSTER));
+        let tags = remove.map(|k| aws_sdk_ec2::types::Tag::builder().key(*k).build()).collect();
+        ec2.delete_tags().resources(id.as_str()).set_tags(Some(tags)).send().await?;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &rig.namespace);
+    let before = pods.get(&format!("{db}-0")).await?;
+    let pid = pid_of(&rig, &pod_key).await?.context("no QuestDB process")?;
+
+    // The adoption, as the backend sends it.
+    let op = rig.spawn_operator("region-a", "a1", &[])?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+    let mut create = ins::create(db, "region-a", 1, OLDER);
+    if let Some(Operation::Create(c)) = create.operation.as_mut() {
+        c.adopt = Some(v1::Adopt {
+            instance_id: instance.clone(),
+            volume_id: volume.clone(),
+            security_group_id: group.clone(),
+            dns_name: None,
+        });
+    }
+    rig.send(&create).await?;
+    gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
+    let q = api.get(db).await?;
+    let uid = q.metadata.uid.clone().context("uid")?;
+    let status = q.status.context("status")?;
+    ensure!(status.adopted_generation == q.metadata.generation, "adopted at {:?}", status.adopted_generation);
+    ensure!(status.node.map(|n| n.instance_id) == Some(instance.clone()), "not on the adopted instance");
+    ensure!(status.volume.map(|v| v.id) == Some(volume.clone()), "not on the adopted volume");
+    let after = pods.get(&format!("{db}-0")).await?;
+    ensure!(after.metadata.uid == before.metadata.uid, "the adoption replaced the pod");
+    let restarts: i32 = after
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.restart_count)
+        .sum();
+    ensure!(restarts == 0, "{restarts} container restarts");
+    ensure!(pid_of(&rig, &pod_key).await? == Some(pid), "the QuestDB process changed");
+    let owned = sets.get(db).await?.metadata.owner_references.unwrap_or_default();
+    ensure!(owned.iter().any(|o| o.uid == uid), "the StatefulSet is not owned: {owned:?}");
+    ensure!(aws.find_security_group(&uid).await?.map(|g| g.id) == Some(group.clone()), "group not tagged");
+    let tagged: Vec<String> = aws.find_instances(&uid).await?.into_iter().map(|i| i.id).collect();
+    ensure!(tagged == [instance.clone()], "instances tagged for the database: {tagged:?}");
+    expect_rows(&ip, "trades", 0..100, Duration::from_secs(10)).await?;
+    write_rows(&ip, "trades", 100, 100).await?;
+    let metrics = op.metrics().await?;
+    let called = qdb_tests::iam::ensure_policy_allows(&metrics)?;
+    ensure!(called.contains("ec2:CreateTags"), "nothing tagged: {called:?}");
+    for made in ["RunInstances", "CreateVolume", "CreateSecurityGroup", "StopInstances", "TerminateInstances"]
+        .into_iter()
+        .chain(["ModifyVolume", "AuthorizeSecurityGroupIngress", "RevokeSecurityGroupIngress"])
+    {
+        ensure!(!called.contains(&format!("ec2:{made}")), "the adoption called {made}");
+    }
+    ensure!(!called.contains("route53:ChangeResourceRecordSets"), "the adoption rewrote the DNS record");
+
+    // The next change goes the ordinary way, on the adopted node.
+    let upgrade = ins::version(db, "region-a", 2, NEWER);
+    rig.send(&upgrade).await?;
+    gossip.phase(&upgrade.instruction_id, Phase::Succeeded, T).await?;
+    ip.wait_serving(CATCH_UP).await?;
+    let build = query_text(&ip, "SELECT build()").await?;
+    ensure!(build.contains(&format!("QuestDB {NEWER}")), "after the upgrade: {build}");
+    expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
+    let q = api.get(db).await?;
+    ensure!(
+        q.status.and_then(|s| s.node).map(|n| n.instance_id) == Some(instance),
+        "the upgrade moved the node"
+    );
+    delete(&rig, &gossip, db, 3).await
+}

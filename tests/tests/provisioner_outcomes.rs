@@ -224,9 +224,11 @@ impl Gen {
     }
 
     fn operation(&mut self, current: Option<&QuestDBSpec>) -> Operation {
-        let Some(cur) = current else { return Operation::Create(v1::Create { spec: Some(self.spec()) }) };
+        let Some(cur) = current else {
+            return Operation::Create(v1::Create { adopt: None, spec: Some(self.spec()) });
+        };
         match self.below(8) {
-            0 => Operation::Create(v1::Create { spec: Some(self.spec()) }),
+            0 => Operation::Create(v1::Create { adopt: None, spec: Some(self.spec()) }),
             1 => Operation::Pause(v1::Pause {}),
             2 => Operation::Resume(v1::Resume {}),
             3 => Operation::Restart(v1::Restart {}),

@@ -105,6 +105,25 @@ pub struct QuestDBSpec {
     pub restart_token: Option<String>,
     #[serde(default)]
     pub network: NetworkSpec,
+    /// Take over a running database another provisioner built: its EC2 instance, volume and
+    /// security group are tagged as this database's and its Kubernetes objects (labelled
+    /// `cloud.questdb.io/database=<name>`) get owner references; nothing else changes, so the
+    /// database keeps running. The spec must state what runs (instance type, image, volume
+    /// size and type); the first later change goes the ordinary way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt: Option<AdoptSpec>,
+}
+
+/// The AWS resources of a running database to take over (see `QuestDBSpec::adopt`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdoptSpec {
+    #[schemars(regex(pattern = r"^i-[0-9a-f]{8,17}$"))]
+    pub instance_id: String,
+    #[schemars(regex(pattern = r"^vol-[0-9a-f]{8,17}$"))]
+    pub volume_id: String,
+    #[schemars(regex(pattern = r"^sg-[0-9a-f]{8,17}$"))]
+    pub security_group_id: String,
 }
 
 /// The apiserver itself refuses a shrink (a CEL transition rule), whoever writes the spec: EBS
@@ -218,6 +237,20 @@ pub struct QuestDBStatus {
     /// "nothing left" listing only once it is an eventual-consistency window newer than this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_aws_create: Option<Time>,
+    /// The spec generation at which the operator took over the running database `spec.adopt`
+    /// names. While the spec stays at it, the adopted objects are kept as they are (owner
+    /// references added, nothing else); the next change of the spec goes the ordinary way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_generation: Option<i64>,
+}
+
+impl QuestDB {
+    /// Whether the reconcile only takes over what runs (see `QuestDBStatus::adopted_generation`):
+    /// the spec adopts and has not changed since the adoption, if it happened yet.
+    pub fn adopting(&self) -> bool {
+        let adopted = self.status.as_ref().and_then(|s| s.adopted_generation);
+        self.spec.adopt.is_some() && adopted.is_none_or(|g| Some(g) == self.metadata.generation)
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -363,6 +396,9 @@ pub enum DegradedReason {
     /// Failover of this database is held back: too many of its zone's database nodes are not
     /// Ready at once (a zone-wide blip, not a lost machine).
     FailoverHeld,
+    /// The running database `spec.adopt` names cannot be taken over as it is: another database
+    /// owns a part of it, it is not running, or it is not what the spec says.
+    AdoptionRefused,
 }
 
 impl DegradedReason {
@@ -378,6 +414,7 @@ impl DegradedReason {
             Self::QuotaExceeded => "QuotaExceeded",
             Self::InvalidRequest => "InvalidRequest",
             Self::FailoverHeld => "FailoverHeld",
+            Self::AdoptionRefused => "AdoptionRefused",
         }
     }
 
@@ -394,6 +431,7 @@ impl DegradedReason {
             Self::QuotaExceeded,
             Self::InvalidRequest,
             Self::FailoverHeld,
+            Self::AdoptionRefused,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)

@@ -31,6 +31,8 @@ pub enum SpecError {
     DnsName(String),
     #[error("volume to start from {0:?} is not an EBS volume id like vol-0123456789abcdef0")]
     FromVolume(String),
+    #[error("adopt: {0}")]
+    Adopt(String),
 }
 
 /// An RFC 1123 label: what a database id must be, as it names the resource and its objects
@@ -63,6 +65,18 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     }
     if let Some(id) = spec.volume.from_volume.as_ref().filter(|id| !is_resource_id(id, "vol-")) {
         errors.push(SpecError::FromVolume(id.clone()));
+    }
+    if let Some(a) = &spec.adopt {
+        for (id, prefix) in [(&a.instance_id, "i-"), (&a.volume_id, "vol-"), (&a.security_group_id, "sg-")] {
+            if !is_resource_id(id, prefix) {
+                errors.push(SpecError::Adopt(format!("{id:?} is not an id like {prefix}0123456789abcdef0")));
+            }
+        }
+        if spec.volume.from_volume.is_some() {
+            errors.push(SpecError::Adopt(
+                "a database adopts its volume or starts from a kept one, not both".into(),
+            ));
+        }
     }
     for cidr in &spec.network.allowed_cidrs {
         if !is_ipv4_cidr(cidr) {
@@ -223,6 +237,7 @@ mod tests {
                 allowed_cidrs: vec!["203.0.113.0/24".into()],
                 dns_name: Some("db1.example.com".into()),
             },
+            adopt: None,
         }
     }
 
@@ -248,6 +263,24 @@ mod tests {
         assert!(errors.contains(&SpecError::VolumeSize(0)));
         assert!(errors.contains(&SpecError::FromVolume("snap-0123456789abcdef0".into())));
         assert!(errors.contains(&SpecError::ConfigValue("http.bind.to".into())));
+    }
+
+    #[test]
+    fn an_adoption_names_three_resource_ids_and_no_kept_volume() {
+        let mut s = spec();
+        s.adopt = Some(crate::AdoptSpec {
+            instance_id: "i-0123456789abcdef0".into(),
+            volume_id: "vol-0123456789abcdef0".into(),
+            security_group_id: "sg-0123456789abcdef0".into(),
+        });
+        assert_eq!(validate(&s), Ok(()));
+        s.volume.from_volume = Some("vol-0123456789abcdef1".into());
+        if let Some(a) = s.adopt.as_mut() {
+            a.security_group_id = "vol-0123456789abcdef0".into();
+        }
+        let errors = validate(&s).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(matches!(&errors[0], SpecError::Adopt(m) if m.contains("sg-")), "{errors:?}");
     }
 
     #[test]

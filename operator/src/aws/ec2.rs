@@ -389,7 +389,7 @@ impl Aws {
     }
 
     /// What everything made for `owner` is tagged with: its own tags and the configured ones.
-    fn tags(&self, owner: &Owner) -> Vec<(String, String)> {
+    pub fn tags(&self, owner: &Owner) -> Vec<(String, String)> {
         self.network.tags_with(owner.tags())
     }
 

@@ -35,6 +35,9 @@ pub struct Desired {
     pub spec: QuestDBSpec,
     /// `spec.network.dnsName`, or the default under the operator's zone.
     pub dns_name: String,
+    /// Taking over a running database: existing children only gain owner references
+    /// ([`QuestDB::adopting`]).
+    pub adopting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -61,7 +64,7 @@ impl Desired {
             ..qdb.controller_owner_ref(&()).ok_or(Invalid::Missing("uid"))?
         };
         let dns_name = dns::dns_name(&names, &qdb.spec, dns_zone);
-        Ok(Self { names, owner, spec: qdb.spec.clone(), dns_name })
+        Ok(Self { names, owner, spec: qdb.spec.clone(), dns_name, adopting: qdb.adopting() })
     }
 
     /// Metadata of a namespaced child: its name, the common labels and the controller reference.
@@ -107,6 +110,7 @@ pub(crate) mod fixtures {
                 restart_token: None,
                 allow_version_downgrade: false,
                 network: NetworkSpec { allowed_cidrs: vec!["203.0.113.0/24".into()], dns_name: None },
+                adopt: None,
             },
         );
         q.metadata.namespace = Some("questdb".into());

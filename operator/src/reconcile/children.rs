@@ -7,6 +7,7 @@ use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use qdb_crd::{DegradedReason, OPERATOR_MANAGER, WaitReason, keys};
@@ -14,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::subset::is_subset;
-use super::{Error, Facts, delete_if_present, kube_err};
+use super::{Error, Facts, adopt, delete_if_present, kube_err};
 use crate::build::Desired;
 use crate::build::configmap::{build_config_map, overridden_keys};
 use crate::build::ingress::{
@@ -68,6 +69,9 @@ where
                 "{kind} {name} exists but is neither labelled for nor owned by this database; not touching it"
             )));
         }
+        if adopt::keep_as_is(d, facts.instance.as_ref()) {
+            return take_as_is(ctx, api, desired.meta(), actual, kind, facts).await.map(Some);
+        }
         let (want, have) = (serde_json::to_value(desired), serde_json::to_value(&actual));
         if let (Ok(want), Ok(have)) = (want, have)
             && is_subset(&want, &have)
@@ -84,6 +88,45 @@ where
         .await
         .map(Some)
         .map_err(kube_err("children", format!("applying {kind} {name}")))
+}
+
+/// An adopted object as it is, with the database's labels and owner reference added (a merge
+/// patch, not an apply: an apply of only the metadata would drop every field the applying
+/// manager set before).
+async fn take_as_is<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    want: &ObjectMeta,
+    actual: K,
+    kind: &str,
+    facts: &mut Facts,
+) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let have = actual.meta();
+    let labels = want.labels.clone().unwrap_or_default();
+    let mut owners = have.owner_references.clone().unwrap_or_default();
+    let missing_labels = labels.iter().any(|(k, v)| have.labels.as_ref().and_then(|l| l.get(k)) != Some(v));
+    let mut changed = missing_labels;
+    for o in want.owner_references.iter().flatten() {
+        if !owners.iter().any(|h| h.uid == o.uid) {
+            owners.push(o.clone());
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(actual);
+    }
+    let name = have.name.clone().unwrap_or_default();
+    let patch = serde_json::json!({"metadata": {"labels": labels, "ownerReferences": owners}});
+    ctx.metrics.kube("patch", kind);
+    let patched = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(kube_err("children", format!("adopting {kind} {name}")))?;
+    facts.did("AdoptedChild", format!("{kind} {name}"));
+    Ok(patched)
 }
 
 pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {

@@ -2,6 +2,7 @@
 //! status, each step idempotent and finding what it made before by tags and labels, so a crash
 //! anywhere repeats work but never duplicates it. Deletion runs behind a finalizer.
 
+pub mod adopt;
 pub mod attachment;
 pub mod aws;
 pub mod children;
@@ -131,6 +132,8 @@ pub struct Facts {
     pub modifiable_at: Option<jiff::Timestamp>,
     /// The database's share of the node its pod runs on (None: the node type is too small).
     pub pod_share: Option<crate::build::resources::Share>,
+    /// The instance, volume and security group `spec.adopt` names are this database's now.
+    pub adopted: bool,
 }
 
 impl Facts {

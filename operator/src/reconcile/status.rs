@@ -203,6 +203,10 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
         replacement: f.replacement.clone(),
         launches: (f.launches > 0).then_some(f.launches).or(old.and_then(|o| o.launches)),
         last_aws_create: f.last_create.map(Time).or(old.and_then(|o| o.last_aws_create.clone())),
+        adopted_generation: match (d.adopting, f.adopted) {
+            (true, true) => g,
+            _ => old.and_then(|o| o.adopted_generation),
+        },
     }
 }
 

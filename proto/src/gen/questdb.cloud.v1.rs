@@ -90,6 +90,25 @@ pub struct Volume {
 pub struct Create {
     #[prost(message, optional, tag = "1")]
     pub spec: ::core::option::Option<DatabaseSpec>,
+    /// Take over a database that is already running, built by another provisioner (the migration
+    /// path): its resources are tagged and owned, nothing is replaced or restarted. The spec must
+    /// state what runs (instance type, node image, volume size and type, allowed CIDRs).
+    #[prost(message, optional, tag = "2")]
+    pub adopt: ::core::option::Option<Adopt>,
+}
+/// The AWS resources of a running database, by id, and the DNS name it answers on.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Adopt {
+    #[prost(string, tag = "1")]
+    pub instance_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub volume_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub security_group_id: ::prost::alloc::string::String,
+    /// The Route53 A record's name, when it is not the operator's default
+    /// `<database>.<namespace>.<zone>`; it becomes the database's DNS name.
+    #[prost(string, optional, tag = "4")]
+    pub dns_name: ::core::option::Option<::prost::alloc::string::String>,
 }
 /// Change some fields of the database; a field left unset is left as it is.
 #[derive(Clone, PartialEq, ::prost::Message)]

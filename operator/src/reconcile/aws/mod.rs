@@ -19,7 +19,7 @@ use self::plan::{
 use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
 use super::zone::{self, Gate};
-use super::{Error, Facts, attachment, aws_err, owner_of};
+use super::{Error, Facts, adopt, attachment, aws_err, owner_of};
 use crate::aws::ec2::tag_filter;
 use crate::aws::{
     AttachmentState, Aws, AwsError, Instance, InstanceState, Launch, MODIFICATION_RATE_EXCEEDED, Owner,
@@ -42,8 +42,12 @@ pub async fn ensure(
     let owner = owner_of(d, &ctx.settings.cluster);
     let uid = d.names.uid();
 
-    let found =
+    let mut found =
         ctx.inventory.lookup(aws, uid, max_age).await.map_err(aws_err("finding the EC2 resources"))?;
+    if d.adopting && !adopt::take_over(ctx, d, &owner, &mut found, facts).await? {
+        return Ok(());
+    }
+    facts.adopted = d.adopting;
     let sg = match found.security_group {
         Some(sg) => sg,
         None => {
@@ -99,7 +103,14 @@ pub async fn ensure(
         return Ok(());
     }
 
-    let nodes = nodes_of(ctx, d).await?;
+    let mut nodes = nodes_of(ctx, d).await?;
+    if let Some(a) = d.spec.adopt.as_ref().filter(|_| d.adopting)
+        && !nodes.contains_key(&a.instance_id)
+        && instances.iter().any(|i| i.id == a.instance_id && is_live(i))
+    {
+        adopt::label_node(ctx, d, &a.instance_id, facts).await?;
+        nodes = nodes_of(ctx, d).await?;
+    }
     facts.ready_nodes =
         nodes.values().filter(|(_, seen)| *seen == NodeSeen::Ready).map(|(name, _)| name.clone()).collect();
     let live: Vec<&Instance> = instances.iter().filter(|i| is_live(i)).collect();
@@ -464,13 +475,13 @@ async fn take_kept_volume(
         (Take::AlreadyOurs, found) => Ok(found),
         (Take::Take, Some(mut v)) => {
             ctx.aws
-                .retag(id, &owner.tags(), &[keys::RETAINED])
+                .retag(id, &ctx.aws.tags(owner), &[keys::RETAINED])
                 .await
                 .map_err(aws_err("taking the kept volume"))?;
             ctx.inventory.changed(&owner.owner_uid);
             let from = v.tags.get(keys::DATABASE).cloned().unwrap_or_default();
             facts.did("TookVolume", format!("{id}, kept by deleted database {from}, with its data"));
-            v.tags.extend(owner.tags());
+            v.tags.extend(ctx.aws.tags(owner));
             v.tags.remove(keys::RETAINED);
             Ok(Some(v))
         }
