@@ -720,6 +720,40 @@ async fn labelled_legacy_objects_are_adopted_and_foreign_ones_left_alone() -> Re
     Ok(())
 }
 
+/// An adoption naming what another database owns is refused with the owner's name, and nothing
+/// is made in its place (nor taken from the owner).
+#[tokio::test(flavor = "multi_thread")]
+async fn adopting_another_databases_parts_is_refused_and_nothing_is_made() -> Result<()> {
+    let rig = Rig::new("op-adopt-no", 1).await?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let (api, owner) = running(&rig, "region-a", "db14").await?;
+    let status = owner.status.clone().context("status")?;
+    let owner_uid = owner.metadata.uid.clone().context("uid")?;
+    let aws = rig.aws("region-a").await?;
+    let group = aws.find_security_group(&owner_uid).await?.context("group")?.id;
+    let mut thief = questdb("db15", "8.2.1")?;
+    thief.spec.adopt = Some(qdb_crd::AdoptSpec {
+        instance_id: status.node.context("node")?.instance_id,
+        volume_id: status.volume.context("volume")?.id,
+        security_group_id: group.clone(),
+    });
+    apply(&api, &thief).await?;
+    let refused = wait_phase(&api, "db15", Phase::Failed, T).await?;
+    let degraded = refused
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Degraded"))
+        .context("no Degraded condition")?;
+    ensure!(degraded.reason == "AdoptionRefused" && degraded.message.contains("belongs to"), "{degraded:?}");
+    let uid = api.get("db15").await?.metadata.uid.context("uid")?;
+    qdb_tests::rig::nothing_left_in_ec2(&aws, &uid).await?;
+    ensure!(
+        aws.find_security_group(&owner_uid).await?.map(|g| g.id) == Some(group),
+        "the owner lost its group"
+    );
+    ensure!(aws.find_instances(&owner_uid).await?.len() == 1, "the owner lost its instance");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pause_releases_the_instance_and_resume_reattaches_the_same_volume() -> Result<()> {
     let rig = Rig::new("op-pause", 1).await?;
