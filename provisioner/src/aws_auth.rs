@@ -49,18 +49,25 @@ fn uri_encode(s: &str) -> String {
     out
 }
 
-/// `https://<host>/?<query>` signed in its query for `expires`, with `headers` (besides host)
-/// signed too; the query keeps `query`'s order, then the signature's parameters.
+/// A GET to presign: `https://<host>/?<query>` for `service` in `region`, with `headers`
+/// (besides host) signed too.
+pub struct Presign<'a> {
+    pub service: &'static str,
+    pub region: &'a str,
+    pub host: &'a str,
+    pub query: &'a [(&'a str, &'a str)],
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+/// The request's URL signed in its query for `expires`; the query keeps its order, then the
+/// signature's parameters.
 pub fn presign(
     credentials: &Credentials,
-    service: &'static str,
-    region: &str,
-    host: &str,
-    query: &[(&str, &str)],
-    headers: &[(&str, &str)],
+    req: &Presign<'_>,
     expires: Duration,
     time: SystemTime,
 ) -> Result<String, AuthError> {
+    let Presign { service, region, host, query, headers } = *req;
     let err = |message: String| AuthError::Sign { service, message };
     let mut url = format!("https://{host}/");
     for (i, (k, v)) in query.iter().enumerate() {
@@ -104,7 +111,8 @@ pub fn msk_token(
     let host = format!("kafka.{region}.amazonaws.com");
     let expires = Duration::from_secs(MSK_TOKEN_SECS);
     let query = [("Action", "kafka-cluster:Connect")];
-    let mut url = presign(credentials, "kafka-cluster", region, &host, &query, &[], expires, time)?;
+    let req = Presign { service: "kafka-cluster", region, host: &host, query: &query, headers: &[] };
+    let mut url = presign(credentials, &req, expires, time)?;
     url.push_str(&format!("&User-Agent={}", uri_encode(user_agent)));
     let signed_at = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
     let expiry_ms = i64::try_from((signed_at + MSK_TOKEN_SECS) * 1000).unwrap_or(i64::MAX);
@@ -122,7 +130,8 @@ pub fn eks_token(
     let query = [("Action", "GetCallerIdentity"), ("Version", "2011-06-15")];
     let headers = [("x-k8s-aws-id", cluster)];
     let expires = Duration::from_secs(EKS_URL_SECS);
-    let url = presign(credentials, "sts", region, &host, &query, &headers, expires, time)?;
+    let req = Presign { service: "sts", region, host: &host, query: &query, headers: &headers };
+    let url = presign(credentials, &req, expires, time)?;
     Ok(format!("k8s-aws-v1.{}", URL_SAFE_NO_PAD.encode(url)))
 }
 
