@@ -201,41 +201,18 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::aws::VolumeState;
 
-    fn tags(owner: &str) -> BTreeMap<String, String> {
-        [(keys::OWNER_UID.to_string(), owner.to_string())].into()
-    }
+    use crate::aws::fixtures::{self, owned_by as tags};
 
     fn instance(id: &str, owner: &str, state: InstanceState) -> Instance {
-        Instance {
-            id: id.into(),
-            state,
-            private_ip: None,
-            private_dns: None,
-            zone: "z".into(),
-            image_id: "ami-1".into(),
-            instance_type: "m6i.large".into(),
-            launched_at_ms: None,
-            tags: tags(owner),
-        }
+        Instance { state, tags: tags(owner), ..fixtures::instance(id) }
     }
 
     fn volume(id: &str, mut tags: BTreeMap<String, String>, retained: bool) -> Volume {
         if retained {
             tags.insert(keys::RETAINED.into(), "true".into());
         }
-        Volume {
-            id: id.into(),
-            zone: "z".into(),
-            size_gib: 1,
-            volume_type: "gp3".into(),
-            iops: None,
-            throughput_mibps: None,
-            state: VolumeState::Available,
-            attachments: vec![],
-            tags,
-        }
+        Volume { tags, ..fixtures::volume(id) }
     }
 
     #[test]

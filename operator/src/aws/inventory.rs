@@ -227,47 +227,19 @@ impl Inventory {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::aws::{Attachment, InstanceState};
-
-    fn tags(owner: &str) -> BTreeMap<String, String> {
-        [(keys::OWNER_UID.to_string(), owner.to_string())].into()
-    }
+    use crate::aws::fixtures::{self, owned_by as tags};
 
     fn instance(id: &str, owner: &str, launched: i64) -> Instance {
-        Instance {
-            id: id.into(),
-            state: InstanceState::Running,
-            private_ip: None,
-            private_dns: None,
-            zone: "us-east-1a".into(),
-            image_id: "ami-1".into(),
-            instance_type: "m6i.large".into(),
-            launched_at_ms: Some(launched),
-            tags: tags(owner),
-        }
+        Instance { launched_at_ms: Some(launched), tags: tags(owner), ..fixtures::instance(id) }
     }
 
     fn volume(id: &str, owner: &str, attached_to: Option<&str>) -> Volume {
+        let attached = |i| fixtures::attachment(i, crate::aws::AttachmentState::Attached);
         Volume {
-            id: id.into(),
-            zone: "us-east-1a".into(),
-            size_gib: 20,
-            volume_type: "gp3".into(),
-            iops: None,
-            throughput_mibps: None,
-            state: crate::aws::VolumeState::Available,
-            attachments: attached_to
-                .map(|i| Attachment {
-                    instance_id: i.into(),
-                    device: "/dev/sdf".into(),
-                    state: crate::aws::AttachmentState::Attached,
-                })
-                .into_iter()
-                .collect(),
+            attachments: attached_to.map(attached).into_iter().collect(),
             tags: tags(owner),
+            ..fixtures::volume(id)
         }
     }
 

@@ -15,6 +15,8 @@ mod error;
 mod limiter;
 
 pub mod ec2;
+#[cfg(test)]
+pub mod fixtures;
 pub mod inventory;
 pub mod network;
 pub mod route53;

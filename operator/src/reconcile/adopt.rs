@@ -234,7 +234,7 @@ pub(super) async fn label_node(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aws::{Attachment, AttachmentState, InstanceState, VolumeState};
+    use crate::aws::{AttachmentState, InstanceState, VolumeState, fixtures};
     use crate::build::fixtures::{UID, questdb};
 
     fn adopt() -> AdoptSpec {
@@ -245,35 +245,28 @@ mod tests {
         }
     }
 
+    fn tagged(tags: &[(&str, &str)]) -> BTreeMap<String, String> {
+        tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// What the fixture database's spec says runs.
     fn instance(state: InstanceState, tags: &[(&str, &str)]) -> Instance {
         Instance {
-            id: adopt().instance_id,
             state,
-            private_ip: Some("10.0.1.7".into()),
-            private_dns: None,
-            zone: "us-east-1a".into(),
             image_id: "ami-0123456789abcdef0".into(),
             instance_type: "m6i.xlarge".into(),
-            launched_at_ms: None,
-            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            tags: tagged(tags),
+            ..fixtures::instance(&adopt().instance_id)
         }
     }
 
     fn volume(size_gib: u32, attached_to: &str, tags: &[(&str, &str)]) -> Volume {
         Volume {
-            id: adopt().volume_id,
-            zone: "us-east-1a".into(),
             size_gib,
-            volume_type: "gp3".into(),
-            iops: Some(3000),
-            throughput_mibps: Some(125),
             state: VolumeState::InUse,
-            attachments: vec![Attachment {
-                instance_id: attached_to.into(),
-                device: "/dev/xvdf".into(),
-                state: AttachmentState::Attached,
-            }],
-            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            attachments: vec![fixtures::attachment(attached_to, AttachmentState::Attached)],
+            tags: tagged(tags),
+            ..fixtures::volume(&adopt().volume_id)
         }
     }
 

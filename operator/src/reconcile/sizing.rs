@@ -68,20 +68,9 @@ mod tests {
     use qdb_crd::ReplaceWhy;
 
     use super::*;
-    use crate::aws::InstanceState;
 
     fn instance(id: &str, instance_type: &str) -> Instance {
-        Instance {
-            id: id.into(),
-            state: InstanceState::Running,
-            private_ip: None,
-            private_dns: None,
-            zone: "us-east-1a".into(),
-            image_id: "ami-1".into(),
-            instance_type: instance_type.into(),
-            launched_at_ms: None,
-            tags: Default::default(),
-        }
+        Instance { instance_type: instance_type.into(), ..crate::aws::fixtures::instance(id) }
     }
 
     fn moving(step: ReplaceStep) -> ReplacementStatus {

@@ -166,7 +166,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::aws::Attachment;
+    use crate::aws::fixtures;
 
     #[test]
     fn each_deliberate_launch_takes_the_next_number() {
@@ -191,33 +191,17 @@ mod tests {
     }
 
     fn instance(id: &str, state: InstanceState) -> Instance {
-        Instance {
-            id: id.into(),
-            state,
-            private_ip: None,
-            private_dns: None,
-            zone: "eu-west-1a".into(),
-            image_id: "ami-1".into(),
-            instance_type: "m6i.large".into(),
-            launched_at_ms: None,
-            tags: Default::default(),
-        }
+        Instance { state, ..fixtures::instance(id) }
     }
 
     fn volume(state: VolumeState, size_gib: u32, attachments: &[(&str, AttachmentState)]) -> Volume {
         Volume {
-            id: "vol-1".into(),
-            zone: "eu-west-1a".into(),
             size_gib,
-            volume_type: "gp3".into(),
             iops: Some(3000),
             throughput_mibps: Some(125),
             state,
-            attachments: attachments
-                .iter()
-                .map(|(i, s)| Attachment { instance_id: i.to_string(), device: "/dev/sdf".into(), state: *s })
-                .collect(),
-            tags: Default::default(),
+            attachments: attachments.iter().map(|(i, s)| fixtures::attachment(i, *s)).collect(),
+            ..fixtures::volume("vol-1")
         }
     }
 
