@@ -67,13 +67,20 @@ pub struct Context {
     pub modifiable_at: Mutex<HashMap<String, jiff::Timestamp>>,
     /// EC2's figures per instance type, read once each.
     pub instance_types: Mutex<HashMap<String, crate::aws::InstanceType>>,
+    /// The controller's watch caches of children, pods and database nodes.
+    pub caches: crate::cache::Caches,
+    /// Their writing ends, until the controller's reflectors take them.
+    pub cache_writers: Mutex<Option<crate::cache::Writers>>,
 }
 
 impl Context {
     pub fn new(client: kube::Client, aws: Aws, settings: Settings, metrics: Arc<Metrics>) -> Self {
         let reporter =
             Reporter { controller: "qdb-operator".into(), instance: std::env::var("POD_NAME").ok() };
+        let (caches, cache_writers) = crate::cache::caches();
         Context {
+            caches,
+            cache_writers,
             recorder: Recorder::new(client.clone(), reporter),
             client,
             aws,

@@ -5,15 +5,15 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Service};
-use kube::api::Api;
-use kube::core::PartialObjectMeta;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, controller, reflector, watcher};
 use qdb_crd::{OPERATOR_MANAGER, QuestDB, keys};
 use tracing::{info, warn};
 
+use crate::build::ingress::{ingress_route_resource, ingress_route_tcp_resource};
 use crate::context::Context;
 use crate::health::Watches;
 use crate::reconcile::{chain, error_policy, reconcile};
@@ -66,52 +66,79 @@ pub async fn run(
     let ns = namespace.as_deref();
     let config = watcher::Config::default().timeout(qdb_crd::WATCH_SECS);
     let ours = config.clone().labels(&format!("{}={OPERATOR_MANAGER}", keys::MANAGED_BY));
-    fn owned<K>(
-        client: &kube::Client,
-        ns: Option<&str>,
+    let Some(w) = ctx.cache_writers.lock().ok().and_then(|mut w| w.take()) else {
+        warn!("the controller's caches are taken: it runs once per process");
+        return;
+    };
+    // Every child's watch fills its cache (the reconcile reads it, see crate::cache) and wakes
+    // its database.
+    fn cached<K>(
+        writer: reflector::store::Writer<K>,
+        api: Api<K>,
         config: &watcher::Config,
-        report: impl FnMut(&Result<watcher::Event<PartialObjectMeta<K>>, watcher::Error>) + Send + 'static,
-    ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+        report: impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + Send + 'static,
+    ) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
     where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
     {
-        watcher(api::<PartialObjectMeta<K>>(client, ns), config.clone()).inspect(report).touched_objects()
+        reflector(writer, watcher(api, config.clone()).inspect(report)).touched_objects()
     }
     let (reader, writer) = reflector::store();
     let questdbs = reflector(writer, watcher(api::<QuestDB>(&client, ns), config.clone()))
         .inspect(reporter(&watches, "questdb"))
         .applied_objects();
+    let (http, tcp) = (ingress_route_resource(), ingress_route_tcp_resource());
+    let dynamic = |resource: &kube::api::ApiResource| match ns {
+        Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, resource),
+        None => Api::<DynamicObject>::all_with(client.clone(), resource),
+    };
+    let routes = reflector(
+        w.routes,
+        watcher(dynamic(&http), ours.clone()).inspect(reporter(&watches, "ingressroutes")),
+    )
+    .touched_objects();
+    let tcp_routes = reflector(
+        w.tcp_routes,
+        watcher(dynamic(&tcp), ours.clone()).inspect(reporter(&watches, "ingressroutetcps")),
+    )
+    .touched_objects();
     let controller = Controller::for_stream(questdbs, reader)
         .with_config(controller::Config::default().concurrency(ctx.settings.concurrency))
-        .owns_stream(owned::<StatefulSet>(&client, ns, &ours, reporter(&watches, "statefulsets")))
-        .owns_stream(owned::<Service>(&client, ns, &ours, reporter(&watches, "services")))
-        .owns_stream(owned::<ConfigMap>(&client, ns, &ours, reporter(&watches, "configmaps")))
-        .owns_stream(owned::<PersistentVolumeClaim>(
-            &client,
-            ns,
-            &ours,
-            reporter(&watches, "persistentvolumeclaims"),
-        ));
+        .owns_stream(cached(w.statefulsets, api(&client, ns), &ours, reporter(&watches, "statefulsets")))
+        .owns_stream(cached(w.services, api(&client, ns), &ours, reporter(&watches, "services")))
+        .owns_stream(cached(w.config_maps, api(&client, ns), &ours, reporter(&watches, "configmaps")))
+        .owns_stream(cached(w.claims, api(&client, ns), &ours, reporter(&watches, "persistentvolumeclaims")))
+        .owns_stream_with(routes, http)
+        .owns_stream_with(tcp_routes, tcp);
     let store = controller.store();
-    let nodes = watcher(Api::<Node>::all(client.clone()), config.clone().labels(keys::DEDICATED))
-        .inspect(reporter(&watches, "nodes"))
-        .touched_objects()
-        .predicate_filter(node_fingerprint, PredicateConfig::default());
+    // Pods, volumes and nodes are not owned by the database: each finds it by the UID label.
+    let owner_of = move |uid: Option<&String>| {
+        store
+            .state()
+            .into_iter()
+            .find(|q| q.metadata.uid.is_some() && q.metadata.uid.as_ref() == uid)
+            .map(|q| ObjectRef::from_obj(q.as_ref()))
+    };
+    let (by_pod, by_volume, by_node) = (owner_of.clone(), owner_of.clone(), owner_of);
+    let pods = cached(w.pods, api::<Pod>(&client, ns), &ours, reporter(&watches, "pods"));
+    let volumes = cached(
+        w.volumes,
+        Api::<PersistentVolume>::all(client.clone()),
+        &ours,
+        reporter(&watches, "persistentvolumes"),
+    );
+    let nodes = cached(
+        w.nodes,
+        Api::<Node>::all(client.clone()),
+        &config.clone().labels(keys::DEDICATED),
+        reporter(&watches, "nodes"),
+    )
+    .predicate_filter(node_fingerprint, PredicateConfig::default());
     controller
-        .watches_stream(nodes, move |node: Node| {
-            let uid = node.metadata.labels.as_ref().and_then(|l| l.get(keys::DEDICATED)).cloned();
-            store
-                .state()
-                .into_iter()
-                .find(|q| q.metadata.uid.is_some() && q.metadata.uid == uid)
-                .map(|q| ObjectRef::from_obj(q.as_ref()))
-        })
+        .watches_stream(pods, move |pod: Pod| by_pod(pod.labels().get(keys::OWNER_UID)))
+        .watches_stream(volumes, move |pv: PersistentVolume| by_volume(pv.labels().get(keys::OWNER_UID)))
+        .watches_stream(nodes, move |node: Node| by_node(node.labels().get(keys::DEDICATED)))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -12,6 +12,7 @@
 
 pub mod aws;
 pub mod build;
+pub mod cache;
 pub mod context;
 pub mod controller;
 mod hash;

@@ -226,6 +226,50 @@ async fn running(rig: &Rig, cluster: &str, name: &str) -> Result<(Api<QuestDB>, 
     Ok((api, q))
 }
 
+/// The counters of one metric family in a /metrics text, by their labels.
+fn counters(metrics: &str, family: &str) -> std::collections::BTreeMap<String, f64> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(family)?.strip_prefix('{'))
+        .filter_map(|l| {
+            let (labels, value) = l.split_once("} ")?;
+            Some((labels.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Issue 20's API economy: a converged database costs no Kubernetes request between changes. Its
+/// children, its pod and its nodes come from the controller's watch caches (before them, every
+/// pass read eight children, the pod and the nodes from the apiserver: 10 requests per database
+/// per pass).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_converged_database_costs_no_kubernetes_request_between_changes() -> Result<()> {
+    let rig = Rig::new("op-quiet", 1).await?;
+    let op = rig.spawn_operator("region-a", "a1", &[])?;
+    running(&rig, "region-a", "db16").await?;
+    // Past the passes that follow convergence (the status write's own echo).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let before = op.metrics().await?;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let after = op.metrics().await?;
+    let passes = |m: &str| {
+        counters(m, "qdb_operator_reconciles_total").get(r#"step="children",outcome="ok""#).copied()
+    };
+    let (from, to) = (passes(&before).unwrap_or(0.0), passes(&after).unwrap_or(0.0));
+    ensure!(to - from >= 2.0, "only {} passes in 12 s at a 5 s resync: the test proves nothing", to - from);
+    let (was, now) = (
+        counters(&before, "qdb_operator_kube_requests_total"),
+        counters(&after, "qdb_operator_kube_requests_total"),
+    );
+    let spent: Vec<_> = now
+        .iter()
+        .filter(|(k, v)| was.get(*k) != Some(v))
+        .map(|(k, v)| (k, v - was.get(k).unwrap_or(&0.0)))
+        .collect();
+    ensure!(spent.is_empty(), "{} passes of a converged database made requests: {spent:?}", to - from);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_is_repaired() -> Result<()> {
     let rig = Rig::new("op-drift", 1).await?;

@@ -6,9 +6,10 @@
 use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use qdb_crd::{DegradedReason, OPERATOR_MANAGER, WaitReason, keys};
 use serde::Serialize;
@@ -25,6 +26,7 @@ use crate::build::ingress::{
 use crate::build::service::build_service;
 use crate::build::statefulset::{build_statefulset, image};
 use crate::build::volume::{VolumeFacts, build_pv, build_pvc};
+use crate::cache;
 use crate::context::Context;
 
 /// Whether an existing object may be changed by this database's reconcile: it carries the
@@ -43,23 +45,47 @@ enum Create {
     NotYet,
 }
 
+/// One kind of child: where it is written, and the watch cache it is read from.
+struct Child<'a, K: Resource + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    api: Api<K>,
+    cache: &'a Store<K>,
+    dyntype: K::DynamicType,
+    kind: &'static str,
+}
+
+impl<'a, K> Child<'a, K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    async fn get(&self, ctx: &Context, name: &str, namespace: Option<&str>) -> Result<Option<K>, Error> {
+        let dyntype = self.dyntype.clone();
+        cache::get(self.cache, &self.api, &ctx.metrics, self.kind, name, namespace, dyntype)
+            .await
+            .map_err(kube_err("children", format!("reading {} {name}", self.kind)))
+    }
+}
+
 /// Server-side applies `desired` if it differs from what is there; returns the object as it now
 /// is, or None when it is missing and may not be created yet.
 async fn apply<K>(
     ctx: &Context,
-    api: &Api<K>,
+    child: &Child<'_, K>,
     d: &Desired,
     desired: &K,
-    kind: &str,
     facts: &mut Facts,
     create: Create,
 ) -> Result<Option<K>, Error>
 where
-    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
 {
+    let (api, kind) = (&child.api, child.kind);
     let name = desired.meta().name.clone().unwrap_or_default();
-    ctx.metrics.kube("get", kind);
-    let actual = api.get_opt(&name).await.map_err(kube_err("children", format!("reading {kind} {name}")))?;
+    let actual = child.get(ctx, &name, desired.meta().namespace.as_deref()).await?;
     if actual.is_none() && create == Create::NotYet {
         return Ok(None);
     }
@@ -133,25 +159,38 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     use Create::{NotYet, Yes};
     let ns = d.names.namespace();
     let client = ctx.client.clone();
-    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    let c = &ctx.caches;
+    let config_maps = Child {
+        api: Api::namespaced(client.clone(), ns),
+        cache: &c.config_maps,
+        dyntype: (),
+        kind: "ConfigMap",
+    };
     let before = facts.actions.len();
-    apply(ctx, &config_maps, d, &build_config_map(d), "ConfigMap", facts, Yes).await?;
+    apply(ctx, &config_maps, d, &build_config_map(d), facts, Yes).await?;
     let ignored = overridden_keys(&d.spec.server_config);
     if facts.actions.len() > before && !ignored.is_empty() {
         // Said when the config is written, not every pass: the pinned bind addresses are what
         // the Service, the probes and Traefik reach, so the user's values for them are dropped.
         facts.did("ServerConfigKeysIgnored", format!("pinned by the operator: {}", ignored.join(", ")));
     }
-    let services = Api::<Service>::namespaced(client.clone(), ns);
-    apply(ctx, &services, d, &build_service(d), "Service", facts, Yes).await?;
+    let services =
+        Child { api: Api::namespaced(client.clone(), ns), cache: &c.services, dyntype: (), kind: "Service" };
+    apply(ctx, &services, d, &build_service(d), facts, Yes).await?;
     let mut claim_bound = false;
     if let Some(v) = &facts.volume {
         let volume = VolumeFacts { volume_id: v.id.clone(), zone: v.zone.clone() };
-        let pvs = Api::<PersistentVolume>::all(client.clone());
-        let pv = apply(ctx, &pvs, d, &build_pv(d, &volume), "PersistentVolume", facts, Yes).await?;
+        let pvs =
+            Child { api: Api::all(client.clone()), cache: &c.volumes, dyntype: (), kind: "PersistentVolume" };
+        let pv = apply(ctx, &pvs, d, &build_pv(d, &volume), facts, Yes).await?;
         if pv.as_ref().is_some_and(binder_has_seen) {
-            let pvcs = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns);
-            let pvc = apply(ctx, &pvcs, d, &build_pvc(d), "PersistentVolumeClaim", facts, Yes).await?;
+            let pvcs = Child {
+                api: Api::namespaced(client.clone(), ns),
+                cache: &c.claims,
+                dyntype: (),
+                kind: "PersistentVolumeClaim",
+            };
+            let pvc = apply(ctx, &pvcs, d, &build_pvc(d), facts, Yes).await?;
             claim_bound = pvc.as_ref().is_some_and(is_bound);
         } else {
             facts.wait(
@@ -167,27 +206,47 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     // volume is attached: the EBS CSI driver attaches it because the pod is scheduled there.
     let node_ready = facts.node.as_ref().is_some_and(|(_, ready)| *ready);
     let placeable = d.spec.paused || (node_ready && claim_bound);
-    let sts_api = Api::<StatefulSet>::namespaced(client.clone(), ns);
+    let sts_api = Child {
+        api: Api::namespaced(client.clone(), ns),
+        cache: &c.statefulsets,
+        dyntype: (),
+        kind: "StatefulSet",
+    };
     let create_sts = if placeable { Yes } else { NotYet };
     // Without a share (a node type too small, said as the pod's failure) the StatefulSet stays
     // as it is: nothing better can be built.
     let sts = match facts.pod_share {
-        Some(share) => {
-            apply(ctx, &sts_api, d, &build_statefulset(d, &share), "StatefulSet", facts, create_sts).await?
-        }
+        Some(share) => apply(ctx, &sts_api, d, &build_statefulset(d, &share), facts, create_sts).await?,
         None => None,
     };
-    let routes = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ingress_route_resource());
-    apply(ctx, &routes, d, &build_ingress_route(d), "IngressRoute", facts, Yes).await?;
-    let tcp = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ingress_route_tcp_resource());
-    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Pgwire), "IngressRouteTCP", facts, Yes).await?;
-    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Ilp), "IngressRouteTCP", facts, Yes).await?;
+    let (http, tcp) = (ingress_route_resource(), ingress_route_tcp_resource());
+    let routes = Child {
+        api: Api::namespaced_with(client.clone(), ns, &http),
+        cache: &c.routes,
+        dyntype: http,
+        kind: "IngressRoute",
+    };
+    apply(ctx, &routes, d, &build_ingress_route(d), facts, Yes).await?;
+    let tcp = Child {
+        api: Api::namespaced_with(client.clone(), ns, &tcp),
+        cache: &c.tcp_routes,
+        dyntype: tcp,
+        kind: "IngressRouteTCP",
+    };
+    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Pgwire), facts, Yes).await?;
+    apply(ctx, &tcp, d, &build_ingress_route_tcp(d, TcpRoute::Ilp), facts, Yes).await?;
 
     facts.pod_ready = sts.as_ref().is_some_and(rolled_out_and_ready);
+    let pods = Api::<Pod>::namespaced(client, ns);
     if d.spec.paused {
-        ctx.metrics.kube("get", "Pod");
-        let pods = Api::<Pod>::namespaced(client, ns);
-        let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?;
+        // The instance is released only once the pod is gone: asked of the apiserver, not the
+        // cache, while there is an instance to release.
+        let pod = if facts.instances.is_empty() {
+            cached_pod(ctx, d).await?
+        } else {
+            ctx.metrics.kube("get", "Pod");
+            pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?
+        };
         facts.pod_gone = pod.is_none();
     } else if sts.is_none() {
         facts.wait(
@@ -196,10 +255,7 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         );
     } else if !facts.pod_ready {
         facts.wait(WaitReason::StartingDatabase, format!("waiting for pod {} to be Ready", d.names.pod()));
-        ctx.metrics.kube("get", "Pod");
-        let pods = Api::<Pod>::namespaced(client, ns);
-        let pod = pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?;
-        match (pod, &sts) {
+        match (cached_pod(ctx, d).await?, &sts) {
             (Some(pod), Some(sts)) if stuck_on_an_old_revision(&pod, sts) => {
                 // A StatefulSet never replaces a pod that is not Ready on a template it no longer
                 // has (Kubernetes' "forced rollback"): once the template is right again (drift
@@ -267,15 +323,27 @@ fn binder_has_seen(pv: &PersistentVolume) -> bool {
     pv.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p != "Pending")
 }
 
+/// The database's pod from the pod cache, which holds every pod the operator's StatefulSets make
+/// (they carry its label): once the cache has listed, absence there is absence. Before, asked
+/// of the apiserver.
+async fn cached_pod(ctx: &Context, d: &Desired) -> Result<Option<Pod>, Error> {
+    let cache = &ctx.caches.pods;
+    if cache::is_ready(cache) {
+        let key = ObjectRef::new(&d.names.pod()).within(d.names.namespace());
+        return Ok(cache.get(&key).map(|p| (*p).clone()));
+    }
+    ctx.metrics.kube("get", "Pod");
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), d.names.namespace());
+    pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))
+}
+
 /// After a failover the pod is still bound to the lost node and never goes away on its own (no
 /// kubelet confirms its deletion): once the database serves from another node, it is deleted
 /// outright so the StatefulSet recreates it there.
 async fn remove_stuck_pod(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
     let Some((active_node, _)) = &facts.node else { return Ok(()) };
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), d.names.namespace());
-    ctx.metrics.kube("get", "Pod");
-    let Some(pod) = pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?
-    else {
+    let Some(pod) = cached_pod(ctx, d).await? else {
         return Ok(());
     };
     let bound = pod.spec.as_ref().and_then(|s| s.node_name.clone());

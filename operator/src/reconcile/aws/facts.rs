@@ -15,6 +15,9 @@ use crate::context::Context;
 
 /// The Nodes carrying the database's labels (its dedicated node, and a replacement's).
 pub(in crate::reconcile) async fn database_nodes(ctx: &Context, d: &Desired) -> Result<Vec<Node>, Error> {
+    if let Some(cached) = crate::cache::nodes_labelled(&ctx.caches.nodes, &d.names.node_labels()) {
+        return Ok(cached);
+    }
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let selector =
         d.names.node_labels().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");

@@ -1,0 +1,129 @@
+//! What the controller's watches hold, read by the reconcile instead of the apiserver: a
+//! converged database then costs no Kubernetes request between changes (issue 20's API economy).
+//! The watches select the operator's own objects (`app.kubernetes.io/managed-by=qdb-operator`)
+//! and the database nodes, so the caches hold exactly what the reconcile reads.
+//!
+//! A cache is trusted only for what it holds once its first listing is in: anything it does not
+//! hold (not listed yet, created a moment ago, or not the operator's, such as a foreign object
+//! with a child's name, which only a GET ever shows) is read from the apiserver.
+
+use std::sync::Mutex;
+
+use futures::FutureExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service};
+use kube::api::{Api, DynamicObject};
+use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::{Resource, ResourceExt};
+
+use crate::build::ingress::{ingress_route_resource, ingress_route_tcp_resource};
+use crate::metrics::Metrics;
+
+pub struct Caches {
+    pub statefulsets: Store<StatefulSet>,
+    pub services: Store<Service>,
+    pub config_maps: Store<ConfigMap>,
+    pub claims: Store<PersistentVolumeClaim>,
+    pub volumes: Store<PersistentVolume>,
+    pub pods: Store<Pod>,
+    pub nodes: Store<Node>,
+    pub routes: Store<DynamicObject>,
+    pub tcp_routes: Store<DynamicObject>,
+}
+
+/// The writing ends, taken once by the controller's reflectors.
+pub struct Writers {
+    pub statefulsets: Writer<StatefulSet>,
+    pub services: Writer<Service>,
+    pub config_maps: Writer<ConfigMap>,
+    pub claims: Writer<PersistentVolumeClaim>,
+    pub volumes: Writer<PersistentVolume>,
+    pub pods: Writer<Pod>,
+    pub nodes: Writer<Node>,
+    pub routes: Writer<DynamicObject>,
+    pub tcp_routes: Writer<DynamicObject>,
+}
+
+pub fn caches() -> (Caches, Mutex<Option<Writers>>) {
+    fn pair<K>(dyntype: K::DynamicType) -> (Store<K>, Writer<K>)
+    where
+        K: kube::runtime::reflector::Lookup + Clone + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone,
+    {
+        let w = Writer::new(dyntype);
+        (w.as_reader(), w)
+    }
+    let (statefulsets, w_statefulsets) = pair(());
+    let (services, w_services) = pair(());
+    let (config_maps, w_config_maps) = pair(());
+    let (claims, w_claims) = pair(());
+    let (volumes, w_volumes) = pair(());
+    let (pods, w_pods) = pair(());
+    let (nodes, w_nodes) = pair(());
+    let (routes, w_routes) = pair(ingress_route_resource());
+    let (tcp_routes, w_tcp_routes) = pair(ingress_route_tcp_resource());
+    let caches =
+        Caches { statefulsets, services, config_maps, claims, volumes, pods, nodes, routes, tcp_routes };
+    let writers = Writers {
+        statefulsets: w_statefulsets,
+        services: w_services,
+        config_maps: w_config_maps,
+        claims: w_claims,
+        volumes: w_volumes,
+        pods: w_pods,
+        nodes: w_nodes,
+        routes: w_routes,
+        tcp_routes: w_tcp_routes,
+    };
+    (caches, Mutex::new(Some(writers)))
+}
+
+/// Whether the cache's first listing is in (before it, an absence means nothing).
+pub fn is_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
+}
+
+/// One object by name: from the cache when it holds it, else from the apiserver (counted in
+/// `qdb_operator_kube_requests_total` as a get).
+pub async fn get<K>(
+    store: &Store<K>,
+    api: &Api<K>,
+    metrics: &Metrics,
+    kind: &str,
+    name: &str,
+    namespace: Option<&str>,
+    dyntype: K::DynamicType,
+) -> Result<Option<K>, kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let mut key = ObjectRef::new_with(name, dyntype);
+    if let Some(ns) = namespace {
+        key = key.within(ns);
+    }
+    if is_ready(store)
+        && let Some(cached) = store.get(&key)
+    {
+        return Ok(Some((*cached).clone()));
+    }
+    metrics.kube("get", kind);
+    api.get_opt(name).await
+}
+
+/// The database nodes carrying `labels`, from the node cache once it has listed; None before,
+/// for the caller to list them itself.
+pub fn nodes_labelled(
+    store: &Store<Node>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Option<Vec<Node>> {
+    if !is_ready(store) {
+        return None;
+    }
+    let matches = |n: &Node| labels.iter().all(|(k, v)| n.labels().get(k) == Some(v));
+    Some(store.state().into_iter().filter(|n| matches(n)).map(|n| (*n).clone()).collect())
+}
