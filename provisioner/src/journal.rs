@@ -2,9 +2,8 @@
 //! (the idempotency key), pass it through the per-database sequence fence, and queue the gossip
 //! that reports the outcome, so the Kafka offset can be stored as soon as it commits.
 
-use std::time::Duration;
-
 use std::str::FromStr;
+use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Row};

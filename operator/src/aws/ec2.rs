@@ -662,15 +662,9 @@ impl Aws {
         })
     }
 
-    /// Adds one tag to an existing resource. Only for marks that are not used to find a
-    /// resource (those are set at creation, see the module docs).
-    pub async fn tag_resource(&self, id: &str, key: &str, value: &str) -> Result<(), AwsError> {
-        const OP: &str = "CreateTags";
-        let req = self.ec2.create_tags().resources(id).tags(Tag::builder().key(key).value(value).build());
-        self.call(Service::Ec2, OP, || req.clone().send()).await.map(|_| ())
-    }
-
-    /// Takes a resource over: `tags` set (replacing their values), the `remove` keys deleted.
+    /// Tags an existing resource: `tags` set (replacing their values), the `remove` keys deleted.
+    /// Marks (a kept volume) and take-overs (a kept or adopted resource); the tags a resource is
+    /// found by are otherwise set at creation (see the module docs).
     pub async fn retag(&self, id: &str, tags: &[(String, String)], remove: &[&str]) -> Result<(), AwsError> {
         const OP: &str = "CreateTags";
         let set: Vec<Tag> = tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect();

@@ -88,7 +88,7 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
             publish(ctx, &reference, EventType::Normal, "DeletedVolume", v.id.clone()).await;
         } else {
             // Marked, so the orphan sweep knows it was kept on purpose once its owner is gone.
-            aws.tag_resource(&v.id, keys::RETAINED, "true")
+            aws.retag(&v.id, &[(keys::RETAINED.into(), "true".into())], &[])
                 .await
                 .map_err(aws_err("marking the volume kept"))?;
             publish(ctx, &reference, EventType::Normal, "RetainedVolume", v.id.clone()).await;
