@@ -11,72 +11,59 @@ use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use qdb_crd::{AdoptSpec, DegradedReason, QuestDBSpec, keys};
 
-use super::aws::plan::is_live;
+use super::aws::plan::{Take, is_live};
 use super::{Error, Facts, aws_err, kube_err};
 use crate::aws::inventory::Found;
 use crate::aws::{Instance, Owner, Volume};
 use crate::build::Desired;
 use crate::context::Context;
 
-/// What may be done with one resource `spec.adopt` names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Tagged for this database already (by an earlier pass).
-    Ours,
-    Take,
-    /// Only another spec cures it.
-    Refuse(String),
-}
-
 /// The part every resource shares: nobody else's, and not a volume a deleted database kept.
-fn ownership(kind: &str, id: &str, tags: &BTreeMap<String, String>, uid: &str) -> Option<Verdict> {
+fn ownership(kind: &str, id: &str, tags: &BTreeMap<String, String>, uid: &str) -> Option<Take> {
     match tags.get(keys::OWNER_UID) {
-        Some(o) if o == uid => Some(Verdict::Ours),
+        Some(o) if o == uid => Some(Take::AlreadyOurs),
         Some(_) => {
             let db = tags.get(keys::DATABASE).map_or("another database", String::as_str);
-            Some(Verdict::Refuse(format!("{kind} {id} belongs to {db}")))
+            Some(Take::Refuse(format!("{kind} {id} belongs to {db}")))
         }
-        None if tags.contains_key(keys::RETAINED) => Some(Verdict::Refuse(format!(
+        None if tags.contains_key(keys::RETAINED) => Some(Take::Refuse(format!(
             "{kind} {id} was kept by a deleted database: start from it with volume.fromVolume"
         ))),
         None => None,
     }
 }
 
-pub fn judge_instance(i: Option<&Instance>, a: &AdoptSpec, spec: &QuestDBSpec, uid: &str) -> Verdict {
+pub fn judge_instance(i: Option<&Instance>, a: &AdoptSpec, spec: &QuestDBSpec, uid: &str) -> Take {
     let id = &a.instance_id;
     let Some(i) = i else {
-        return Verdict::Refuse(format!("EC2 lists no instance {id}"));
+        return Take::Refuse(format!("EC2 lists no instance {id}"));
     };
     if let Some(v) = ownership("instance", id, &i.tags, uid) {
         return v;
     }
     if !is_live(i) {
-        return Verdict::Refuse(format!(
-            "instance {id} is {:?}: only a running database is adopted",
-            i.state
-        ));
+        return Take::Refuse(format!("instance {id} is {:?}: only a running database is adopted", i.state));
     }
     if i.instance_type != spec.instance_type || i.image_id != spec.node_image {
-        return Verdict::Refuse(format!(
+        return Take::Refuse(format!(
             "instance {id} is a {} from {}, the spec says a {} from {}: an adopting create states what runs",
             i.instance_type, i.image_id, spec.instance_type, spec.node_image
         ));
     }
-    Verdict::Take
+    Take::Take
 }
 
-pub fn judge_volume(v: Option<&Volume>, a: &AdoptSpec, spec: &QuestDBSpec, uid: &str) -> Verdict {
+pub fn judge_volume(v: Option<&Volume>, a: &AdoptSpec, spec: &QuestDBSpec, uid: &str) -> Take {
     let id = &a.volume_id;
     let Some(v) = v else {
-        return Verdict::Refuse(format!("EC2 lists no volume {id}"));
+        return Take::Refuse(format!("EC2 lists no volume {id}"));
     };
     if let Some(verdict) = ownership("volume", id, &v.tags, uid) {
         return verdict;
     }
     let want = &spec.volume;
     if v.volume_type != want.type_.as_str() || v.size_gib != want.size_gib {
-        return Verdict::Refuse(format!(
+        return Take::Refuse(format!(
             "volume {id} is {} GiB {}, the spec says {} GiB {}: an adopting create states what runs",
             v.size_gib,
             v.volume_type,
@@ -85,19 +72,19 @@ pub fn judge_volume(v: Option<&Volume>, a: &AdoptSpec, spec: &QuestDBSpec, uid: 
         ));
     }
     if !v.attachments.iter().any(|x| x.instance_id == a.instance_id) {
-        return Verdict::Refuse(format!("volume {id} is not attached to instance {}", a.instance_id));
+        return Take::Refuse(format!("volume {id} is not attached to instance {}", a.instance_id));
     }
-    Verdict::Take
+    Take::Take
 }
 
 /// `owner` is the group's owner-UID tag, empty when it has none.
-pub fn judge_group(listed: Option<&str>, a: &AdoptSpec, uid: &str) -> Verdict {
+pub fn judge_group(listed: Option<&str>, a: &AdoptSpec, uid: &str) -> Take {
     let id = &a.security_group_id;
     match listed {
-        None => Verdict::Refuse(format!("EC2 lists no security group {id}")),
-        Some("") => Verdict::Take,
-        Some(o) if o == uid => Verdict::Ours,
-        Some(_) => Verdict::Refuse(format!("security group {id} belongs to another database")),
+        None => Take::Refuse(format!("EC2 lists no security group {id}")),
+        Some("") => Take::Take,
+        Some(o) if o == uid => Take::AlreadyOurs,
+        Some(_) => Take::Refuse(format!("security group {id} belongs to another database")),
     }
 }
 
@@ -144,10 +131,10 @@ pub(super) async fn take_over(
             aws.list_security_groups(vec![by_id]).await.map_err(aws_err("reading the group to adopt"))?;
         let first = listed.into_iter().next();
         match judge_group(first.as_ref().map(|(o, _)| o.as_str()), a, uid) {
-            Verdict::Refuse(m) => return refuse(facts, m),
+            Take::Refuse(m) => return refuse(facts, m),
             verdict => {
                 let Some((_, sg)) = first else { return Ok(false) };
-                if verdict == Verdict::Take {
+                if verdict == Take::Take {
                     aws.retag(&sg.id, &tags, &[]).await.map_err(aws_err("adopting the security group"))?;
                     facts.did("AdoptedSecurityGroup", sg.id.clone());
                 }
@@ -161,10 +148,10 @@ pub(super) async fn take_over(
         let listed = aws.list_volumes(vec![by_id]).await.map_err(aws_err("reading the volume to adopt"))?;
         let v = listed.into_iter().map(|(_, v)| v).next();
         match judge_volume(v.as_ref(), a, &d.spec, uid) {
-            Verdict::Refuse(m) => return refuse(facts, m),
+            Take::Refuse(m) => return refuse(facts, m),
             verdict => {
                 let Some(mut v) = v else { return Ok(false) };
-                if verdict == Verdict::Take {
+                if verdict == Take::Take {
                     aws.retag(&v.id, &tags, &[]).await.map_err(aws_err("adopting the volume"))?;
                     v.tags.extend(tags.iter().cloned());
                     facts.did("AdoptedVolume", format!("{} ({} GiB {})", v.id, v.size_gib, v.volume_type));
@@ -178,10 +165,10 @@ pub(super) async fn take_over(
         let i =
             aws.describe_instance(&a.instance_id).await.map_err(aws_err("reading the instance to adopt"))?;
         match judge_instance(i.as_ref(), a, &d.spec, uid) {
-            Verdict::Refuse(m) => return refuse(facts, m),
+            Take::Refuse(m) => return refuse(facts, m),
             verdict => {
                 let Some(mut i) = i else { return Ok(false) };
-                if verdict == Verdict::Take {
+                if verdict == Take::Take {
                     // Launch 0: the database's own launches count on from 1.
                     let mut with_launch = tags.clone();
                     with_launch.push((keys::LAUNCH.into(), "0".into()));
@@ -274,23 +261,20 @@ mod tests {
     fn a_running_instance_as_the_spec_says_is_taken_and_nothing_else() {
         let spec = questdb().spec;
         let a = adopt();
-        assert_eq!(
-            judge_instance(Some(&instance(InstanceState::Running, &[])), &a, &spec, UID),
-            Verdict::Take
-        );
+        assert_eq!(judge_instance(Some(&instance(InstanceState::Running, &[])), &a, &spec, UID), Take::Take);
         let ours = instance(InstanceState::Running, &[(keys::OWNER_UID, UID)]);
-        assert_eq!(judge_instance(Some(&ours), &a, &spec, UID), Verdict::Ours);
+        assert_eq!(judge_instance(Some(&ours), &a, &spec, UID), Take::AlreadyOurs);
         let other = instance(InstanceState::Running, &[(keys::OWNER_UID, "x"), (keys::DATABASE, "db-other")]);
         assert!(
-            matches!(judge_instance(Some(&other), &a, &spec, UID), Verdict::Refuse(m) if m.contains("db-other"))
+            matches!(judge_instance(Some(&other), &a, &spec, UID), Take::Refuse(m) if m.contains("db-other"))
         );
         let stopped = instance(InstanceState::Stopped, &[]);
-        assert!(matches!(judge_instance(Some(&stopped), &a, &spec, UID), Verdict::Refuse(_)));
+        assert!(matches!(judge_instance(Some(&stopped), &a, &spec, UID), Take::Refuse(_)));
         let mut bigger = questdb().spec;
         bigger.instance_type = "m6i.2xlarge".into();
         let refused = judge_instance(Some(&instance(InstanceState::Running, &[])), &a, &bigger, UID);
-        assert!(matches!(&refused, Verdict::Refuse(m) if m.contains("states what runs")), "{refused:?}");
-        assert!(matches!(judge_instance(None, &a, &spec, UID), Verdict::Refuse(_)));
+        assert!(matches!(&refused, Take::Refuse(m) if m.contains("states what runs")), "{refused:?}");
+        assert!(matches!(judge_instance(None, &a, &spec, UID), Take::Refuse(_)));
     }
 
     #[test]
@@ -298,29 +282,29 @@ mod tests {
         let spec = questdb().spec;
         let a = adopt();
         let size = spec.volume.size_gib;
-        assert_eq!(judge_volume(Some(&volume(size, &a.instance_id, &[])), &a, &spec, UID), Verdict::Take);
+        assert_eq!(judge_volume(Some(&volume(size, &a.instance_id, &[])), &a, &spec, UID), Take::Take);
         // A grown or shrunk volume would be a change the adoption promised not to make.
         assert!(matches!(
             judge_volume(Some(&volume(size + 1, &a.instance_id, &[])), &a, &spec, UID),
-            Verdict::Refuse(_)
+            Take::Refuse(_)
         ));
         let elsewhere = volume(size, "i-0fffffffffffffff0", &[]);
         assert!(
-            matches!(judge_volume(Some(&elsewhere), &a, &spec, UID), Verdict::Refuse(m) if m.contains("not attached"))
+            matches!(judge_volume(Some(&elsewhere), &a, &spec, UID), Take::Refuse(m) if m.contains("not attached"))
         );
         let kept = volume(size, &a.instance_id, &[(keys::RETAINED, "true")]);
         assert!(
-            matches!(judge_volume(Some(&kept), &a, &spec, UID), Verdict::Refuse(m) if m.contains("fromVolume"))
+            matches!(judge_volume(Some(&kept), &a, &spec, UID), Take::Refuse(m) if m.contains("fromVolume"))
         );
     }
 
     #[test]
     fn a_group_another_database_owns_is_refused() {
         let a = adopt();
-        assert_eq!(judge_group(Some(""), &a, UID), Verdict::Take);
-        assert_eq!(judge_group(Some(UID), &a, UID), Verdict::Ours);
-        assert!(matches!(judge_group(Some("x"), &a, UID), Verdict::Refuse(_)));
-        assert!(matches!(judge_group(None, &a, UID), Verdict::Refuse(_)));
+        assert_eq!(judge_group(Some(""), &a, UID), Take::Take);
+        assert_eq!(judge_group(Some(UID), &a, UID), Take::AlreadyOurs);
+        assert!(matches!(judge_group(Some("x"), &a, UID), Take::Refuse(_)));
+        assert!(matches!(judge_group(None, &a, UID), Take::Refuse(_)));
     }
 
     #[test]

@@ -55,7 +55,8 @@ pub enum VolumeAction {
     Wait(WaitReason, String),
 }
 
-/// What `spec.volume.fromVolume` allows with the volume EC2 lists under that id in the cluster.
+/// What may be done with a resource a database is to take over: the volume `spec.volume.fromVolume`
+/// names, or a part `spec.adopt` names ([`super::super::adopt`]; it never waits).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Take {
     /// Taken by an earlier pass (its tags name this database already).
