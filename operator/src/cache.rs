@@ -3,9 +3,11 @@
 //! The watches select the operator's own objects (`app.kubernetes.io/managed-by=qdb-operator`)
 //! and the database nodes, so the caches hold exactly what the reconcile reads.
 //!
-//! A cache is trusted only for what it holds once its first listing is in: anything it does not
-//! hold (not listed yet, created a moment ago, or not the operator's, such as a foreign object
-//! with a child's name, which only a GET ever shows) is read from the apiserver.
+//! A cache is trusted only once its first listing is in, and then for what it holds: a child it
+//! does not hold (created a moment ago, or not the operator's, such as a foreign object with a
+//! child's name, which only a GET ever shows) is read from the apiserver ([`Absence::Ask`]). The
+//! database's pod is the exception: every pod of the operator's StatefulSets is in the pod
+//! cache, so its absence there is trusted ([`Absence::Trusted`]).
 
 use std::sync::Mutex;
 
@@ -87,32 +89,55 @@ where
     store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
 }
 
-/// One object by name: from the cache when it holds it, else from the apiserver (counted in
-/// `qdb_operator_kube_requests_total` as a get).
-pub async fn get<K>(
-    store: &Store<K>,
-    api: &Api<K>,
-    metrics: &Metrics,
-    kind: &str,
-    name: &str,
-    namespace: Option<&str>,
-    dyntype: K::DynamicType,
-) -> Result<Option<K>, kube::Error>
+/// What an object's absence from a listed cache means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Absence {
+    /// Nothing: it may exist outside the watch's selection, or be just created; asked with a GET.
+    Ask,
+    /// That it does not exist: the watch selects every object of the kind that matters.
+    Trusted,
+}
+
+/// One kind of object as the reconcile reads it: the watch cache, and the apiserver behind it.
+pub struct Cached<'a, K: Resource + 'static>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    pub api: Api<K>,
+    pub store: &'a Store<K>,
+    pub dyntype: K::DynamicType,
+    /// As counted in `qdb_operator_kube_requests_total`.
+    pub kind: &'static str,
+}
+
+impl<K> Cached<'_, K>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    let mut key = ObjectRef::new_with(name, dyntype);
-    if let Some(ns) = namespace {
-        key = key.within(ns);
+    /// One object by name: from the cache once it has listed (its absence as `absence` says),
+    /// else from the apiserver, counted as a get.
+    pub async fn get(
+        &self,
+        metrics: &Metrics,
+        name: &str,
+        namespace: Option<&str>,
+        absence: Absence,
+    ) -> Result<Option<K>, kube::Error> {
+        let mut key = ObjectRef::new_with(name, self.dyntype.clone());
+        if let Some(ns) = namespace {
+            key = key.within(ns);
+        }
+        if is_ready(self.store) {
+            match (self.store.get(&key), absence) {
+                (Some(cached), _) => return Ok(Some((*cached).clone())),
+                (None, Absence::Trusted) => return Ok(None),
+                (None, Absence::Ask) => {}
+            }
+        }
+        metrics.kube("get", self.kind);
+        self.api.get_opt(name).await
     }
-    if is_ready(store)
-        && let Some(cached) = store.get(&key)
-    {
-        return Ok(Some((*cached).clone()));
-    }
-    metrics.kube("get", kind);
-    api.get_opt(name).await
 }
 
 /// The database nodes carrying `labels`, from the node cache once it has listed; None before,

@@ -9,7 +9,6 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use qdb_crd::{DegradedReason, OPERATOR_MANAGER, WaitReason, keys};
 use serde::Serialize;
@@ -26,7 +25,7 @@ use crate::build::ingress::{
 use crate::build::service::build_service;
 use crate::build::statefulset::{build_statefulset, image};
 use crate::build::volume::{VolumeFacts, build_pv, build_pvc};
-use crate::cache;
+use crate::cache::{Absence, Cached};
 use crate::context::Context;
 
 /// Whether an existing object may be changed by this database's reconcile: it carries the
@@ -45,35 +44,11 @@ enum Create {
     NotYet,
 }
 
-/// One kind of child: where it is written, and the watch cache it is read from.
-struct Child<'a, K: Resource + 'static>
-where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    api: Api<K>,
-    cache: &'a Store<K>,
-    dyntype: K::DynamicType,
-    kind: &'static str,
-}
-
-impl<'a, K> Child<'a, K>
-where
-    K: Resource + Clone + DeserializeOwned + Debug + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    async fn get(&self, ctx: &Context, name: &str, namespace: Option<&str>) -> Result<Option<K>, Error> {
-        let dyntype = self.dyntype.clone();
-        cache::get(self.cache, &self.api, &ctx.metrics, self.kind, name, namespace, dyntype)
-            .await
-            .map_err(kube_err("children", format!("reading {} {name}", self.kind)))
-    }
-}
-
 /// Server-side applies `desired` if it differs from what is there; returns the object as it now
 /// is, or None when it is missing and may not be created yet.
 async fn apply<K>(
     ctx: &Context,
-    child: &Child<'_, K>,
+    child: &Cached<'_, K>,
     d: &Desired,
     desired: &K,
     facts: &mut Facts,
@@ -85,7 +60,11 @@ where
 {
     let (api, kind) = (&child.api, child.kind);
     let name = desired.meta().name.clone().unwrap_or_default();
-    let actual = child.get(ctx, &name, desired.meta().namespace.as_deref()).await?;
+    // A child the cache does not hold may be a foreign object with its name: asked.
+    let actual = child
+        .get(&ctx.metrics, &name, desired.meta().namespace.as_deref(), Absence::Ask)
+        .await
+        .map_err(kube_err("children", format!("reading {kind} {name}")))?;
     if actual.is_none() && create == Create::NotYet {
         return Ok(None);
     }
@@ -160,9 +139,9 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     let ns = d.names.namespace();
     let client = ctx.client.clone();
     let c = &ctx.caches;
-    let config_maps = Child {
+    let config_maps = Cached {
         api: Api::namespaced(client.clone(), ns),
-        cache: &c.config_maps,
+        store: &c.config_maps,
         dyntype: (),
         kind: "ConfigMap",
     };
@@ -175,18 +154,22 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         facts.did("ServerConfigKeysIgnored", format!("pinned by the operator: {}", ignored.join(", ")));
     }
     let services =
-        Child { api: Api::namespaced(client.clone(), ns), cache: &c.services, dyntype: (), kind: "Service" };
+        Cached { api: Api::namespaced(client.clone(), ns), store: &c.services, dyntype: (), kind: "Service" };
     apply(ctx, &services, d, &build_service(d), facts, Yes).await?;
     let mut claim_bound = false;
     if let Some(v) = &facts.volume {
         let volume = VolumeFacts { volume_id: v.id.clone(), zone: v.zone.clone() };
-        let pvs =
-            Child { api: Api::all(client.clone()), cache: &c.volumes, dyntype: (), kind: "PersistentVolume" };
+        let pvs = Cached {
+            api: Api::all(client.clone()),
+            store: &c.volumes,
+            dyntype: (),
+            kind: "PersistentVolume",
+        };
         let pv = apply(ctx, &pvs, d, &build_pv(d, &volume), facts, Yes).await?;
         if pv.as_ref().is_some_and(binder_has_seen) {
-            let pvcs = Child {
+            let pvcs = Cached {
                 api: Api::namespaced(client.clone(), ns),
-                cache: &c.claims,
+                store: &c.claims,
                 dyntype: (),
                 kind: "PersistentVolumeClaim",
             };
@@ -206,9 +189,9 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     // volume is attached: the EBS CSI driver attaches it because the pod is scheduled there.
     let node_ready = facts.node.as_ref().is_some_and(|(_, ready)| *ready);
     let placeable = d.spec.paused || (node_ready && claim_bound);
-    let sts_api = Child {
+    let sts_api = Cached {
         api: Api::namespaced(client.clone(), ns),
-        cache: &c.statefulsets,
+        store: &c.statefulsets,
         dyntype: (),
         kind: "StatefulSet",
     };
@@ -220,16 +203,16 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
         None => None,
     };
     let (http, tcp) = (ingress_route_resource(), ingress_route_tcp_resource());
-    let routes = Child {
+    let routes = Cached {
         api: Api::namespaced_with(client.clone(), ns, &http),
-        cache: &c.routes,
+        store: &c.routes,
         dyntype: http,
         kind: "IngressRoute",
     };
     apply(ctx, &routes, d, &build_ingress_route(d), facts, Yes).await?;
-    let tcp = Child {
+    let tcp = Cached {
         api: Api::namespaced_with(client.clone(), ns, &tcp),
-        cache: &c.tcp_routes,
+        store: &c.tcp_routes,
         dyntype: tcp,
         kind: "IngressRouteTCP",
     };
@@ -324,17 +307,18 @@ fn binder_has_seen(pv: &PersistentVolume) -> bool {
 }
 
 /// The database's pod from the pod cache, which holds every pod the operator's StatefulSets make
-/// (they carry its label): once the cache has listed, absence there is absence. Before, asked
-/// of the apiserver.
+/// (they carry its label), so absence there is absence.
 async fn cached_pod(ctx: &Context, d: &Desired) -> Result<Option<Pod>, Error> {
-    let cache = &ctx.caches.pods;
-    if cache::is_ready(cache) {
-        let key = ObjectRef::new(&d.names.pod()).within(d.names.namespace());
-        return Ok(cache.get(&key).map(|p| (*p).clone()));
-    }
-    ctx.metrics.kube("get", "Pod");
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), d.names.namespace());
-    pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))
+    let ns = d.names.namespace();
+    let pods = Cached {
+        api: Api::namespaced(ctx.client.clone(), ns),
+        store: &ctx.caches.pods,
+        dyntype: (),
+        kind: "Pod",
+    };
+    pods.get(&ctx.metrics, &d.names.pod(), Some(ns), Absence::Trusted)
+        .await
+        .map_err(kube_err("children", "reading the pod"))
 }
 
 /// After a failover the pod is still bound to the lost node and never goes away on its own (no
