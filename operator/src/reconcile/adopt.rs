@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use qdb_crd::{AdoptSpec, DegradedReason, QuestDBSpec, keys};
 
+use super::aws::facts::instance_of;
 use super::aws::plan::{Take, is_live};
 use super::{Error, Facts, aws_err, kube_err};
 use crate::aws::inventory::Found;
@@ -185,24 +186,22 @@ pub(super) async fn take_over(
 }
 
 /// Gives the adopted instance's node the database's label and taint, so the node lookups find
-/// it and a rebuilt pod lands on it. The running pod stays: a NoSchedule taint evicts nothing.
+/// it and a rebuilt pod lands on it, and returns it so labelled (None while it has not joined).
+/// The running pod stays: a NoSchedule taint evicts nothing.
 pub(super) async fn label_node(
     ctx: &Context,
     d: &Desired,
     instance_id: &str,
     facts: &mut Facts,
-) -> Result<(), Error> {
+) -> Result<Option<Node>, Error> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     ctx.metrics.kube("list", "Node");
     let list =
         nodes.list(&ListParams::default()).await.map_err(kube_err("aws", "listing nodes to adopt one"))?;
-    let suffix = format!("/{instance_id}");
-    let Some(node) = list.items.into_iter().find(|n| {
-        n.spec.as_ref().and_then(|s| s.provider_id.as_deref()).is_some_and(|p| p.ends_with(&suffix))
-    }) else {
+    let Some(node) = list.items.into_iter().find(|n| instance_of(n) == Some(instance_id)) else {
         facts
             .wait(qdb_crd::WaitReason::NodeJoining, format!("no node of adopted instance {instance_id} yet"));
-        return Ok(());
+        return Ok(None);
     };
     let name = node.metadata.name.clone().unwrap_or_default();
     let existing = node.spec.and_then(|s| s.taints).unwrap_or_default();
@@ -210,12 +209,12 @@ pub(super) async fn label_node(
     let patch =
         serde_json::json!({"metadata": {"labels": d.names.node_labels()}, "spec": {"taints": taints}});
     ctx.metrics.kube("patch", "Node");
-    nodes
+    let labelled = nodes
         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(kube_err("aws", format!("labelling adopted node {name}")))?;
     facts.did("AdoptedNode", format!("{name} labelled and tainted for the database"));
-    Ok(())
+    Ok(Some(labelled))
 }
 
 #[cfg(test)]

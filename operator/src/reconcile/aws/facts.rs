@@ -34,13 +34,21 @@ pub(super) async fn nodes_of(
     ctx: &Context,
     d: &Desired,
 ) -> Result<HashMap<String, (String, NodeSeen)>, Error> {
-    let list = database_nodes(ctx, d).await?;
+    Ok(by_instance(database_nodes(ctx, d).await?))
+}
+
+/// The EC2 instance a node runs on, from its providerID (`aws:///<zone>/<instance-id>`).
+pub(in crate::reconcile) fn instance_of(n: &Node) -> Option<&str> {
+    n.spec.as_ref()?.provider_id.as_deref()?.rsplit('/').next()
+}
+
+/// Nodes by instance id: (node name, readiness).
+pub(super) fn by_instance(nodes: Vec<Node>) -> HashMap<String, (String, NodeSeen)> {
     let now = jiff::Timestamp::now();
-    Ok(list
+    nodes
         .into_iter()
         .filter_map(|n| {
-            let provider = n.spec.as_ref().and_then(|s| s.provider_id.clone())?;
-            let instance = provider.rsplit('/').next()?.to_string();
+            let instance = instance_of(&n)?.to_string();
             let ready = n.status.as_ref().and_then(|s| s.conditions.as_ref()).and_then(|c| {
                 c.iter()
                     .find(|c| c.type_ == "Ready")
@@ -55,7 +63,7 @@ pub(super) async fn nodes_of(
             };
             Some((instance, (n.metadata.name.unwrap_or_default(), seen)))
         })
-        .collect())
+        .collect()
 }
 
 /// The dedicated nodes in `zone` of the databases this operator manages (only its namespace's,

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use qdb_crd::{DegradedReason, WaitReason, keys};
 
-use self::facts::{nodes_of, zone_health};
+use self::facts::{by_instance, nodes_of, zone_health};
 use self::plan::{
     MODIFICATION_COOLDOWN, Take, VolumeAction, is_live, modifiable_at, next_launch, plan_volume, take_volume,
 };
@@ -108,8 +108,10 @@ pub async fn ensure(
         && !nodes.contains_key(&a.instance_id)
         && instances.iter().any(|i| i.id == a.instance_id && is_live(i))
     {
-        adopt::label_node(ctx, d, &a.instance_id, facts).await?;
-        nodes = nodes_of(ctx, d).await?;
+        // The node as patched: the node cache may not have seen the new label yet.
+        if let Some(node) = adopt::label_node(ctx, d, &a.instance_id, facts).await? {
+            nodes.extend(by_instance(vec![node]));
+        }
     }
     facts.ready_nodes =
         nodes.values().filter(|(_, seen)| *seen == NodeSeen::Ready).map(|(name, _)| name.clone()).collect();
