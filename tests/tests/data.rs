@@ -131,12 +131,7 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
     write_rows(&ip, "trades", 100, 100).await?;
 
     // Version upgrade: the other jar, the same data.
-    let upgrade = ins::version(db, "region-a", 3, NEWER);
-    rig.send(&upgrade).await?;
-    gossip.phase(&upgrade.instruction_id, Phase::Succeeded, T).await?;
-    ip.wait_serving(CATCH_UP).await?;
-    let build = query_text(&ip, "SELECT build()").await?;
-    ensure!(build.contains(&format!("QuestDB {NEWER}")), "after the upgrade: {build}");
+    upgrade_to_newer(&rig, &gossip, &ip, db, 3).await?;
     expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
     write_rows(&ip, "trades", 200, 100).await?;
     let old_pid = pid_of(&rig, &pod).await?.context("no QuestDB process after the upgrade")?;
@@ -194,6 +189,24 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
     println!("most processes per volume at once: {most:?}");
     ensure!(!most.is_empty(), "the sampler never saw a volume open: it proves nothing");
     delete(&rig, &gossip, db, 4).await
+}
+
+/// Upgrades `db` to the NEWER release through Kafka, as the backend would, and checks that the
+/// server its ingress reaches runs that release.
+async fn upgrade_to_newer(
+    rig: &Rig,
+    gossip: &Reader<GossipEvent>,
+    ip: &Ingress,
+    db: &str,
+    sequence: u64,
+) -> Result<()> {
+    let upgrade = ins::version(db, "region-a", sequence, NEWER);
+    rig.send(&upgrade).await?;
+    gossip.phase(&upgrade.instruction_id, Phase::Succeeded, T).await?;
+    ip.wait_serving(CATCH_UP).await?;
+    let build = query_text(ip, "SELECT build()").await?;
+    ensure!(build.contains(&format!("QuestDB {NEWER}")), "after the upgrade: {build}");
+    Ok(())
 }
 
 /// Writes one row a time into `fence` from inside the pod's network namespace (as a process on
@@ -656,12 +669,7 @@ async fn a_running_database_is_adopted_without_a_restart_then_upgraded() -> Resu
     ensure!(!called.contains("route53:ChangeResourceRecordSets"), "the adoption rewrote the DNS record");
 
     // The next change goes the ordinary way, on the adopted node.
-    let upgrade = ins::version(db, "region-a", 2, NEWER);
-    rig.send(&upgrade).await?;
-    gossip.phase(&upgrade.instruction_id, Phase::Succeeded, T).await?;
-    ip.wait_serving(CATCH_UP).await?;
-    let build = query_text(&ip, "SELECT build()").await?;
-    ensure!(build.contains(&format!("QuestDB {NEWER}")), "after the upgrade: {build}");
+    upgrade_to_newer(&rig, &gossip, &ip, db, 2).await?;
     expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
     let q = api.get(db).await?;
     ensure!(
