@@ -300,18 +300,24 @@ pub async fn applied(
     database_id: Option<&str>,
     limit: i64,
 ) -> Result<Vec<Open>, JournalError> {
-    let rows = sqlx::query(concat!(
-        "SELECT ",
-        open_columns!(),
-        ", deadline_at <= now() AS due FROM instructions
-         WHERE state = 'applied' AND ($1::text IS NULL OR database_id = $1)
-         ORDER BY applied_at LIMIT $2"
-    ))
-    .bind(database_id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-    .map_err(err("reading applied instructions"))?;
+    // Two statements, not one with `$1 IS NULL OR database_id = $1`: PostgreSQL's generic plan
+    // for that form reads every applied row, also for the one database a watch event is about.
+    let query = match database_id {
+        Some(db) => sqlx::query(concat!(
+            "SELECT ",
+            open_columns!(),
+            ", deadline_at <= now() AS due FROM instructions
+             WHERE state = 'applied' AND database_id = $1 ORDER BY applied_at LIMIT $2"
+        ))
+        .bind(db),
+        None => sqlx::query(concat!(
+            "SELECT ",
+            open_columns!(),
+            ", deadline_at <= now() AS due FROM instructions
+             WHERE state = 'applied' ORDER BY applied_at LIMIT $1"
+        )),
+    };
+    let rows = query.bind(limit).fetch_all(pool).await.map_err(err("reading applied instructions"))?;
     Ok(rows.iter().map(open_from).collect())
 }
 
@@ -383,21 +389,23 @@ pub async fn finish(
     Ok(done.rows_affected() == 1)
 }
 
+/// The query of `successor` (its parameters: database, sequence, generation), public for the
+/// test that it reads one database's rows through an index.
+pub const SUCCESSOR: &str = "SELECT id FROM instructions
+     WHERE database_id = $1 AND sequence > $2 AND applied_at IS NOT NULL
+       AND (generation IS NULL OR generation > coalesce($3, 0))
+     ORDER BY sequence LIMIT 1";
+
 /// The instruction that replaced `row`: the next one applied after it that changed the spec
 /// again, or deleted it (None if the journal knows of none, e.g. the spec was written by hand).
 pub async fn successor(pool: &PgPool, row: &Open) -> Result<Option<String>, JournalError> {
-    sqlx::query_scalar(
-        "SELECT id FROM instructions
-         WHERE database_id = $1 AND sequence > $2 AND applied_at IS NOT NULL
-           AND (generation IS NULL OR generation > coalesce($3, 0))
-         ORDER BY sequence LIMIT 1",
-    )
-    .bind(&row.database_id)
-    .bind(row.sequence)
-    .bind(row.generation)
-    .fetch_optional(pool)
-    .await
-    .map_err(err("reading the superseding instruction"))
+    sqlx::query_scalar(SUCCESSOR)
+        .bind(&row.database_id)
+        .bind(row.sequence)
+        .bind(row.generation)
+        .fetch_optional(pool)
+        .await
+        .map_err(err("reading the superseding instruction"))
 }
 
 /// Records a new progress text; false if it is what was announced last.

@@ -39,6 +39,57 @@ fn all_processes() -> BTreeMap<u32, (u32, u64)> {
         .collect()
 }
 
+/// Pins every thread of `root` and of each of its live descendants to `cpus` (a CPU list as
+/// `taskset` reads it: "0", "1", "0-1"). Processes they start later inherit it. Threads exist
+/// and die at any time, so a thread gone before `taskset` reached it is not an error; a tree
+/// whose root cannot be pinned is.
+pub fn pin_tree(root: u32, cpus: &str) -> std::io::Result<()> {
+    let procs = all_processes();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        let status = std::process::Command::new("taskset")
+            .args(["--all-tasks", "--pid", "--cpu-list", cpus, &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        if pid == root && !status.success() {
+            return Err(std::io::Error::other(format!("taskset could not pin pid {pid} to CPUs {cpus}")));
+        }
+        stack.extend(procs.iter().filter(|(_, (pp, _))| *pp == pid).map(|(p, _)| *p));
+    }
+    Ok(())
+}
+
+/// Process trees pinned by `pin`, given every CPU back when dropped (a benchmark that fails
+/// half-way leaves no server confined).
+#[derive(Default)]
+pub struct Pinned {
+    roots: Vec<u32>,
+}
+
+impl Pinned {
+    pub fn pin(&mut self, root: u32, cpus: &str) -> std::io::Result<()> {
+        pin_tree(root, cpus)?;
+        self.roots.push(root);
+        Ok(())
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let all = format!("0-{}", std::thread::available_parallelism().map_or(1, |n| n.get()) - 1);
+        for root in &self.roots {
+            let _ = pin_tree(*root, &all);
+        }
+    }
+}
+
+/// The CPUs `pid`'s main thread may run on, as the kernel reports them (`Cpus_allowed_list`).
+pub fn allowed_cpus(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(|v| v.trim().to_string())
+}
+
 /// The local cloud's servers by name (`kafka`, `postgres`, `region-a-apiserver`, ...), from the
 /// pid files `localcloud up` wrote under `$QDB_RUN/pids`.
 pub fn servers(run: &Path) -> Vec<(String, u32)> {
@@ -127,5 +178,19 @@ mod tests {
         let used = meter.since();
         assert!(used.of("me") > 0.05, "{}", used.line());
         assert!(used.line().contains("me "), "{}", used.line());
+    }
+
+    #[test]
+    fn a_pinned_tree_runs_only_on_its_cpu_children_included() {
+        let mut child = std::process::Command::new("sh").args(["-c", "sleep 30 & wait"]).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        pin_tree(child.id(), "0").unwrap();
+        let procs = all_processes();
+        let grandchild = procs.iter().find(|(_, (pp, _))| *pp == child.id()).map(|(p, _)| *p).unwrap();
+        let (own, inherited) = (allowed_cpus(child.id()), allowed_cpus(grandchild));
+        std::process::Command::new("kill").arg(grandchild.to_string()).status().unwrap();
+        child.wait().unwrap();
+        assert_eq!(own.as_deref(), Some("0"));
+        assert_eq!(inherited.as_deref(), Some("0"));
     }
 }

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use aws_config::{BehaviorVersion, Region};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -173,6 +173,27 @@ impl Cloud {
         cpu::CpuMeter::start(names)
     }
 
+    /// Gives `cluster`'s apiserver and etcd CPU 0 to themselves and every other server of the
+    /// local cloud, this benchmark and whatever it starts CPU 1, so two runs that load the
+    /// apiserver differently give it the same CPU. Undone when the guard drops.
+    pub fn pin_apiserver(&self, cluster: &str) -> Result<cpu::Pinned> {
+        let run = self.vars.get("QDB_RUN").map(PathBuf::from).unwrap_or_default();
+        let servers = cpu::servers(&run);
+        ensure!(std::thread::available_parallelism()?.get() >= 2, "pinning needs two CPUs");
+        let apiserver = [format!("{cluster}-apiserver"), format!("{cluster}-etcd")];
+        ensure!(
+            apiserver.iter().all(|n| servers.iter().any(|(s, _)| s == n)),
+            "no pid files for {apiserver:?} under {}",
+            run.display()
+        );
+        let mut pinned = cpu::Pinned::default();
+        for (name, pid) in servers {
+            pinned.pin(pid, if apiserver.contains(&name) { "0" } else { "1" })?;
+        }
+        pinned.pin(std::process::id(), "1")?;
+        Ok(pinned)
+    }
+
     pub fn cluster(&self, name: &str) -> Result<&ClusterEnv> {
         self.clusters.iter().find(|c| c.name == name).with_context(|| format!("no cluster {name}"))
     }
@@ -254,6 +275,24 @@ pub fn metric_total(text: &str, metric: &str, filter: &str) -> f64 {
         .filter(|l| l.starts_with(metric) && l.contains(filter))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Every sample of `family` in Prometheus text, keyed by its label set as written
+/// (`verb="apply",kind="StatefulSet"`).
+pub fn counters(metrics: &str, family: &str) -> std::collections::BTreeMap<String, f64> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(family)?.strip_prefix('{'))
+        .filter_map(|l| {
+            let (labels, value) = l.split_once("} ")?;
+            Some((labels.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of `name` in a label set as `counters` keys it.
+pub fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    labels.split(',').find_map(|kv| kv.strip_prefix(name)?.strip_prefix("=\"")?.strip_suffix('"'))
 }
 
 /// Between two scrapes of the operator's /metrics: reconcile passes, mean time per pass in each

@@ -562,6 +562,12 @@ impl<T: Clone + Send + 'static> Reader<T> {
         self.items.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
+    /// Messages received after the first `seen`, with their receive times: a poller that keeps
+    /// its own count reads each message once instead of copying them all every time.
+    pub fn after(&self, seen: usize) -> Vec<(u64, T)> {
+        self.items.lock().map(|v| v.get(seen..).unwrap_or_default().to_vec()).unwrap_or_default()
+    }
+
     pub fn len(&self) -> usize {
         self.items.lock().map(|v| v.len()).unwrap_or_default()
     }

@@ -7,7 +7,7 @@ use anyhow::Result;
 use qdb_proto::v1::Phase;
 use qdb_provisioner::gossip::{Subject, event};
 use qdb_provisioner::journal::{
-    Accepted, NewInstruction, State, accept, enqueue, finish, prune, record_applied, renew,
+    Accepted, NewInstruction, SUCCESSOR, State, accept, enqueue, finish, prune, record_applied, renew,
 };
 use qdb_tests::{Cloud, unique};
 use sqlx::PgPool;
@@ -238,5 +238,33 @@ async fn a_transaction_left_idle_by_a_frozen_replica_frees_its_locks() -> Result
     }
     // The frozen replica's work in that transaction is gone, not half-done: its commit fails.
     assert!(tx.commit().await.is_err(), "a cut-off transaction must not commit");
+    Ok(())
+}
+
+/// Finding the instruction that superseded another reads only its database's rows: before the
+/// index on (database_id, sequence) it read the whole journal, finished rows included (a
+/// sequential scan, 1.7 ms at 2,400 rows, and the retention keeps days of them).
+#[tokio::test]
+async fn finding_a_successor_reads_one_databases_rows_through_an_index() -> Result<()> {
+    let pool = pool().await?;
+    let mut tx = pool.begin().await?;
+    let (db, others) = (unique("db"), unique("other"));
+    for k in 0..3000 {
+        let id = format!("{others}-{k}");
+        accept(&mut tx, &ins(&id, &format!("{others}-{}", k % 300), 1 + k / 300)).await?;
+        finish(&mut tx, None, &id, State::Succeeded, "", "").await?;
+    }
+    accept(&mut tx, &ins(&unique("ins"), &db, 1)).await?;
+    sqlx::query("ANALYZE instructions").execute(&mut *tx).await?;
+    let plan: serde_json::Value =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN (FORMAT JSON) {SUCCESSOR}")))
+            .bind(&db)
+            .bind(1i64)
+            .bind(None::<i64>)
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.rollback().await?;
+    let plan = plan.to_string();
+    anyhow::ensure!(!plan.contains("Seq Scan"), "the successor query scans the whole journal: {plan}");
     Ok(())
 }

@@ -13,6 +13,7 @@ use kube::ResourceExt;
 use kube::api::{Patch, PatchParams, PostParams};
 use qdb_crd::{Phase, QuestDB};
 use qdb_operator::aws::{Aws, InstanceState};
+use qdb_tests::counters;
 use qdb_tests::ec2_calls::Detach;
 use qdb_tests::eventually;
 use qdb_tests::faults::{FaultProxy, Frozen, Rng};
@@ -227,17 +228,6 @@ async fn running(rig: &Rig, cluster: &str, name: &str) -> Result<(Api<QuestDB>, 
 }
 
 /// The counters of one metric family in a /metrics text, by their labels.
-fn counters(metrics: &str, family: &str) -> std::collections::BTreeMap<String, f64> {
-    metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix(family)?.strip_prefix('{'))
-        .filter_map(|l| {
-            let (labels, value) = l.split_once("} ")?;
-            Some((labels.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 /// Issue 20's API economy: a converged database costs no Kubernetes request between changes. Its
 /// children, its pod and its nodes come from the controller's watch caches (before them, every
 /// pass read eight children, the pod and the nodes from the apiserver: 10 requests per database

@@ -154,6 +154,23 @@ impl Facts {
     }
 }
 
+/// A pass's actions as Events: one per reason, its notes joined in the order they happened (a
+/// pass that creates eight children writes one CreatedChild event, not eight: each Event is an
+/// apiserver write, and on-call reads them by reason).
+pub fn events_of(actions: Vec<(&'static str, String)>) -> Vec<(&'static str, String)> {
+    let mut events: Vec<(&'static str, String)> = Vec::new();
+    for (reason, note) in actions {
+        match events.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, notes)) => {
+                notes.push_str("; ");
+                notes.push_str(&note);
+            }
+            None => events.push((reason, note)),
+        }
+    }
+    events
+}
+
 /// Deletes `name`; true if it was there, false if already gone ("not found" counts as done).
 pub async fn delete_if_present<K>(
     ctx: &Context,
@@ -250,7 +267,7 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         // What this pass did (or may have done before failing) must show in its next view.
         ctx.inventory.changed(d.names.uid());
     }
-    for (reason, note) in std::mem::take(&mut facts.actions) {
+    for (reason, note) in events_of(std::mem::take(&mut facts.actions)) {
         publish(ctx, &reference, EventType::Normal, reason, note).await;
     }
     let error = result.as_ref().err().map(|e| chain(e));
@@ -358,6 +375,11 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
     ctx.metrics.in_flight.inc();
     // Whether a pass of ours ran, or the finalizer helper answered on its own.
     let ours = AtomicBool::new(false);
+    // The helper's own writes: it adds the finalizer (and answers alone), and removes it once
+    // cleanup is done. Counted here, as every other request is.
+    if qdb.meta().deletion_timestamp.is_none() && !qdb.finalizers().iter().any(|f| f == FINALIZER) {
+        ctx.metrics.kube("patch", "QuestDB");
+    }
     let result = finalizer::finalizer(&api, FINALIZER, qdb, |event| async {
         ours.store(true, Ordering::Relaxed);
         match event {
@@ -368,6 +390,7 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
                 // Kept until cleanup is over: its last listing must wait out what was created.
                 if done.is_ok() {
                     ctx.inventory.forget(&uid);
+                    ctx.metrics.kube("patch", "QuestDB");
                 }
                 done
             }
@@ -429,6 +452,22 @@ pub fn backoff(attempts: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pass_writes_one_event_per_reason_with_every_note() {
+        let actions = vec![
+            ("CreatedChild", "StatefulSet db".to_string()),
+            ("CreatedSecurityGroup", "sg-1".to_string()),
+            ("CreatedChild", "Service db".to_string()),
+        ];
+        assert_eq!(
+            events_of(actions),
+            [
+                ("CreatedChild", "StatefulSet db; Service db".to_string()),
+                ("CreatedSecurityGroup", "sg-1".to_string())
+            ]
+        );
+    }
 
     #[test]
     fn a_serving_database_that_awaits_something_is_polled() {

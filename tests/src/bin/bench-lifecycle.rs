@@ -7,15 +7,21 @@
 //! node image upgrade, instance type change, failover after a node is cut off), each database's
 //! unavailability: the time from a failed query to the next good one, summed over the step.
 //!
+//! `--failover-phases` instead fails one database over `--failovers` times (3) and splits each
+//! recovery into its phases (detection, replacement launch, join, fence, volume move, QuestDB
+//! start, DNS), for a local cloud started with production timing.
+//!
 //! Run: `cargo run -p qdb-tests --bin bench-lifecycle -- --databases 5`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
-use kube::api::{Patch, PatchParams};
-use qdb_crd::{Phase, QuestDB};
+use kube::api::{ListParams, Patch, PatchParams};
+use qdb_crd::{Phase, QuestDB, ReplaceWhy};
+use qdb_operator::aws::InstanceState;
 use qdb_tests::questdb::AvailabilityProbe;
 use qdb_tests::rig::Rig;
 use qdb_tests::{arg, figure, kube_client, time_spent};
@@ -123,8 +129,200 @@ async fn fail_over(rig: &Rig, api: &Api<QuestDB>, names: &[String]) -> Result<()
     }
 }
 
+/// When each step of one failover was first seen, polled every 100 ms from the harness's clock.
+#[derive(Default, Debug)]
+struct Failover {
+    killed: Option<Instant>,
+    not_ready: Option<Instant>,
+    launched: Option<Instant>,
+    running: Option<Instant>,
+    fenced: Option<Instant>,
+    joined: Option<Instant>,
+    started: Option<Instant>,
+    ready: Option<Instant>,
+    dns: Option<Instant>,
+    served: Option<Instant>,
+}
+
+fn node_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn seen(at: &mut Option<Instant>, now: bool) {
+    if now && at.is_none() {
+        *at = Some(Instant::now());
+    }
+}
+
+impl Failover {
+    /// Cuts `db`'s node off and follows the recovery to the first good query of a client that
+    /// resolves the name again on every new connection.
+    async fn run(rig: &Rig, api: &Api<QuestDB>, db: &str, probe: &AvailabilityProbe) -> Result<Failover> {
+        let admin = kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+        let (nodes, pods): (Api<Node>, Api<Pod>) =
+            (Api::all(admin.clone()), Api::namespaced(admin, &rig.namespace));
+        let aws = rig.aws("region-a").await?;
+        let before = api.get(db).await?.status.unwrap_or_default();
+        let old = before.node.context("node")?;
+        let old_target = before.dns.map(|d| d.target);
+        let nodesim = rig.cloud.cluster("region-a")?.nodesim.clone();
+        let selector = ListParams::default().labels(&format!("{}={db}", qdb_crd::keys::DATABASE));
+        reqwest::Client::new()
+            .post(format!("{nodesim}/nodes/{}/kill", old.instance_id))
+            .send()
+            .await?
+            .error_for_status()?;
+        let mut f = Failover { killed: Some(Instant::now()), ..Default::default() };
+        let mut to: Option<String> = None;
+        let mut down = false;
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while f.served.is_none() {
+            ensure!(Instant::now() < deadline, "{db} did not recover in 15 minutes: {f:?}");
+            let s = api.get(db).await?.status.unwrap_or_default();
+            if f.not_ready.is_none() {
+                let n = nodes.get_opt(&old.name).await?;
+                seen(&mut f.not_ready, n.is_none_or(|n| !node_ready(&n)));
+            }
+            if let Some(r) = s.replacement.as_ref().filter(|r| r.why == ReplaceWhy::Failover) {
+                to.get_or_insert_with(|| r.to_instance.clone());
+                seen(&mut f.launched, true);
+                seen(&mut f.fenced, r.fenced_at.is_some());
+            }
+            let new_node = s.node.as_ref().filter(|n| n.instance_id != old.instance_id);
+            if let Some(n) = new_node {
+                to.get_or_insert_with(|| n.instance_id.clone());
+                // The replacement ended: whatever was not seen happened by now.
+                for at in [&mut f.launched, &mut f.fenced] {
+                    seen(at, s.replacement.is_none());
+                }
+            }
+            if let Some(id) = to.clone() {
+                if f.running.is_none() {
+                    let i = aws.describe_instance(&id).await?;
+                    seen(&mut f.running, i.is_some_and(|i| i.state == InstanceState::Running));
+                }
+                if f.joined.is_none() {
+                    let joined = nodes.list(&ListParams::default()).await?.items.iter().any(|n| {
+                        n.spec
+                            .as_ref()
+                            .and_then(|s| s.provider_id.as_deref())
+                            .is_some_and(|p| p.ends_with(&id))
+                            && node_ready(n)
+                    });
+                    seen(&mut f.joined, joined);
+                }
+            }
+            if let Some(n) = new_node {
+                let pod =
+                    pods.list(&selector).await?.items.into_iter().find(|p| {
+                        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(n.name.as_str())
+                    });
+                let status = pod.as_ref().and_then(|p| p.status.as_ref());
+                let started = status.and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| {
+                    cs.iter().any(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
+                });
+                let ready = status
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                seen(&mut f.started, started);
+                seen(&mut f.ready, ready && started);
+            }
+            seen(&mut f.dns, s.dns.as_ref().is_some_and(|d| Some(&d.target) != old_target.as_ref()));
+            down |= !probe.is_up();
+            seen(&mut f.served, down && probe.is_up());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(f)
+    }
+
+    /// (phase, seconds) in the order they happen; a phase whose ends were not both seen is left out.
+    fn phases(&self) -> Vec<(&'static str, f64)> {
+        let d = |a: Option<Instant>, b: Option<Instant>| Some(b?.checked_duration_since(a?)?.as_secs_f64());
+        let moved_from = match (self.joined, self.fenced) {
+            (Some(j), Some(f)) => Some(j.max(f)),
+            (j, f) => j.or(f),
+        };
+        [
+            ("detection: node NotReady (node-monitor grace)", d(self.killed, self.not_ready)),
+            (
+                "detection: failover decided (--failover-after-secs, next pass)",
+                d(self.not_ready, self.launched),
+            ),
+            ("replacement launch: RunInstances to running", d(self.launched, self.running)),
+            ("join: running to Node Ready", d(self.running, self.joined)),
+            ("fence: old instance stopped (beside launch and join)", d(self.launched, self.fenced)),
+            (
+                "volume move and pod start: joined and fenced to container running",
+                d(moved_from, self.started),
+            ),
+            ("QuestDB start: container running to pod Ready", d(self.started, self.ready)),
+            ("DNS: record updated after pod Ready", d(self.ready, self.dns)),
+            ("client: pod Ready to first good query", d(self.ready, self.served)),
+            ("total: node cut off to first good query", d(self.killed, self.served)),
+        ]
+        .into_iter()
+        .filter_map(|(p, v)| Some((p, v?)))
+        .collect()
+    }
+}
+
+/// Failover with production timing (start the local cloud with QDB_AWS_TIMING=realistic and
+/// QDB_NODE_JOIN_SECS=45): one database, cut off `times` times in a row, each recovery split into
+/// its phases.
+async fn failover_phases(times: usize) -> Result<()> {
+    let rig = Rig::new("bench-phases", 1).await?;
+    let admin = kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
+    let api: Api<QuestDB> = Api::namespaced(admin, &rig.namespace);
+    let aws = rig.aws("region-a").await?;
+    // The operator's production settings: failover after 10 s not Ready.
+    let _op = rig.spawn_operator("region-a", "bench", &[])?;
+    let db = "ph-db0".to_string();
+    apply_all(&api, std::slice::from_ref(&db), &base_spec()).await?;
+    all_settled(&api, std::slice::from_ref(&db), Duration::from_secs(600)).await?;
+    let dns = format!("{db}.{}.{}", rig.namespace, rig.dns_zone());
+    let probe = AvailabilityProbe::start(aws, rig.dns_zone(), dns, None);
+    let join = rig.cloud.vars.get("QDB_NODE_JOIN_SECS").map_or("0", String::as_str);
+    let timing = rig.cloud.vars.get("QDB_AWS_TIMING").map_or("realistic", String::as_str);
+    println!(
+        "failover phases with production timing: EC2's timing {timing}, a Node registers {join} s after its \
+         instance runs, node-monitor grace 20 s, operator defaults (failover after 10 s); one database, \
+         real QuestDB, {times} failovers in a row"
+    );
+    let mut all: Vec<Vec<(&str, f64)>> = Vec::new();
+    for k in 0..times {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ensure!(probe.is_up(), "the database does not serve before failover {k}");
+        let f = Failover::run(&rig, &api, &db, &probe).await?;
+        all_settled(&api, std::slice::from_ref(&db), Duration::from_secs(600)).await?;
+        let phases = f.phases();
+        println!("  failover {}:", k + 1);
+        for (p, secs) in &phases {
+            println!("    {p:<72} {secs:>6.1} s");
+        }
+        all.push(phases);
+    }
+    for (phase, _) in all.first().cloned().unwrap_or_default() {
+        let values: Vec<f64> =
+            all.iter().filter_map(|ph| ph.iter().find(|(p, _)| *p == phase).map(|(_, v)| *v)).collect();
+        let (line, _) = summary(values);
+        figure(&format!("failover with production timing: {phase}"), line, "", None);
+    }
+    let _ = api.delete(&db, &Default::default()).await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline && !api.list(&Default::default()).await?.items.is_empty() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--failover-phases") {
+        return failover_phases(arg("--failovers", 3)).await;
+    }
     let many = arg("--databases", 5);
     let rig = Rig::new("bench-life", 1).await?;
     let admin = kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
