@@ -23,7 +23,6 @@ pub fn render_env(s: &Settings, sasl_password: &str) -> String {
         format!("export QDB_MOTO_PID_FILE={}", s.pid_file(aws::NAME).display()),
         format!("export QDB_AWS_CALL_LOG={}", aws::call_log(s).display()),
         format!("export QDB_AWS_TIMING={}", s.aws_timing),
-        format!("export QDB_NODE_JOIN_SECS={}", s.node_join_secs),
         format!("export DATABASE_URL={}", postgres::url(s)),
         format!("export KAFKA_BROKERS=127.0.0.1:{}", ports.kafka()),
         // Not QDB_KAFKA_*: those are librdkafka properties to the provisioner.
@@ -125,7 +124,6 @@ export QDB_LOCALCLOUD=/repo/localcloud/localcloud
 export QDB_MOTO_PID_FILE=/r/pids/moto.pid
 export QDB_AWS_CALL_LOG=/r/moto/ec2-calls.jsonl
 export QDB_AWS_TIMING=realistic
-export QDB_NODE_JOIN_SECS=0
 export DATABASE_URL=postgres://postgres@127.0.0.1:27432/qdb
 export KAFKA_BROKERS=127.0.0.1:27092
 export QDB_SASL_SSL_BROKERS=127.0.0.1:27093

@@ -77,7 +77,7 @@ pub fn start(cloud: &Cloud, c: &Cluster) -> Result<()> {
         .arg(cluster::kubeconfig(s, c, "admin"))
         .args(["--aws-region", region, "--aws-endpoint", &aws::endpoint(s)])
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--runtime", &s.node_runtime, "--join-delay", &s.node_join_secs.to_string(), "--java"])
+        .args(["--runtime", &s.node_runtime, "--java"])
         .arg(java)
         .arg("--traefik")
         .arg(s.traefik())

@@ -160,10 +160,6 @@ pub struct Settings {
     /// The node simulator's runtime: `real` (installed QuestDB versions run) or `simulated`
     /// (no process; the scale benchmarks).
     pub node_runtime: String,
-    /// Seconds from an instance running to its Node registering (the node simulator's
-    /// `--join-delay`): 0 for tests; about 45 plays EKS's boot and join, some 60 s from launch
-    /// with the emulator's instance start (the failover benchmark's production timing).
-    pub node_join_secs: u32,
     pub tools: Tools,
     /// The repository's `localcloud/` directory: the script, Kafka's log config, the emulator,
     /// the RBAC bindings.
@@ -203,7 +199,6 @@ impl Settings {
             k8s_version: required("QDB_K8S_VERSION")?,
             aws_timing,
             node_runtime: get("QDB_NODE_RUNTIME").unwrap_or_else(|| "real".into()),
-            node_join_secs: number("QDB_NODE_JOIN_SECS", 0)?,
             tools: Tools {
                 k8s_bin: handed("LOCALCLOUD_K8S_BIN")?,
                 etcd: handed("LOCALCLOUD_ETCD")?,
@@ -324,7 +319,6 @@ pub(crate) mod tests {
         assert_eq!(s.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["region-a", "region-b"]);
         assert_eq!((s.instruction_partitions, s.gossip_partitions), (6, 3));
         assert_eq!(s.aws_timing, "realistic");
-        assert_eq!(s.node_join_secs, 0);
         assert_eq!(s.repo(), Path::new("/repo"));
         // Empty is unset, as ${VAR:-default}.
         let s = settings(&[("QDB_INSTRUCTION_PARTITIONS", ""), ("QDB_AWS_TIMING", "instant")]);

@@ -7,9 +7,10 @@
 //! node image upgrade, instance type change, failover after a node is cut off), each database's
 //! unavailability: the time from a failed query to the next good one, summed over the step.
 //!
-//! `--failover-phases` instead fails one database over `--failovers` times (3) and splits each
-//! recovery into its phases (detection, replacement launch, join, fence, volume move, QuestDB
-//! start, DNS), for a local cloud started with production timing.
+//! `--failover-phases` instead fails one database over `--failovers` times (3), with a Node
+//! registering `--join-secs` (45) after its instance runs (set through the node simulator's
+//! control API: about 60 s from launch, as on EKS), and splits each recovery into its phases
+//! (detection, replacement launch, join, fence, volume move, QuestDB start, DNS).
 //!
 //! Run: `cargo run -p qdb-tests --bin bench-lifecycle -- --databases 5`.
 
@@ -269,11 +270,17 @@ impl Failover {
     }
 }
 
-/// Failover with production timing (start the local cloud with QDB_AWS_TIMING=realistic and
-/// QDB_NODE_JOIN_SECS=45): one database, cut off `times` times in a row, each recovery split into
-/// its phases.
-async fn failover_phases(times: usize) -> Result<()> {
+/// Failover with production timing (a local cloud with EC2's timing, QDB_AWS_TIMING=realistic):
+/// a Node registers `join_secs` after its instance runs, as EKS's boot and join take; one
+/// database, cut off `times` times in a row, each recovery split into its phases.
+async fn failover_phases(times: usize, join_secs: usize) -> Result<()> {
     let rig = Rig::new("bench-phases", 1).await?;
+    let nodesim = rig.cloud.cluster("region-a")?.nodesim.clone();
+    reqwest::Client::new()
+        .put(format!("{nodesim}/join-delay/{join_secs}"))
+        .send()
+        .await?
+        .error_for_status()?;
     let admin = kube_client(&rig.cloud.cluster("region-a")?.kubeconfig).await?;
     let api: Api<QuestDB> = Api::namespaced(admin, &rig.namespace);
     let aws = rig.aws("region-a").await?;
@@ -284,10 +291,9 @@ async fn failover_phases(times: usize) -> Result<()> {
     all_settled(&api, std::slice::from_ref(&db), Duration::from_secs(600)).await?;
     let dns = format!("{db}.{}.{}", rig.namespace, rig.dns_zone());
     let probe = AvailabilityProbe::start(aws, rig.dns_zone(), dns, None);
-    let join = rig.cloud.vars.get("QDB_NODE_JOIN_SECS").map_or("0", String::as_str);
     let timing = rig.cloud.vars.get("QDB_AWS_TIMING").map_or("realistic", String::as_str);
     println!(
-        "failover phases with production timing: EC2's timing {timing}, a Node registers {join} s after its \
+        "failover phases with production timing: EC2's timing {timing}, a Node registers {join_secs} s after its \
          instance runs, node-monitor grace 20 s, operator defaults (failover after 10 s); one database, \
          real QuestDB, {times} failovers in a row"
     );
@@ -321,7 +327,7 @@ async fn failover_phases(times: usize) -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--failover-phases") {
-        return failover_phases(arg("--failovers", 3)).await;
+        return failover_phases(arg("--failovers", 3), arg("--join-secs", 45)).await;
     }
     let many = arg("--databases", 5);
     let rig = Rig::new("bench-life", 1).await?;
