@@ -241,9 +241,6 @@ async fn main() -> Result<()> {
     let op = rig.spawn_operator("region-a", "bench", &args)?;
     op.wait_ready().await?;
     let api: Api<QuestDB> = Api::namespaced(admin.clone(), &rig.namespace);
-    let cpu = rig.cloud.cpu_meter(&[("operator", op.pid())]);
-    let server_start = apiserver_requests(&admin).await?;
-    let metrics_start = op.metrics().await?;
     // One database alone first: N at once cannot converge faster than one does (each waits on
     // its own chain: security group, instance, node, volume, claim, pod, DNS).
     let t_solo = Instant::now();
