@@ -150,7 +150,8 @@ async fn create(api: &Api<QuestDB>, names: &[String], paused: bool) -> Result<()
 /// Waits until `n` databases are in `phase`, listing them once a second; returns the lists made.
 async fn wait_for(api: &Api<QuestDB>, n: usize, phase: Phase) -> Result<f64> {
     let mut lists = 0.0;
-    let deadline = Instant::now() + Duration::from_secs(3600);
+    let limit = arg("--deadline-secs", 3600) as u64;
+    let deadline = Instant::now() + Duration::from_secs(limit);
     loop {
         let list = api.list(&ListParams::default()).await?;
         lists += 1.0;
@@ -159,7 +160,7 @@ async fn wait_for(api: &Api<QuestDB>, n: usize, phase: Phase) -> Result<f64> {
         if ready == n {
             return Ok(lists);
         }
-        anyhow::ensure!(Instant::now() < deadline, "only {ready} of {n} {phase:?} after an hour");
+        anyhow::ensure!(Instant::now() < deadline, "only {ready} of {n} {phase:?} after {limit} s");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
