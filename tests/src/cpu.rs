@@ -21,15 +21,20 @@ fn stat(pid: u32) -> Option<(u32, u64)> {
     Some((ppid, ticks))
 }
 
-/// CPU ticks of `root` and every live descendant.
-fn tree_ticks(root: u32, parents: &BTreeMap<u32, (u32, u64)>) -> u64 {
-    let mut total = 0;
+/// `root` and every live descendant, from a snapshot of `all_processes`.
+fn tree(root: u32, procs: &BTreeMap<u32, (u32, u64)>) -> Vec<u32> {
+    let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(pid) = stack.pop() {
-        total += parents.get(&pid).map_or(0, |(_, t)| *t);
-        stack.extend(parents.iter().filter(|(_, (pp, _))| *pp == pid).map(|(p, _)| *p));
+        out.push(pid);
+        stack.extend(procs.iter().filter(|(_, (pp, _))| *pp == pid).map(|(p, _)| *p));
     }
-    total
+    out
+}
+
+/// CPU ticks of `root` and every live descendant.
+fn tree_ticks(root: u32, procs: &BTreeMap<u32, (u32, u64)>) -> u64 {
+    tree(root, procs).iter().map(|pid| procs.get(pid).map_or(0, |(_, t)| *t)).sum()
 }
 
 fn all_processes() -> BTreeMap<u32, (u32, u64)> {
@@ -44,9 +49,7 @@ fn all_processes() -> BTreeMap<u32, (u32, u64)> {
 /// and die at any time, so a thread gone before `taskset` reached it is not an error; a tree
 /// whose root cannot be pinned is.
 pub fn pin_tree(root: u32, cpus: &str) -> std::io::Result<()> {
-    let procs = all_processes();
-    let mut stack = vec![root];
-    while let Some(pid) = stack.pop() {
+    for pid in tree(root, &all_processes()) {
         let status = std::process::Command::new("taskset")
             .args(["--all-tasks", "--pid", "--cpu-list", cpus, &pid.to_string()])
             .stdout(std::process::Stdio::null())
@@ -55,7 +58,6 @@ pub fn pin_tree(root: u32, cpus: &str) -> std::io::Result<()> {
         if pid == root && !status.success() {
             return Err(std::io::Error::other(format!("taskset could not pin pid {pid} to CPUs {cpus}")));
         }
-        stack.extend(procs.iter().filter(|(_, (pp, _))| *pp == pid).map(|(p, _)| *p));
     }
     Ok(())
 }

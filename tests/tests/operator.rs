@@ -227,7 +227,6 @@ async fn running(rig: &Rig, cluster: &str, name: &str) -> Result<(Api<QuestDB>, 
     Ok((api, q))
 }
 
-/// The counters of one metric family in a /metrics text, by their labels.
 /// Issue 20's API economy: a converged database costs no Kubernetes request between changes. Its
 /// children, its pod and its nodes come from the controller's watch caches (before them, every
 /// pass read eight children, the pod and the nodes from the apiserver: 10 requests per database

@@ -316,7 +316,16 @@ async fn failover_phases(times: usize, join_secs: usize) -> Result<()> {
         let (line, _) = summary(values);
         figure(&format!("failover with production timing: {phase}"), line, "", None);
     }
-    let _ = api.delete(&db, &Default::default()).await;
+    delete_all(&api, std::slice::from_ref(&db)).await
+}
+
+/// Deletes the databases and waits (up to 5 minutes) until they are gone: a round's servers and
+/// nodes left running would take CPU from the next, and the operator must outlive the deletes, or
+/// their machines run on.
+async fn delete_all(api: &Api<QuestDB>, names: &[String]) -> Result<()> {
+    for name in names {
+        let _ = api.delete(name, &Default::default()).await;
+    }
     let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline && !api.list(&Default::default()).await?.items.is_empty() {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -430,15 +439,7 @@ async fn main() -> Result<()> {
             );
         }
         drop(probes);
-        for name in &names {
-            let _ = api.delete(name, &Default::default()).await;
-        }
-        // Gone before the next round: a round's servers and nodes left running would take CPU
-        // from the next (and the operator must outlive the deletes, or their machines run on).
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while Instant::now() < deadline && !api.list(&Default::default()).await?.items.is_empty() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        delete_all(&api, &names).await?;
     }
     Ok(())
 }

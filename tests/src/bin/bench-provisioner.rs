@@ -68,7 +68,8 @@ struct Applied {
 }
 
 impl Applied {
-    fn read(&mut self, gossip: &Reader<GossipEvent>) -> usize {
+    /// Reads what arrived since the last call; returns how many of `ids` are still not applied.
+    fn missing(&mut self, gossip: &Reader<GossipEvent>, ids: &[&str]) -> usize {
         let new = gossip.after(self.seen);
         self.seen += new.len();
         for (received, e) in new {
@@ -76,7 +77,7 @@ impl Applied {
                 self.first.entry(e.instruction_id.clone()).or_insert((e.emitted_at_ms as u64, received));
             }
         }
-        self.first.len()
+        ids.iter().filter(|id| !self.first.contains_key(**id)).count()
     }
 
     async fn wait_for(
@@ -87,8 +88,7 @@ impl Applied {
     ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            self.read(gossip);
-            let missing = ids.iter().filter(|id| !self.first.contains_key(**id)).count();
+            let missing = self.missing(gossip, ids);
             if missing == 0 {
                 return Ok(());
             }
@@ -213,13 +213,8 @@ async fn main() -> Result<()> {
     let ids: Vec<&str> = all.iter().map(|i| i.instruction_id.as_str()).collect();
     let mut max_outbox_lag = 0f64;
     let deadline = Instant::now() + Duration::from_secs(600);
-    // The light run's instructions are in `applied` too: count only this run's.
-    let missing = |a: &Applied| ids.iter().filter(|id| !a.first.contains_key(**id)).count();
-    while {
-        applied.read(&gossip);
-        missing(&applied) > 0
-    } && Instant::now() < deadline
-    {
+    // The light run's instructions are in `applied` too: only this run's count.
+    while applied.missing(&gossip, &ids) > 0 && Instant::now() < deadline {
         if let Ok(m) = p.metrics().await {
             max_outbox_lag = max_outbox_lag.max(metric(&m, "qdb_provisioner_outbox_lag_seconds"));
         }
