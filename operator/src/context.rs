@@ -1,6 +1,6 @@
 //! What every reconcile shares: clients, configuration, metrics and the event recorder.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,8 +59,10 @@ pub struct Context {
     pub dns_records: ZoneRecords,
     /// Consecutive failures per resource (namespace/name), for backoff.
     pub failures: Mutex<HashMap<String, u32>>,
-    /// Databases (UIDs) whose node is being upgraded now, against the replacement budget.
-    pub replacing: Mutex<HashSet<String>>,
+    /// Databases whose node is being upgraded now, and those waiting for a slot.
+    pub budget: crate::budget::Budget,
+    /// The UIDs of queued databases to wake when a slot frees, until the controller takes it.
+    pub budget_wakes: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<String>>>,
     /// Failovers started per zone, against the unhealthy-zone rate.
     pub failover_starts: Mutex<Starts>,
     /// Volumes whose next modification EBS allows only from then (volume id -> time).
@@ -78,7 +80,10 @@ impl Context {
         let reporter =
             Reporter { controller: "qdb-operator".into(), instance: std::env::var("POD_NAME").ok() };
         let (caches, cache_writers) = crate::cache::caches();
+        let (budget, budget_wakes) = crate::budget::Budget::new(settings.replacement_budget);
         Context {
+            budget,
+            budget_wakes: Mutex::new(Some(budget_wakes)),
             caches,
             cache_writers,
             recorder: Recorder::new(client.clone(), reporter),
@@ -90,7 +95,6 @@ impl Context {
             hosted_zone: tokio::sync::Mutex::new(None),
             dns_records: ZoneRecords::default(),
             failures: Mutex::new(HashMap::new()),
-            replacing: Mutex::new(HashSet::new()),
             failover_starts: Mutex::new(Starts::default()),
             modifiable_at: Mutex::new(HashMap::new()),
             instance_types: Mutex::new(HashMap::new()),

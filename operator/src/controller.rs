@@ -70,6 +70,10 @@ pub async fn run(
         warn!("the controller's caches are taken: it runs once per process");
         return;
     };
+    let Some(budget_wakes) = ctx.budget_wakes.lock().ok().and_then(|mut w| w.take()) else {
+        warn!("the replacement budget's wake-ups are taken: the controller runs once per process");
+        return;
+    };
     // Every child's watch fills its cache (the reconcile reads it, see crate::cache) and wakes
     // its database.
     fn cached<K>(
@@ -120,7 +124,8 @@ pub async fn run(
             .find(|q| q.metadata.uid.is_some() && q.metadata.uid.as_ref() == uid)
             .map(|q| ObjectRef::from_obj(q.as_ref()))
     };
-    let (by_pod, by_volume, by_node) = (owner_of.clone(), owner_of.clone(), owner_of);
+    let (by_pod, by_volume, by_node, by_uid) =
+        (owner_of.clone(), owner_of.clone(), owner_of.clone(), owner_of);
     let pods = cached(w.pods, api::<Pod>(&client, ns), &ours, reporter(&watches, "pods"));
     let volumes = cached(
         w.volumes,
@@ -139,6 +144,8 @@ pub async fn run(
         .watches_stream(pods, move |pod: Pod| by_pod(pod.labels().get(keys::OWNER_UID)))
         .watches_stream(volumes, move |pv: PersistentVolume| by_volume(pv.labels().get(keys::OWNER_UID)))
         .watches_stream(nodes, move |node: Node| by_node(node.labels().get(keys::DEDICATED)))
+        // A freed replacement slot wakes the databases queued for it (crate::budget).
+        .reconcile_on(budget_wakes.filter_map(move |uid| futures::future::ready(by_uid(Some(&uid)))))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

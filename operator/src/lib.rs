@@ -11,6 +11,7 @@
 //! API call these and add no shape of their own.
 
 pub mod aws;
+pub mod budget;
 pub mod build;
 pub mod cache;
 pub mod context;

@@ -846,9 +846,14 @@ async fn operator_identity_is_denied_what_it_does_not_need() -> Result<()> {
 }
 
 /// Upgrades three databases' node image with a budget of one replacement at a time, checking all
-/// along that no more than one database has two live instances; then rolls one back.
+/// along that no more than one database has two live instances. The database that took the slot
+/// is deleted mid-upgrade: the slot passes on (kept, it stopped every later upgrade until the
+/// operator restarted). Then one database is rolled back.
 #[tokio::test(flavor = "multi_thread")]
-async fn node_image_upgrade_respects_the_budget_and_rolls_back() -> Result<()> {
+async fn node_image_upgrade_respects_the_budget_frees_it_on_delete_and_rolls_back() -> Result<()> {
+    let started = std::time::Instant::now();
+    // Printed as it goes: a run that ends on nextest's timeout shows how far it got.
+    let progress = |what: &str| println!("{:>6.1}s {what}", started.elapsed().as_secs_f64());
     let rig = Rig::new("op-upgrade", 1).await?;
     let _op = rig.spawn_operator("region-a", "a1", &["--replacement-budget", "1"])?;
     let api = rig.questdbs("region-a").await?;
@@ -863,6 +868,7 @@ async fn node_image_upgrade_respects_the_budget_and_rolls_back() -> Result<()> {
         let volume = q.status.as_ref().and_then(|s| s.volume.clone()).context("volume")?.id;
         before.push((n, uid, volume));
     }
+    progress("three databases Running");
     let aws = rig.aws("region-a").await?;
     let uids: Vec<String> = before.iter().map(|b| b.1.clone()).collect();
     let watch =
@@ -893,7 +899,25 @@ async fn node_image_upgrade_respects_the_budget_and_rolls_back() -> Result<()> {
         q.spec.node_image = upgraded.into();
         apply(&api, &q).await?;
     }
-    for (n, uid, volume) in &before {
+    // The first to launch a replacement holds the only slot: deleted before it finishes.
+    let holder = eventually("a replacement launched", T, || async {
+        for (n, uid, _) in &before {
+            if live_instances(&aws, uid).await? > 1 {
+                return Ok(Some(*n));
+            }
+        }
+        Ok(None)
+    })
+    .await?;
+    progress(&format!("{holder} replacing its node; deleting it"));
+    api.delete(holder, &Default::default()).await?;
+    eventually(&format!("{holder} gone"), T, || async {
+        Ok(api.get_opt(holder).await?.is_none().then_some(()))
+    })
+    .await?;
+    progress(&format!("{holder} gone"));
+    let rest: Vec<_> = before.iter().filter(|b| b.0 != holder).collect();
+    for (n, uid, volume) in &rest {
         let q = eventually(&format!("{n} on the new image"), Duration::from_secs(240), || async {
             let q = api.get(n).await?;
             let s = q.status.clone().unwrap_or_default();
@@ -902,6 +926,7 @@ async fn node_image_upgrade_respects_the_budget_and_rolls_back() -> Result<()> {
             Ok(done.then_some(q))
         })
         .await?;
+        progress(&format!("{n} on the new image"));
         assert_eq!(q.status.and_then(|s| s.volume).map(|v| v.id).as_ref(), Some(volume), "{n}: same volume");
         let live: Vec<_> = aws
             .find_instances(uid)
@@ -916,13 +941,15 @@ async fn node_image_upgrade_respects_the_budget_and_rolls_back() -> Result<()> {
     watch.abort();
 
     // Rolling back is the same flow.
-    apply(&api, &questdb("dbu0", "8.2.1")?).await?;
-    eventually("dbu0 back on the old image", Duration::from_secs(240), || async {
-        let s = api.get("dbu0").await?.status.unwrap_or_default();
+    let back = rest[0].0;
+    apply(&api, &questdb(back, "8.2.1")?).await?;
+    eventually(&format!("{back} back on the old image"), Duration::from_secs(240), || async {
+        let s = api.get(back).await?.status.unwrap_or_default();
         Ok((s.phase == Some(Phase::Running) && s.node.is_some_and(|x| x.image == "ami-0a0a0a0a0a0a0a0a0"))
             .then_some(()))
     })
     .await?;
+    progress(&format!("{back} rolled back"));
     Ok(())
 }
 

@@ -390,6 +390,7 @@ pub async fn reconcile(qdb: Arc<QuestDB>, ctx: Arc<Context>) -> Result<Action, E
                 // Kept until cleanup is over: its last listing must wait out what was created.
                 if done.is_ok() {
                     ctx.inventory.forget(&uid);
+                    ctx.budget.release(&uid);
                     ctx.metrics.kube("patch", "QuestDB");
                 }
                 done

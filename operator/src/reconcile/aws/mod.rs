@@ -98,6 +98,9 @@ pub async fn ensure(
     if d.spec.paused {
         // Compute is released after the pod is gone (release_if_paused); the volume stays. A move
         // under way has nothing left to move.
+        if instances.iter().filter(|i| is_live(i)).count() <= 1 {
+            ctx.budget.release(uid);
+        }
         facts.instance = instances.into_iter().find(is_live);
         facts.replacement = None;
         return Ok(());
@@ -140,7 +143,7 @@ pub async fn ensure(
             }
             Plan::Serve(id) => {
                 if live.len() == 1 {
-                    release_budget(ctx, uid);
+                    ctx.budget.release(uid);
                 }
                 find(&id).ok_or_else(|| Error::NotOurs(format!("instance {id} vanished")))?
             }
@@ -151,7 +154,7 @@ pub async fn ensure(
                     Why::Failover => hold_failover(ctx, &serving.zone).await?,
                     Why::Upgrade => None,
                 };
-                if why == Why::Upgrade && !take_budget(ctx, uid) {
+                if why == Why::Upgrade && !ctx.budget.take(uid) {
                     facts.wait(
                         WaitReason::UpgradeQueued,
                         format!("{reason}; waiting for the replacement budget"),
@@ -188,7 +191,7 @@ pub async fn ensure(
     };
     if m.why == Why::Upgrade {
         // Counted even if the budget was taken by an operator that restarted since.
-        take_budget_anyway(ctx, uid);
+        ctx.budget.hold(uid);
     }
     let instance = node_move::drive(ctx, d, &instances, &nodes, &volume, facts).await?;
     facts.volume_attached = facts.replacement.is_none();
@@ -398,27 +401,6 @@ async fn hold_failover(ctx: &Context, zone: &str) -> Result<Option<String>, Erro
 }
 
 /// Upgrades replace at most `--replacement-budget` nodes at once, operator-wide.
-fn take_budget(ctx: &Context, uid: &str) -> bool {
-    let Ok(mut replacing) = ctx.replacing.lock() else { return false };
-    if replacing.contains(uid) || replacing.len() < ctx.settings.replacement_budget {
-        replacing.insert(uid.to_string());
-        return true;
-    }
-    false
-}
-
-fn take_budget_anyway(ctx: &Context, uid: &str) {
-    if let Ok(mut replacing) = ctx.replacing.lock() {
-        replacing.insert(uid.to_string());
-    }
-}
-
-fn release_budget(ctx: &Context, uid: &str) {
-    if let Ok(mut replacing) = ctx.replacing.lock() {
-        replacing.remove(uid);
-    }
-}
-
 /// Pause: once the pod is gone, the instances are terminated; volume and security group stay.
 pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
     if !d.spec.paused {
