@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -28,6 +29,8 @@ pub struct IntakeContext {
     /// failed start-up check can say why rather than only "transport failure".
     last_error: std::sync::Mutex<Option<String>>,
     msk_iam: Option<MskIam>,
+    /// Set by the first assignment (empty or not): the replica is in the consumer group.
+    joined: Arc<AtomicBool>,
 }
 
 impl ClientContext for IntakeContext {
@@ -78,6 +81,7 @@ impl ConsumerContext for IntakeContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             info!(?partitions, "partitions assigned");
+            self.joined.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -126,6 +130,7 @@ pub fn consumer(
     props: &BTreeMap<String, String>,
     metrics: Arc<Metrics>,
     msk_iam: Option<MskIam>,
+    joined: Arc<AtomicBool>,
 ) -> KafkaResult<IntakeConsumer> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
@@ -140,7 +145,7 @@ pub fn consumer(
     for (k, v) in props {
         cfg.set(k, v);
     }
-    cfg.create_with_context(IntakeContext { metrics, last_error: Default::default(), msk_iam })
+    cfg.create_with_context(IntakeContext { metrics, last_error: Default::default(), msk_iam, joined })
 }
 
 /// A message's headers as text (values decoded lossily), for dead letters and for people.
@@ -187,7 +192,9 @@ pub async fn run(ctx: Arc<Shared>, consumer: IntakeConsumer, topic: String, stop
         warn!(error = %e, topic, "subscribing failed");
         return;
     }
-    ctx.consuming.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Ready only once the group has given this replica its share (IntakeContext::joined): a
+    // replica that has merely subscribed takes nothing yet, for as long as the join takes (3 s
+    // on a fresh broker, while it creates __consumer_offsets; longer while others rejoin).
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => break,
@@ -238,7 +245,7 @@ pub async fn run(ctx: Arc<Shared>, consumer: IntakeConsumer, topic: String, stop
         ctx.work_wake.notify_one();
         ctx.outbox_wake.notify_one();
     }
-    ctx.consuming.store(false, std::sync::atomic::Ordering::Relaxed);
+    ctx.consuming.store(false, Ordering::Relaxed);
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => info!("offsets committed"),
         Err(e) => debug!(error = %e, "nothing to commit at shutdown"),

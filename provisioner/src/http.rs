@@ -47,10 +47,10 @@ async fn healthz(State(ctx): State<Arc<Shared>>) -> (StatusCode, String) {
     }
 }
 
-/// Ready when consuming and the journal answers.
+/// Ready when in the consumer group and the journal answers.
 async fn readyz(State(ctx): State<Arc<Shared>>) -> (StatusCode, String) {
     if !ctx.consuming.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not consuming".into());
+        return (StatusCode::SERVICE_UNAVAILABLE, "not in the consumer group yet".into());
     }
     match journal_answers(&ctx).await {
         Ok(()) => (StatusCode::OK, "ready".into()),

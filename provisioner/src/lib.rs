@@ -62,7 +62,8 @@ pub struct Shared {
     pub msk_iam: Option<aws_auth::MskIam>,
     deadlines: BTreeMap<String, Duration>,
     default_deadline: Duration,
-    pub consuming: AtomicBool,
+    /// In the consumer group (its first assignment came) and not stopping.
+    pub consuming: Arc<AtomicBool>,
     pub work_wake: Notify,
     pub outbox_wake: Notify,
     pub sweep_wake: Notify,
@@ -151,7 +152,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
         msk_iam: msk_iam.clone(),
         deadlines,
         default_deadline: Duration::from_secs(config.deadline_secs),
-        consuming: AtomicBool::new(false),
+        consuming: Arc::new(AtomicBool::new(false)),
         work_wake: Notify::new(),
         outbox_wake: Notify::new(),
         sweep_wake: Notify::new(),
@@ -160,9 +161,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), StartErr
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;
-    let consumer =
-        consumer::consumer(&config.brokers, &config.group_id, &kafka_with(&kafka, &config), metrics, msk_iam)
-            .map_err(StartError::Kafka)?;
+    let consumer = consumer::consumer(
+        &config.brokers,
+        &config.group_id,
+        &kafka_with(&kafka, &config),
+        metrics,
+        msk_iam,
+        ctx.consuming.clone(),
+    )
+    .map_err(StartError::Kafka)?;
     consumer::check_connection(&consumer, &config.instructions_topic)
         .await
         .map_err(|source| StartError::KafkaUnreachable { brokers: config.brokers.clone(), source })?;

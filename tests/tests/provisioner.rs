@@ -275,6 +275,47 @@ async fn two_replicas_split_partitions_and_one_finishes_when_the_other_dies() ->
     Ok(())
 }
 
+/// A replica is ready only once the consumer group has given it its share. While the group's
+/// rebalance waits on a member that does not rejoin, the replica has subscribed but takes nothing:
+/// /readyz says so (it said ready at subscribe, and a rollout would have gone on on that word).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_is_ready_only_once_it_is_in_the_consumer_group() -> Result<()> {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let rig = Rig::new("prov-join", 3).await?;
+    let gossip = rig.gossip()?;
+    // A member of the provisioners' group that stops polling once it has its partitions: the
+    // next rebalance waits for it to rejoin until its max.poll.interval.ms runs out.
+    let stale: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &rig.cloud.kafka_brokers)
+        .set("group.id", &rig.group)
+        .set("session.timeout.ms", "6000")
+        .set("max.poll.interval.ms", "15000")
+        .create()?;
+    stale.subscribe(&[&rig.instructions])?;
+    eventually("the stale member assigned", T, || {
+        let _ = stale.poll(Duration::from_millis(100));
+        let assigned = stale.assignment().map(|a| a.count() > 0).unwrap_or(false);
+        async move { Ok(assigned.then_some(())) }
+    })
+    .await?;
+    let p = rig.spawn("r1", &[])?;
+    eventually("the replica serving probes", T, || async {
+        Ok(p.probe("/healthz").await.ok().filter(|(code, _)| *code == 200).map(|_| ()))
+    })
+    .await?;
+    let (code, body) = p.probe("/readyz").await?;
+    ensure!(code == 503 && body.contains("consumer group"), "ready before joining the group: {code} {body}");
+    // The stale member is dropped from the group at its max.poll.interval.ms: the replica joins,
+    // is ready, and works.
+    p.wait_ready().await?;
+    let i = ins::create("db-join", "region-a", 1, "8.2.1");
+    rig.send(&i).await?;
+    gossip.phase(&i.instruction_id, Phase::Applied, T).await?;
+    drop(stale);
+    Ok(())
+}
+
 /// Runs alone (see .config/nextest.toml): it stops a cluster every other test uses.
 #[tokio::test(flavor = "multi_thread")]
 async fn disruptive_a_dead_cluster_delays_only_its_own_databases() -> Result<()> {
