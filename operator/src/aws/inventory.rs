@@ -192,13 +192,9 @@ impl Inventory {
         }
         let started = Instant::now();
         let by_cluster = || vec![tag_filter(keys::CLUSTER, &self.cluster)];
-        // The three listings at once: every reconcile waiting for this snapshot waits for the
-        // slowest of them, not for their sum.
-        let (groups, volumes, instances) = futures::try_join!(
-            aws.list_security_groups(by_cluster()),
-            aws.list_volumes(by_cluster()),
-            aws.list_instances(by_cluster()),
-        )?;
+        let groups = aws.list_security_groups(by_cluster()).await?;
+        let volumes = aws.list_volumes(by_cluster()).await?;
+        let instances = aws.list_instances(by_cluster()).await?;
         *current = Arc::new(Snapshot::from_listings(started, groups, volumes, instances));
         Ok(self.with_created(uid, current.found(uid)))
     }

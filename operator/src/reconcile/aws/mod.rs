@@ -400,7 +400,6 @@ async fn hold_failover(ctx: &Context, zone: &str) -> Result<Option<String>, Erro
     })
 }
 
-/// Upgrades replace at most `--replacement-budget` nodes at once, operator-wide.
 /// Pause: once the pod is gone, the instances are terminated; volume and security group stay.
 pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
     if !d.spec.paused {
