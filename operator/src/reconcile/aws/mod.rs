@@ -391,12 +391,16 @@ async fn hold_failover(ctx: &Context, zone: &str) -> Result<Option<String>, Erro
     let now = Instant::now();
     let Ok(mut starts) = ctx.failover_starts.lock() else { return Ok(None) };
     let started = starts.recent(zone, now, limits.interval);
-    Ok(match zone::gate(health, started, &limits) {
+    Ok(match zone::gate(health, started, starts.since_held(zone, now), &limits) {
         Gate::Proceed => {
             starts.record(zone, now);
             None
         }
-        Gate::Hold { health, started } => Some(zone::hold_message(zone, health, started, &limits)),
+        Gate::Hold { health, started } => {
+            starts.held(zone, now);
+            Some(zone::hold_message(zone, health, started, &limits))
+        }
+        Gate::Recovering { ago } => Some(zone::recovering_message(zone, ago)),
     })
 }
 
