@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
 
 /// Who holds a slot and who waits for one (database UIDs).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Slots {
     pub holders: BTreeSet<String>,
     pub queued: BTreeSet<String>,
@@ -80,10 +80,6 @@ impl Budget {
             // Closed only once the controller stopped: nothing is left to wake.
             let _ = self.wake.unbounded_send(uid);
         }
-    }
-
-    pub fn slots(&self) -> Slots {
-        self.slots.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 

@@ -60,6 +60,20 @@ async fn apply(
     Ok(next)
 }
 
+/// `n` creates of databases `<prefix>-<k>`, one every `period`, each stamped when sent.
+async fn send_paced(rig: &Rig, prefix: &str, n: usize, period: Duration) -> Result<Vec<v1::Instruction>> {
+    let mut sent = Vec::with_capacity(n);
+    let mut tick = tokio::time::interval(period);
+    for k in 0..n {
+        tick.tick().await;
+        let mut i = ins::create(&format!("{prefix}-{k}"), "region-a", 1, "8.2.1");
+        i.issued_at_ms = now_ms() as i64;
+        rig.send_many(std::slice::from_ref(&i)).await?;
+        sent.push(i);
+    }
+    Ok(sent)
+}
+
 /// First APPLIED event of each instruction: (emitted at, received at), in wall-clock ms.
 #[derive(Default)]
 struct Applied {
@@ -162,28 +176,12 @@ async fn main() -> Result<()> {
     // claims): WARM_UP of them go first, at the same pace, are waited for, and are left out. The
     // first one's latency is reported on its own.
     let mut applied = Applied::default();
-    let mut warm = Vec::with_capacity(WARM_UP);
-    let mut tick = tokio::time::interval(period);
-    for k in 0..WARM_UP {
-        tick.tick().await;
-        let mut i = ins::create(&format!("warm-{k}"), "region-a", 1, "8.2.1");
-        i.issued_at_ms = now_ms() as i64;
-        rig.send_many(std::slice::from_ref(&i)).await?;
-        warm.push(i);
-    }
+    let warm = send_paced(&rig, "warm", WARM_UP, period).await?;
     let warm_ids: Vec<&str> = warm.iter().map(|i| i.instruction_id.as_str()).collect();
     applied.wait_for(&gossip, &warm_ids, Duration::from_secs(60)).await?;
     let first_ms = applied.first.get(&warm[0].instruction_id).map(|f| f.0).unwrap_or_default();
     let cold_ms = first_ms.saturating_sub(warm[0].issued_at_ms as u64);
-    let mut paced = Vec::with_capacity(light);
-    let mut tick = tokio::time::interval(period);
-    for k in 0..light {
-        tick.tick().await;
-        let mut i = ins::create(&format!("light-{k}"), "region-a", 1, "8.2.1");
-        i.issued_at_ms = now_ms() as i64;
-        rig.send_many(std::slice::from_ref(&i)).await?;
-        paced.push(i);
-    }
+    let paced = send_paced(&rig, "light", light, period).await?;
     let light_ids: Vec<&str> = paced.iter().map(|i| i.instruction_id.as_str()).collect();
     applied.wait_for(&gossip, &light_ids, Duration::from_secs(60)).await?;
     let (to_applied, to_gossip): (Vec<u64>, Vec<u64>) = paced
