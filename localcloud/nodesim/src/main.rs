@@ -179,6 +179,7 @@ async fn main() -> Result<()> {
         pvs_checked_at: Mutex::default(),
         attacher_tries: Mutex::default(),
         mounted: Mutex::default(),
+        stopping: Mutex::default(),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

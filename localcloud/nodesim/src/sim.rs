@@ -109,6 +109,8 @@ pub struct Sim {
     pub attacher_tries: Mutex<std::collections::HashMap<String, Instant>>,
     /// The volumes mounted for each pod, simulated ones too: the kubelet's volumes in use.
     pub mounted: Mutex<std::collections::HashMap<String, Mount>>,
+    /// Per pod uid, its container's stop under way.
+    pub stopping: Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 /// A pod's volumes on a node, from its mount until [`UNMOUNT_REPORTED`] after it is gone.
@@ -142,36 +144,68 @@ fn now_micros() -> String {
 /// Requests in flight at once per kind of work (heartbeats, pods).
 const CONCURRENCY: usize = 16;
 
+/// A pass slower than this is logged: what waits on a part (a join, an attach, a pod) waits
+/// that long for its next pass.
+const SLOW_PASS: Duration = Duration::from_secs(5);
+
 fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
 impl Sim {
+    /// Each part of a real cluster this plays runs at its own pace, as the real ones are separate
+    /// processes: a slow EC2 listing or a pod taking its grace period to stop never holds a
+    /// node's heartbeat, an attach or another pod's start (one shared loop did: with EC2 slow under
+    /// load, a new database waited minutes for its volume).
     pub async fn run(&self) {
+        tokio::join!(
+            // The machines booting and joining (EC2 and the cloud node controller).
+            self.every("machines", || async {
+                self.sync_instances().await?;
+                self.apply_partitions().await;
+                Ok(())
+            }),
+            // The kubelets' node status and leases. Concurrently: with a hundred nodes, one
+            // request after another misses the interval and the controller manager marks
+            // healthy nodes unreachable.
+            self.every("heartbeats", || async {
+                self.heartbeats().await;
+                Ok(())
+            }),
+            // The EBS CSI driver's controller (its external-attacher).
+            self.every("attacher", || async {
+                let vas = csi::ours(csi::list(&self.kube).await?);
+                self.attach_detach(&vas).await?;
+                self.check_pvs(&vas).await;
+                Ok(())
+            }),
+            // The kubelets' pod workers, which mount only what the driver reports attached.
+            self.every("kubelets", || async {
+                let vas = csi::ours(csi::list(&self.kube).await?);
+                self.run_pods(&csi::attached(&vas)).await?;
+                self.grow_volumes().await;
+                Ok(())
+            }),
+        );
+    }
+
+    /// One part's loop: a pass, then a tick's pause.
+    async fn every<F, Fut>(&self, part: &'static str, pass: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
         loop {
-            if let Err(e) = self.tick().await {
-                warn!(error = format!("{e:#}"), "tick failed");
+            let began = Instant::now();
+            if let Err(e) = pass().await {
+                warn!(part, error = format!("{e:#}"), "pass failed");
+            }
+            let took = began.elapsed();
+            if took >= SLOW_PASS {
+                warn!(part, seconds = took.as_secs_f64(), "slow pass");
             }
             tokio::time::sleep(self.cfg.tick).await;
         }
-    }
-
-    async fn tick(&self) -> Result<()> {
-        self.sync_instances().await?;
-        self.apply_partitions().await;
-        // Concurrently: with a hundred nodes, one request after another misses the heartbeat
-        // interval and the controller manager marks healthy nodes unreachable.
-        // The attach/detach controller's objects, read once for the EBS CSI driver's attacher
-        // and for the kubelets, which mount only what the driver reports attached.
-        let vas = csi::ours(csi::list(&self.kube).await?);
-        if let Err(e) = self.attach_detach(&vas).await {
-            warn!(error = format!("{e:#}"), "the EBS CSI attacher's pass failed");
-        }
-        let attached = csi::attached(&vas);
-        let ((), pods) = tokio::join!(self.heartbeats(), self.run_pods(&attached));
-        self.grow_volumes().await;
-        self.check_pvs(&vas).await;
-        pods
     }
 
     /// Every few seconds: PVs the driver holds that are being deleted and no longer attached.
@@ -346,13 +380,29 @@ impl Sim {
         }
     }
 
-    /// Stops a container as the kubelet does for a pod that goes, and removes its host.
-    async fn stop_for_good(&self, uid: &str, c: runtime::Container, grace: Duration) {
-        let own_host = c.own_host;
-        c.stop(grace).await;
-        if own_host {
-            self.remove_pod_host(uid).await;
+    /// Whether the pod's container is stopped for good; if it runs, its stop (SIGTERM, its
+    /// grace period, its host removed) starts in the background, as a kubelet's pod worker does,
+    /// so one pod's grace period holds no other pod's start, probe or stop.
+    fn stopped(&self, uid: &str, grace: Duration) -> bool {
+        let mut stopping = self.stopping.lock().expect("stopping lock");
+        stopping.retain(|_, task| !task.is_finished());
+        if stopping.contains_key(uid) {
+            return false;
         }
+        let Some(c) = self.runtime.lock().expect("runtime lock").take(uid) else { return true };
+        let network = self.cfg.network.clone();
+        let owned = uid.to_string();
+        stopping.insert(
+            uid.to_string(),
+            tokio::spawn(async move {
+                let own_host = c.own_host;
+                c.stop(grace).await;
+                if own_host && let Err(e) = network.remove_pod_host(&owned).await {
+                    warn!(uid = owned, error = %e, "removing a pod's host failed");
+                }
+            }),
+        );
+        false
     }
 
     /// Partitions killed nodes and heals revived ones (their processes run on either way).
@@ -616,22 +666,20 @@ impl Sim {
         let wanted: HashSet<(String, String)> =
             mine.iter().filter_map(|(p, n)| Some((p.metadata.uid.clone()?, n.instance_id.clone()))).collect();
         let live_instances: HashSet<&str> = live.values().map(|n| n.instance_id.as_str()).collect();
-        let orphans: Vec<(String, runtime::Container)> = {
-            let mut rt = self.runtime.lock().expect("runtime lock");
-            let uids: Vec<String> = rt
-                .containers
+        let orphans: Vec<(String, String)> = {
+            let rt = self.runtime.lock().expect("runtime lock");
+            rt.containers
                 .iter()
                 .filter(|(uid, c)| {
                     live_instances.contains(c.instance_id.as_str())
                         && !wanted.contains(&((*uid).clone(), c.instance_id.clone()))
                 })
-                .map(|(uid, _)| uid.clone())
-                .collect();
-            uids.into_iter().filter_map(|u| Some((u.clone(), rt.take(&u)?))).collect()
+                .map(|(uid, c)| (uid.clone(), c.pod.clone()))
+                .collect()
         };
-        for (uid, c) in orphans {
-            info!(pod = c.pod, "its pod is no longer bound here; stopping it");
-            self.stop_for_good(&uid, c, Duration::from_secs(30)).await;
+        for (uid, pod) in orphans {
+            info!(pod, "its pod is no longer bound here; stopping it");
+            self.stopped(&uid, Duration::from_secs(30));
         }
     }
 
@@ -647,9 +695,8 @@ impl Sim {
         let api: Api<Pod> = Api::namespaced(self.kube.clone(), &ns);
         if pod.metadata.deletion_timestamp.is_some() {
             // Stop the containers, then confirm the deletion as the kubelet does.
-            let running = self.runtime.lock().expect("runtime lock").take(&uid);
-            if let Some(c) = running {
-                self.stop_for_good(&uid, c, grace_period(pod)).await;
+            if !self.stopped(&uid, grace_period(pod)) {
+                return Ok(());
             }
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
@@ -1016,7 +1063,9 @@ impl Sim {
             let uids: Vec<String> = rt.containers.keys().cloned().collect();
             uids.iter().filter_map(|u| rt.take(u)).collect()
         };
+        let stopping: Vec<_> = self.stopping.lock().expect("stopping lock").drain().map(|(_, t)| t).collect();
         futures::future::join_all(all.into_iter().map(|c| c.stop(Duration::from_secs(10)))).await;
+        futures::future::join_all(stopping).await;
         self.storage.release().await;
         self.cfg.network.sweep(true).await;
     }
