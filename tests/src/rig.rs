@@ -252,13 +252,16 @@ impl Rig {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         // Defaults a caller may override in `extra`: a test may put something (a fault proxy)
         // between the operator and the emulator or the apiserver, a benchmark may resync less often.
+        // The lease is the production one (15 s, renew deadline 10 s): with a 6 s lease, a 4 s
+        // apiserver stall on a loaded 2-core machine (Lease PUTs answered "Handler timeout")
+        // made a test's only operator give up its lease and exit, and its database waited for
+        // ever (CI, stop 33). Tests of a handover pass a short lease themselves.
         let kubeconfig = c.operator_kubeconfig.display().to_string();
         let defaults = [
             ("--kubeconfig", kubeconfig.as_str()),
             ("--aws-endpoint", self.cloud.aws_endpoint.as_str()),
             ("--resync-secs", "5"),
             ("--poll-secs", "1"),
-            ("--lease-secs", "6"),
         ];
         let defaults = defaults.iter().filter(|(flag, _)| !extra.contains(flag)).flat_map(|(f, v)| [*f, *v]);
         let child = Command::new(&bin)

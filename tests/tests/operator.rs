@@ -446,13 +446,13 @@ async fn delete_removes_everything_before_the_resource_goes() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_standby_takes_over_when_the_leader_dies() -> Result<()> {
     let rig = Rig::new("op-lead", 1).await?;
-    let mut a1 = rig.spawn_operator("region-a", "a1", &[])?;
+    let mut a1 = rig.spawn_operator("region-a", "a1", &SHORT_LEASE)?;
     a1.wait_ready().await?;
     eventually("a1 leads", T, || async {
         Ok(a1.metrics().await?.contains("qdb_operator_leader 1").then_some(()))
     })
     .await?;
-    let a2 = rig.spawn_operator("region-a", "a2", &[])?;
+    let a2 = rig.spawn_operator("region-a", "a2", &SHORT_LEASE)?;
     a2.wait_ready().await?;
     let (api, _) = running(&rig, "region-a", "db5").await?;
     ensure!(a2.metrics().await?.contains("qdb_operator_leader 0"), "a2 stands by");
@@ -463,7 +463,9 @@ async fn the_standby_takes_over_when_the_leader_dies() -> Result<()> {
     Ok(())
 }
 
-/// The rig's renew deadline: two thirds of its `--lease-secs 6` (`Rig::spawn_operator`).
+/// A lease for the tests of a handover, which wait it out (the rig's default is production's 15 s).
+const SHORT_LEASE: [&str; 2] = ["--lease-secs", "6"];
+/// Its renew deadline: two thirds of it.
 const RENEW_DEADLINE_SECS: f64 = 4.0;
 
 /// The leader (a1) is frozen (SIGSTOP) together with its apiserver connection (a proxy that stops
@@ -480,13 +482,16 @@ async fn a_frozen_leader_writes_nothing_once_its_lease_ran_out() -> Result<()> {
     let kubeconfig = kube.kubeconfig(&rig.dir, "a1")?.display().to_string();
     let aws1 = FaultProxy::start(&rig.cloud.aws_endpoint, 0, Rng::from_env()).await?;
     let aws2 = FaultProxy::start(&rig.cloud.aws_endpoint, 0, Rng::from_env()).await?;
-    let mut a1 =
-        rig.spawn_operator("region-a", "a1", &["--kubeconfig", &kubeconfig, "--aws-endpoint", &aws1.url])?;
+    let mut a1 = rig.spawn_operator(
+        "region-a",
+        "a1",
+        &["--lease-secs", "6", "--kubeconfig", &kubeconfig, "--aws-endpoint", &aws1.url],
+    )?;
     eventually("a1 leads", T, || async {
         Ok((a1.probe("/readyz").await? == (200, "leader".into())).then_some(()))
     })
     .await?;
-    let a2 = rig.spawn_operator("region-a", "a2", &["--aws-endpoint", &aws2.url])?;
+    let a2 = rig.spawn_operator("region-a", "a2", &["--lease-secs", "6", "--aws-endpoint", &aws2.url])?;
     eventually("a2 stands by, ready", T, || async {
         Ok((a2.probe("/readyz").await? == (200, "standby".into())).then_some(()))
     })
