@@ -26,6 +26,8 @@ still stopping). So this wraps moto's EC2 backend in-process, before its server 
   held the volume, so a test can prove the fencing order from the calls themselves.
 
 QDB_AWS_TIMING=instant turns all of it off (the scale benchmarks); the default is realistic.
+In both, moto's response serializer is made cheaper (fast_serialize.py; the same bytes, which
+check_fast_serialize.py proves).
 Usage: timed_moto.py -H 127.0.0.1 -p PORT (moto_server's own flags).
 """
 
@@ -36,6 +38,7 @@ import sys
 import threading
 import time
 
+import fast_serialize
 from moto import server
 from moto.core.responses import BaseResponse
 from moto.ec2 import exceptions as ec2_errors
@@ -457,6 +460,8 @@ def run_internal(fn):
 
 
 if __name__ == "__main__":
+    # Cheaper answers, the same bytes (check_fast_serialize.py): in either timing.
+    fast_serialize.install()
     if os.environ.get("QDB_AWS_TIMING", "realistic") != "instant":
         install()
     server.main(sys.argv[1:])

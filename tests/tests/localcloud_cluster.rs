@@ -270,3 +270,23 @@ fn pod_ready(p: &Pod) -> bool {
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
+
+/// The emulator's cheaper response serializer (localcloud/aws/fast_serialize.py) answers the
+/// control plane's calls byte for byte as moto's own: its check runs the same calls with the
+/// emulator's randomness seeded, without and with it, and compares the answers.
+#[test]
+fn the_emulators_faster_serializer_answers_as_moto_does() -> Result<()> {
+    let cloud = Cloud::load()?;
+    let cache = cloud.vars.get("QDB_CACHE").context("QDB_CACHE in the env file")?;
+    let python = std::path::Path::new(cache).join("moto-venv/bin/python");
+    let check =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../localcloud/aws/check_fast_serialize.py");
+    let out = std::process::Command::new(&python)
+        .arg(&check)
+        .output()
+        .with_context(|| format!("running {} with {}", check.display(), python.display()))?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    println!("{said}");
+    Ok(())
+}
