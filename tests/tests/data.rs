@@ -167,7 +167,13 @@ async fn acknowledged_rows_survive_restart_upgrade_and_failover() -> Result<()> 
     let acknowledged = old_writer.await??;
     ensure!(acknowledged > 0, "the writer in the partitioned pod got no row acknowledged");
     write_rows(&new_ip, "fence", 1_000_000, 1).await?;
-    let rows = query_pairs(&new_ip, "SELECT id, cast(timestamp AS long) FROM fence").await?;
+    // A written row is visible once the server has applied its commit, a moment later (a full
+    // run read too early once: "new row"); commits apply in order, so with it come all before it.
+    let rows = eventually("the new process's row visible", Duration::from_secs(30), || async {
+        let rows = query_pairs(&new_ip, "SELECT id, cast(timestamp AS long) FROM fence").await?;
+        Ok(rows.iter().any(|(id, _)| *id >= 1_000_000).then_some(rows))
+    })
+    .await?;
     let old: Vec<&(i64, i64)> = rows.iter().filter(|(id, _)| *id < 1_000_000).collect();
     let first_new =
         rows.iter().filter(|(id, _)| *id >= 1_000_000).map(|(_, ts)| *ts).min().context("new row")?;
