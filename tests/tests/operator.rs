@@ -482,16 +482,15 @@ async fn a_frozen_leader_writes_nothing_once_its_lease_ran_out() -> Result<()> {
     let kubeconfig = kube.kubeconfig(&rig.dir, "a1")?.display().to_string();
     let aws1 = FaultProxy::start(&rig.cloud.aws_endpoint, 0, Rng::from_env()).await?;
     let aws2 = FaultProxy::start(&rig.cloud.aws_endpoint, 0, Rng::from_env()).await?;
-    let mut a1 = rig.spawn_operator(
-        "region-a",
-        "a1",
-        &["--lease-secs", "6", "--kubeconfig", &kubeconfig, "--aws-endpoint", &aws1.url],
-    )?;
+    let a1_args =
+        [SHORT_LEASE.as_slice(), &["--kubeconfig", &kubeconfig, "--aws-endpoint", &aws1.url]].concat();
+    let mut a1 = rig.spawn_operator("region-a", "a1", &a1_args)?;
     eventually("a1 leads", T, || async {
         Ok((a1.probe("/readyz").await? == (200, "leader".into())).then_some(()))
     })
     .await?;
-    let a2 = rig.spawn_operator("region-a", "a2", &["--lease-secs", "6", "--aws-endpoint", &aws2.url])?;
+    let a2_args = [SHORT_LEASE.as_slice(), &["--aws-endpoint", &aws2.url]].concat();
+    let a2 = rig.spawn_operator("region-a", "a2", &a2_args)?;
     eventually("a2 stands by, ready", T, || async {
         Ok((a2.probe("/readyz").await? == (200, "standby".into())).then_some(()))
     })

@@ -148,6 +148,12 @@ const CONCURRENCY: usize = 16;
 /// that long for its next pass.
 const SLOW_PASS: Duration = Duration::from_secs(5);
 
+async fn remove_pod_host(network: &Network, uid: &str) {
+    if let Err(e) = network.remove_pod_host(uid).await {
+        warn!(uid, error = %e, "removing a pod's host failed");
+    }
+}
+
 fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
@@ -369,14 +375,8 @@ impl Sim {
             let own_host = c.own_host;
             c.kill().await;
             if own_host {
-                self.remove_pod_host(&uid).await;
+                remove_pod_host(&self.cfg.network, &uid).await;
             }
-        }
-    }
-
-    async fn remove_pod_host(&self, uid: &str) {
-        if let Err(e) = self.cfg.network.remove_pod_host(uid).await {
-            warn!(uid, error = %e, "removing a pod's host failed");
         }
     }
 
@@ -397,8 +397,8 @@ impl Sim {
             tokio::spawn(async move {
                 let own_host = c.own_host;
                 c.stop(grace).await;
-                if own_host && let Err(e) = network.remove_pod_host(&owned).await {
-                    warn!(uid = owned, error = %e, "removing a pod's host failed");
+                if own_host {
+                    remove_pod_host(&network, &owned).await;
                 }
             }),
         );
