@@ -17,11 +17,14 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolume, PersistentVo
 use kube::api::{Api, DynamicObject};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::{Resource, ResourceExt};
+use qdb_crd::QuestDB;
 
 use crate::build::ingress::{ingress_route_resource, ingress_route_tcp_resource};
 use crate::metrics::Metrics;
 
 pub struct Caches {
+    /// The databases themselves, as the controller sees them (the orphan sweep's first look).
+    pub questdbs: Store<QuestDB>,
     pub statefulsets: Store<StatefulSet>,
     pub services: Store<Service>,
     pub config_maps: Store<ConfigMap>,
@@ -35,6 +38,7 @@ pub struct Caches {
 
 /// The writing ends, taken once by the controller's reflectors.
 pub struct Writers {
+    pub questdbs: Writer<QuestDB>,
     pub statefulsets: Writer<StatefulSet>,
     pub services: Writer<Service>,
     pub config_maps: Writer<ConfigMap>,
@@ -55,6 +59,7 @@ pub fn caches() -> (Caches, Mutex<Option<Writers>>) {
         let w = Writer::new(dyntype);
         (w.as_reader(), w)
     }
+    let (questdbs, w_questdbs) = pair(());
     let (statefulsets, w_statefulsets) = pair(());
     let (services, w_services) = pair(());
     let (config_maps, w_config_maps) = pair(());
@@ -64,9 +69,20 @@ pub fn caches() -> (Caches, Mutex<Option<Writers>>) {
     let (nodes, w_nodes) = pair(());
     let (routes, w_routes) = pair(ingress_route_resource());
     let (tcp_routes, w_tcp_routes) = pair(ingress_route_tcp_resource());
-    let caches =
-        Caches { statefulsets, services, config_maps, claims, volumes, pods, nodes, routes, tcp_routes };
+    let caches = Caches {
+        questdbs,
+        statefulsets,
+        services,
+        config_maps,
+        claims,
+        volumes,
+        pods,
+        nodes,
+        routes,
+        tcp_routes,
+    };
     let writers = Writers {
+        questdbs: w_questdbs,
         statefulsets: w_statefulsets,
         services: w_services,
         config_maps: w_config_maps,

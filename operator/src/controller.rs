@@ -88,8 +88,7 @@ pub async fn run(
     {
         reflector(writer, watcher(api, config.clone()).inspect(report)).touched_objects()
     }
-    let (reader, writer) = reflector::store();
-    let questdbs = reflector(writer, watcher(api::<QuestDB>(&client, ns), config.clone()))
+    let questdbs = reflector(w.questdbs, watcher(api::<QuestDB>(&client, ns), config.clone()))
         .inspect(reporter(&watches, "questdb"))
         .applied_objects();
     let (http, tcp) = (ingress_route_resource(), ingress_route_tcp_resource());
@@ -107,7 +106,7 @@ pub async fn run(
         watcher(dynamic(&tcp), ours.clone()).inspect(reporter(&watches, "ingressroutetcps")),
     )
     .touched_objects();
-    let controller = Controller::for_stream(questdbs, reader)
+    let controller = Controller::for_stream(questdbs, ctx.caches.questdbs.clone())
         .with_config(controller::Config::default().concurrency(ctx.settings.concurrency))
         .owns_stream(cached(w.statefulsets, api(&client, ns), &ours, reporter(&watches, "statefulsets")))
         .owns_stream(cached(w.services, api(&client, ns), &ours, reporter(&watches, "services")))

@@ -8,6 +8,14 @@
 //! AWS is listed before Kubernetes: a resource is created only for a QuestDB that exists, so one
 //! whose owner is missing from a later listing of QuestDBs really has none. Data volumes that a
 //! deletion kept on purpose (reclaim policy Retain, tagged [`keys::RETAINED`]) are never touched.
+//!
+//! A sweep costs nothing when nothing is orphaned: AWS comes from the reconciles' shared
+//! inventory snapshot (listed by cluster; a sweep scoped to a namespace keeps what carries its
+//! namespace tag, as its own listing filtered by it did), and owners first from the controller's
+//! QuestDB cache. The cache may still
+//! hold a database just deleted (its resources then wait for the next sweep) but never lacks one
+//! whose resources AWS lists (the operator creates them from that cache), so only a resource
+//! whose owner the cache lacks is a candidate, and candidates are confirmed by a LIST taken now.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -16,8 +24,9 @@ use kube::api::{Api, ListParams};
 use qdb_crd::{QuestDB, keys};
 use tracing::{info, warn};
 
-use crate::aws::ec2::{owner_of_tags_map, tag_filter};
-use crate::aws::{AwsError, Instance, InstanceState, SecurityGroup, Volume};
+use crate::aws::ec2::owner_of_tags_map;
+use crate::aws::inventory::Listing;
+use crate::aws::{AwsError, InstanceState};
 use crate::context::Context;
 
 /// What the sweep does with an orphan.
@@ -46,14 +55,6 @@ impl Kind {
             Kind::SecurityGroup => "security_group",
         }
     }
-}
-
-/// What one sweep found in AWS.
-#[derive(Debug, Default, Clone)]
-pub struct Listing {
-    pub groups: Vec<(String, SecurityGroup)>,
-    pub volumes: Vec<Volume>,
-    pub instances: Vec<Instance>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,11 +95,14 @@ pub async fn run(ctx: &Context, namespace: Option<String>, mode: OrphanMode, int
     if mode == OrphanMode::Off {
         return std::future::pending().await;
     }
+    // A snapshot as old as the resync serves: the converged databases' passes refresh it at that
+    // pace, and an orphan found one resync later costs nothing.
+    let max_age = interval.max(ctx.settings.resync);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = sweep(ctx, namespace.as_deref(), mode).await {
+        if let Err(e) = sweep(ctx, namespace.as_deref(), mode, max_age).await {
             warn!(error = %crate::reconcile::chain(&e), "orphan sweep failed; trying again at the next");
         }
     }
@@ -112,35 +116,40 @@ pub enum SweepError {
     Kube(#[from] kube::Error),
 }
 
-/// One sweep; returns the orphans found.
+/// One sweep over an AWS view no older than `max_age`; returns the orphans found.
 pub async fn sweep(
     ctx: &Context,
     namespace: Option<&str>,
     mode: OrphanMode,
+    max_age: Duration,
 ) -> Result<Vec<Orphan>, SweepError> {
-    let aws = &ctx.aws;
-    let mut filters = vec![tag_filter(keys::CLUSTER, &ctx.settings.cluster)];
-    if let Some(ns) = namespace {
-        filters.push(tag_filter(keys::NAMESPACE, ns));
+    let snapshot = ctx.inventory.snapshot(&ctx.aws, max_age).await?;
+    let scoped;
+    let listing = match namespace {
+        Some(ns) => {
+            scoped = snapshot.listing.in_namespace(ns);
+            &scoped
+        }
+        None => &snapshot.listing,
+    };
+    let cached: HashSet<String> =
+        ctx.caches.questdbs.state().iter().filter_map(|q| q.metadata.uid.clone()).collect();
+    let mut found = orphans(listing, &cached);
+    if !found.is_empty() {
+        let api: Api<QuestDB> = match namespace {
+            Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+            None => Api::all(ctx.client.clone()),
+        };
+        ctx.metrics.kube("list", "QuestDB");
+        let owners: HashSet<String> = api
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|q| q.metadata.uid)
+            .collect();
+        found = orphans(listing, &owners);
     }
-    let listing = Listing {
-        groups: aws.list_security_groups(filters.clone()).await?,
-        volumes: aws.list_volumes(filters.clone()).await?.into_iter().map(|(_, v)| v).collect(),
-        instances: aws.list_instances(filters).await?,
-    };
-    let api: Api<QuestDB> = match namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    ctx.metrics.kube("list", "QuestDB");
-    let owners: HashSet<String> = api
-        .list_metadata(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|q| q.metadata.uid)
-        .collect();
-    let found = orphans(&listing, &owners);
     for kind in [Kind::Instance, Kind::Volume, Kind::SecurityGroup] {
         let n = found.iter().filter(|o| o.kind == kind).count();
         ctx.metrics
@@ -150,7 +159,7 @@ pub async fn sweep(
     }
     for o in &found {
         let done = match mode {
-            OrphanMode::Delete => match remove(ctx, o, &listing).await {
+            OrphanMode::Delete => match remove(ctx, o, listing).await {
                 Ok(true) => "deleted",
                 Ok(false) => continue,
                 Err(e) => {
@@ -203,6 +212,7 @@ mod tests {
     use super::*;
 
     use crate::aws::fixtures::{self, owned_by as tags};
+    use crate::aws::{Instance, SecurityGroup, Volume};
 
     fn instance(id: &str, owner: &str, state: InstanceState) -> Instance {
         Instance { state, tags: tags(owner), ..fixtures::instance(id) }
@@ -217,7 +227,12 @@ mod tests {
 
     #[test]
     fn only_what_belongs_to_a_missing_owner_is_an_orphan() {
-        let sg = |id: &str| SecurityGroup { id: id.into(), rules: vec![], foreign: vec![] };
+        let sg = |id: &str| SecurityGroup {
+            id: id.into(),
+            rules: vec![],
+            foreign: vec![],
+            tags: Default::default(),
+        };
         let listing = Listing {
             groups: vec![
                 ("live".into(), sg("sg-live")),

@@ -230,11 +230,13 @@ async fn running(rig: &Rig, cluster: &str, name: &str) -> Result<(Api<QuestDB>, 
 /// Issue 20's API economy: a converged database costs no Kubernetes request between changes. Its
 /// children, its pod and its nodes come from the controller's watch caches (before them, every
 /// pass read eight children, the pod and the nodes from the apiserver: 10 requests per database
-/// per pass).
+/// per pass). The orphan sweep, run every 3 s here, finds its owners in the QuestDB cache (before,
+/// each sweep listed the QuestDBs) and AWS in the reconciles' snapshot (before, each sweep made
+/// the three EC2 listings again).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_converged_database_costs_no_kubernetes_request_between_changes() -> Result<()> {
     let rig = Rig::new("op-quiet", 1).await?;
-    let op = rig.spawn_operator("region-a", "a1", &[])?;
+    let op = rig.spawn_operator("region-a", "a1", &["--orphan-sweep-secs", "3"])?;
     running(&rig, "region-a", "db16").await?;
     // Past the passes that follow convergence (the status write's own echo).
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -256,6 +258,13 @@ async fn a_converged_database_costs_no_kubernetes_request_between_changes() -> R
         .map(|(k, v)| (k, v - was.get(k).unwrap_or(&0.0)))
         .collect();
     ensure!(spent.is_empty(), "{} passes of a converged database made requests: {spent:?}", to - from);
+    // A snapshot serves for the 5 s resync: 12 / 5 + 1 listings of security groups in 12 s, one
+    // more for a fetch that straddles the window; the sweep alone made one every 3 s.
+    let groups = |m: &str| {
+        qdb_tests::metric_total(m, "qdb_operator_aws_calls_total", r#"operation="DescribeSecurityGroups""#)
+    };
+    let listed = groups(&after) - groups(&before);
+    ensure!(listed <= 4.0, "{listed} security group listings in 12 s");
     Ok(())
 }
 

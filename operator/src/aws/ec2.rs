@@ -181,6 +181,7 @@ pub struct SecurityGroup {
     /// Ingress that cannot be written as [`Rule`]s (port ranges, other protocols, IPv6, group
     /// references): none of it is ours, so it goes as a whole through [`Aws::revoke_foreign`].
     pub foreign: Vec<IpPermission>,
+    pub tags: BTreeMap<String, String>,
 }
 
 pub struct Launch<'a> {
@@ -378,8 +379,9 @@ impl Aws {
             let out = self.call(Service::Ec2, OP, || page.clone().send()).await?;
             groups.extend(out.security_groups().iter().filter_map(|g| {
                 let (rules, foreign) = to_rules(g.ip_permissions());
-                let sg = SecurityGroup { id: g.group_id()?.to_string(), rules, foreign };
-                Some((owner_of_tags_map(&tag_map(g.tags())), sg))
+                let tags = tag_map(g.tags());
+                let owner = owner_of_tags_map(&tags);
+                Some((owner, SecurityGroup { id: g.group_id()?.to_string(), rules, foreign, tags }))
             }));
             token = out.next_token().filter(|t| !t.is_empty()).map(str::to_string);
             if token.is_none() {
@@ -407,7 +409,8 @@ impl Aws {
             .tag_specifications(tag_spec(ResourceType::SecurityGroup, &self.tags(owner)));
         let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
         let id = out.group_id().ok_or_else(|| AwsError::unexpected(OP, "no group id in the reply"))?;
-        Ok(SecurityGroup { id: id.to_string(), rules: Vec::new(), foreign: Vec::new() })
+        let tags = self.tags(owner).into_iter().collect();
+        Ok(SecurityGroup { id: id.to_string(), rules: Vec::new(), foreign: Vec::new(), tags })
     }
 
     pub async fn authorize_ingress(&self, group_id: &str, rules: &[Rule]) -> Result<(), AwsError> {

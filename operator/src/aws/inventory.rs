@@ -10,8 +10,12 @@
 //! part-way) marks its database, and that database's next read waits for a newer snapshot. A stale
 //! view could otherwise miss a replacement just launched and launch another. Reads that wait
 //! together share one fetch.
+//!
+//! The orphan sweep reads the same snapshot whole ([`Inventory::snapshot`]): between them, a
+//! converged fleet costs the three listings once per resync, not once per resync and once per
+//! sweep.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,10 +24,33 @@ use qdb_crd::keys;
 use super::ec2::{owner_of_tags_map, pick_volume, sort_by_launch, tag_filter};
 use super::{Aws, AwsError, Instance, SecurityGroup, Volume};
 
+/// Everything the three listings returned, as they returned it (the sweep needs duplicates and
+/// terminated instances too).
+#[derive(Debug, Default, Clone)]
+pub struct Listing {
+    /// With the owner UID each is tagged with ("" for none).
+    pub groups: Vec<(String, SecurityGroup)>,
+    pub volumes: Vec<Volume>,
+    pub instances: Vec<Instance>,
+}
+
+impl Listing {
+    /// What is tagged with namespace `ns`: an operator that watches one sweeps only its own.
+    pub fn in_namespace(&self, ns: &str) -> Listing {
+        let ours = |tags: &BTreeMap<String, String>| tags.get(keys::NAMESPACE).is_some_and(|n| n == ns);
+        Listing {
+            groups: self.groups.iter().filter(|(_, g)| ours(&g.tags)).cloned().collect(),
+            volumes: self.volumes.iter().filter(|v| ours(&v.tags)).cloned().collect(),
+            instances: self.instances.iter().filter(|i| ours(&i.tags)).cloned().collect(),
+        }
+    }
+}
+
 /// The cluster's security groups, data volumes and live instances, by owner UID.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub started: Option<Instant>,
+    pub listing: Listing,
     groups: HashMap<String, SecurityGroup>,
     volumes: HashMap<String, Volume>,
     instances: HashMap<String, Vec<Instance>>,
@@ -55,7 +82,12 @@ impl Snapshot {
         volumes: Vec<(Option<i64>, Volume)>,
         instances: Vec<Instance>,
     ) -> Snapshot {
-        let mut snapshot = Snapshot { started: Some(started), ..Snapshot::default() };
+        let listing = Listing {
+            groups: groups.clone(),
+            volumes: volumes.iter().map(|(_, v)| v.clone()).collect(),
+            instances: instances.clone(),
+        };
+        let mut snapshot = Snapshot { started: Some(started), listing, ..Snapshot::default() };
         for (owner, g) in groups {
             if !owner.is_empty() {
                 // The first one, as a lookup by owner would pick it.
@@ -183,20 +215,38 @@ impl Inventory {
     /// the shared snapshot when [`is_fresh`] allows it to serve at `max_age`, else from a new one.
     pub async fn lookup(&self, aws: &Aws, uid: &str, max_age: Duration) -> Result<Found, AwsError> {
         let changed = self.changed.lock().ok().and_then(|c| c.get(uid).copied());
+        let snapshot = self.fresh(aws, max_age, changed).await?;
+        Ok(self.with_created(uid, snapshot.found(uid)))
+    }
+
+    /// The whole snapshot, no older than `max_age`: the orphan sweep's view of AWS.
+    pub async fn snapshot(&self, aws: &Aws, max_age: Duration) -> Result<Arc<Snapshot>, AwsError> {
+        self.fresh(aws, max_age, None).await
+    }
+
+    async fn fresh(
+        &self,
+        aws: &Aws,
+        max_age: Duration,
+        changed: Option<Instant>,
+    ) -> Result<Arc<Snapshot>, AwsError> {
         let mut current = self.current.lock().await;
-        let now = Instant::now();
         if let Some(started) = current.started
-            && is_fresh(started, now, max_age, changed)
+            && is_fresh(started, Instant::now(), max_age, changed)
         {
-            return Ok(self.with_created(uid, current.found(uid)));
+            return Ok(current.clone());
         }
         let started = Instant::now();
-        let by_cluster = || vec![tag_filter(keys::CLUSTER, &self.cluster)];
-        let groups = aws.list_security_groups(by_cluster()).await?;
-        let volumes = aws.list_volumes(by_cluster()).await?;
-        let instances = aws.list_instances(by_cluster()).await?;
+        let scope = || vec![tag_filter(keys::CLUSTER, &self.cluster)];
+        // At once: each waits its turn at EC2's budget anyway, and in series a fleet's every
+        // reconcile waited the sum of three round trips.
+        let (groups, volumes, instances) = futures::try_join!(
+            aws.list_security_groups(scope()),
+            aws.list_volumes(scope()),
+            aws.list_instances(scope()),
+        )?;
         *current = Arc::new(Snapshot::from_listings(started, groups, volumes, instances));
-        Ok(self.with_created(uid, current.found(uid)))
+        Ok(current.clone())
     }
 
     /// Database `uid` changed something in AWS (or may have): its next view is fetched anew.
@@ -257,8 +307,13 @@ mod tests {
     }
 
     #[test]
-    fn listings_are_grouped_by_owner_like_the_lookups_by_owner() {
-        let sg = |id: &str| SecurityGroup { id: id.into(), rules: vec![], foreign: vec![] };
+    fn listings_are_grouped_by_owner_like_the_lookups_by_owner_and_kept_whole_for_the_sweep() {
+        let sg = |id: &str| SecurityGroup {
+            id: id.into(),
+            rules: vec![],
+            foreign: vec![],
+            tags: Default::default(),
+        };
         let s = Snapshot::from_listings(
             Instant::now(),
             vec![("a".into(), sg("sg-a")), ("".into(), sg("sg-foreign")), ("a".into(), sg("sg-a2"))],
@@ -277,5 +332,37 @@ mod tests {
         let ids: Vec<_> = a.instances.into_iter().map(|i| i.id).collect();
         assert_eq!(ids, ["i-a1", "i-a2"], "oldest launch first");
         assert_eq!(s.found("c"), Found { security_group: None, volume: None, instances: vec![] });
+        // The sweep's view keeps what grouping by owner drops: the foreign and second group, the
+        // volume not picked.
+        let l = &s.listing;
+        assert_eq!((l.groups.len(), l.volumes.len(), l.instances.len()), (3, 3, 3));
+    }
+
+    #[test]
+    fn a_namespace_scoped_sweep_sees_only_what_carries_its_namespace_tag() {
+        let in_ns = |ns: Option<&str>| {
+            let mut t = tags("a");
+            match ns {
+                Some(ns) => t.insert(keys::NAMESPACE.into(), ns.into()),
+                None => t.remove(keys::NAMESPACE),
+            };
+            t
+        };
+        let sg =
+            |id: &str, ns| SecurityGroup { id: id.into(), rules: vec![], foreign: vec![], tags: in_ns(ns) };
+        let vol = |id: &str, ns| Volume { tags: in_ns(ns), ..fixtures::volume(id) };
+        let inst = |id: &str, ns| Instance { tags: in_ns(ns), ..fixtures::instance(id) };
+        let listing = Listing {
+            groups: vec![("a".into(), sg("sg-1", Some("one"))), ("a".into(), sg("sg-2", Some("two")))],
+            volumes: vec![vol("vol-1", Some("one")), vol("vol-none", None)],
+            instances: vec![inst("i-2", Some("two")), inst("i-1", Some("one"))],
+        };
+        let one = listing.in_namespace("one");
+        let ids: Vec<&str> = one.groups.iter().map(|(_, g)| g.id.as_str()).collect();
+        assert_eq!(ids, ["sg-1"]);
+        let ids: Vec<&str> = one.volumes.iter().map(|v| v.id.as_str()).collect();
+        assert_eq!(ids, ["vol-1"], "a resource without the namespace tag is nobody's namespace's");
+        let ids: Vec<&str> = one.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["i-1"]);
     }
 }
