@@ -26,8 +26,8 @@ still stopping). So this wraps moto's EC2 backend in-process, before its server 
   held the volume, so a test can prove the fencing order from the calls themselves.
 
 QDB_AWS_TIMING=instant turns all of it off (the scale benchmarks); the default is realistic.
-In both, moto's response serializer is made cheaper (fast_serialize.py; the same bytes, which
-check_fast_serialize.py proves).
+In both, moto's response serializer and its resources' tag lookups are made cheaper
+(fast_serialize.py; the same bytes, which check_fast_serialize.py proves).
 Usage: timed_moto.py -H 127.0.0.1 -p PORT (moto_server's own flags).
 """
 
