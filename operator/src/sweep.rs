@@ -12,10 +12,10 @@
 //! A sweep costs nothing when nothing is orphaned: AWS comes from the reconciles' shared
 //! inventory snapshot (listed by cluster; a sweep scoped to a namespace keeps what carries its
 //! namespace tag, as its own listing filtered by it did), and owners first from the controller's
-//! QuestDB cache. The cache may still
-//! hold a database just deleted (its resources then wait for the next sweep) but never lacks one
-//! whose resources AWS lists (the operator creates them from that cache), so only a resource
-//! whose owner the cache lacks is a candidate, and candidates are confirmed by a LIST taken now.
+//! QuestDB cache. The cache may still hold a database just deleted (its resources then wait for
+//! the next sweep) but never lacks one whose resources AWS lists (the operator creates them from
+//! that cache), so only a resource whose owner the cache lacks is a candidate, and candidates are
+//! confirmed by a LIST taken now.
 
 use std::collections::HashSet;
 use std::time::Duration;
