@@ -49,7 +49,7 @@ pub fn proc(s: &Settings, c: &Cluster) -> Proc {
 
 pub fn start(cloud: &Cloud, c: &Cluster) -> Result<()> {
     let s = &cloud.settings;
-    let bin = s.bin_dir().join("nodesim");
+    let bin = s.nodesim_bin();
     if !process::executable(&bin) {
         bail!("node simulator not built at {}; run: localcloud install", bin.display());
     }

@@ -165,8 +165,19 @@ pub struct Settings {
     /// the RBAC bindings.
     pub localcloud_dir: PathBuf,
     pub cargo_target_dir: PathBuf,
+    /// Which build of the local cloud's own server (the node simulator) runs.
+    pub cloud_profile: Profile,
     /// PostgreSQL refuses to run as root: as root its own system user runs it.
     pub as_root: bool,
+}
+
+/// A cargo build profile. The benchmarks run the node simulator's release build: its debug build,
+/// playing 300 kubelets and the EC2 side of their machines, took one of the machine's two cores
+/// (perf: JSON and XML parsing with debug assertions) beside the control plane it measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Debug,
+    Release,
 }
 
 impl Settings {
@@ -211,6 +222,11 @@ impl Settings {
             },
             localcloud_dir: handed("LOCALCLOUD_DIR")?,
             cargo_target_dir: handed("CARGO_TARGET_DIR")?,
+            cloud_profile: match get("QDB_CLOUD_PROFILE").as_deref() {
+                None | Some("debug") => Profile::Debug,
+                Some("release") => Profile::Release,
+                Some(other) => bail!("QDB_CLOUD_PROFILE={other}: expected debug or release"),
+            },
             cache,
             run,
             clusters,
@@ -231,9 +247,18 @@ impl Settings {
         self.run.join("env")
     }
 
-    /// The workspace's debug binaries (nodesim, the control plane).
+    /// The workspace's debug binaries (the control plane, as the tests build it).
     pub fn bin_dir(&self) -> PathBuf {
         self.cargo_target_dir.join("debug")
+    }
+
+    /// The node simulator of the chosen build.
+    pub fn nodesim_bin(&self) -> PathBuf {
+        let profile = match self.cloud_profile {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        };
+        self.cargo_target_dir.join(profile).join("nodesim")
     }
 
     pub fn traefik(&self) -> PathBuf {
@@ -323,6 +348,16 @@ pub(crate) mod tests {
         // Empty is unset, as ${VAR:-default}.
         let s = settings(&[("QDB_INSTRUCTION_PARTITIONS", ""), ("QDB_AWS_TIMING", "instant")]);
         assert_eq!((s.instruction_partitions, s.aws_timing.as_str()), (6, "instant"));
+    }
+
+    #[test]
+    fn the_node_simulator_runs_from_the_chosen_build() {
+        assert_eq!(settings(&[]).nodesim_bin(), PathBuf::from("/cache/target/debug/nodesim"));
+        let release = settings(&[("QDB_CLOUD_PROFILE", "release")]);
+        assert_eq!(release.nodesim_bin(), PathBuf::from("/cache/target/release/nodesim"));
+        let v = vars(&[("QDB_CLOUD_PROFILE", "fast")]);
+        let e = Settings::from_lookup(|k| v.get(k).cloned(), true).expect_err("an unknown profile");
+        assert!(e.to_string().contains("QDB_CLOUD_PROFILE=fast"), "{e}");
     }
 
     #[test]

@@ -28,6 +28,10 @@ use crate::build::volume::{VolumeFacts, build_pv, build_pvc};
 use crate::cache::{Absence, Cached};
 use crate::context::Context;
 
+/// The reasons of what this step does: it writes Kubernetes objects only, never EC2.
+pub const REASONS: &[&str] =
+    &["CreatedChild", "UpdatedChild", "AdoptedChild", "ServerConfigKeysIgnored", "DeletedStuckPod"];
+
 /// Whether an existing object may be changed by this database's reconcile: it carries the
 /// database's label (a legacy object to adopt) or is owned by the database.
 fn is_ours(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, d: &Desired) -> bool {

@@ -11,6 +11,9 @@ use crate::build::Desired;
 use crate::build::dns::dns_record;
 use crate::context::Context;
 
+/// The reasons of what this step does: it writes Route53 records only, never EC2.
+pub const REASONS: &[&str] = &["UpdatedDns", "WithdrewDns"];
+
 /// The hosted zone's id, looked up (or created) once; concurrent first passes share the lookup,
 /// so the zone is never created twice.
 pub async fn hosted_zone(ctx: &Context) -> Result<Option<String>, Error> {

@@ -154,6 +154,18 @@ impl Facts {
     }
 }
 
+/// Whether a pass's next view of EC2 must be newer than the pass: when it did something that
+/// may show in EC2's listings, or failed partway. What only wrote Kubernetes objects or a DNS
+/// record leaves EC2 as it was; counting those too made most passes of a fleet being created
+/// list every instance, volume and group of the cluster again (300 databases: the emulator's
+/// listings took all its time). A reason no step lists here counts, so a new one is safe.
+pub fn needs_new_view(actions: &[(&'static str, String)], failed: bool) -> bool {
+    failed
+        || actions
+            .iter()
+            .any(|(reason, _)| !children::REASONS.contains(reason) && !dns::REASONS.contains(reason))
+}
+
 /// A pass's actions as Events: one per reason, its notes joined in the order they happened (a
 /// pass that creates eight children writes one CreatedChild event, not eight: each Event is an
 /// apiserver write, and on-call reads them by reason).
@@ -263,7 +275,7 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await
     }
     .await;
-    if !facts.actions.is_empty() || result.is_err() {
+    if needs_new_view(&facts.actions, result.is_err()) {
         // What this pass did (or may have done before failing) must show in its next view.
         ctx.inventory.changed(d.names.uid());
     }
@@ -453,6 +465,18 @@ pub fn backoff(attempts: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_pass_that_touched_ec2_or_failed_needs_a_new_view_of_it() {
+        let note = |r: &'static str| (r, String::new());
+        assert!(!needs_new_view(&[], false), "nothing done");
+        let kube_and_dns =
+            [note("CreatedChild"), note("UpdatedChild"), note("UpdatedDns"), note("DeletedStuckPod")];
+        assert!(!needs_new_view(&kube_and_dns, false), "Kubernetes objects and DNS leave EC2 as it was");
+        assert!(needs_new_view(&kube_and_dns, true), "a failure may have happened mid-EC2");
+        assert!(needs_new_view(&[note("CreatedChild"), note("CreatedVolume")], false));
+        assert!(needs_new_view(&[note("SomeReasonAddedLater")], false), "unknown reasons count");
+    }
 
     #[test]
     fn a_pass_writes_one_event_per_reason_with_every_note() {
