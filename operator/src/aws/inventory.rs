@@ -114,9 +114,10 @@ impl Snapshot {
     }
 }
 
-/// Whether a snapshot begun at `started` may serve a database last changed at `changed`.
-pub fn is_fresh(started: Instant, now: Instant, max_age: Duration, changed: Option<Instant>) -> bool {
-    now.saturating_duration_since(started) < max_age && changed.is_none_or(|c| started > c)
+/// Whether a snapshot begun at `started` may serve a read asked for at `asked` by a database last
+/// changed at `changed`. One begun after the read was asked for is always young enough.
+pub fn is_fresh(started: Instant, asked: Instant, max_age: Duration, changed: Option<Instant>) -> bool {
+    asked.saturating_duration_since(started) < max_age && changed.is_none_or(|c| started > c)
 }
 
 /// How long something this operator created may be missing from EC2's listings: EC2's Describe
@@ -230,22 +231,43 @@ impl Inventory {
         max_age: Duration,
         changed: Option<Instant>,
     ) -> Result<Arc<Snapshot>, AwsError> {
+        self.shared(Instant::now(), max_age, changed, |started| async move {
+            let scope = || vec![tag_filter(keys::CLUSTER, &self.cluster)];
+            // At once: each waits its turn at EC2's budget anyway, and in series a fleet's every
+            // reconcile waited the sum of three round trips.
+            let (groups, volumes, instances) = futures::try_join!(
+                aws.list_security_groups(scope()),
+                aws.list_volumes(scope()),
+                aws.list_instances(scope()),
+            )?;
+            Ok(Snapshot::from_listings(started, groups, volumes, instances))
+        })
+        .await
+    }
+
+    /// The current snapshot if it may serve a read asked for at `asked`, else a new one from
+    /// `fetch`, one fetch at a time. Freshness is judged at the time of asking, not of getting the
+    /// lock: judged at the lock, a listing slower than `max_age` (three listings of 250 databases
+    /// in the emulator took longer than the bench's 1 s poll) was too old for every read queued
+    /// behind it, so each made its own, one after another, and a fleet's passes waited in line.
+    async fn shared<F, Fut>(
+        &self,
+        asked: Instant,
+        max_age: Duration,
+        changed: Option<Instant>,
+        fetch: F,
+    ) -> Result<Arc<Snapshot>, AwsError>
+    where
+        F: FnOnce(Instant) -> Fut,
+        Fut: std::future::Future<Output = Result<Snapshot, AwsError>>,
+    {
         let mut current = self.current.lock().await;
         if let Some(started) = current.started
-            && is_fresh(started, Instant::now(), max_age, changed)
+            && is_fresh(started, asked, max_age, changed)
         {
             return Ok(current.clone());
         }
-        let started = Instant::now();
-        let scope = || vec![tag_filter(keys::CLUSTER, &self.cluster)];
-        // At once: each waits its turn at EC2's budget anyway, and in series a fleet's every
-        // reconcile waited the sum of three round trips.
-        let (groups, volumes, instances) = futures::try_join!(
-            aws.list_security_groups(scope()),
-            aws.list_volumes(scope()),
-            aws.list_instances(scope()),
-        )?;
-        *current = Arc::new(Snapshot::from_listings(started, groups, volumes, instances));
+        *current = Arc::new(fetch(Instant::now()).await?);
         Ok(current.clone())
     }
 
@@ -304,6 +326,30 @@ mod tests {
         // Changed after it began (even while it was being fetched): it may not.
         assert!(!is_fresh(t0, t0 + Duration::from_millis(20), age, Some(t0 + Duration::from_millis(10))));
         assert!(!is_fresh(t0, t0 + Duration::from_millis(20), age, Some(t0)), "same instant is not after");
+    }
+
+    #[tokio::test]
+    async fn reads_queued_behind_a_slow_listing_share_one_begun_after_they_asked() {
+        let inventory = Inventory::new("c");
+        let fetches = std::sync::atomic::AtomicUsize::new(0);
+        // Each listing takes longer than the age the reads allow.
+        let max_age = Duration::from_millis(10);
+        let read = || {
+            inventory.shared(Instant::now(), max_age, None, |started| {
+                fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(Snapshot { started: Some(started), ..Snapshot::default() })
+                }
+            })
+        };
+        let reads = futures::future::join_all((0..8).map(|_| read())).await;
+        assert!(reads.iter().all(Result::is_ok));
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1, "eight reads asked at once");
+        // A read asked for after that listing's age ran out gets a new one.
+        tokio::time::sleep(max_age).await;
+        read().await.expect("read");
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]
