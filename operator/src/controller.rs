@@ -52,6 +52,13 @@ fn reporter<T>(
     move |item| watches.record(name, item.as_ref().err().map(|e| e as &dyn std::fmt::Display))
 }
 
+/// What the caches need not keep: server-side apply's `managedFields`, which no reconcile reads,
+/// were 40-50 % of each cached object (300 databases: 2.7 KB of a Node's 5.5 KB, 3.4 KB of a
+/// pod's 8.2 KB, as JSON) and more as parsed JSON in memory.
+fn slim<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// Runs until `stop` resolves. `watch_client` carries the watches (long reads, see
 /// [`qdb_crd::watch_read_timeout`]); every write goes through `ctx.client`. Each watch stream reports to
 /// `watches` whether it is failing.
@@ -86,9 +93,9 @@ pub async fn run(
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
         K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
     {
-        reflector(writer, watcher(api, config.clone()).inspect(report)).touched_objects()
+        reflector(writer, watcher(api, config.clone()).modify(slim).inspect(report)).touched_objects()
     }
-    let questdbs = reflector(w.questdbs, watcher(api::<QuestDB>(&client, ns), config.clone()))
+    let questdbs = reflector(w.questdbs, watcher(api::<QuestDB>(&client, ns), config.clone()).modify(slim))
         .inspect(reporter(&watches, "questdb"))
         .applied_objects();
     let (http, tcp) = (ingress_route_resource(), ingress_route_tcp_resource());
@@ -98,12 +105,12 @@ pub async fn run(
     };
     let routes = reflector(
         w.routes,
-        watcher(dynamic(&http), ours.clone()).inspect(reporter(&watches, "ingressroutes")),
+        watcher(dynamic(&http), ours.clone()).modify(slim).inspect(reporter(&watches, "ingressroutes")),
     )
     .touched_objects();
     let tcp_routes = reflector(
         w.tcp_routes,
-        watcher(dynamic(&tcp), ours.clone()).inspect(reporter(&watches, "ingressroutetcps")),
+        watcher(dynamic(&tcp), ours.clone()).modify(slim).inspect(reporter(&watches, "ingressroutetcps")),
     )
     .touched_objects();
     let controller = Controller::for_stream(questdbs, ctx.caches.questdbs.clone())
