@@ -405,7 +405,9 @@ async fn main() -> Result<()> {
     println!("  CPU while converging:          {}", cpu.line());
     println!("  operator's time:               {}", time_spent(&metrics_start, &metrics_end));
     figure(
-        &format!("operator: mutating requests per {what}database, create to converged ({children} children)"),
+        &format!(
+            "operator: mutating requests per {what}database, create to converged ({n}, {children} children)"
+        ),
         format!("{per_db:.2}"),
         &format!("<= {limit:.0}"),
         Some(per_db <= limit),
