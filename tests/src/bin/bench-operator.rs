@@ -295,23 +295,29 @@ async fn main() -> Result<()> {
     let converge = t0.elapsed().as_secs_f64();
     let cpu = cpu.since();
     let metrics_end = op.metrics().await?;
+    let header = format!(
+        "operator benchmark ({n} {what}databases, one apiserver, one operator, resync {resync_secs} s)"
+    );
+    let convergence_figure = format!(
+        "operator: convergence of {n} {what}databases vs the tighter of write capacity and AWS budgets"
+    );
+    // Where the time went while converging: printed whether or not the deadline was met.
+    let time_went = format!(
+        "  CPU while converging:          {}\n  operator's time:               {}",
+        cpu.line(),
+        time_spent(&metrics_start, &metrics_end)
+    );
     if waited.ready < n {
-        // Where the time went, so a run that misses its deadline still tells what limits it.
-        println!(
-            "operator benchmark ({n} {what}databases, one apiserver, one operator, resync {resync_secs} s)"
-        );
+        println!("{header}");
         println!("  NOT converged: {} of {n} {converged:?} after {converge:.0} s", waited.ready);
-        println!("  CPU while converging:          {}", cpu.line());
-        println!("  operator's time:               {}", time_spent(&metrics_start, &metrics_end));
+        println!("{time_went}");
         println!(
             "  AWS calls:                     {}",
             aws_calls_by_operation(&metrics_start, &metrics_end).join(", ")
         );
         println!("  operator RSS:                  {:.1} MiB", op.pid().map(rss_mib).unwrap_or(0.0));
         figure(
-            &format!(
-                "operator: convergence of {n} {what}databases vs the tighter of write capacity and AWS budgets"
-            ),
+            &convergence_figure,
             format!("{} of {n} converged in {converge:.0} s", waited.ready),
             ">= 0.8",
             Some(false),
@@ -367,7 +373,7 @@ async fn main() -> Result<()> {
     let bound = write_bound.max(aws_bound).max(solo);
     let coherent = bound / converge;
     let limit = children as f64 + 4.0;
-    println!("operator benchmark ({n} {what}databases, one apiserver, one operator, resync {resync_secs} s)");
+    println!("{header}");
     println!("  apiserver write capacity:      {write_limit:.0} writes/s (ConfigMap creates, 32 at a time)");
     println!("  children of one database:      {children} (objects labelled for it)");
     println!("  create to converged, per database, the operator's own count:");
@@ -402,8 +408,7 @@ async fn main() -> Result<()> {
         "  one database alone converged in {solo:.1} s; against the tightest of the three bounds ({bound:.1} s): {coherent:.2}"
     );
     println!("  operator RSS at {n} databases: {rss:.1} MiB (target <= 64 MiB)");
-    println!("  CPU while converging:          {}", cpu.line());
-    println!("  operator's time:               {}", time_spent(&metrics_start, &metrics_end));
+    println!("{time_went}");
     figure(
         &format!(
             "operator: mutating requests per {what}database, create to converged ({n}, {children} children)"
@@ -426,14 +431,7 @@ async fn main() -> Result<()> {
         "<= 1",
         Some(aws_per_db_hour <= 1.0),
     );
-    figure(
-        &format!(
-            "operator: convergence of {n} {what}databases vs the tighter of write capacity and AWS budgets"
-        ),
-        format!("{ratio:.2}"),
-        ">= 0.8",
-        Some(ratio >= 0.8),
-    );
+    figure(&convergence_figure, format!("{ratio:.2}"), ">= 0.8", Some(ratio >= 0.8));
     figure(
         &format!("operator: RSS at {n} {what}databases"),
         format!("{rss:.1} MiB"),
