@@ -114,8 +114,10 @@ pub async fn record(
     match verdict {
         Verdict::Journal(ins) => {
             let subject = Subject::of(ins);
-            let (outcome, event) = match journal::accept(conn, &new(ins, payload, source)).await? {
-                Accepted::New => (Outcome::Accepted, gossip::event(&subject, Phase::Accepted, "", "", None)),
+            let accepted = gossip::event(&subject, Phase::Accepted, "", "", None);
+            let (outcome, event) = match journal::accept(conn, &new(ins, payload, source), &accepted).await? {
+                // Queued with the instruction.
+                Accepted::New => return Ok(Outcome::Accepted),
                 Accepted::Duplicate(rec) => (Outcome::Duplicate, announce_again(&subject, &rec)),
                 Accepted::Stale { last_sequence } => (
                     Outcome::Superseded,

@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use crate::lease::holds_lease;
 // The outbox and the leases have modules of their own; what the journal's callers used from
 // here stays reachable here.
-pub use crate::lease::{claim, release, release_all, renew};
+pub use crate::lease::{claim, release, release_all};
 pub use crate::outbox::{Outgoing, Topic, enqueue, outbox_batch, outbox_delete, outbox_park};
 
 #[derive(Debug, thiserror::Error)]
@@ -131,14 +131,33 @@ async fn recorded(conn: &mut PgConnection, id: &str) -> Result<Recorded, Journal
     Ok(Recorded { state, reason: row.get("reason"), message: row.get("message") })
 }
 
-/// Journals `ins`. Run it inside a transaction together with the outbox insert of the gossip
-/// that reports the result, so either both happen or neither.
-pub async fn accept(conn: &mut PgConnection, ins: &NewInstruction<'_>) -> Result<Accepted, JournalError> {
-    let inserted = sqlx::query(
-        "INSERT INTO instructions
-             (id, database_id, cluster, sequence, operation, payload, state, source_partition, source_offset)
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8)
-         ON CONFLICT (id) DO NOTHING",
+/// Journals `ins`, and when it is new, queues `accepted` (the gossip that says so) in the same
+/// statement: the instruction, the sequence fence and the outbox row were three round trips per
+/// message. A duplicate or stale instruction queues nothing here; its caller announces it. Run
+/// it inside the transaction that commits the batch with its offsets.
+pub async fn accept(
+    conn: &mut PgConnection,
+    ins: &NewInstruction<'_>,
+    accepted: &Outgoing,
+) -> Result<Accepted, JournalError> {
+    // The row lock taken by the fence's upsert serialises concurrent instructions of one database.
+    let (inserted, raised): (bool, bool) = sqlx::query_as(
+        "WITH journaled AS (
+             INSERT INTO instructions
+                 (id, database_id, cluster, sequence, operation, payload, state, source_partition, source_offset)
+             VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING database_id),
+         fence AS (
+             INSERT INTO databases (database_id, cluster, last_sequence)
+             SELECT database_id, $3, $4 FROM journaled
+             ON CONFLICT (database_id) DO UPDATE SET last_sequence = EXCLUDED.last_sequence
+                 WHERE databases.last_sequence < EXCLUDED.last_sequence
+             RETURNING database_id),
+         queued AS (
+             INSERT INTO outbox (topic, database_id, key, headers, payload)
+             SELECT $9, database_id, $10, $11, $12 FROM fence)
+         SELECT EXISTS (SELECT 1 FROM journaled), EXISTS (SELECT 1 FROM fence)",
     )
     .bind(ins.id)
     .bind(ins.database_id)
@@ -148,26 +167,17 @@ pub async fn accept(conn: &mut PgConnection, ins: &NewInstruction<'_>) -> Result
     .bind(ins.payload)
     .bind(ins.source_partition)
     .bind(ins.source_offset)
-    .execute(&mut *conn)
+    .bind(accepted.topic.as_str())
+    .bind(accepted.key.as_deref())
+    .bind(sqlx::types::Json(&accepted.headers))
+    .bind(&accepted.payload)
+    .fetch_one(&mut *conn)
     .await
     .map_err(err("recording instruction"))?;
-    if inserted.rows_affected() == 0 {
+    if !inserted {
         return Ok(Accepted::Duplicate(recorded(conn, ins.id).await?));
     }
-    // The row lock taken by the upsert serialises concurrent instructions of one database.
-    let raised = sqlx::query(
-        "INSERT INTO databases (database_id, cluster, last_sequence) VALUES ($1, $2, $3)
-         ON CONFLICT (database_id) DO UPDATE SET last_sequence = EXCLUDED.last_sequence
-             WHERE databases.last_sequence < EXCLUDED.last_sequence
-         RETURNING last_sequence",
-    )
-    .bind(ins.database_id)
-    .bind(ins.cluster)
-    .bind(ins.sequence)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(err("raising the sequence fence"))?;
-    if raised.is_some() {
+    if raised {
         return Ok(Accepted::New);
     }
     let last_sequence: i64 = sqlx::query_scalar("SELECT last_sequence FROM databases WHERE database_id = $1")
@@ -269,28 +279,59 @@ macro_rules! open_columns {
     };
 }
 
-/// The next instruction of a database to apply (the pending one with the lowest sequence),
-/// with the spec last applied to the database.
-pub async fn head(
+/// What a worker holding a database's lease does next.
+// One value per step, moved once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// Apply this instruction (the pending one with the lowest sequence, due now), knowing the
+    /// spec last applied to the database; the lease was renewed.
+    Apply(Open, Option<qdb_crd::QuestDBSpec>),
+    /// Nothing is due (no pending instruction, or the next one waits for its retry): the lease
+    /// was given back, so another replica may take the database as soon as something is due.
+    Released,
+    /// The lease ran out or another replica holds it now: stop; anything written would be
+    /// refused anyway.
+    LeaseLost,
+}
+
+/// Renews `owner`'s lease and reads the database's next due instruction, or gives the lease
+/// back when nothing is due, in one statement: a worker's every step otherwise cost three round
+/// trips (renew, read, release), a third of PostgreSQL's work per instruction.
+pub async fn next(
     pool: &PgPool,
+    owner: &str,
     database_id: &str,
-) -> Result<Option<(Open, Option<qdb_crd::QuestDBSpec>)>, JournalError> {
+    lease: Duration,
+) -> Result<Next, JournalError> {
     let row = sqlx::query(concat!(
-        "SELECT ",
+        "WITH head AS (
+             SELECT ",
         open_columns!(),
-        ", next_attempt_at <= now() AS due,
-           (SELECT spec FROM databases d WHERE d.database_id = $1) AS spec
-         FROM instructions
-         WHERE database_id = $1 AND state = 'pending' ORDER BY sequence LIMIT 1"
+        ", next_attempt_at <= now() AS due
+             FROM instructions
+             WHERE database_id = $1 AND state = 'pending' ORDER BY sequence LIMIT 1),
+         lease AS (
+             UPDATE databases d
+             SET lease_until = CASE WHEN EXISTS (SELECT 1 FROM head WHERE due)
+                                    THEN now() + make_interval(secs => $3) END,
+                 lease_owner = CASE WHEN EXISTS (SELECT 1 FROM head WHERE due) THEN d.lease_owner END
+             WHERE d.database_id = $1 AND d.lease_owner = $2 AND d.lease_until > now()
+             RETURNING d.spec, d.lease_owner IS NOT NULL AS held)
+         SELECT lease.held, lease.spec, head.* FROM lease LEFT JOIN head ON lease.held"
     ))
     .bind(database_id)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await
     .map_err(err("reading the next instruction"))?;
-    Ok(row.map(|r| {
-        let spec: Option<sqlx::types::Json<qdb_crd::QuestDBSpec>> = r.get("spec");
-        (open_from(&r), spec.map(|j| j.0))
-    }))
+    let Some(r) = row else { return Ok(Next::LeaseLost) };
+    if !r.get::<bool, _>("held") {
+        return Ok(Next::Released);
+    }
+    let spec: Option<sqlx::types::Json<qdb_crd::QuestDBSpec>> = r.get("spec");
+    Ok(Next::Apply(open_from(&r), spec.map(|j| j.0)))
 }
 
 /// Applied instructions waiting for the cluster to report their outcome; `due` means the
@@ -321,9 +362,19 @@ pub async fn applied(
     Ok(rows.iter().map(open_from).collect())
 }
 
+/// What recording an apply found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecordedApply {
+    /// Since the instruction was received.
+    pub secs: f64,
+    /// Earlier instructions of the database are still applied, waiting for their outcome (the
+    /// new spec may supersede them).
+    pub earlier_waiting: bool,
+}
+
 /// Pending -> applied, in one statement: records the spec now on the cluster (None after a
-/// delete) and queues the gossip `applied` event. Returns the seconds since the instruction was
-/// received, or None if it was no longer pending or `owner` no longer holds the lease.
+/// delete) and queues the gossip `applied` event. None if it was no longer pending or `owner`
+/// no longer holds the lease.
 #[allow(clippy::too_many_arguments)]
 pub async fn record_applied(
     pool: &PgPool,
@@ -333,8 +384,9 @@ pub async fn record_applied(
     deadline: Duration,
     spec: Option<&qdb_crd::QuestDBSpec>,
     gossip: &Outgoing,
-) -> Result<Option<f64>, JournalError> {
-    sqlx::query_scalar(concat!(
+) -> Result<Option<RecordedApply>, JournalError> {
+    // The statement's snapshot is from before its update: `earlier` sees this one as pending.
+    let row: Option<(f64, bool)> = sqlx::query_as(concat!(
         "WITH done AS (
              UPDATE instructions SET state = 'applied', generation = $2, applied_at = now(),
                  deadline_at = now() + make_interval(secs => $3), attempts = attempts + 1, message = ''
@@ -347,7 +399,9 @@ pub async fn record_applied(
          queued AS (
              INSERT INTO outbox (topic, database_id, key, headers, payload)
              SELECT 'gossip', database_id, $5, $6, $7 FROM done)
-         SELECT secs FROM done"
+         SELECT secs, EXISTS (SELECT 1 FROM instructions e
+                              WHERE e.database_id = done.database_id AND e.state = 'applied') AS earlier
+         FROM done"
     ))
     .bind(id)
     .bind(generation)
@@ -359,34 +413,54 @@ pub async fn record_applied(
     .bind(owner)
     .fetch_optional(pool)
     .await
-    .map_err(err("recording the apply"))
+    .map_err(err("recording the apply"))?;
+    Ok(row.map(|(secs, earlier_waiting)| RecordedApply { secs, earlier_waiting }))
 }
 
-/// Open -> terminal. False if another replica got there first, or (`lease` Some) the writer no
-/// longer holds the database's lease: nothing to announce then. The tracker judges applied
-/// instructions from the resource's status and needs no lease (`None`).
-pub async fn finish(
-    conn: &mut PgConnection,
+/// Open -> terminal, and `announce` queued for the outbox, in one statement (a transaction of
+/// two writes cost four round trips, and every instruction ends here once). False if another
+/// replica got there first, or (`lease` Some) the writer no longer holds the database's lease:
+/// nothing is announced then. The tracker judges applied instructions from the resource's
+/// status and needs no lease (`None`).
+#[allow(clippy::too_many_arguments)]
+pub async fn finish<'e>(
+    conn: impl sqlx::PgExecutor<'e>,
     lease: Option<&str>,
     id: &str,
     state: State,
     reason: &str,
     message: &str,
+    announce: &[Outgoing],
 ) -> Result<bool, JournalError> {
-    let done = sqlx::query(concat!(
-        "UPDATE instructions SET state = $2, reason = $3, message = $4, finished_at = now()
-         WHERE id = $1 AND state IN ('pending', 'applied') AND ",
-        holds_lease!("$5")
+    let finished: Option<bool> = sqlx::query_scalar(concat!(
+        "WITH done AS (
+             UPDATE instructions SET state = $2, reason = $3, message = $4, finished_at = now()
+             WHERE id = $1 AND state IN ('pending', 'applied') AND ",
+        holds_lease!("$5"),
+        "
+             RETURNING id),
+         queued AS (
+             INSERT INTO outbox (topic, database_id, key, headers, payload)
+             SELECT o.topic, o.database_id, o.key, o.headers, o.payload
+             FROM unnest($6::text[], $7::text[], $8::bytea[], $9::jsonb[], $10::bytea[])
+                  AS o(topic, database_id, key, headers, payload)
+             WHERE EXISTS (SELECT 1 FROM done))
+         SELECT true FROM done"
     ))
     .bind(id)
     .bind(state.as_str())
     .bind(reason)
     .bind(message)
     .bind(lease)
-    .execute(conn)
+    .bind(announce.iter().map(|o| o.topic.as_str()).collect::<Vec<_>>())
+    .bind(announce.iter().map(|o| o.database_id.as_str()).collect::<Vec<_>>())
+    .bind(announce.iter().map(|o| o.key.clone()).collect::<Vec<_>>())
+    .bind(announce.iter().map(|o| sqlx::types::Json(&o.headers)).collect::<Vec<_>>())
+    .bind(announce.iter().map(|o| o.payload.as_slice()).collect::<Vec<_>>())
+    .fetch_optional(conn)
     .await
     .map_err(err("finishing instruction"))?;
-    Ok(done.rows_affected() == 1)
+    Ok(finished.is_some())
 }
 
 /// The query of `successor` (its parameters: database, sequence, generation), public for the

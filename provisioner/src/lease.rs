@@ -35,27 +35,6 @@ pub async fn claim(
     .map_err(err("claiming databases"))
 }
 
-/// Extends `owner`'s lease on a database it still holds; false if the lease ran out or another
-/// replica holds it now (the work must stop: anything it writes would be refused anyway).
-pub async fn renew(
-    pool: &PgPool,
-    owner: &str,
-    database_id: &str,
-    lease: Duration,
-) -> Result<bool, JournalError> {
-    let done = sqlx::query(
-        "UPDATE databases SET lease_until = now() + make_interval(secs => $3)
-         WHERE database_id = $1 AND lease_owner = $2 AND lease_until > now()",
-    )
-    .bind(database_id)
-    .bind(owner)
-    .bind(lease.as_secs_f64())
-    .execute(pool)
-    .await
-    .map_err(err("renewing the lease"))?;
-    Ok(done.rows_affected() == 1)
-}
-
 /// The condition every journal write after a claim carries (`$lease` is the owner, or NULL for
 /// writes that need no lease): the writer still holds a live lease on the database.
 macro_rules! holds_lease {

@@ -74,11 +74,11 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
                     .unwrap_or_default(),
             };
             let message = format!("replaced by instruction {by} before its own state was observed Ready");
-            let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
             let reason = gossip::SUPERSEDED_BY_LATER;
-            if journal::finish(&mut tx, None, &row.id, State::Superseded, reason, &message).await? {
-                journal::enqueue(&mut tx, &gossip::superseded(&subject, &by, &message, status)).await?;
-                tx.commit().await.map_err(journal::tx_error)?;
+            let announce = [gossip::superseded(&subject, &by, &message, status)];
+            if journal::finish(&ctx.pool, None, &row.id, State::Superseded, reason, &message, &announce)
+                .await?
+            {
                 ctx.metrics.count(State::Superseded.as_str());
                 ctx.outbox_wake.notify_one();
                 info!(instruction = %row.id, database = %row.database_id, by = %by, "instruction superseded");
@@ -110,10 +110,8 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
             (State::Failed, Phase::Failed, "DEADLINE_EXCEEDED".to_string(), message)
         }
     };
-    let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
-    if journal::finish(&mut tx, None, &row.id, state, &reason, &message).await? {
-        journal::enqueue(&mut tx, &gossip::event(&subject, phase, &reason, &message, status)).await?;
-        tx.commit().await.map_err(journal::tx_error)?;
+    let announce = [gossip::event(&subject, phase, &reason, &message, status)];
+    if journal::finish(&ctx.pool, None, &row.id, state, &reason, &message, &announce).await? {
         ctx.metrics.count(state.as_str());
         ctx.outbox_wake.notify_one();
         info!(instruction = %row.id, database = %row.database_id, state = state.as_str(), reason = %reason,
@@ -141,18 +139,23 @@ async fn judge_all(ctx: &Shared, cluster: &str, database_id: &str, qdb: Option<&
 }
 
 /// Right after an apply, with the resource the apply returned (fresher than the watch): an
-/// earlier instruction still waiting is superseded now, and this one is judged at once if the
-/// operator already reported on its generation (the status may have come before the journal
-/// write). After a delete there is no returned resource: the watch's copy is used.
+/// earlier instruction still waiting (`earlier_waiting`) is superseded now, and this one is
+/// judged at once if the operator already reported on its generation (the status may have come
+/// before the journal write). After a delete there is no returned resource: the watch's copy is
+/// used. With nothing to decide, the journal is not read again.
 pub async fn evaluate_after_apply(
     ctx: &Shared,
     view: &ClusterView,
     head: &Open,
     generation: Option<i64>,
     returned: Option<&QuestDB>,
+    earlier_waiting: bool,
 ) {
     if let Some(q) = returned {
-        return judge_all(ctx, &head.cluster, &head.database_id, Some(q)).await;
+        if earlier_waiting || progress::judge(&head.operation, generation, Some(q)) != Verdict::Wait {
+            judge_all(ctx, &head.cluster, &head.database_id, Some(q)).await;
+        }
+        return;
     }
     if !view.is_synced() {
         return;

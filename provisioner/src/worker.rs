@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::Shared;
 use crate::clusters::Cluster;
 use crate::gossip::{self, Source, Subject};
-use crate::journal::{self, JournalError, Open, State};
+use crate::journal::{self, JournalError, Next, Open, State};
 use crate::mapping::{self, Action, MapError};
 
 /// The resource that reflects `instruction`: its spec, and which instruction wrote it.
@@ -269,17 +269,9 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
         Ok(ins) => ins,
         Err(e) => {
             // Journaled payloads decoded on arrival; this is corruption, not input.
-            let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
-            journal::finish(
-                &mut tx,
-                Some(&ctx.replica),
-                &head.id,
-                State::Failed,
-                "JOURNAL_CORRUPT",
-                &e.to_string(),
-            )
-            .await?;
-            tx.commit().await.map_err(journal::tx_error)?;
+            let (reason, message) = ("JOURNAL_CORRUPT", e.to_string());
+            journal::finish(&ctx.pool, Some(&ctx.replica), &head.id, State::Failed, reason, &message, &[])
+                .await?;
             return Ok(true);
         }
     };
@@ -309,8 +301,8 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
                 &event,
             )
             .await?;
-            if let Some(secs) = recorded {
-                ctx.metrics.apply_seconds.observe(secs);
+            if let Some(recorded) = recorded {
+                ctx.metrics.apply_seconds.observe(recorded.secs);
                 ctx.metrics.count("applied");
                 ctx.outbox_wake.notify_one();
                 debug!(instruction = %head.id, database = %head.database_id, "applied");
@@ -318,7 +310,16 @@ async fn apply_one(ctx: &Shared, head: &Open, known: Option<QuestDBSpec>) -> Res
                 // applied; judge it now rather than at the next sweep.
                 if let Some(view) = ctx.views.get(&head.cluster) {
                     let returned = applied.qdb.as_ref();
-                    crate::tracker::evaluate_after_apply(ctx, view, head, applied.generation, returned).await;
+                    let earlier = recorded.earlier_waiting;
+                    crate::tracker::evaluate_after_apply(
+                        ctx,
+                        view,
+                        head,
+                        applied.generation,
+                        returned,
+                        earlier,
+                    )
+                    .await;
                 }
                 Ok(true)
             } else {
@@ -401,14 +402,18 @@ async fn superseded(
     by: &str,
     message: &str,
 ) -> Result<(), JournalError> {
-    let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
     let reason = gossip::SUPERSEDED_BY_LATER;
-    let written =
-        journal::finish(&mut tx, Some(&ctx.replica), &head.id, State::Superseded, reason, message).await?;
-    if written {
-        journal::enqueue(&mut tx, &gossip::superseded(subject, by, message, None)).await?;
-    }
-    tx.commit().await.map_err(journal::tx_error)?;
+    let announce = [gossip::superseded(subject, by, message, None)];
+    let written = journal::finish(
+        &ctx.pool,
+        Some(&ctx.replica),
+        &head.id,
+        State::Superseded,
+        reason,
+        message,
+        &announce,
+    )
+    .await?;
     if !written {
         lease_lost(ctx, head);
         return Ok(());
@@ -430,34 +435,27 @@ async fn terminal(
     message: &str,
     dead_letter: Option<&v1::Instruction>,
 ) -> Result<(), JournalError> {
-    let mut tx = ctx.pool.begin().await.map_err(journal::tx_error)?;
-    let written = journal::finish(&mut tx, Some(&ctx.replica), &head.id, state, reason, message).await?;
-    if written {
-        let phase = gossip::phase_of_state(state);
-        journal::enqueue(&mut tx, &gossip::event(subject, phase, reason, message, None)).await?;
-        if dead_letter.is_some() {
-            let source = Source {
-                topic: ctx.instructions_topic.clone(),
-                partition: head.source_partition,
-                offset: head.source_offset,
-                key: Some(head.database_id.clone().into_bytes()),
-                headers: vec![],
-            };
-            journal::enqueue(
-                &mut tx,
-                &gossip::dead_letter(
-                    &source,
-                    &head.payload,
-                    &head.database_id,
-                    reason,
-                    message,
-                    ctx.publish_max_bytes,
-                ),
-            )
-            .await?;
-        }
+    let phase = gossip::phase_of_state(state);
+    let mut announce = vec![gossip::event(subject, phase, reason, message, None)];
+    if dead_letter.is_some() {
+        let source = Source {
+            topic: ctx.instructions_topic.clone(),
+            partition: head.source_partition,
+            offset: head.source_offset,
+            key: Some(head.database_id.clone().into_bytes()),
+            headers: vec![],
+        };
+        announce.push(gossip::dead_letter(
+            &source,
+            &head.payload,
+            &head.database_id,
+            reason,
+            message,
+            ctx.publish_max_bytes,
+        ));
     }
-    tx.commit().await.map_err(journal::tx_error)?;
+    let written =
+        journal::finish(&ctx.pool, Some(&ctx.replica), &head.id, state, reason, message, &announce).await?;
     if !written {
         lease_lost(ctx, head);
         return Ok(());
@@ -482,23 +480,19 @@ async fn work_on(ctx: Arc<Shared>, database_id: String, stop: CancellationToken)
         if stop.is_cancelled() {
             break;
         }
-        // Renewed per instruction: an apply may take long, and a replica that stalled past its
-        // lease (paused, partitioned) must find out before it acts again.
-        match journal::renew(&ctx.pool, &ctx.replica, &database_id, ctx.lease).await {
-            Ok(true) => {}
-            Ok(false) => {
+        // The lease is renewed with every step: an apply may take long, and a replica that
+        // stalled past its lease (paused, partitioned) must find out before it acts again.
+        let (head, known) = match journal::next(&ctx.pool, &ctx.replica, &database_id, ctx.lease).await {
+            Ok(Next::Apply(head, known)) => (head, known),
+            Ok(Next::Released) => {
+                ctx.work_wake.notify_one();
+                return;
+            }
+            Ok(Next::LeaseLost) => {
                 warn!(database = %database_id, "lease lost; leaving the database to whoever holds it");
                 ctx.work_wake.notify_one();
                 return;
             }
-            Err(e) => {
-                warn!(database = %database_id, error = %crate::error_chain(&e), "renewing the lease failed");
-                break;
-            }
-        }
-        let (head, known) = match journal::head(&ctx.pool, &database_id).await {
-            Ok(Some((h, known))) if h.due => (h, known),
-            Ok(_) => break,
             Err(e) => {
                 warn!(database = %database_id, error = %crate::error_chain(&e), "reading the journal failed");
                 break;

@@ -7,7 +7,7 @@ use anyhow::Result;
 use qdb_proto::v1::Phase;
 use qdb_provisioner::gossip::{Subject, event};
 use qdb_provisioner::journal::{
-    Accepted, NewInstruction, SUCCESSOR, State, accept, enqueue, finish, prune, record_applied, renew,
+    Accepted, NewInstruction, Next, SUCCESSOR, State, accept, enqueue, finish, next, prune, record_applied,
 };
 use qdb_tests::{Cloud, unique};
 use sqlx::PgPool;
@@ -34,14 +34,24 @@ fn ins<'a>(id: &'a str, db: &'a str, sequence: i64) -> NewInstruction<'a> {
     }
 }
 
-async fn accept_committed(pool: &PgPool, i: &NewInstruction<'_>) -> Result<Accepted> {
-    let mut tx = pool.begin().await?;
-    let outcome = accept(&mut tx, i).await?;
+fn accepted(i: &NewInstruction<'_>) -> qdb_provisioner::journal::Outgoing {
     let subject =
         Subject { instruction_id: i.id.into(), database_id: i.database_id.into(), ..Default::default() };
-    enqueue(&mut tx, &event(&subject, Phase::Accepted, "", &format!("{outcome:?}"), None)).await?;
+    event(&subject, Phase::Accepted, "", "", None)
+}
+
+async fn accept_committed(pool: &PgPool, i: &NewInstruction<'_>) -> Result<Accepted> {
+    let mut tx = pool.begin().await?;
+    let outcome = accept(&mut tx, i, &accepted(i)).await?;
     tx.commit().await?;
     Ok(outcome)
+}
+
+async fn queued(pool: &PgPool, db: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox WHERE database_id = $1")
+        .bind(db)
+        .fetch_one(pool)
+        .await?)
 }
 
 async fn states(pool: &PgPool, db: &str) -> Result<Vec<(i64, String)>> {
@@ -59,16 +69,17 @@ async fn an_instruction_id_acts_once() -> Result<()> {
     let db = unique("db");
     let id = unique("ins");
     assert_eq!(accept_committed(&pool, &ins(&id, &db, 1)).await?, Accepted::New);
+    assert_eq!(queued(&pool, &db).await?, 1, "the accepted event is queued with the instruction");
     let Accepted::Duplicate(recorded) = accept_committed(&pool, &ins(&id, &db, 1)).await? else {
         panic!("a redelivery must be recognised");
     };
     assert_eq!(recorded.state, State::Pending);
     assert_eq!(states(&pool, &db).await?, vec![(1, "pending".to_string())]);
-    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE database_id = $1")
-        .bind(&db)
-        .fetch_one(&pool)
-        .await?;
-    assert_eq!(outbox, 2, "both deliveries are answered on gossip");
+    assert_eq!(
+        queued(&pool, &db).await?,
+        1,
+        "a duplicate is not accepted again (intake announces its record)"
+    );
     Ok(())
 }
 
@@ -93,6 +104,7 @@ async fn stale_sequences_are_superseded() -> Result<()> {
             (9, "pending".into())
         ]
     );
+    assert_eq!(queued(&pool, &db).await?, 2, "only the new instructions are announced as accepted here");
     Ok(())
 }
 
@@ -115,6 +127,7 @@ async fn concurrent_deliveries_record_one_effect() -> Result<()> {
     }
     assert_eq!(new, 1);
     assert_eq!(states(&pool, &db).await?.len(), 1);
+    assert_eq!(queued(&pool, &db).await?, 1, "one accepted event");
     Ok(())
 }
 
@@ -139,9 +152,16 @@ async fn a_replica_whose_lease_ran_out_writes_nothing() -> Result<()> {
     assert_eq!(accept_committed(&pool, &ins(&id, &db, 1)).await?, Accepted::New);
     let short = std::time::Duration::from_secs(1);
     hold(&pool, &db, "replica-a", 1.0).await?;
-    assert!(renew(&pool, "replica-a", &db, short).await?, "a live lease is renewed");
+    assert!(
+        matches!(next(&pool, "replica-a", &db, short).await?, Next::Apply(..)),
+        "a live lease is renewed"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
-    assert!(!renew(&pool, "replica-a", &db, short).await?, "a lease that ran out is not renewed");
+    assert_eq!(
+        next(&pool, "replica-a", &db, short).await?,
+        Next::LeaseLost,
+        "a lease that ran out is not renewed"
+    );
     hold(&pool, &db, "replica-b", 60.0).await?;
 
     let subject = Subject { instruction_id: id.clone(), database_id: db.clone(), ..Default::default() };
@@ -149,7 +169,11 @@ async fn a_replica_whose_lease_ran_out_writes_nothing() -> Result<()> {
     let deadline = std::time::Duration::from_secs(60);
     assert_eq!(record_applied(&pool, "replica-a", &id, Some(1), deadline, None, &applied).await?, None);
     let mut tx = pool.begin().await?;
-    assert!(!finish(&mut tx, Some("replica-a"), &id, State::Rejected, "REFUSED_BY_CLUSTER", "stale").await?);
+    let refused = [applied.clone()];
+    assert!(
+        !finish(&mut *tx, Some("replica-a"), &id, State::Rejected, "REFUSED_BY_CLUSTER", "stale", &refused)
+            .await?
+    );
     tx.commit().await?;
     assert_eq!(
         states(&pool, &db).await?,
@@ -165,9 +189,133 @@ async fn a_replica_whose_lease_ran_out_writes_nothing() -> Result<()> {
     assert_eq!(queued, 0, "no gossip from the replica without the lease");
 
     assert!(record_applied(&pool, "replica-b", &id, Some(1), deadline, None, &applied).await?.is_some());
-    assert!(!renew(&pool, "replica-a", &db, short).await?, "the lease is replica-b's");
-    assert!(renew(&pool, "replica-b", &db, short).await?);
+    assert_eq!(next(&pool, "replica-a", &db, short).await?, Next::LeaseLost, "the lease is replica-b's");
+    assert_eq!(next(&pool, "replica-b", &db, short).await?, Next::Released, "nothing more is due");
     assert_eq!(states(&pool, &db).await?, vec![(1, "applied".to_string())]);
+    Ok(())
+}
+
+async fn lease_of(pool: &PgPool, db: &str) -> Result<(Option<String>, bool)> {
+    Ok(sqlx::query_as("SELECT lease_owner, lease_until > now() + interval '30 seconds' FROM databases WHERE database_id = $1")
+        .bind(db)
+        .fetch_one(pool)
+        .await
+        .map(|(owner, long): (Option<String>, Option<bool>)| (owner, long.unwrap_or(false)))?)
+}
+
+/// A worker's step is one statement (renew the lease, read the next due instruction, or give
+/// the lease back when nothing is due), where it was three; what each answer means is kept.
+#[tokio::test]
+async fn the_next_step_renews_the_lease_or_gives_it_back_when_nothing_is_due() -> Result<()> {
+    let pool = pool().await?;
+    let db = unique("db");
+    let (first, second) = (unique("ins"), unique("ins"));
+    assert_eq!(accept_committed(&pool, &ins(&first, &db, 1)).await?, Accepted::New);
+    assert_eq!(accept_committed(&pool, &ins(&second, &db, 2)).await?, Accepted::New);
+    hold(&pool, &db, "replica-a", 5.0).await?;
+    let lease = Duration::from_secs(60);
+    let Next::Apply(head, known) = next(&pool, "replica-a", &db, lease).await? else {
+        panic!("the first instruction is due");
+    };
+    assert_eq!((head.id.as_str(), head.sequence, known), (first.as_str(), 1, None), "lowest sequence first");
+    assert_eq!(lease_of(&pool, &db).await?, (Some("replica-a".into()), true), "renewed for the full lease");
+
+    let subject = Subject { instruction_id: first.clone(), database_id: db.clone(), ..Default::default() };
+    let applied = event(&subject, Phase::Applied, "", "applied", None);
+    let recorded = record_applied(&pool, "replica-a", &first, Some(1), lease, None, &applied).await?;
+    assert_eq!(recorded.map(|r| r.earlier_waiting), Some(false), "nothing earlier waits for its outcome");
+    let Next::Apply(head, _) = next(&pool, "replica-a", &db, lease).await? else {
+        panic!("the second instruction is due");
+    };
+    assert_eq!(head.id, second);
+    assert_eq!(next(&pool, "replica-b", &db, lease).await?, Next::LeaseLost, "replica-a holds it");
+    let recorded = record_applied(&pool, "replica-a", &second, Some(2), lease, None, &applied).await?;
+    assert_eq!(recorded.map(|r| r.earlier_waiting), Some(true), "the first still waits for its outcome");
+    let third = unique("ins");
+    assert_eq!(accept_committed(&pool, &ins(&third, &db, 3)).await?, Accepted::New);
+    let Next::Apply(head, _) = next(&pool, "replica-a", &db, lease).await? else {
+        panic!("the third instruction is due");
+    };
+    assert_eq!(head.id, third);
+
+    // A failed apply waits for its retry: nothing is due, so the lease goes back at once.
+    sqlx::query("UPDATE instructions SET next_attempt_at = now() + interval '1 hour' WHERE id = $1")
+        .bind(&third)
+        .execute(&pool)
+        .await?;
+    assert_eq!(next(&pool, "replica-a", &db, lease).await?, Next::Released);
+    assert_eq!(lease_of(&pool, &db).await?, (None, false), "free for any replica");
+    assert_eq!(
+        next(&pool, "replica-a", &db, lease).await?,
+        Next::LeaseLost,
+        "given back means no longer held"
+    );
+    assert_eq!(
+        states(&pool, &db).await?,
+        vec![(1, "applied".to_string()), (2, "applied".to_string()), (3, "pending".to_string())]
+    );
+    Ok(())
+}
+
+/// Ending an instruction and queueing what announces it is one statement: both happen, once, or
+/// neither.
+#[tokio::test]
+async fn an_instruction_ends_once_with_its_announcements() -> Result<()> {
+    let pool = pool().await?;
+    let db = unique("db");
+    let id = unique("ins");
+    assert_eq!(accept_committed(&pool, &ins(&id, &db, 1)).await?, Accepted::New);
+    let subject = Subject { instruction_id: id.clone(), database_id: db.clone(), ..Default::default() };
+    let mut copy = event(&subject, Phase::Rejected, "BAD", "dead letter", None);
+    copy.topic = qdb_provisioner::journal::Topic::DeadLetter;
+    copy.key = None;
+    let announce = [event(&subject, Phase::Rejected, "BAD", "rejected", None), copy];
+    assert!(finish(&pool, None, &id, State::Rejected, "BAD", "rejected", &announce).await?);
+    assert!(!finish(&pool, None, &id, State::Failed, "LATE", "again", &announce).await?, "already ended");
+    let queued: Vec<(String, Option<Vec<u8>>, Vec<u8>)> = sqlx::query_as(
+        "SELECT topic, key, payload FROM outbox WHERE database_id = $1 AND topic IN ('dlq', 'gossip') ORDER BY id",
+    )
+    .bind(&db)
+    .fetch_all(&pool)
+    .await?;
+    let expected: Vec<_> = std::iter::once(("gossip".to_string(), None, None))
+        .chain(announce.iter().map(|o| {
+            let topic = if o.topic == qdb_provisioner::journal::Topic::DeadLetter { "dlq" } else { "gossip" };
+            (topic.to_string(), o.key.clone(), Some(o.payload.clone()))
+        }))
+        .collect();
+    let got: Vec<_> = queued
+        .into_iter()
+        .enumerate()
+        .map(
+            |(i, (topic, key, payload))| {
+                if i == 0 { (topic, None, None) } else { (topic, key, Some(payload)) }
+            },
+        )
+        .collect();
+    assert_eq!(got, expected, "the accepted event, then both announcements, once");
+    assert_eq!(states(&pool, &db).await?, vec![(1, "rejected".to_string())]);
+    Ok(())
+}
+
+/// The drainers' lock is taken in the statement that reads the outbox: a transaction that does
+/// not get it reads nothing, not even a row it queued itself.
+#[tokio::test]
+async fn an_outbox_batch_is_read_only_under_the_drainers_lock() -> Result<()> {
+    let pool = pool().await?;
+    // A lock key of this test's own: the provisioners of tests running beside it use DRAIN_LOCK.
+    let key = 0x71db_7e57;
+    let mut holder = pool.begin().await?;
+    let held: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(key).fetch_one(&mut *holder).await?;
+    assert!(held);
+    let mut other = pool.begin().await?;
+    let subject = Subject { instruction_id: unique("ins"), database_id: unique("db"), ..Default::default() };
+    enqueue(&mut other, &event(&subject, Phase::Accepted, "", "", None)).await?;
+    let batch = qdb_provisioner::journal::outbox_batch(&mut other, key, 100_000).await?;
+    assert!(batch.is_empty(), "read {} rows without the lock", batch.len());
+    other.rollback().await?;
+    holder.rollback().await?;
     Ok(())
 }
 
@@ -182,7 +330,7 @@ async fn finished_instructions_are_pruned_after_the_retention_and_their_replay_s
     assert_eq!(accept_committed(&pool, &ins(&done, &db, 1)).await?, Accepted::New);
     assert_eq!(accept_committed(&pool, &ins(&open, &db, 2)).await?, Accepted::New);
     let mut conn = pool.acquire().await?;
-    assert!(finish(&mut conn, None, &done, State::Succeeded, "", "").await?);
+    assert!(finish(&mut *conn, None, &done, State::Succeeded, "", "", &[]).await?);
     drop(conn);
     let hour = std::time::Duration::from_secs(3600);
     // Finished a minute ago: kept.
@@ -251,10 +399,14 @@ async fn finding_a_successor_reads_one_databases_rows_through_an_index() -> Resu
     let (db, others) = (unique("db"), unique("other"));
     for k in 0..3000 {
         let id = format!("{others}-{k}");
-        accept(&mut tx, &ins(&id, &format!("{others}-{}", k % 300), 1 + k / 300)).await?;
-        finish(&mut tx, None, &id, State::Succeeded, "", "").await?;
+        let of = format!("{others}-{}", k % 300);
+        let i = ins(&id, &of, 1 + k / 300);
+        accept(&mut tx, &i, &accepted(&i)).await?;
+        finish(&mut *tx, None, &id, State::Succeeded, "", "", &[]).await?;
     }
-    accept(&mut tx, &ins(&unique("ins"), &db, 1)).await?;
+    let id = unique("ins");
+    let i = ins(&id, &db, 1);
+    accept(&mut tx, &i, &accepted(&i)).await?;
     sqlx::query("ANALYZE instructions").execute(&mut *tx).await?;
     let plan: serde_json::Value =
         sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN (FORMAT JSON) {SUCCESSOR}")))
