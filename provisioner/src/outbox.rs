@@ -30,7 +30,7 @@ pub enum Topic {
 }
 
 impl Topic {
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Topic::Gossip => "gossip",
             Topic::DeadLetter => "dlq",

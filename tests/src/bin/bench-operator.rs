@@ -157,8 +157,8 @@ struct Waited {
 
 /// How often the harness lists the databases while it waits: once a second, and less often for
 /// many, so its lists stay a small share of the CPU the system under test needs (at 1000
-/// databases, a list a second took 0.35 of a core in the harness and more in the apiserver). The
-/// convergence time is late by at most this.
+/// databases, a list a second took 0.12 of a core in the harness over the run, besides the
+/// apiserver's work of serving it). The convergence time is late by at most this.
 fn poll_every(n: usize) -> Duration {
     Duration::from_millis((n as u64 * 5).max(1000))
 }
