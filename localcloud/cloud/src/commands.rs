@@ -119,7 +119,9 @@ fn start_cluster_and_its_servers(cloud: &Cloud, c: &Cluster, emulator: &Gate) ->
     cluster::start(cloud, c)?;
     let failures = Failures::default();
     thread::scope(|scope| {
-        scope.spawn(|| failures.run(cloud, || traefik::start(cloud, c)));
+        if cloud.settings.routes {
+            scope.spawn(|| failures.run(cloud, || traefik::start(cloud, c)));
+        }
         failures.run(cloud, || {
             emulator.wait(cloud)?;
             aws::network(cloud, c)?;

@@ -160,6 +160,11 @@ pub struct Settings {
     /// The node simulator's runtime: `real` (installed QuestDB versions run) or `simulated`
     /// (no process; the scale benchmarks).
     pub node_runtime: String,
+    /// Whether each cluster's Traefik runs (`QDB_ROUTES=off` leaves it down). The scale
+    /// benchmarks measure the control plane, which only writes the routes: at 1000 databases the
+    /// loopback Traefik took 0.41 of the two cores rebuilding its configuration from every route on
+    /// each change, CPU that in production belongs to the cluster's own ingress nodes.
+    pub routes: bool,
     pub tools: Tools,
     /// The repository's `localcloud/` directory: the script, Kafka's log config, the emulator,
     /// the RBAC bindings.
@@ -210,6 +215,11 @@ impl Settings {
             k8s_version: required("QDB_K8S_VERSION")?,
             aws_timing,
             node_runtime: get("QDB_NODE_RUNTIME").unwrap_or_else(|| "real".into()),
+            routes: match get("QDB_ROUTES").as_deref() {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => bail!("QDB_ROUTES={other}: expected on or off"),
+            },
             tools: Tools {
                 k8s_bin: handed("LOCALCLOUD_K8S_BIN")?,
                 etcd: handed("LOCALCLOUD_ETCD")?,
@@ -358,6 +368,15 @@ pub(crate) mod tests {
         let v = vars(&[("QDB_CLOUD_PROFILE", "fast")]);
         let e = Settings::from_lookup(|k| v.get(k).cloned(), true).expect_err("an unknown profile");
         assert!(e.to_string().contains("QDB_CLOUD_PROFILE=fast"), "{e}");
+    }
+
+    #[test]
+    fn the_routes_run_unless_turned_off() {
+        assert!(settings(&[]).routes);
+        assert!(!settings(&[("QDB_ROUTES", "off")]).routes);
+        let v = vars(&[("QDB_ROUTES", "no")]);
+        let e = Settings::from_lookup(|k| v.get(k).cloned(), true).expect_err("an unknown value");
+        assert!(e.to_string().contains("QDB_ROUTES=no"), "{e}");
     }
 
     #[test]
