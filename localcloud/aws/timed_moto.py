@@ -21,6 +21,8 @@ still stopping). So this wraps moto's EC2 backend in-process, before its server 
   them); a live instance's private address is never handed to another (moto's may be);
 - ModifyVolume: a second modification of a volume within QDB_AWS_MODIFY_COOLDOWN_SECONDS (default 21600, EBS's six hours) of
   the last is refused with VolumeModificationRateExceeded, as EBS refuses it;
+- snapshots: pending -> completed takes QDB_AWS_SNAPSHOT_SECONDS, and they keep the volume's data
+  (ebs_data.py, in either timing);
 - every AttachVolume / DetachVolume / StopInstances / TerminateInstances is appended to
   QDB_AWS_CALL_LOG (JSON lines) with the true state, at that moment, of every instance that ever
   held the volume, so a test can prove the fencing order from the calls themselves.
@@ -38,6 +40,7 @@ import sys
 import threading
 import time
 
+import ebs_data
 import fast_serialize
 from moto import server
 from moto.core.responses import BaseResponse
@@ -62,6 +65,8 @@ def seconds_range(name, default):
 INSTANCE_SECONDS = seconds_range("QDB_AWS_INSTANCE_SECONDS", "3-8")
 VOLUME_SECONDS = seconds_range("QDB_AWS_VOLUME_SECONDS", "1-4")
 DESCRIBE_LAG_SECONDS = seconds_range("QDB_AWS_DESCRIBE_LAG_SECONDS", "0-3")
+# EBS reports a snapshot pending for minutes while it uploads; shorter here, as the other delays.
+SNAPSHOT_SECONDS = seconds_range("QDB_AWS_SNAPSHOT_SECONDS", "2-6")
 CALL_LOG = os.environ.get("QDB_AWS_CALL_LOG")
 MODIFY_COOLDOWN_SECONDS = float(os.environ.get("QDB_AWS_MODIFY_COOLDOWN_SECONDS", "21600"))
 
@@ -462,6 +467,9 @@ def run_internal(fn):
 if __name__ == "__main__":
     # Cheaper answers, the same bytes (check_fast_serialize.py): in either timing.
     fast_serialize.install()
-    if os.environ.get("QDB_AWS_TIMING", "realistic") != "instant":
+    realistic = os.environ.get("QDB_AWS_TIMING", "realistic") != "instant"
+    if realistic:
         install()
+    # Snapshots keep their data in either timing; only their pending time is timing.
+    ebs_data.install(lambda: jitter(SNAPSHOT_SECONDS) if realistic else 0)
     server.main(sys.argv[1:])

@@ -159,6 +159,7 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
             throughput_mibps: None,
             reclaim_policy: ReclaimPolicy::Delete,
             from_volume: None,
+            from_snapshot: None,
         },
         server_config: Default::default(),
         paused: false,
@@ -228,6 +229,7 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
             throughput_mibps: volume.throughput_mibps,
             reclaim_policy: ReclaimPolicy::Delete,
             from_volume: volume.from_volume_id.clone(),
+            from_snapshot: volume.from_snapshot_id.clone(),
         },
         server_config: spec.server_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         paused: false,
@@ -294,6 +296,7 @@ mod tests {
                 throughput_mibps: None,
                 reclaim_policy: ReclaimPolicy::Delete,
                 from_volume: None,
+                from_snapshot: None,
             }
         );
         assert_eq!(spec.server_config.get("cairo.commit.lag").map(String::as_str), Some("1000"));
@@ -302,7 +305,7 @@ mod tests {
     }
 
     #[test]
-    fn a_create_from_a_kept_volume_names_it() {
+    fn a_create_from_a_kept_volume_or_a_snapshot_names_it() {
         let mut from = proto_spec();
         if let Some(v) = from.volume.as_mut() {
             v.from_volume_id = Some("vol-0123456789abcdef0".into());
@@ -313,8 +316,14 @@ mod tests {
         if let Some(v) = from.volume.as_mut() {
             v.from_volume_id = Some("snap-1".into());
         }
-        let bad = desired(&ins(Operation::Create(Create { adopt: None, spec: Some(from) })), None);
+        let bad = desired(&ins(Operation::Create(Create { adopt: None, spec: Some(from.clone()) })), None);
         assert!(matches!(bad, Err(MapError::Invalid(_))), "{bad:?}");
+        if let Some(v) = from.volume.as_mut() {
+            v.from_volume_id = None;
+            v.from_snapshot_id = Some("snap-0123456789abcdef0".into());
+        }
+        let spec = applied(desired(&ins(Operation::Create(Create { adopt: None, spec: Some(from) })), None));
+        assert_eq!(spec.volume.from_snapshot.as_deref(), Some("snap-0123456789abcdef0"));
     }
 
     #[test]

@@ -76,6 +76,13 @@ pub async fn query_text(db: &Ingress, sql: &'static str) -> Result<String> {
     row.try_get::<String, _>(0).with_context(|| format!("{sql}: first column"))
 }
 
+/// A statement that returns no rows, e.g. `CHECKPOINT CREATE`.
+pub async fn execute(db: &Ingress, sql: &'static str) -> Result<()> {
+    let mut conn = connect(db).await?;
+    sqlx::raw_sql(sql).execute(&mut conn).await.with_context(|| format!("{sql} on {}", db.dns_name))?;
+    Ok(())
+}
+
 /// Rows of two LONG columns, e.g. `SELECT id, cast(timestamp AS long) FROM t`.
 pub async fn query_pairs(db: &Ingress, sql: &'static str) -> Result<Vec<(i64, i64)>> {
     let mut conn = connect(db).await?;

@@ -94,6 +94,12 @@ async fn crd_validates_on_the_apiserver() -> Result<()> {
         let mut grown = api.get("good").await?;
         grown.spec.volume.size_gib = 200;
         api.replace("good", &PostParams::default(), &grown).await.context("growing the volume refused")?;
+        // The snapshot a database starts from is set at create and never changes.
+        let mut restored = api.get("good").await?;
+        restored.spec.volume.from_snapshot = Some("snap-0123456789abcdef0".into());
+        let err =
+            api.replace("good", &PostParams::default(), &restored).await.expect_err("a snapshot added later");
+        assert!(err.to_string().contains("volume.fromSnapshot cannot change"), "unclear rejection: {err}");
 
         // ... and the version goes down only as a deliberate rollback.
         let mut older = api.get("good").await?;

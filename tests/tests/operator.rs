@@ -1355,8 +1355,8 @@ async fn the_orphan_sweep_reports_or_deletes_what_no_database_owns() -> Result<(
     };
     let instance = aws.launch_instance(&orphan, &launch).await?;
     let small: qdb_crd::VolumeSpec = serde_json::from_value(json!({"sizeGib": 1, "type": "gp3"}))?;
-    let volume = aws.create_volume(&orphan, &instance.zone, &small).await?;
-    let retained = aws.create_volume(&kept, &instance.zone, &small).await?;
+    let volume = aws.create_volume(&orphan, &instance.zone, &small, None).await?;
+    let retained = aws.create_volume(&kept, &instance.zone, &small, None).await?;
     aws.retag(&retained.id, &[(qdb_crd::keys::RETAINED.into(), "true".into())], &[]).await?;
     let reported = |m: &str| qdb_tests::metric_total(m, "qdb_operator_orphans_total", "action=\"reported\"");
     eventually("the orphans reported", T, || async {

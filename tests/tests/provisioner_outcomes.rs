@@ -217,6 +217,7 @@ impl Gen {
                 iops,
                 throughput_mibps,
                 from_volume_id: None,
+                from_snapshot_id: None,
             }),
             server_config: self.config(),
             allowed_cidrs: self.cidrs(),

@@ -10,7 +10,7 @@ use base64::Engine;
 
 use crate::process::{self, Proc, need_port};
 use crate::settings::{Cluster, Settings};
-use crate::{Cloud, cluster, probe};
+use crate::{Cloud, cluster, nodesim, probe};
 
 /// `moto`, not the script's name: tests find the emulator's pid file under this name
 /// (QDB_MOTO_PID_FILE) to freeze it.
@@ -48,7 +48,11 @@ pub fn start(cloud: &Cloud) -> Result<()> {
     cmd.arg(s.localcloud_dir.join("aws/timed_moto.py"))
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .env("QDB_AWS_CALL_LOG", call_log(s))
-        .env("QDB_AWS_TIMING", &s.aws_timing);
+        .env("QDB_AWS_TIMING", &s.aws_timing)
+        // Where the node simulators keep the volumes' storage, which snapshots copy.
+        .env("QDB_AWS_VOLUMES_DIR", nodesim::volumes_dir(s))
+        .env("QDB_AWS_VOLUME_IMAGES_DIR", nodesim::volume_images_dir(s))
+        .env("QDB_AWS_SNAPSHOTS_DIR", nodesim::snapshots_dir(s));
     process::start(cloud, &p, cmd)?;
     process::wait_for(cloud, &p, "AWS emulator", 60, || probe::http(port, "/moto-api/data.json"))
 }

@@ -22,6 +22,16 @@ pub fn volumes_dir(s: &Settings) -> std::path::PathBuf {
     s.run.join("ebs")
 }
 
+/// The volumes' block devices (XFS images), where the machine can loop-mount them.
+pub fn volume_images_dir(s: &Settings) -> std::path::PathBuf {
+    s.run.join("ebs-images")
+}
+
+/// The EBS snapshots' copies of their volumes' storage, kept by the AWS emulator (ebs_data.py).
+pub fn snapshots_dir(s: &Settings) -> std::path::PathBuf {
+    s.run.join("ebs-snapshots")
+}
+
 /// Unmounts every volume mounted under `dir` (the simulators mount XFS images there; a killed
 /// one leaves its mounts), so the directory can be removed.
 pub fn unmount_volumes(dir: &std::path::Path) -> Result<()> {
@@ -85,7 +95,7 @@ pub fn start(cloud: &Cloud, c: &Cluster) -> Result<()> {
         .arg("--volumes-dir")
         .arg(volumes_dir(s))
         .arg("--volume-images-dir")
-        .arg(s.run.join("ebs-images"))
+        .arg(volume_images_dir(s))
         .arg("--logs-dir")
         .arg(s.cluster_dir(c).join("pods"))
         .args(["--bridge", &bridge(s, c), "--bridge-address", &c.vpc_gateway()])

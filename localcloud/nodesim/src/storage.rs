@@ -5,6 +5,9 @@
 //! (what the EBS CSI node plugin's NodeExpandVolume does on a real node). Elsewhere a volume is a
 //! plain directory and growth changes nothing on disk.
 //!
+//! A volume created from an EBS snapshot finds its storage made already: the AWS emulator copied
+//! the snapshot's (localcloud/aws/ebs_data.py), and it is mounted as it is, not formatted.
+//!
 //! XFS, not ext4: growing ext4 online needs CAP_SYS_RESOURCE, which this machine kind does not
 //! grant (resize2fs: "Permission denied to resize filesystem"); xfs_growfs needs CAP_SYS_ADMIN,
 //! which mounting needs anyway.
@@ -105,7 +108,9 @@ impl Storage {
             info!(volume = volume_id, size_bytes, "volume formatted (xfs)");
         }
         if !is_mounted(&root)? {
-            run("mount", &["-o", "loop", path_str(&image), path_str(&root)]).await?;
+            // nouuid: a volume restored from a snapshot has its source's filesystem UUID, and on
+            // this one machine the source may still be mounted (on EC2 they are other machines).
+            run("mount", &["-o", "loop,nouuid", path_str(&image), path_str(&root)]).await?;
             info!(volume = volume_id, at = %root.display(), "volume mounted");
         }
         self.mine.lock().expect("storage lock").insert(volume_id.to_string());

@@ -127,12 +127,18 @@ pub struct AdoptSpec {
 }
 
 /// The apiserver itself refuses a shrink (a CEL transition rule), whoever writes the spec: EBS
-/// volumes and their filesystems only grow.
+/// volumes and their filesystems only grow. Likewise the snapshot a database started from: its
+/// volume's create is retried under one ClientToken, which EC2 answers with an error if the
+/// parameters changed.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "self.sizeGib >= oldSelf.sizeGib",
     "message": "volume.sizeGib can only grow",
+    "reason": "FieldValueForbidden",
+}, {
+    "rule": "has(self.fromSnapshot) == has(oldSelf.fromSnapshot) && (!has(self.fromSnapshot) || self.fromSnapshot == oldSelf.fromSnapshot)",
+    "message": "volume.fromSnapshot cannot change",
     "reason": "FieldValueForbidden",
 }]))]
 pub struct VolumeSpec {
@@ -159,6 +165,13 @@ pub struct VolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^vol-[0-9a-f]{8,17}$"))]
     pub from_volume: Option<String>,
+    /// Start from this EBS snapshot of the cluster, with its data, instead of an empty volume
+    /// (a clone, or a database brought back from its snapshot): read while the database has no
+    /// volume yet; the new volume is at least the snapshot's size, in the zone the node launches
+    /// in. It cannot change once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^snap-[0-9a-f]{8,17}$"))]
+    pub from_snapshot: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -468,6 +481,9 @@ pub enum WaitReason {
     InstanceStarting,
     /// The data volume is not available yet.
     VolumeCreating,
+    /// The snapshot the database starts from is not completed yet (EBS makes no volume from a
+    /// pending one).
+    SnapshotPending,
     /// The data volume is attaching.
     VolumeAttaching,
     /// The data volume is being released by an instance.
@@ -504,6 +520,7 @@ impl WaitReason {
             Self::NodeNotReady => "NodeNotReady",
             Self::InstanceStarting => "InstanceStarting",
             Self::VolumeCreating => "VolumeCreating",
+            Self::SnapshotPending => "SnapshotPending",
             Self::VolumeAttaching => "VolumeAttaching",
             Self::VolumeDetaching => "VolumeDetaching",
             Self::VolumeInUse => "VolumeInUse",

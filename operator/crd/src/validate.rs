@@ -31,6 +31,10 @@ pub enum SpecError {
     DnsName(String),
     #[error("volume to start from {0:?} is not an EBS volume id like vol-0123456789abcdef0")]
     FromVolume(String),
+    #[error("snapshot to start from {0:?} is not an EBS snapshot id like snap-0123456789abcdef0")]
+    FromSnapshot(String),
+    #[error("a database starts from one of a kept volume, a snapshot or an adopted volume")]
+    TwoStarts,
     #[error("adopt: {0}")]
     Adopt(String),
 }
@@ -66,16 +70,19 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     if let Some(id) = spec.volume.from_volume.as_ref().filter(|id| !is_resource_id(id, "vol-")) {
         errors.push(SpecError::FromVolume(id.clone()));
     }
+    if let Some(id) = spec.volume.from_snapshot.as_ref().filter(|id| !is_resource_id(id, "snap-")) {
+        errors.push(SpecError::FromSnapshot(id.clone()));
+    }
+    let starts =
+        [spec.volume.from_volume.is_some(), spec.volume.from_snapshot.is_some(), spec.adopt.is_some()];
+    if starts.iter().filter(|s| **s).count() > 1 {
+        errors.push(SpecError::TwoStarts);
+    }
     if let Some(a) = &spec.adopt {
         for (id, prefix) in [(&a.instance_id, "i-"), (&a.volume_id, "vol-"), (&a.security_group_id, "sg-")] {
             if !is_resource_id(id, prefix) {
                 errors.push(SpecError::Adopt(format!("{id:?} is not an id like {prefix}0123456789abcdef0")));
             }
-        }
-        if spec.volume.from_volume.is_some() {
-            errors.push(SpecError::Adopt(
-                "a database adopts its volume or starts from a kept one, not both".into(),
-            ));
         }
     }
     for cidr in &spec.network.allowed_cidrs {
@@ -228,6 +235,7 @@ mod tests {
                 throughput_mibps: None,
                 reclaim_policy: ReclaimPolicy::Delete,
                 from_volume: None,
+                from_snapshot: None,
             },
             server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
             paused: false,
@@ -280,7 +288,20 @@ mod tests {
         }
         let errors = validate(&s).unwrap_err();
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(matches!(&errors[0], SpecError::Adopt(m) if m.contains("sg-")), "{errors:?}");
+        assert!(errors.contains(&SpecError::TwoStarts), "{errors:?}");
+        assert!(errors.iter().any(|e| matches!(e, SpecError::Adopt(m) if m.contains("sg-"))), "{errors:?}");
+    }
+
+    #[test]
+    fn a_database_starts_from_one_snapshot_id_and_nothing_else() {
+        let mut s = spec();
+        s.volume.from_snapshot = Some("snap-0123456789abcdef0".into());
+        assert_eq!(validate(&s), Ok(()));
+        s.volume.from_snapshot = Some("vol-0123456789abcdef0".into());
+        assert_eq!(validate(&s), Err(vec![SpecError::FromSnapshot("vol-0123456789abcdef0".into())]));
+        s.volume.from_snapshot = Some("snap-0123456789abcdef0".into());
+        s.volume.from_volume = Some("vol-0123456789abcdef0".into());
+        assert_eq!(validate(&s), Err(vec![SpecError::TwoStarts]));
     }
 
     #[test]
@@ -316,6 +337,7 @@ mod tests {
             throughput_mibps,
             reclaim_policy: ReclaimPolicy::Delete,
             from_volume: None,
+            from_snapshot: None,
         };
         use VolumeType::*;
         for ok in [

@@ -130,6 +130,43 @@ impl VolumeState {
     }
 }
 
+/// A data volume made from a snapshot: which one, and the size (at least the snapshot's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restore {
+    pub snapshot_id: String,
+    pub size_gib: u32,
+}
+
+/// An EBS snapshot a database may start from (`spec.volume.fromSnapshot`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EbsSnapshot {
+    pub id: String,
+    pub state: SnapshotState,
+    /// The size of the volume it was taken of: EBS makes no smaller volume from it.
+    pub volume_size_gib: u32,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotState {
+    Pending,
+    Completed,
+    Error,
+    Unknown,
+}
+
+impl SnapshotState {
+    fn from_ec2(state: Option<&aws_sdk_ec2::types::SnapshotState>) -> Self {
+        use aws_sdk_ec2::types::SnapshotState as S;
+        match state {
+            Some(S::Pending) => Self::Pending,
+            Some(S::Completed) => Self::Completed,
+            Some(S::Error) => Self::Error,
+            _ => Self::Unknown,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attachment {
     pub instance_id: String,
@@ -630,9 +667,10 @@ impl Aws {
         owner: &Owner,
         zone: &str,
         want: &VolumeSpec,
+        from: Option<&Restore>,
     ) -> Result<Volume, AwsError> {
         const OP: &str = "CreateVolume";
-        let size_gib = want.size_gib;
+        let size_gib = from.map_or(want.size_gib, |r| r.size_gib);
         let volume_type = want.type_.as_str();
         let size = to_ec2(OP, "size (GiB)", Some(size_gib))?;
         let mut tags = self.tags(owner);
@@ -646,6 +684,7 @@ impl Aws {
             .set_iops(to_ec2(OP, "iops", want.iops)?)
             .set_throughput(to_ec2(OP, "throughput (MiB/s)", want.throughput_mibps)?)
             .encrypted(true)
+            .set_snapshot_id(from.map(|r| r.snapshot_id.clone()))
             .tag_specifications(tag_spec(ResourceType::Volume, &tags))
             // A database has one data volume in its life: the same token for every try, so a
             // create that timed out and is tried again (in a later pass) cannot make a second.
@@ -663,6 +702,27 @@ impl Aws {
             attachments: Vec::new(),
             tags: if out.tags().is_empty() { tags.into_iter().collect() } else { tag_map(out.tags()) },
         })
+    }
+
+    /// The snapshot `id` if EC2 lists it among the cluster's (tagged with `cluster`), else None:
+    /// a database starts only from its own cluster's snapshots (the IAM policy says the same).
+    pub async fn find_snapshot(&self, id: &str, cluster: &str) -> Result<Option<EbsSnapshot>, AwsError> {
+        const OP: &str = "DescribeSnapshots";
+        let by_id = Filter::builder().name("snapshot-id").values(id).build();
+        // The account's own: without an owner, EC2 also searches every public snapshot.
+        let req = self
+            .ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(by_id)
+            .filters(tag_filter(keys::CLUSTER, cluster));
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        Ok(out.snapshots().iter().find(|s| s.snapshot_id() == Some(id)).map(|s| EbsSnapshot {
+            id: id.to_string(),
+            state: SnapshotState::from_ec2(s.state()),
+            volume_size_gib: from_ec2(s.volume_size()).unwrap_or(0),
+            tags: tag_map(s.tags()),
+        }))
     }
 
     /// Tags an existing resource: `tags` set (replacing their values), the `remove` keys deleted.

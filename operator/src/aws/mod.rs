@@ -43,8 +43,9 @@ use prometheus_client::registry::Registry;
 use qdb_crd::{OPERATOR_MANAGER, keys};
 
 pub use ec2::{
-    Attachment, AttachmentState, Instance, InstanceState, InstanceType, Launch, MODIFICATION_RATE_EXCEEDED,
-    SecurityGroup, Volume, VolumeChange, VolumeState, launch_of, launch_token,
+    Attachment, AttachmentState, EbsSnapshot, Instance, InstanceState, InstanceType, Launch,
+    MODIFICATION_RATE_EXCEEDED, Restore, SecurityGroup, SnapshotState, Volume, VolumeChange, VolumeState,
+    launch_of, launch_token,
 };
 pub use error::{AwsError, Outcome, classify};
 use limiter::TokenBucket;

@@ -38,6 +38,8 @@ pub struct Desired {
     /// Taking over a running database: existing children only gain owner references
     /// ([`QuestDB::adopting`]).
     pub adopting: bool,
+    /// When the apiserver created the resource (None only for objects built in tests).
+    pub created: Option<jiff::Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -64,7 +66,8 @@ impl Desired {
             ..qdb.controller_owner_ref(&()).ok_or(Invalid::Missing("uid"))?
         };
         let dns_name = dns::dns_name(&names, &qdb.spec, dns_zone);
-        Ok(Self { names, owner, spec: qdb.spec.clone(), dns_name, adopting: qdb.adopting() })
+        let created = meta.creation_timestamp.as_ref().map(|t| t.0);
+        Ok(Self { names, owner, spec: qdb.spec.clone(), dns_name, adopting: qdb.adopting(), created })
     }
 
     /// Metadata of a namespaced child: its name, the common labels and the controller reference.
@@ -104,6 +107,7 @@ pub(crate) mod fixtures {
                     throughput_mibps: None,
                     reclaim_policy: ReclaimPolicy::Delete,
                     from_volume: None,
+                    from_snapshot: None,
                 },
                 server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
                 paused: false,

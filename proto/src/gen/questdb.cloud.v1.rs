@@ -84,6 +84,11 @@ pub struct Volume {
     /// retain_volume); the node goes to its zone, and size_gib grows it if larger.
     #[prost(string, optional, tag = "5")]
     pub from_volume_id: ::core::option::Option<::prost::alloc::string::String>,
+    /// Create only: start from this EBS snapshot of the regional cluster and its data (a clone, or a
+    /// database brought back from its snapshot) instead of an empty volume; not with
+    /// from_volume_id. The volume is at least the snapshot's size.
+    #[prost(string, optional, tag = "6")]
+    pub from_snapshot_id: ::core::option::Option<::prost::alloc::string::String>,
 }
 /// Create the database with this spec.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -14,7 +14,8 @@ use qdb_crd::{DegradedReason, WaitReason, keys};
 
 use self::facts::{by_instance, nodes_of, zone_health};
 use self::plan::{
-    MODIFICATION_COOLDOWN, Take, VolumeAction, is_live, modifiable_at, next_launch, plan_volume, take_volume,
+    FromSnapshot, MODIFICATION_COOLDOWN, Take, VolumeAction, from_snapshot, is_live, modifiable_at,
+    next_launch, plan_volume, take_volume,
 };
 use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
@@ -23,7 +24,7 @@ use super::{Error, Facts, adopt, attachment, aws_err, owner_of};
 use crate::aws::ec2::tag_filter;
 use crate::aws::{
     AttachmentState, Aws, AwsError, Instance, InstanceState, Launch, MODIFICATION_RATE_EXCEEDED, Owner,
-    Volume, VolumeChange, launch_of,
+    Restore, Volume, VolumeChange, launch_of,
 };
 use crate::build::Desired;
 use crate::build::security_group::{desired_rules, sg_diff};
@@ -86,6 +87,16 @@ pub async fn ensure(
     {
         volume = take_kept_volume(ctx, &owner, id, facts).await?;
         if volume.is_none() {
+            return Ok(());
+        }
+    }
+    let mut restore = None;
+    if volume.is_none()
+        && known_volume.is_none()
+        && let Some(id) = &d.spec.volume.from_snapshot
+    {
+        restore = restore_from(ctx, d, &owner, id, facts).await?;
+        if restore.is_none() {
             return Ok(());
         }
     }
@@ -183,7 +194,18 @@ pub async fn ensure(
         if facts.replacement.is_none() || volume.is_none() {
             // Nothing to move (a volume not made yet goes where the instance is).
             facts.replacement = None;
-            return finish(ctx, d, instance, volume, known_volume, instances, &nodes, facts).await;
+            return finish(
+                ctx,
+                d,
+                instance,
+                volume,
+                known_volume,
+                restore.as_ref(),
+                instances,
+                &nodes,
+                facts,
+            )
+            .await;
         }
     }
     let (Some(volume), Some(m)) = (volume, facts.replacement.as_ref()) else {
@@ -216,6 +238,8 @@ async fn finish(
     instance: Instance,
     volume: Option<crate::aws::Volume>,
     known_volume: Option<&str>,
+    // How a volume yet to be made starts: from this snapshot, else empty.
+    restore: Option<&Restore>,
     instances: Vec<Instance>,
     nodes: &HashMap<String, (String, NodeSeen)>,
     facts: &mut Facts,
@@ -240,10 +264,11 @@ async fn finish(
                     return Ok(());
                 }
                 VolumeAction::Create => {
-                    let create = aws.create_volume(&owner, &instance.zone, &d.spec.volume);
+                    let create = aws.create_volume(&owner, &instance.zone, &d.spec.volume, restore);
                     let v = creating(facts, create).await.map_err(aws_err("creating the volume"))?;
                     ctx.inventory.created_volume(d.names.uid(), &v);
-                    facts.did("CreatedVolume", format!("{} ({} GiB) in {}", v.id, v.size_gib, v.zone));
+                    let from = restore.map(|r| format!(" from {}", r.snapshot_id)).unwrap_or_default();
+                    facts.did("CreatedVolume", format!("{} ({} GiB) in {}{from}", v.id, v.size_gib, v.zone));
                     volume = Some(v);
                     created = true;
                 }
@@ -482,6 +507,35 @@ async fn take_kept_volume(
         }
         // take_volume takes only a volume it was given.
         (Take::Take, None) => Ok(None),
+    }
+}
+
+/// The snapshot a new database starts from, read while it has no volume (DescribeSnapshots by
+/// id among the cluster's): the restore to make, or None when the pass waits or the spec is wrong.
+async fn restore_from(
+    ctx: &Context,
+    d: &Desired,
+    owner: &Owner,
+    id: &str,
+    facts: &mut Facts,
+) -> Result<Option<Restore>, Error> {
+    let found = ctx
+        .aws
+        .find_snapshot(id, &owner.cluster)
+        .await
+        .map_err(aws_err("reading the snapshot to start from"))?;
+    let age = d.created.map(|t| jiff::Timestamp::now().duration_since(t));
+    let age = age.and_then(|a| std::time::Duration::try_from(a).ok()).unwrap_or_default();
+    match from_snapshot(found.as_ref(), id, d.spec.volume.size_gib, age) {
+        FromSnapshot::Restore(r) => Ok(Some(r)),
+        FromSnapshot::Wait(message) => {
+            facts.wait(WaitReason::SnapshotPending, message);
+            Ok(None)
+        }
+        FromSnapshot::Refuse(message) => {
+            facts.pod_failure = Some((DegradedReason::InvalidSpec, message));
+            Ok(None)
+        }
     }
 }
 

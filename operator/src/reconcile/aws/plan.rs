@@ -6,7 +6,10 @@
 use qdb_crd::{VolumeSpec, WaitReason, keys};
 
 use crate::aws::inventory::LISTING_LAG;
-use crate::aws::{AttachmentState, Instance, InstanceState, Volume, VolumeChange, VolumeState};
+use crate::aws::{
+    AttachmentState, EbsSnapshot, Instance, InstanceState, Restore, SnapshotState, Volume, VolumeChange,
+    VolumeState,
+};
 
 pub fn is_live(i: &Instance) -> bool {
     matches!(i.state, InstanceState::Pending | InstanceState::Running)
@@ -85,6 +88,49 @@ pub fn take_volume(v: Option<&Volume>, id: &str, uid: &str) -> Take {
     match v.attachments.first() {
         Some(a) => Take::Wait(format!("{id} is still attached to {}", a.instance_id)),
         None => Take::Take,
+    }
+}
+
+/// What a database that starts from a snapshot (`spec.volume.fromSnapshot`) may do while it has
+/// no volume: decided before its instance launches, so a wrong id fails the database at once and
+/// a pending snapshot holds the launch back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromSnapshot {
+    /// Its volume is made from the snapshot, at least the snapshot's size.
+    Restore(Restore),
+    Wait(String),
+    /// Only a change of the spec cures it.
+    Refuse(String),
+}
+
+/// `snapshot` is what EC2 lists for the id among the cluster's snapshots; `age` how long the
+/// database has existed. A snapshot taken a moment before the create may not be listed yet
+/// (EC2's Describe calls lag its writes): missing counts as wrong only after [`LISTING_LAG`].
+pub fn from_snapshot(
+    snapshot: Option<&EbsSnapshot>,
+    id: &str,
+    size_gib: u32,
+    age: std::time::Duration,
+) -> FromSnapshot {
+    let Some(s) = snapshot else {
+        if age < LISTING_LAG {
+            return FromSnapshot::Wait(format!("EC2 does not list snapshot {id} yet"));
+        }
+        return FromSnapshot::Refuse(format!("EC2 lists no snapshot {id} of this cluster"));
+    };
+    match s.state {
+        SnapshotState::Completed => FromSnapshot::Restore(Restore {
+            snapshot_id: id.to_string(),
+            // EBS refuses a volume smaller than the snapshot's; volumes only grow.
+            size_gib: size_gib.max(s.volume_size_gib),
+        }),
+        SnapshotState::Pending => {
+            FromSnapshot::Wait(format!("{id} is pending: EBS makes volumes only from completed snapshots"))
+        }
+        SnapshotState::Error => FromSnapshot::Refuse(format!("{id} failed (EBS reports it in error)")),
+        SnapshotState::Unknown => {
+            FromSnapshot::Wait(format!("{id} is in a state this operator does not know"))
+        }
     }
 }
 
@@ -167,6 +213,34 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    fn snapshot(state: SnapshotState, volume_size_gib: u32) -> EbsSnapshot {
+        EbsSnapshot { id: "snap-1".into(), state, volume_size_gib, tags: Default::default() }
+    }
+
+    #[test]
+    fn a_database_starts_only_from_a_completed_snapshot_of_its_cluster() {
+        let old = LISTING_LAG + Duration::from_secs(1);
+        let restore = |size_gib| FromSnapshot::Restore(Restore { snapshot_id: "snap-1".into(), size_gib });
+        let plan = |state, volume_size_gib, size_gib| {
+            from_snapshot(Some(&snapshot(state, volume_size_gib)), "snap-1", size_gib, old)
+        };
+        assert_eq!(plan(SnapshotState::Completed, 20, 30), restore(30));
+        // Never smaller than the volume the snapshot was taken of.
+        assert_eq!(plan(SnapshotState::Completed, 50, 30), restore(50));
+        assert!(
+            matches!(plan(SnapshotState::Pending, 20, 20), FromSnapshot::Wait(m) if m.contains("pending"))
+        );
+        assert!(matches!(plan(SnapshotState::Error, 20, 20), FromSnapshot::Refuse(_)));
+        // Missing: perhaps not listed yet while the database is young, wrong after that.
+        let young = LISTING_LAG - Duration::from_secs(1);
+        assert!(
+            matches!(from_snapshot(None, "snap-1", 20, young), FromSnapshot::Wait(m) if m.contains("snap-1"))
+        );
+        assert!(
+            matches!(from_snapshot(None, "snap-1", 20, old), FromSnapshot::Refuse(m) if m.contains("snap-1"))
+        );
+    }
     use crate::aws::fixtures;
 
     #[test]
@@ -214,6 +288,7 @@ mod tests {
             throughput_mibps: None,
             reclaim_policy: qdb_crd::ReclaimPolicy::Delete,
             from_volume: None,
+            from_snapshot: None,
         }
     }
 
