@@ -188,7 +188,10 @@ fn aws_calls_by_operation(before: &str, after: &str) -> Vec<String> {
         .iter()
         .filter_map(|(labels, v)| {
             let made = v - was.get(labels).copied().unwrap_or(0.0);
-            (made > 0.0).then(|| format!("{} {made:.0}", label(labels, "operation").unwrap_or("?")))
+            let operation = label(labels, "operation").unwrap_or("?");
+            // Failed and throttled calls apart from the answered ones, each saying which.
+            let outcome = label(labels, "outcome").filter(|o| *o != "ok").map(|o| format!(" ({o})"));
+            (made > 0.0).then(|| format!("{operation}{} {made:.0}", outcome.unwrap_or_default()))
         })
         .collect()
 }
