@@ -149,7 +149,8 @@ def install(pending_seconds):
 
     def delete_snapshot(self, snapshot_id):
         snapshot = original_delete_snapshot(self, snapshot_id)
-        for path in (os.path.join(SNAPSHOTS_DIR, snapshot_id + ".img"), os.path.join(SNAPSHOTS_DIR, snapshot_id)):
+        path = saved(snapshot_id)
+        if path is not None:
             remove(path)
         return snapshot
 

@@ -104,14 +104,15 @@ pub async fn parameters(db: &Ingress) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
-/// Polls until `ids` (every acknowledged row) can be read back, or fails with what was missing.
+/// Polls until `ids` (every acknowledged row, ascending), and no other, can be read back, or
+/// fails with what was missing.
 pub async fn expect_rows(
     db: &Ingress,
     table: &str,
-    ids: std::ops::Range<u64>,
+    ids: impl IntoIterator<Item = u64>,
     timeout: Duration,
 ) -> Result<()> {
-    let want: Vec<i64> = ids.map(|i| i as i64).collect();
+    let want: Vec<i64> = ids.into_iter().map(|i| i as i64).collect();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let got = read_ids(db, table).await;

@@ -144,7 +144,6 @@ pub struct EbsSnapshot {
     pub state: SnapshotState,
     /// The size of the volume it was taken of: EBS makes no smaller volume from it.
     pub volume_size_gib: u32,
-    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -721,7 +720,6 @@ impl Aws {
             id: id.to_string(),
             state: SnapshotState::from_ec2(s.state()),
             volume_size_gib: from_ec2(s.volume_size()).unwrap_or(0),
-            tags: tag_map(s.tags()),
         }))
     }
 

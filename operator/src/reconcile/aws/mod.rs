@@ -101,9 +101,7 @@ pub async fn ensure(
         }
     }
     let listed: Vec<u32> = instances.iter().filter_map(launch_of).collect();
-    let age = facts.last_create.map(|t| jiff::Timestamp::now().duration_since(t));
-    let age = age.and_then(|a| std::time::Duration::try_from(a).ok());
-    facts.launches = next_launch(facts.launches, &listed, age);
+    facts.launches = next_launch(facts.launches, &listed, facts.last_create.and_then(age));
     facts.instances = instances.iter().filter(|i| i.state != InstanceState::Terminated).cloned().collect();
     facts.volume = volume.clone();
     if d.spec.paused {
@@ -510,6 +508,11 @@ async fn take_kept_volume(
     }
 }
 
+/// How long ago `t` was; None if it is in the future (clocks disagree).
+fn age(t: jiff::Timestamp) -> Option<std::time::Duration> {
+    std::time::Duration::try_from(jiff::Timestamp::now().duration_since(t)).ok()
+}
+
 /// The snapshot a new database starts from, read while it has no volume (DescribeSnapshots by
 /// id among the cluster's): the restore to make, or None when the pass waits or the spec is wrong.
 async fn restore_from(
@@ -524,8 +527,7 @@ async fn restore_from(
         .find_snapshot(id, &owner.cluster)
         .await
         .map_err(aws_err("reading the snapshot to start from"))?;
-    let age = d.created.map(|t| jiff::Timestamp::now().duration_since(t));
-    let age = age.and_then(|a| std::time::Duration::try_from(a).ok()).unwrap_or_default();
+    let age = d.created.and_then(age).unwrap_or_default();
     match from_snapshot(found.as_ref(), id, d.spec.volume.size_gib, age) {
         FromSnapshot::Restore(r) => Ok(Some(r)),
         FromSnapshot::Wait(message) => {
