@@ -853,8 +853,9 @@ impl Sim {
                 if let Some((gid, on_root_mismatch)) = security::fs_group(pod)? {
                     security::apply_fs_group(&root, gid, on_root_mismatch)?;
                 }
-                let (program, args, env) =
+                let (program, args, mut env) =
                     runtime::questdb_command(&self.cfg.runtime, jar, &root, memory_limit(pod));
+                env.extend(container_env(pod));
                 // Its own host and address, so its ports never meet the node's (Traefik's).
                 let ip = match pod_ip {
                     Some(ip) => ip,
@@ -1098,6 +1099,17 @@ fn memory_limit(pod: &Pod) -> Option<u64> {
     runtime::quantity_bytes(&q.0)
 }
 
+/// The container's environment as a kubelet gives it: the literal values (the operator writes no
+/// references to Secrets or fields), after the simulator's own, so that the pod's win.
+fn container_env(pod: &Pod) -> Vec<(String, String)> {
+    let c = pod.spec.as_ref().and_then(|s| s.containers.first());
+    c.and_then(|c| c.env.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect()
+}
+
 fn pod_is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -1131,6 +1143,23 @@ mod tests {
         assert!(m(None).in_use());
         assert!(m(Some(Instant::now())).in_use(), "just gone: its node status still says in use");
         assert!(!m(Instant::now().checked_sub(UNMOUNT_REPORTED)).in_use());
+    }
+
+    #[test]
+    fn a_container_gets_the_literal_values_of_its_env() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({"spec": {"containers": [{
+            "name": "questdb",
+            "env": [
+                {"name": "QDB_CAIRO_SNAPSHOT_INSTANCE_ID", "value": "snap-1"},
+                {"name": "FROM_FIELD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            ],
+        }]}}))
+        .unwrap();
+        assert_eq!(
+            container_env(&pod),
+            [("QDB_CAIRO_SNAPSHOT_INSTANCE_ID".to_string(), "snap-1".to_string())]
+        );
+        assert!(container_env(&Pod::default()).is_empty());
     }
 
     #[test]

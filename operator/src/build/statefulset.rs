@@ -7,7 +7,7 @@
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, HTTPGetAction,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
     SecurityContext, Volume, VolumeMount,
 };
@@ -57,6 +57,24 @@ fn container_security() -> SecurityContext {
     }
 }
 
+/// QuestDB's `cairo.snapshot.instance.id`. `CHECKPOINT CREATE` records it in the checkpoint it
+/// leaves on the volume (`.checkpoint/`); at start, QuestDB recovers from that checkpoint (and then
+/// removes it) only when both the recorded id and its own are set and differ (9.3.0 logs
+/// "skipping recovery from checkpoint [currentId=.., previousId=]" when the recorded one is empty).
+/// So every database runs with one: its resource's UID, or, on a volume made from a snapshot, the
+/// snapshot's id. A clone's or a restore's first start then recovers exactly the checkpoint's data,
+/// not what was written between CHECKPOINT CREATE and the snapshot (the snapshot was taken from a
+/// database running with another id: a UID, or an older snapshot's id), and a database restarted
+/// in the middle of its own checkpoint keeps its data as it is. Adding the setting changes the pod
+/// template: an operator upgrade to this version restarts each database once.
+pub const SNAPSHOT_INSTANCE_ENV: &str = "QDB_CAIRO_SNAPSHOT_INSTANCE_ID";
+
+/// The settings QuestDB takes from its environment rather than server.conf.
+fn env(d: &Desired) -> Vec<EnvVar> {
+    let instance = d.spec.volume.from_snapshot.clone().unwrap_or_else(|| d.names.uid().to_string());
+    vec![EnvVar { name: SNAPSHOT_INSTANCE_ENV.into(), value: Some(instance), value_from: None }]
+}
+
 /// `share` is the database's part of the node it runs on ([`super::resources`]).
 pub fn build_statefulset(d: &Desired, share: &Share) -> StatefulSet {
     let names = &d.names;
@@ -99,6 +117,7 @@ pub fn build_statefulset(d: &Desired, share: &Share) -> StatefulSet {
                 ..VolumeMount::default()
             },
         ]),
+        env: Some(env(d)),
         security_context: Some(container_security()),
         resources: Some(build_resources(share)),
         ..Container::default()
@@ -186,6 +205,21 @@ mod tests {
         assert_eq!(mounts[0].mount_path, "/var/lib/questdb");
         assert_eq!(mounts[1].mount_path, "/var/lib/questdb/conf/server.conf");
         assert_eq!(mounts[1].sub_path.as_deref(), Some("server.conf"));
+    }
+
+    #[test]
+    fn a_volume_from_a_snapshot_starts_from_the_snapshots_checkpoint() {
+        let instance = |q: &qdb_crd::QuestDB| {
+            let pod = build_statefulset(&desired_of(q), &SHARE).spec.unwrap().template.spec.unwrap();
+            let env = pod.containers[0].env.clone().unwrap();
+            assert_eq!(env.len(), 1);
+            assert_eq!(env[0].name, "QDB_CAIRO_SNAPSHOT_INSTANCE_ID");
+            env[0].value.clone().unwrap()
+        };
+        assert_eq!(instance(&questdb()), UID, "set on every database, so its checkpoints record it");
+        let mut q = questdb();
+        q.spec.volume.from_snapshot = Some("snap-0123456789abcdef0".into());
+        assert_eq!(instance(&q), "snap-0123456789abcdef0");
     }
 
     #[test]
