@@ -23,4 +23,5 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod reconcile;
+pub mod sql;
 pub mod sweep;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use qdb_proto::Message;
 use qdb_proto::v1::{
     CidrList, Create, DatabaseSpec, DatabaseStatus, Delete, Endpoints, GossipEvent, Instruction, Modify,
-    Pause, Phase, Restart, Resume, Volume, VolumeType, instruction::Operation,
+    Pause, Phase, Restart, Resume, Snapshot, Volume, VolumeType, instruction::Operation,
 };
 
 fn dir() -> PathBuf {
@@ -69,6 +69,10 @@ fn instructions() -> Vec<(&'static str, Instruction)> {
         ("instruction-resume", instruction(4, Operation::Resume(Resume {}))),
         ("instruction-restart", instruction(5, Operation::Restart(Restart {}))),
         ("instruction-delete", instruction(6, Operation::Delete(Delete { retain_volume: true }))),
+        (
+            "instruction-snapshot",
+            instruction(7, Operation::Snapshot(Snapshot { label: Some("before-upgrade".into()) })),
+        ),
     ]
 }
 
@@ -97,6 +101,7 @@ fn gossip(phase: Phase, reason: &str, with_status: bool) -> GossipEvent {
         }),
         emitted_at_ms: 1_764_000_001_000,
         superseded_by: String::new(),
+        snapshot_id: String::new(),
     }
 }
 
@@ -109,6 +114,13 @@ fn gossip_events() -> Vec<(&'static str, GossipEvent)> {
         ("gossip-succeeded", gossip(Phase::Succeeded, "READY", true)),
         ("gossip-failed", gossip(Phase::Failed, "DEADLINE_EXCEEDED", true)),
         ("gossip-superseded", gossip(Phase::Superseded, "STALE_SEQUENCE", false)),
+        (
+            "gossip-snapshot-succeeded",
+            GossipEvent {
+                snapshot_id: "snap-0123456789abcdef0".into(),
+                ..gossip(Phase::Succeeded, "SNAPSHOT_COMPLETED", true)
+            },
+        ),
     ]
 }
 
@@ -161,11 +173,11 @@ fn newer_messages_still_decode() {
     let bytes = with_unknown_varint(create.encode_to_vec(), 99, 7);
     assert_eq!(Instruction::decode(bytes.as_slice()).unwrap(), create);
 
-    // An operation added later (oneof case 16) reads as "no operation", which is rejected by the
+    // An operation added later (oneof case 17) reads as "no operation", which is rejected by the
     // provisioner as unknown, never mistaken for another one.
     let mut op_less = create.clone();
     op_less.operation = None;
-    let bytes = with_unknown_varint(op_less.encode_to_vec(), 16, 1);
+    let bytes = with_unknown_varint(op_less.encode_to_vec(), 17, 1);
     assert_eq!(Instruction::decode(bytes.as_slice()).unwrap().operation, None);
 
     // An unknown enum number is kept as a number and reads as unspecified through the accessor.

@@ -37,6 +37,20 @@ pub fn event(
     encode(build(subject, phase, reason, message, status))
 }
 
+/// An event about an applied instruction, naming the snapshot it took (Snapshot instructions).
+pub fn event_about(
+    subject: &Subject,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+    status: Option<v1::DatabaseStatus>,
+    snapshot: Option<&str>,
+) -> Outgoing {
+    let mut ev = build(subject, phase, reason, message, status);
+    ev.snapshot_id = snapshot.unwrap_or_default().to_string();
+    encode(ev)
+}
+
 fn build(
     subject: &Subject,
     phase: Phase,
@@ -56,6 +70,7 @@ fn build(
         status,
         emitted_at_ms: now_ms(),
         superseded_by: String::new(),
+        snapshot_id: String::new(),
     }
 }
 

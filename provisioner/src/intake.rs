@@ -67,6 +67,7 @@ pub fn operation_name(ins: &v1::Instruction) -> &'static str {
         Some(Operation::Resume(_)) => "resume",
         Some(Operation::Restart(_)) => "restart",
         Some(Operation::Delete(_)) => "delete",
+        Some(Operation::Snapshot(_)) => "snapshot",
         None => "unknown",
     }
 }

@@ -5,8 +5,8 @@
 //! so a modify is resolved here against the current spec into the full desired spec.
 
 use qdb_crd::{
-    AdoptSpec, NetworkSpec, QuestDBSpec, ReclaimPolicy, SpecError, VolumeSpec, VolumeType, is_dns_label,
-    validate,
+    AdoptSpec, NetworkSpec, QuestDBSpec, ReclaimPolicy, SnapshotRequest, SpecError, VolumeSpec, VolumeType,
+    is_dns_label, validate,
 };
 use qdb_proto::v1::{self, instruction::Operation};
 
@@ -79,6 +79,7 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
             if let Some(cur) = current {
                 spec.paused = cur.paused;
                 spec.restart_token = cur.restart_token.clone();
+                spec.snapshot = cur.snapshot.clone();
             }
             spec
         }
@@ -118,6 +119,15 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
         // The instruction id is unique, so each restart instruction changes the token once.
         Operation::Restart(_) => QuestDBSpec {
             restart_token: Some(instruction.instruction_id.clone()),
+            allow_version_downgrade: false,
+            ..existing()?
+        },
+        // The instruction id is unique, so each snapshot instruction asks for one snapshot.
+        Operation::Snapshot(snap) => QuestDBSpec {
+            snapshot: Some(SnapshotRequest {
+                id: instruction.instruction_id.clone(),
+                label: snap.label.clone(),
+            }),
             allow_version_downgrade: false,
             ..existing()?
         },
@@ -167,6 +177,7 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
         allow_version_downgrade: false,
         network: NetworkSpec::default(),
         adopt: None,
+        snapshot: None,
     };
     let current = match instruction.operation {
         Some(Operation::Create(_) | Operation::Delete(_)) => None,
@@ -237,6 +248,7 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
         allow_version_downgrade: false,
         network: NetworkSpec { allowed_cidrs: spec.allowed_cidrs.clone(), dns_name: None },
         adopt: None,
+        snapshot: None,
     })
 }
 
@@ -477,6 +489,25 @@ mod tests {
         let paused = applied(desired(&ins(Operation::Pause(Pause {})), Some(&rolled)));
         assert!(!paused.allow_version_downgrade, "the permission goes with the instruction that used it");
         assert_eq!(paused.version, "8.1.9");
+    }
+
+    #[test]
+    fn a_snapshot_asks_for_one_snapshot_per_instruction_and_later_instructions_keep_the_request() {
+        let label = Some("before-upgrade".to_string());
+        let snap = applied(desired(
+            &ins(Operation::Snapshot(v1::Snapshot { label: label.clone() })),
+            Some(&current()),
+        ));
+        assert_eq!(snap.snapshot, Some(SnapshotRequest { id: "i-42".into(), label }));
+        let mut rest = snap.clone();
+        rest.snapshot = None;
+        assert_eq!(rest, current(), "nothing else changes");
+        let paused = applied(desired(&ins(Operation::Pause(Pause {})), Some(&snap)));
+        assert_eq!(paused.snapshot, snap.snapshot, "a later instruction does not ask again, nor withdraw it");
+        assert_eq!(
+            desired(&ins(Operation::Snapshot(v1::Snapshot { label: None })), None),
+            Err(MapError::NotFound)
+        );
     }
 
     #[test]

@@ -60,6 +60,34 @@ pub fn judge(operation: &str, generation: Option<i64>, qdb: Option<&QuestDB>) ->
     }
 }
 
+/// The status entry of the snapshot a Snapshot instruction (`request`, its id) asked for.
+pub fn snapshot_of<'a>(q: &'a QuestDB, request: &str) -> Option<&'a qdb_crd::SnapshotStatus> {
+    q.status.as_ref()?.snapshots.iter().find(|s| s.request == request)
+}
+
+/// Judges an applied Snapshot instruction (`request`, its id): done when EBS completed the
+/// snapshot, whatever else the database is doing (a paused one is snapshotted too, and is never
+/// Ready); superseded only if a later request replaced it before a snapshot was taken for it.
+pub fn judge_snapshot(request: &str, generation: Option<i64>, qdb: Option<&QuestDB>) -> Verdict {
+    let Some(q) = qdb else { return Verdict::Wait };
+    match snapshot_of(q, request) {
+        Some(s) => match s.state {
+            qdb_crd::SnapshotPhase::Completed => Verdict::Succeeded,
+            qdb_crd::SnapshotPhase::Error => Verdict::Failed {
+                reason: "SNAPSHOT_FAILED".into(),
+                message: format!("EBS failed snapshot {}", s.id),
+            },
+            qdb_crd::SnapshotPhase::Pending => Verdict::Progress(format!("TakingSnapshot: {} pending", s.id)),
+        },
+        None if q.spec.snapshot.as_ref().is_none_or(|r| r.id != request) => {
+            let replaced = q.metadata.generation.unwrap_or(0) > generation.unwrap_or(0);
+            if replaced { Verdict::Superseded } else { Verdict::Wait }
+        }
+        None if q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Failed) => settled("snapshot", q),
+        None => progress_of(q),
+    }
+}
+
 /// The operator's word on the generation it observed.
 fn settled(operation: &str, q: &QuestDB) -> Verdict {
     if q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Failed) {
@@ -161,6 +189,41 @@ mod tests {
             ..Default::default()
         });
         q
+    }
+
+    #[test]
+    fn a_snapshot_succeeds_once_ebs_completed_it_and_names_it() {
+        let mut q = qdb(2, Phase::Paused, vec![cond("Progressing", "True", "TakingSnapshot", "")]);
+        q.spec.snapshot = Some(qdb_crd::SnapshotRequest { id: "i-9".into(), label: None });
+        assert_eq!(judge_snapshot("i-9", Some(2), Some(&q)), Verdict::Progress("TakingSnapshot".into()));
+        let entry = |state| qdb_crd::SnapshotStatus {
+            id: "snap-1".into(),
+            request: "i-9".into(),
+            label: None,
+            taken_at: Time(jiff::Timestamp::UNIX_EPOCH),
+            size_gib: 10,
+            state,
+            consistency: qdb_crd::Consistency::CrashConsistent,
+            reason: qdb_crd::SnapshotReason::OnDemand,
+        };
+        q.status.as_mut().unwrap().snapshots = vec![entry(qdb_crd::SnapshotPhase::Pending)];
+        assert_eq!(
+            judge_snapshot("i-9", Some(2), Some(&q)),
+            Verdict::Progress("TakingSnapshot: snap-1 pending".into())
+        );
+        q.status.as_mut().unwrap().snapshots = vec![entry(qdb_crd::SnapshotPhase::Completed)];
+        // Paused, so never Ready: the snapshot alone decides.
+        assert_eq!(judge_snapshot("i-9", Some(2), Some(&q)), Verdict::Succeeded);
+        assert_eq!(snapshot_of(&q, "i-9").map(|s| s.id.as_str()), Some("snap-1"));
+        q.status.as_mut().unwrap().snapshots = vec![entry(qdb_crd::SnapshotPhase::Error)];
+        assert!(
+            matches!(judge_snapshot("i-9", Some(2), Some(&q)), Verdict::Failed { reason, .. } if reason == "SNAPSHOT_FAILED")
+        );
+        // A later request replaced this one before anything was taken for it.
+        q.status.as_mut().unwrap().snapshots.clear();
+        q.spec.snapshot = Some(qdb_crd::SnapshotRequest { id: "i-10".into(), label: None });
+        q.metadata.generation = Some(3);
+        assert_eq!(judge_snapshot("i-9", Some(2), Some(&q)), Verdict::Superseded);
     }
 
     #[test]

@@ -45,6 +45,7 @@ impl ClusterView {
 /// cluster's state is unknown (not yet synced), Some(None) when the resource is absent.
 async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Result<(), JournalError> {
     let verdict = match qdb {
+        Some(q) if row.operation == "snapshot" => progress::judge_snapshot(&row.id, row.generation, q),
         Some(q) => progress::judge(&row.operation, row.generation, q),
         None => Verdict::Wait,
     };
@@ -56,6 +57,7 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
         sequence: u64::try_from(row.sequence).unwrap_or_default(),
     };
     let status = qdb.map(gossip::database_status);
+    let snapshot = qdb.and_then(|q| progress::snapshot_of(q, &row.id)).map(|s| s.id.as_str());
     // A change delayed by design (EBS's cool-down) keeps its instruction open until then plus its
     // deadline; past that, it fails like any other.
     let delayed = qdb.and_then(progress::delayed_until).filter(|until| {
@@ -91,8 +93,8 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
                 journal::extend_deadline(&mut tx, &row.id, until, ctx.deadline(&row.operation)).await?;
             }
             if journal::set_progress(&mut tx, &row.id, &text).await? {
-                journal::enqueue(&mut tx, &gossip::event(&subject, Phase::Progressing, "", &text, status))
-                    .await?;
+                let event = gossip::event_about(&subject, Phase::Progressing, "", &text, status, snapshot);
+                journal::enqueue(&mut tx, &event).await?;
                 ctx.metrics.count("progressing");
             }
             tx.commit().await.map_err(journal::tx_error)?;
@@ -110,7 +112,7 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
             (State::Failed, Phase::Failed, "DEADLINE_EXCEEDED".to_string(), message)
         }
     };
-    let announce = [gossip::event(&subject, phase, &reason, &message, status)];
+    let announce = [gossip::event_about(&subject, phase, &reason, &message, status, snapshot)];
     if journal::finish(&ctx.pool, None, &row.id, state, &reason, &message, &announce).await? {
         ctx.metrics.count(state.as_str());
         ctx.outbox_wake.notify_one();

@@ -463,6 +463,95 @@ async fn a_clone_from_a_snapshot_has_exactly_the_rows_of_the_snapshot() -> Resul
     Ok(())
 }
 
+/// Issue 18: Snapshot instructions. A serving database is snapshotted under CHECKPOINT CREATE
+/// and released at once (a CHECKPOINT CREATE of the test's right after is accepted, which QuestDB
+/// refuses while one is in effect); a paused one crash-consistently. Each instruction succeeds
+/// once EBS completed its snapshot, naming it on gossip; status lists both. A clone of the first
+/// has exactly the rows written before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_instructions_take_consistent_snapshots_and_crash_consistent_ones_when_paused() -> Result<()>
+{
+    use qdb_crd::{Consistency, SnapshotPhase};
+
+    let rig = Rig::new("data-snapins", 1).await?;
+    let gossip = rig.gossip()?;
+    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+    let db = "db-snapins";
+    let create = ins::create(db, "region-a", 1, NEWER);
+    rig.send(&create).await?;
+    gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
+    let (ip, _) = node_ip(&rig, db).await?;
+    write_rows(&ip, "trades", 0, 100).await?;
+    expect_rows(&ip, "trades", 0..100, Duration::from_secs(10)).await?;
+
+    let label = Some("before-more-rows".to_string());
+    let first = ins::new(db, "region-a", 2, Operation::Snapshot(v1::Snapshot { label: label.clone() }));
+    rig.send(&first).await?;
+    let done = gossip.phase(&first.instruction_id, Phase::Succeeded, T).await?;
+    ensure!(done.snapshot_id.starts_with("snap-"), "no snapshot id on gossip: {done:?}");
+    execute(&ip, "CHECKPOINT CREATE").await.context("the operator left its checkpoint in effect")?;
+    execute(&ip, "CHECKPOINT RELEASE").await?;
+    write_rows(&ip, "trades", 100, 100).await?;
+    expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
+
+    let pause = ins::new(db, "region-a", 3, Operation::Pause(v1::Pause {}));
+    rig.send(&pause).await?;
+    gossip.phase(&pause.instruction_id, Phase::Succeeded, T).await?;
+    let second = ins::new(db, "region-a", 4, Operation::Snapshot(v1::Snapshot { label: None }));
+    rig.send(&second).await?;
+    let paused = gossip.phase(&second.instruction_id, Phase::Succeeded, T).await?;
+    ensure!(paused.snapshot_id.starts_with("snap-") && paused.snapshot_id != done.snapshot_id, "{paused:?}");
+
+    let status = rig.questdbs("region-a").await?.get(db).await?.status.context("no status")?;
+    ensure!(status.checkpoint.is_none(), "a checkpoint step is still open: {:?}", status.checkpoint);
+    let listed: Vec<_> = status
+        .snapshots
+        .iter()
+        .map(|s| (s.id.as_str(), s.request.as_str(), s.consistency, s.state))
+        .collect();
+    ensure!(
+        listed
+            == [
+                (
+                    done.snapshot_id.as_str(),
+                    first.instruction_id.as_str(),
+                    Consistency::Consistent,
+                    SnapshotPhase::Completed
+                ),
+                (
+                    paused.snapshot_id.as_str(),
+                    second.instruction_id.as_str(),
+                    Consistency::CrashConsistent,
+                    SnapshotPhase::Completed
+                ),
+            ],
+        "status lists {listed:?}"
+    );
+    ensure!(status.snapshots[0].label == label, "label {:?}", status.snapshots[0].label);
+
+    let clone = "db-snapins-clone";
+    let mut create = ins::create(clone, "region-a", 1, NEWER);
+    if let Some(Operation::Create(c)) = create.operation.as_mut() {
+        let spec = c.spec.as_mut().context("the create has a spec")?;
+        spec.volume.get_or_insert_default().from_snapshot_id = Some(done.snapshot_id.clone());
+    }
+    rig.send(&create).await?;
+    gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
+    let (clone_ip, _) = node_ip(&rig, clone).await?;
+    expect_rows(&clone_ip, "trades", 0..100, Duration::from_secs(30)).await?;
+
+    delete(&rig, &gossip, clone, 2).await?;
+    delete(&rig, &gossip, db, 5).await?;
+    let region = rig.cloud.cluster("region-a")?;
+    let ec2 = rig.cloud.ec2(&region.aws_region).await;
+    for snapshot in [&done.snapshot_id, &paused.snapshot_id] {
+        ec2.delete_snapshot().snapshot_id(snapshot).send().await?;
+    }
+    Ok(())
+}
+
 const GIB: u64 = 1 << 30;
 
 /// The Events of the test's namespace in region-a.

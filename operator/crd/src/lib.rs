@@ -34,6 +34,9 @@ pub mod keys {
     /// AWS tag on a data volume its database's deletion kept (reclaim policy Retain): the orphan
     /// sweep leaves it alone.
     pub const RETAINED: &str = "cloud.questdb.io/retained";
+    /// AWS tag on a snapshot: the request (`spec.snapshot.id`) it was taken for, so a snapshot
+    /// whose create outlived the operator is found again instead of taken twice.
+    pub const SNAPSHOT_REQUEST: &str = "cloud.questdb.io/snapshot-request";
     /// AWS tag with the owning QuestDB resource's UID.
     pub const OWNER_UID: &str = "cloud.questdb.io/owner-uid";
     /// Taint key of a database's dedicated node.
@@ -112,6 +115,22 @@ pub struct QuestDBSpec {
     /// size and type); the first later change goes the ordinary way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopt: Option<AdoptSpec>,
+    /// Take one snapshot of the data volume: a new `id` asks for a new one (the provisioner uses
+    /// the instruction id). `status.snapshots` lists it, with this id as its request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRequest>,
+}
+
+/// An on-demand snapshot (see `QuestDBSpec::snapshot`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRequest {
+    #[schemars(length(min = 1, max = 128))]
+    pub id: String,
+    /// Free text kept with the snapshot (its status entry and a tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub label: Option<String>,
 }
 
 /// The AWS resources of a running database to take over (see `QuestDBSpec::adopt`).
@@ -255,6 +274,64 @@ pub struct QuestDBStatus {
     /// references added, nothing else); the next change of the spec goes the ordinary way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopted_generation: Option<i64>,
+    /// The database's snapshots, oldest first (written by the operator's snapshot step under its
+    /// own field manager).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotStatus>,
+    /// A `CHECKPOINT CREATE` may be in effect on the database for this request: recorded before
+    /// the statement runs, cleared after `CHECKPOINT RELEASE`, so an operator restarted at any
+    /// point in between still releases it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotStatus {
+    /// The EBS snapshot id (`snap-...`).
+    pub id: String,
+    /// The `spec.snapshot.id` it was taken for.
+    pub request: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// When EBS took it: the data is the database's at this moment (at its checkpoint, if
+    /// consistent).
+    pub taken_at: Time,
+    pub size_gib: u32,
+    pub state: SnapshotPhase,
+    pub consistency: Consistency,
+    pub reason: SnapshotReason,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SnapshotPhase {
+    /// EBS is still copying; no volume can be made from it yet.
+    Pending,
+    Completed,
+    /// EBS failed it: it holds nothing usable.
+    Error,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Consistency {
+    /// Taken under `CHECKPOINT CREATE`: a database made from it recovers exactly the checkpoint.
+    Consistent,
+    /// Taken while the database was not serving (paused, stopped, failing): what the device held,
+    /// as after a power cut; QuestDB replays its own write-ahead state at start.
+    CrashConsistent,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SnapshotReason {
+    /// Asked for by `spec.snapshot` (a Snapshot instruction).
+    OnDemand,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointStatus {
+    pub request: String,
+    pub since: Time,
 }
 
 impl QuestDB {
@@ -484,6 +561,8 @@ pub enum WaitReason {
     /// The snapshot the database starts from is not completed yet (EBS makes no volume from a
     /// pending one).
     SnapshotPending,
+    /// The snapshot `spec.snapshot` asks for is being taken, or EBS has not completed it yet.
+    TakingSnapshot,
     /// The data volume is attaching.
     VolumeAttaching,
     /// The data volume is being released by an instance.
@@ -521,6 +600,7 @@ impl WaitReason {
             Self::InstanceStarting => "InstanceStarting",
             Self::VolumeCreating => "VolumeCreating",
             Self::SnapshotPending => "SnapshotPending",
+            Self::TakingSnapshot => "TakingSnapshot",
             Self::VolumeAttaching => "VolumeAttaching",
             Self::VolumeDetaching => "VolumeDetaching",
             Self::VolumeInUse => "VolumeInUse",

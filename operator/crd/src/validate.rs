@@ -246,6 +246,7 @@ mod tests {
                 dns_name: Some("db1.example.com".into()),
             },
             adopt: None,
+            snapshot: None,
         }
     }
 

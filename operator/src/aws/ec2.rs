@@ -144,6 +144,22 @@ pub struct EbsSnapshot {
     pub state: SnapshotState,
     /// The size of the volume it was taken of: EBS makes no smaller volume from it.
     pub volume_size_gib: u32,
+    /// When EBS took it (its StartTime).
+    pub started: Option<jiff::Timestamp>,
+    /// The `spec.snapshot` request it was taken for (its tag), for the database's own.
+    pub request: Option<String>,
+}
+
+impl EbsSnapshot {
+    fn from_ec2(s: &aws_sdk_ec2::types::Snapshot) -> Self {
+        Self {
+            id: s.snapshot_id().unwrap_or_default().to_string(),
+            state: SnapshotState::from_ec2(s.state()),
+            volume_size_gib: from_ec2(s.volume_size()).unwrap_or(0),
+            started: timestamp(s.start_time()),
+            request: tag_map(s.tags()).remove(keys::SNAPSHOT_REQUEST),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,6 +264,11 @@ pub fn launch_of(i: &Instance) -> Option<u32> {
 }
 
 const TCP: &str = "tcp";
+
+/// An AWS time as a timestamp (None when absent or out of range).
+fn timestamp(t: Option<&aws_sdk_ec2::primitives::DateTime>) -> Option<jiff::Timestamp> {
+    jiff::Timestamp::from_millisecond(t?.to_millis().ok()?).ok()
+}
 
 pub fn tag_filter(key: &str, value: &str) -> Filter {
     Filter::builder().name(format!("tag:{key}")).values(value).build()
@@ -716,11 +737,51 @@ impl Aws {
             .filters(by_id)
             .filters(tag_filter(keys::CLUSTER, cluster));
         let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
-        Ok(out.snapshots().iter().find(|s| s.snapshot_id() == Some(id)).map(|s| EbsSnapshot {
-            id: id.to_string(),
-            state: SnapshotState::from_ec2(s.state()),
-            volume_size_gib: from_ec2(s.volume_size()).unwrap_or(0),
-        }))
+        Ok(out.snapshots().iter().find(|s| s.snapshot_id() == Some(id)).map(EbsSnapshot::from_ec2))
+    }
+
+    /// The database's own snapshots (tagged with its UID), as EC2 lists them now.
+    pub async fn owned_snapshots(&self, owner: &Owner) -> Result<Vec<EbsSnapshot>, AwsError> {
+        const OP: &str = "DescribeSnapshots";
+        let req = self
+            .ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(tag_filter(keys::CLUSTER, &owner.cluster))
+            .filters(tag_filter(keys::OWNER_UID, &owner.owner_uid));
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        Ok(out.snapshots().iter().map(EbsSnapshot::from_ec2).collect())
+    }
+
+    /// Starts a snapshot of `volume_id` for the request `request`, tagged at creation (the
+    /// database's tags and the request), so that it is found again by tag: CreateSnapshot takes
+    /// no ClientToken, and a retry after a lost answer must not take a second one.
+    pub async fn create_snapshot(
+        &self,
+        owner: &Owner,
+        volume_id: &str,
+        request: &str,
+        label: Option<&str>,
+    ) -> Result<EbsSnapshot, AwsError> {
+        const OP: &str = "CreateSnapshot";
+        let mut tags = self.tags(owner);
+        tags.push((keys::SNAPSHOT_REQUEST.to_string(), request.to_string()));
+        let description =
+            format!("QuestDB {}/{}: {}", owner.namespace, owner.database, label.unwrap_or(request));
+        let req = self
+            .ec2
+            .create_snapshot()
+            .volume_id(volume_id)
+            .description(description)
+            .tag_specifications(tag_spec(ResourceType::Snapshot, &tags));
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        Ok(EbsSnapshot {
+            id: out.snapshot_id().unwrap_or_default().to_string(),
+            state: SnapshotState::from_ec2(out.state()),
+            volume_size_gib: from_ec2(out.volume_size()).unwrap_or(0),
+            started: timestamp(out.start_time()),
+            request: Some(request.to_string()),
+        })
     }
 
     /// Tags an existing resource: `tags` set (replacing their values), the `remove` keys deleted.
@@ -761,12 +822,7 @@ impl Aws {
         const OP: &str = "DescribeVolumesModifications";
         let req = self.ec2.describe_volumes_modifications().volume_ids(volume_id);
         let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
-        Ok(out
-            .volumes_modifications()
-            .iter()
-            .filter_map(|m| m.start_time()?.to_millis().ok())
-            .filter_map(|ms| jiff::Timestamp::from_millisecond(ms).ok())
-            .max())
+        Ok(out.volumes_modifications().iter().filter_map(|m| timestamp(m.start_time())).max())
     }
 
     /// What EC2 says sizes an instance type (memory, vCPUs, network interfaces); None for a

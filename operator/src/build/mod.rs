@@ -115,6 +115,7 @@ pub(crate) mod fixtures {
                 allow_version_downgrade: false,
                 network: NetworkSpec { allowed_cidrs: vec!["203.0.113.0/24".into()], dns_name: None },
                 adopt: None,
+                snapshot: None,
             },
         );
         q.metadata.namespace = Some("questdb".into());

@@ -312,7 +312,7 @@ fn binder_has_seen(pv: &PersistentVolume) -> bool {
 
 /// The database's pod from the pod cache, which holds every pod the operator's StatefulSets make
 /// (they carry its label), so absence there is absence.
-async fn cached_pod(ctx: &Context, d: &Desired) -> Result<Option<Pod>, Error> {
+pub(crate) async fn cached_pod(ctx: &Context, d: &Desired) -> Result<Option<Pod>, Error> {
     let ns = d.names.namespace();
     let pods = Cached {
         api: Api::namespaced(ctx.client.clone(), ns),

@@ -11,6 +11,7 @@ pub mod dns;
 pub mod node_move;
 pub mod replace;
 pub mod sizing;
+pub mod snapshot;
 pub mod status;
 pub mod subset;
 pub mod zone;
@@ -49,6 +50,12 @@ pub enum Error {
         what: String,
         #[source]
         source: kube::Error,
+    },
+    #[error("{step}: the database")]
+    Sql {
+        step: &'static str,
+        #[source]
+        source: crate::sql::SqlError,
     },
     #[error("{0}")]
     NotOurs(String),
@@ -272,7 +279,8 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         timed(ctx, "sizing", sizing::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "children", children::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "release", aws::release_if_paused(ctx, &d, &mut facts)).await?;
-        timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await
+        timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await?;
+        timed(ctx, "snapshot", snapshot::ensure(ctx, &qdb, &d, &mut facts)).await
     }
     .await;
     if needs_new_view(&facts.actions, result.is_err()) {

@@ -207,6 +207,9 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
             (true, true) => g,
             _ => old.and_then(|o| o.adopted_generation),
         },
+        // Written by the snapshot step's own field manager (snapshot::record), as lastFailover.
+        snapshots: Vec::new(),
+        checkpoint: None,
     }
 }
 
@@ -250,7 +253,12 @@ pub fn transition(old: Option<&QuestDBStatus>, new: &QuestDBStatus) -> Option<St
 }
 
 pub async fn ensure(ctx: &Context, q: &QuestDB, new: QuestDBStatus) -> Result<(), Error> {
-    let current = q.status.clone().map(|s| QuestDBStatus { last_failover: None, ..s });
+    let current = q.status.clone().map(|s| QuestDBStatus {
+        last_failover: None,
+        snapshots: Vec::new(),
+        checkpoint: None,
+        ..s
+    });
     if current.as_ref() == Some(&new) {
         return Ok(());
     }

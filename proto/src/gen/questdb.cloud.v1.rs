@@ -20,7 +20,7 @@ pub struct Instruction {
     #[prost(int64, tag = "5")]
     pub issued_at_ms: i64,
     /// Exactly one operation. Absent (or unknown to this reader) = rejected.
-    #[prost(oneof = "instruction::Operation", tags = "10, 11, 12, 13, 14, 15")]
+    #[prost(oneof = "instruction::Operation", tags = "10, 11, 12, 13, 14, 15, 16")]
     pub operation: ::core::option::Option<instruction::Operation>,
 }
 /// Nested message and enum types in `Instruction`.
@@ -40,6 +40,8 @@ pub mod instruction {
         Restart(super::Restart),
         #[prost(message, tag = "15")]
         Delete(super::Delete),
+        #[prost(message, tag = "16")]
+        Snapshot(super::Snapshot),
     }
 }
 /// The full desired shape of a database.
@@ -164,6 +166,15 @@ pub struct Resume {}
 /// Restart the database process once.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Restart {}
+/// Take one EBS snapshot of the database's volume: consistent (under CHECKPOINT CREATE) while the
+/// database serves, crash-consistent otherwise. SUCCEEDED, with the snapshot's id in
+/// GossipEvent.snapshot_id, once EBS completed it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Snapshot {
+    /// Free text kept with the snapshot (status and a tag), at most 128 characters.
+    #[prost(string, optional, tag = "1")]
+    pub label: ::core::option::Option<::prost::alloc::string::String>,
+}
 /// Delete the database and everything it owns.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Delete {
@@ -237,6 +248,9 @@ pub struct GossipEvent {
     /// replaced it before its own state was observed Ready. Empty otherwise.
     #[prost(string, tag = "11")]
     pub superseded_by: ::prost::alloc::string::String,
+    /// For a Snapshot instruction: the EBS snapshot it took (once known). Empty otherwise.
+    #[prost(string, tag = "12")]
+    pub snapshot_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DatabaseStatus {

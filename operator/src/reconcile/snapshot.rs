@@ -1,0 +1,342 @@
+//! On-demand snapshots (`spec.snapshot`): one EBS snapshot of the data volume per request id.
+//!
+//! While the database serves, the snapshot is consistent: `CHECKPOINT CREATE` over pgwire (QuestDB
+//! syncs and keeps a checkpoint of its metadata on the volume; writes go on), CreateSnapshot (EBS
+//! fixes the volume's point in time when it accepts the call), `CHECKPOINT RELEASE`. A database
+//! made from it recovers exactly the checkpoint ([`crate::build::statefulset::SNAPSHOT_INSTANCE_ENV`]).
+//! The checkpoint is a persisted step, like a node replacement: `status.checkpoint` is written
+//! before `CHECKPOINT CREATE` runs and cleared only after `CHECKPOINT RELEASE` answered, so an
+//! operator stopped anywhere in between releases it when it comes back (a checkpoint left in
+//! effect holds back QuestDB's cleanup of old files, and the next CREATE is refused). A database
+//! that does not serve (paused, starting, failing) gets a crash-consistent snapshot, marked so.
+//!
+//! CreateSnapshot takes no ClientToken: each snapshot is tagged with its request at creation and
+//! looked for by that tag before one is taken, so a create whose answer was lost is recorded, not
+//! repeated. The order of the decisions lives in the pure [`plan`].
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use qdb_crd::{
+    CheckpointStatus, Consistency, QuestDB, SnapshotPhase, SnapshotReason, SnapshotRequest, SnapshotStatus,
+    WaitReason,
+};
+use serde_json::json;
+
+use super::{Error, Facts, aws_err, kube_err, owner_of};
+use crate::aws::{EbsSnapshot, SnapshotState};
+use crate::build::Desired;
+use crate::context::Context;
+use crate::sql;
+
+/// The field manager of `status.snapshots` and `status.checkpoint`: the every-pass status apply
+/// (another manager) never removes them.
+const SNAPSHOT_MANAGER: &str = "qdb-operator-snapshots";
+
+/// What QuestDB answers a `CHECKPOINT CREATE` while one is in effect: the checkpoint an earlier
+/// pass made is still there, which is what the step needs.
+const CHECKPOINT_IN_EFFECT: &str = "Waiting for CHECKPOINT RELEASE";
+
+/// The snapshot step's next move.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Nothing asked for and nothing open.
+    Idle,
+    /// The data volume does not exist yet: nothing to snapshot.
+    NoVolume,
+    /// A checkpoint may be in effect and its snapshot was taken (or is no longer wanted):
+    /// `CHECKPOINT RELEASE`, then clear `status.checkpoint`.
+    Release,
+    /// EC2 lists the request's snapshot, which status does not record (an earlier pass stopped
+    /// between the two): record it.
+    Record(EbsSnapshot, Consistency),
+    /// The database serves: record the checkpoint step, `CHECKPOINT CREATE`, take a consistent
+    /// snapshot.
+    Checkpoint,
+    /// The database does not serve: take a crash-consistent snapshot.
+    Take,
+    /// Recorded snapshots are still pending: read their state again.
+    Refresh,
+}
+
+/// `open` is the request no recorded snapshot answers yet; `listed` what EC2 lists of the
+/// database's snapshots (read only when something is open or pending).
+pub fn plan(
+    open: Option<&SnapshotRequest>,
+    recorded: &[SnapshotStatus],
+    checkpoint: Option<&CheckpointStatus>,
+    listed: &[EbsSnapshot],
+    serving: bool,
+    has_volume: bool,
+) -> Plan {
+    // A checkpoint whose request is answered (or replaced by another) is released first.
+    if checkpoint.is_some_and(|c| open.is_none_or(|r| r.id != c.request)) {
+        return Plan::Release;
+    }
+    let Some(request) = open else {
+        let pending = recorded.iter().any(|s| s.state == SnapshotPhase::Pending);
+        return if pending { Plan::Refresh } else { Plan::Idle };
+    };
+    if let Some(s) = listed.iter().find(|s| s.request.as_deref() == Some(request.id.as_str())) {
+        // Taken under the checkpoint step only when one was recorded first.
+        let consistency =
+            if checkpoint.is_some() { Consistency::Consistent } else { Consistency::CrashConsistent };
+        return Plan::Record(s.clone(), consistency);
+    }
+    if !has_volume {
+        Plan::NoVolume
+    } else if serving {
+        Plan::Checkpoint
+    } else {
+        Plan::Take
+    }
+}
+
+/// The request no recorded snapshot answers yet.
+pub fn open_request<'a>(
+    request: Option<&'a SnapshotRequest>,
+    recorded: &[SnapshotStatus],
+) -> Option<&'a SnapshotRequest> {
+    request.filter(|r| !recorded.iter().any(|s| s.request == r.id))
+}
+
+fn phase_of(state: SnapshotState) -> SnapshotPhase {
+    match state {
+        SnapshotState::Completed => SnapshotPhase::Completed,
+        SnapshotState::Error => SnapshotPhase::Error,
+        SnapshotState::Pending | SnapshotState::Unknown => SnapshotPhase::Pending,
+    }
+}
+
+/// The status entry of a snapshot just taken or found.
+pub fn entry(s: &EbsSnapshot, request: &SnapshotRequest, consistency: Consistency) -> SnapshotStatus {
+    SnapshotStatus {
+        id: s.id.clone(),
+        request: request.id.clone(),
+        label: request.label.clone(),
+        taken_at: Time(s.started.unwrap_or_else(jiff::Timestamp::now)),
+        size_gib: s.volume_size_gib,
+        state: phase_of(s.state),
+        consistency,
+        reason: SnapshotReason::OnDemand,
+    }
+}
+
+/// Brings pending entries up to what EC2 lists; true if any changed.
+pub fn refresh(recorded: &mut [SnapshotStatus], listed: &[EbsSnapshot]) -> bool {
+    let mut changed = false;
+    for r in recorded.iter_mut().filter(|r| r.state == SnapshotPhase::Pending) {
+        if let Some(s) = listed.iter().find(|s| s.id == r.id) {
+            let phase = phase_of(s.state);
+            changed |= phase != r.state;
+            r.state = phase;
+        }
+    }
+    changed
+}
+
+/// Runs the snapshot step for one pass. Without a request, an open checkpoint or a pending
+/// snapshot it calls nothing (the steady state costs no AWS call).
+pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
+    let status = qdb.status.as_ref();
+    let mut recorded = status.map(|s| s.snapshots.clone()).unwrap_or_default();
+    let mut checkpoint = status.and_then(|s| s.checkpoint.clone());
+    let request = d.spec.snapshot.as_ref();
+    let pending = recorded.iter().any(|s| s.state == SnapshotPhase::Pending);
+    if open_request(request, &recorded).is_none() && checkpoint.is_none() && !pending {
+        return Ok(());
+    }
+    let owner = owner_of(d, &ctx.settings.cluster);
+    let listed = ctx.aws.owned_snapshots(&owner).await.map_err(aws_err("snapshot"))?;
+    let volume = status.and_then(|s| s.volume.as_ref()).map(|v| v.id.clone());
+    let pod = if facts.pod_ready { super::children::cached_pod(ctx, d).await? } else { None };
+    let ip = pod.and_then(|p| p.status?.pod_ip);
+    let credentials = sql::credentials(&d.spec.server_config);
+    // Each move changes what the plan sees; a pass makes at most these few (checkpoint, record,
+    // release, refresh) and leaves the rest to the next.
+    for _ in 0..4 {
+        let open = open_request(request, &recorded);
+        let next = plan(open, &recorded, checkpoint.as_ref(), &listed, ip.is_some(), volume.is_some());
+        match next {
+            Plan::Idle => break,
+            Plan::NoVolume => {
+                facts.wait(WaitReason::TakingSnapshot, "the snapshot waits for the data volume");
+                break;
+            }
+            Plan::Release => {
+                match &ip {
+                    Some(ip) => sql::execute(ip, &credentials, "CHECKPOINT RELEASE")
+                        .await
+                        .map_err(|e| Error::Sql { step: "snapshot", source: e })?,
+                    // A checkpoint lives in the QuestDB process: without a pod there is none.
+                    None if facts.pod_gone || d.spec.paused => {}
+                    None => {
+                        facts.wait(
+                            WaitReason::TakingSnapshot,
+                            "releasing the checkpoint once the database serves",
+                        );
+                        break;
+                    }
+                }
+                let request = checkpoint.take().map(|c| c.request).unwrap_or_default();
+                record(ctx, qdb, &recorded, None).await?;
+                facts.did(
+                    "ReleasedCheckpoint",
+                    format!("CHECKPOINT RELEASE after the snapshot for {request}"),
+                );
+            }
+            Plan::Record(s, consistency) => {
+                let Some(r) = open else { break };
+                recorded.push(entry(&s, r, consistency));
+                record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
+                facts.did(
+                    "TookSnapshot",
+                    format!("{} of the volume, {consistency:?} (found by its request tag)", s.id),
+                );
+            }
+            Plan::Checkpoint => {
+                let (Some(r), Some(ip), Some(vol)) = (open, &ip, &volume) else { break };
+                if checkpoint.as_ref().is_none_or(|c| c.request != r.id) {
+                    let step =
+                        CheckpointStatus { request: r.id.clone(), since: Time(jiff::Timestamp::now()) };
+                    checkpoint = Some(step);
+                    record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
+                }
+                match sql::execute(ip, &credentials, "CHECKPOINT CREATE").await {
+                    Ok(()) => {}
+                    Err(e) if e.message().contains(CHECKPOINT_IN_EFFECT) => {}
+                    Err(e) => return Err(Error::Sql { step: "snapshot", source: e }),
+                }
+                facts.created();
+                let s = ctx.aws.create_snapshot(&owner, vol, &r.id, r.label.as_deref()).await;
+                let s = s.map_err(aws_err("snapshot"))?;
+                recorded.push(entry(&s, r, Consistency::Consistent));
+                record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
+                facts.did("TookSnapshot", format!("{} of {vol} under CHECKPOINT CREATE", s.id));
+            }
+            Plan::Take => {
+                let (Some(r), Some(vol)) = (open, &volume) else { break };
+                facts.created();
+                let s = ctx.aws.create_snapshot(&owner, vol, &r.id, r.label.as_deref()).await;
+                let s = s.map_err(aws_err("snapshot"))?;
+                recorded.push(entry(&s, r, Consistency::CrashConsistent));
+                record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
+                facts.did(
+                    "TookSnapshot",
+                    format!("{} of {vol}, crash-consistent (the database is not serving)", s.id),
+                );
+            }
+            Plan::Refresh => {
+                if refresh(&mut recorded, &listed) {
+                    record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
+                }
+                break;
+            }
+        }
+    }
+    if let Some(s) = recorded.iter().find(|s| s.state == SnapshotPhase::Pending) {
+        facts.wait(WaitReason::TakingSnapshot, format!("EBS is completing snapshot {}", s.id));
+    }
+    Ok(())
+}
+
+/// Writes `status.snapshots` and `status.checkpoint` (removed when None) under the snapshot
+/// step's own field manager: the persisted part of the step, written before the next move.
+async fn record(
+    ctx: &Context,
+    q: &QuestDB,
+    snapshots: &[SnapshotStatus],
+    checkpoint: Option<&CheckpointStatus>,
+) -> Result<(), Error> {
+    let api: Api<QuestDB> = Api::namespaced(ctx.client.clone(), &q.namespace().unwrap_or_default());
+    let mut status = json!({"snapshots": snapshots});
+    if let Some(c) = checkpoint {
+        status["checkpoint"] = json!(c);
+    }
+    let patch = json!({"apiVersion": "cloud.questdb.io/v1", "kind": "QuestDB", "status": status});
+    ctx.metrics.kube("apply", "QuestDB/status");
+    api.patch_status(&q.name_any(), &PatchParams::apply(SNAPSHOT_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(kube_err("snapshot", "recording the snapshot step"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: &str) -> SnapshotRequest {
+        SnapshotRequest { id: id.into(), label: None }
+    }
+
+    fn listed(id: &str, request: &str, state: SnapshotState) -> EbsSnapshot {
+        EbsSnapshot {
+            id: id.into(),
+            state,
+            volume_size_gib: 10,
+            started: None,
+            request: Some(request.into()),
+        }
+    }
+
+    fn recorded(id: &str, request: &str, state: SnapshotPhase) -> SnapshotStatus {
+        let mut e = entry(
+            &listed(id, request, SnapshotState::Pending),
+            &self::request(request),
+            Consistency::Consistent,
+        );
+        e.state = state;
+        e
+    }
+
+    fn step(request: &str) -> CheckpointStatus {
+        CheckpointStatus { request: request.into(), since: Time(jiff::Timestamp::UNIX_EPOCH) }
+    }
+
+    #[test]
+    fn a_serving_database_is_snapshotted_under_a_checkpoint_and_a_stopped_one_as_it_is() {
+        let r = request("i-1");
+        assert_eq!(plan(Some(&r), &[], None, &[], true, true), Plan::Checkpoint);
+        assert_eq!(plan(Some(&r), &[], None, &[], false, true), Plan::Take);
+        assert_eq!(plan(Some(&r), &[], None, &[], true, false), Plan::NoVolume);
+        assert_eq!(plan(None, &[], None, &[], true, true), Plan::Idle);
+    }
+
+    #[test]
+    fn an_interrupted_snapshot_is_resumed_never_taken_twice_and_its_checkpoint_always_released() {
+        let r = request("i-1");
+        // Stopped after the checkpoint step was recorded, before CreateSnapshot: CHECKPOINT
+        // CREATE again (QuestDB answers that one is in effect, if it is), then the snapshot.
+        assert_eq!(plan(Some(&r), &[], Some(&step("i-1")), &[], true, true), Plan::Checkpoint);
+        // Stopped after CreateSnapshot, before recording it: found by its tag, recorded.
+        let taken = listed("snap-1", "i-1", SnapshotState::Pending);
+        let found = plan(Some(&r), &[], Some(&step("i-1")), &[taken.clone()], true, true);
+        assert_eq!(found, Plan::Record(taken.clone(), Consistency::Consistent));
+        let found = plan(Some(&r), &[], None, &[taken], false, true);
+        assert_eq!(
+            found,
+            Plan::Record(listed("snap-1", "i-1", SnapshotState::Pending), Consistency::CrashConsistent)
+        );
+        // Recorded, checkpoint still open: released, whatever the snapshot's state.
+        let done = [recorded("snap-1", "i-1", SnapshotPhase::Pending)];
+        assert_eq!(
+            plan(open_request(Some(&r), &done), &done, Some(&step("i-1")), &[], true, true),
+            Plan::Release
+        );
+        // A newer request replaced the one the checkpoint was for: that checkpoint goes first.
+        assert_eq!(plan(Some(&request("i-2")), &[], Some(&step("i-1")), &[], true, true), Plan::Release);
+        assert_eq!(plan(None, &[], Some(&step("i-1")), &[], true, true), Plan::Release);
+    }
+
+    #[test]
+    fn pending_snapshots_are_followed_until_ebs_completes_them() {
+        let r = request("i-1");
+        let mut done = vec![recorded("snap-1", "i-1", SnapshotPhase::Pending)];
+        assert_eq!(open_request(Some(&r), &done), None);
+        assert_eq!(plan(None, &done, None, &[], true, true), Plan::Refresh);
+        assert!(!refresh(&mut done, &[listed("snap-1", "i-1", SnapshotState::Pending)]));
+        assert!(refresh(&mut done, &[listed("snap-1", "i-1", SnapshotState::Completed)]));
+        assert_eq!(done[0].state, SnapshotPhase::Completed);
+        assert_eq!(plan(open_request(Some(&r), &done), &done, None, &[], true, true), Plan::Idle);
+    }
+}
