@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ListParams};
@@ -475,10 +476,11 @@ async fn snapshot_instructions_take_consistent_snapshots_and_crash_consistent_on
 
     let rig = Rig::new("data-snapins", 1).await?;
     let gossip = rig.gossip()?;
-    let _op = rig.spawn_operator("region-a", "a1", &[])?;
+    let mut op = rig.spawn_operator("region-a", "a1", &[])?;
     let p = rig.spawn("r1", &[])?;
     p.wait_ready().await?;
     let db = "db-snapins";
+    let mut snapshots = Vec::new();
     let create = ins::create(db, "region-a", 1, NEWER);
     rig.send(&create).await?;
     gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
@@ -496,38 +498,81 @@ async fn snapshot_instructions_take_consistent_snapshots_and_crash_consistent_on
     write_rows(&ip, "trades", 100, 100).await?;
     expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
 
-    let pause = ins::new(db, "region-a", 3, Operation::Pause(v1::Pause {}));
+    // The operator killed with its checkpoint step open: the next one releases it and records
+    // the one snapshot the request took. The step is open for tens of milliseconds, so the kill
+    // follows a watch of the resource and is tried until one lands inside it.
+    let api = rig.questdbs("region-a").await?;
+    let region = rig.cloud.cluster("region-a")?;
+    let ec2 = rig.cloud.ec2(&region.aws_region).await;
+    let (mut sequence, mut landed, mut tries) = (3, false, 0);
+    while !landed {
+        ensure!(tries < 4, "no kill landed while the checkpoint step was open, in {tries} tries");
+        tries += 1;
+        let version = api.get(db).await?.metadata.resource_version.unwrap_or_default();
+        let params = kube::api::WatchParams::default().fields(&format!("metadata.name={db}"));
+        let mut events = api.watch(&params, &version).await?.boxed();
+        let snap = ins::new(db, "region-a", sequence, Operation::Snapshot(v1::Snapshot { label: None }));
+        sequence += 1;
+        rig.send(&snap).await?;
+        let opened = tokio::time::timeout(T, async {
+            while let Some(event) = events.try_next().await? {
+                if let kube::api::WatchEvent::Modified(q) = event
+                    && q.status.as_ref().is_some_and(|s| s.checkpoint.is_some())
+                {
+                    return anyhow::Ok(());
+                }
+            }
+            anyhow::bail!("the watch ended")
+        });
+        opened.await.context("no checkpoint step recorded")??;
+        op.kill9()?;
+        landed = api.get(db).await?.status.is_some_and(|s| s.checkpoint.is_some());
+        op = rig.spawn_operator("region-a", &format!("a{}", tries + 1), &[])?;
+        let taken = gossip.phase(&snap.instruction_id, Phase::Succeeded, T).await?;
+        let status = api.get(db).await?.status.context("no status")?;
+        ensure!(
+            status.checkpoint.is_none(),
+            "the checkpoint step is still open after {}",
+            snap.instruction_id
+        );
+        let for_it: Vec<_> = status.snapshots.iter().filter(|s| s.request == snap.instruction_id).collect();
+        ensure!(
+            for_it.len() == 1 && for_it[0].id == taken.snapshot_id,
+            "{for_it:?} vs {}",
+            taken.snapshot_id
+        );
+        let by_request = aws_sdk_ec2::types::Filter::builder()
+            .name(format!("tag:{}", qdb_crd::keys::SNAPSHOT_REQUEST))
+            .values(&snap.instruction_id)
+            .build();
+        let tagged = ec2.describe_snapshots().owner_ids("self").filters(by_request).send().await?;
+        ensure!(tagged.snapshots().len() == 1, "{} snapshots for one request", tagged.snapshots().len());
+        execute(&ip, "CHECKPOINT CREATE").await.context("the checkpoint stayed in effect past the kill")?;
+        execute(&ip, "CHECKPOINT RELEASE").await?;
+        snapshots.push(taken.snapshot_id);
+    }
+
+    let pause = ins::new(db, "region-a", sequence, Operation::Pause(v1::Pause {}));
     rig.send(&pause).await?;
     gossip.phase(&pause.instruction_id, Phase::Succeeded, T).await?;
-    let second = ins::new(db, "region-a", 4, Operation::Snapshot(v1::Snapshot { label: None }));
+    let second = ins::new(db, "region-a", sequence + 1, Operation::Snapshot(v1::Snapshot { label: None }));
     rig.send(&second).await?;
     let paused = gossip.phase(&second.instruction_id, Phase::Succeeded, T).await?;
     ensure!(paused.snapshot_id.starts_with("snap-") && paused.snapshot_id != done.snapshot_id, "{paused:?}");
 
     let status = rig.questdbs("region-a").await?.get(db).await?.status.context("no status")?;
     ensure!(status.checkpoint.is_none(), "a checkpoint step is still open: {:?}", status.checkpoint);
-    let listed: Vec<_> = status
-        .snapshots
-        .iter()
-        .map(|s| (s.id.as_str(), s.request.as_str(), s.consistency, s.state))
-        .collect();
+    let listed: Vec<_> = status.snapshots.iter().map(|s| (s.id.as_str(), s.consistency, s.state)).collect();
+    let consistent = (Consistency::Consistent, SnapshotPhase::Completed);
+    let mut want = vec![(done.snapshot_id.as_str(), consistent.0, consistent.1)];
+    want.extend(snapshots.iter().map(|id| (id.as_str(), consistent.0, consistent.1)));
+    want.push((paused.snapshot_id.as_str(), Consistency::CrashConsistent, SnapshotPhase::Completed));
+    ensure!(listed == want, "status lists {listed:?}, want {want:?}");
+    ensure!(status.snapshots[0].request == first.instruction_id, "{:?}", status.snapshots[0]);
     ensure!(
-        listed
-            == [
-                (
-                    done.snapshot_id.as_str(),
-                    first.instruction_id.as_str(),
-                    Consistency::Consistent,
-                    SnapshotPhase::Completed
-                ),
-                (
-                    paused.snapshot_id.as_str(),
-                    second.instruction_id.as_str(),
-                    Consistency::CrashConsistent,
-                    SnapshotPhase::Completed
-                ),
-            ],
-        "status lists {listed:?}"
+        status.snapshots.last().is_some_and(|s| s.request == second.instruction_id),
+        "{:?}",
+        status.snapshots
     );
     ensure!(status.snapshots[0].label == label, "label {:?}", status.snapshots[0].label);
 
@@ -543,10 +588,8 @@ async fn snapshot_instructions_take_consistent_snapshots_and_crash_consistent_on
     expect_rows(&clone_ip, "trades", 0..100, Duration::from_secs(30)).await?;
 
     delete(&rig, &gossip, clone, 2).await?;
-    delete(&rig, &gossip, db, 5).await?;
-    let region = rig.cloud.cluster("region-a")?;
-    let ec2 = rig.cloud.ec2(&region.aws_region).await;
-    for snapshot in [&done.snapshot_id, &paused.snapshot_id] {
+    delete(&rig, &gossip, db, sequence + 2).await?;
+    for snapshot in snapshots.iter().chain([&done.snapshot_id, &paused.snapshot_id]) {
         ec2.delete_snapshot().snapshot_id(snapshot).send().await?;
     }
     Ok(())
