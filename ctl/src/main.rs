@@ -284,6 +284,10 @@ async fn status(
             if let Some(f) = &s.last_failover {
                 println!("   last failover at {} from {}: {}", f.at.0, f.from_node, f.reason);
             }
+            println!("== Snapshots");
+            for line in snapshot_lines(&s.snapshots, s.checkpoint.as_ref()) {
+                println!("   {line}");
+            }
             println!("== Conditions");
             for c in &s.conditions {
                 println!("   {:<12} {:<6} {:<20} {}", c.type_, c.status, c.reason, c.message);
@@ -355,9 +359,45 @@ async fn status(
     Ok(())
 }
 
+/// The database's snapshots, oldest first, one line each (what a restore or a clone names), and
+/// a checkpoint step left open.
+fn snapshot_lines(
+    snapshots: &[qdb_crd::SnapshotStatus],
+    checkpoint: Option<&qdb_crd::CheckpointStatus>,
+) -> Vec<String> {
+    let mut lines: Vec<String> = snapshots
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {} GiB {:?} {:?} {:?} request {}{}",
+                s.id,
+                s.taken_at.0,
+                s.size_gib,
+                s.state,
+                s.consistency,
+                s.reason,
+                s.request,
+                s.label.as_ref().map(|l| format!(" label {l:?}")).unwrap_or_default()
+            )
+        })
+        .collect();
+    if lines.is_empty() {
+        lines.push("none".into());
+    }
+    if let Some(c) = checkpoint {
+        lines.push(format!(
+            "CHECKPOINT in effect since {} for request {} (released by the operator)",
+            c.since.0, c.request
+        ));
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use qdb_crd::{CheckpointStatus, Consistency, SnapshotPhase, SnapshotReason, SnapshotStatus};
 
     #[test]
     fn positions_name_a_partition_and_an_offset() {
@@ -366,5 +406,31 @@ mod tests {
         for bad in ["", "a:1", "1:", "-1:3", "1:-3", "1:2:3"] {
             assert!(parse_position(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn snapshots_are_listed_one_per_line_with_an_open_checkpoint_after() {
+        assert_eq!(snapshot_lines(&[], None), ["none"]);
+        let s = SnapshotStatus {
+            id: "snap-1".into(),
+            request: "i-1".into(),
+            label: Some("nightly".into()),
+            taken_at: Time(jiff::Timestamp::UNIX_EPOCH),
+            size_gib: 20,
+            state: SnapshotPhase::Completed,
+            consistency: Consistency::Consistent,
+            reason: SnapshotReason::OnDemand,
+        };
+        let c = CheckpointStatus { request: "i-2".into(), since: Time(jiff::Timestamp::UNIX_EPOCH) };
+        let lines = snapshot_lines(&[s], Some(&c));
+        assert_eq!(
+            lines[0],
+            "snap-1 1970-01-01T00:00:00Z 20 GiB Completed Consistent OnDemand request i-1 label \"nightly\""
+        );
+        assert!(
+            lines[1].starts_with("CHECKPOINT in effect since 1970-01-01T00:00:00Z for request i-2"),
+            "{}",
+            lines[1]
+        );
     }
 }

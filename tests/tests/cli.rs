@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use qdb_proto::Message;
-use qdb_proto::v1::{self, Phase};
+use qdb_proto::v1::{self, Phase, instruction::Operation};
 use qdb_tests::eventually;
 use qdb_tests::rig::{Rig, ins};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -34,9 +34,14 @@ async fn status_tells_the_whole_story_and_dead_letters_can_be_listed_and_replaye
     let p = rig.spawn("r1", &[])?;
     p.wait_ready().await?;
     let _op = rig.spawn_operator("region-a", "a1", &[])?;
-    let create = ins::create("db-cli", "region-a", 1, "8.2.1");
+    // A real QuestDB (9.3.0), so that the snapshot is taken under its checkpoint.
+    let create = ins::create("db-cli", "region-a", 1, "9.3.0");
     rig.send(&create).await?;
     gossip.phase(&create.instruction_id, Phase::Succeeded, Duration::from_secs(90)).await?;
+    let snap =
+        ins::new("db-cli", "region-a", 2, Operation::Snapshot(v1::Snapshot { label: Some("oncall".into()) }));
+    rig.send(&snap).await?;
+    let taken = gossip.phase(&snap.instruction_id, Phase::Succeeded, Duration::from_secs(90)).await?;
 
     let c = rig.cloud.cluster("region-a")?;
     let (kubeconfig, region) = (c.kubeconfig.display().to_string(), c.aws_region.clone());
@@ -66,6 +71,10 @@ async fn status_tells_the_whole_story_and_dead_letters_can_be_listed_and_replaye
         "security group sg-",
         &create.instruction_id,
         "succeeded",
+        "== Snapshots",
+        &format!("{} ", taken.snapshot_id),
+        "Completed Consistent OnDemand",
+        "label \"oncall\"",
     ] {
         ensure!(out.contains(expected), "status lacks {expected:?}:\n{out}");
     }
@@ -95,6 +104,7 @@ async fn status_tells_the_whole_story_and_dead_letters_can_be_listed_and_replaye
             e.instruction_id == bad.instruction_id && e.message.contains("duplicate")
         })
         .await?;
+    rig.cloud.ec2(&region).await.delete_snapshot().snapshot_id(&taken.snapshot_id).send().await?;
     Ok(())
 }
 

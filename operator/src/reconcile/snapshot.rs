@@ -37,6 +37,16 @@ const SNAPSHOT_MANAGER: &str = "qdb-operator-snapshots";
 /// pass made is still there, which is what the step needs.
 const CHECKPOINT_IN_EFFECT: &str = "Waiting for CHECKPOINT RELEASE";
 
+/// How long a serving database may refuse `CHECKPOINT CREATE` (or not answer it) before its
+/// snapshot is taken crash-consistent instead: two attempts of [`sql`]'s 15 s and a retry.
+pub const CHECKPOINT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether the checkpoint step recorded at `since` has waited long enough.
+pub fn out_of_patience(since: &Time, now: jiff::Timestamp) -> bool {
+    std::time::Duration::try_from(now.duration_since(since.0))
+        .is_ok_and(|waited| waited >= CHECKPOINT_PATIENCE)
+}
+
 /// The snapshot step's next move.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Plan {
@@ -202,17 +212,35 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
                     checkpoint = Some(step);
                     record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
                 }
-                match sql::execute(ip, &credentials, "CHECKPOINT CREATE").await {
-                    Ok(()) => {}
-                    Err(e) if e.message().contains(CHECKPOINT_IN_EFFECT) => {}
+                let consistency = match sql::execute(ip, &credentials, "CHECKPOINT CREATE").await {
+                    Ok(()) => Consistency::Consistent,
+                    Err(e) if e.message().contains(CHECKPOINT_IN_EFFECT) => Consistency::Consistent,
+                    Err(e)
+                        if checkpoint
+                            .as_ref()
+                            .is_some_and(|c| out_of_patience(&c.since, jiff::Timestamp::now())) =>
+                    {
+                        // The database serves but does not take the statement (its pgwire
+                        // credentials changed, a network policy): a crash-consistent snapshot
+                        // beats none. A CREATE that timed out may still have run: released below
+                        // on a best-effort basis.
+                        facts.did(
+                            "CheckpointFailed",
+                            format!("{}; taking a crash-consistent snapshot", super::chain(&e)),
+                        );
+                        checkpoint = None;
+                        let _ = sql::execute(ip, &credentials, "CHECKPOINT RELEASE").await;
+                        record(ctx, qdb, &recorded, None).await?;
+                        Consistency::CrashConsistent
+                    }
                     Err(e) => return Err(Error::Sql { step: "snapshot", source: e }),
-                }
+                };
                 facts.created();
                 let s = ctx.aws.create_snapshot(&owner, vol, &r.id, r.label.as_deref()).await;
                 let s = s.map_err(aws_err("snapshot"))?;
-                recorded.push(entry(&s, r, Consistency::Consistent));
+                recorded.push(entry(&s, r, consistency));
                 record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
-                facts.did("TookSnapshot", format!("{} of {vol} under CHECKPOINT CREATE", s.id));
+                facts.did("TookSnapshot", format!("{} of {vol}, {consistency:?}", s.id));
             }
             Plan::Take => {
                 let (Some(r), Some(vol)) = (open, &volume) else { break };
@@ -326,6 +354,13 @@ mod tests {
         // A newer request replaced the one the checkpoint was for: that checkpoint goes first.
         assert_eq!(plan(Some(&request("i-2")), &[], Some(&step("i-1")), &[], true, true), Plan::Release);
         assert_eq!(plan(None, &[], Some(&step("i-1")), &[], true, true), Plan::Release);
+    }
+
+    #[test]
+    fn a_database_that_refuses_the_checkpoint_is_snapshotted_crash_consistent_after_a_while() {
+        let since = jiff::Timestamp::from_second(1_000_000).unwrap();
+        assert!(!out_of_patience(&Time(since), since + jiff::SignedDuration::from_secs(29)));
+        assert!(out_of_patience(&Time(since), since + jiff::SignedDuration::from_secs(30)));
     }
 
     #[test]
