@@ -37,6 +37,9 @@ struct Step {
     label: String,
     instruction: v1::Instruction,
     expect: Phase,
+    /// A create that starts from the snapshot the last Snapshot step took (its id is known only
+    /// once that step succeeded).
+    from_last_snapshot: bool,
 }
 
 fn scenario(tag: &str) -> Vec<Step> {
@@ -46,7 +49,9 @@ fn scenario(tag: &str) -> Vec<Step> {
         label: label.into(),
         instruction,
         expect,
+        from_last_snapshot: false,
     };
+    let clone = format!("{tag}-c");
     let op = |db: &str, cluster: &str, seq: u64, o: Operation| ins::new(db, cluster, seq, o);
     let modify = |m: v1::Modify| Operation::Modify(m);
     vec![
@@ -89,6 +94,20 @@ fn scenario(tag: &str) -> Vec<Step> {
             ),
             Phase::Succeeded,
         ),
+        step(
+            "snapshot",
+            op(&a, "region-a", 10, Operation::Snapshot(v1::Snapshot { label: Some("demo".into()) })),
+            Phase::Succeeded,
+        ),
+        Step {
+            from_last_snapshot: true,
+            ..step("clone the snapshot", ins::create(&clone, "region-a", 1, NEWER), Phase::Succeeded)
+        },
+        step(
+            "delete the clone",
+            op(&clone, "region-a", 2, Operation::Delete(v1::Delete { retain_volume: false })),
+            Phase::Succeeded,
+        ),
         step("stale sequence", ins::version(&a, "region-a", 2, OLDER), Phase::Superseded),
         step("unknown cluster", ins::create(&format!("{tag}-x"), "mars", 1, NEWER), Phase::Rejected),
         step(
@@ -98,7 +117,7 @@ fn scenario(tag: &str) -> Vec<Step> {
         ),
         step(
             "delete in region-a",
-            op(&a, "region-a", 10, Operation::Delete(v1::Delete { retain_volume: false })),
+            op(&a, "region-a", 11, Operation::Delete(v1::Delete { retain_volume: false })),
             Phase::Succeeded,
         ),
     ]
@@ -187,11 +206,21 @@ async fn main() -> Result<()> {
     // acknowledged so far.
     let mut serving = false;
     let mut written: u64 = 0;
+    // The last snapshot region-a's database took, and the rows it had acknowledged by then.
+    let mut last_snapshot: Option<(String, u64)> = None;
     let started = Instant::now();
     let mut results = Vec::new();
     println!("scenario {tag}: {} instructions\n", steps.len());
     for s in &steps {
-        let i = &s.instruction;
+        let mut i = s.instruction.clone();
+        if s.from_last_snapshot
+            && let Some(Operation::Create(c)) = i.operation.as_mut()
+            && let Some(spec) = c.spec.as_mut()
+        {
+            spec.volume.get_or_insert_default().from_snapshot_id =
+                last_snapshot.as_ref().map(|(id, _)| id.clone());
+        }
+        let i = &i;
         println!("==> {} ({} {}, sequence {})", s.label, i.cluster, i.database_id, i.sequence);
         let t0 = Instant::now();
         let on_a = i.database_id == db_a;
@@ -242,6 +271,10 @@ async fn main() -> Result<()> {
             println!("    {:>6.1}s {:<12} {detail}", t0.elapsed().as_secs_f64(), phase_name(ev.phase()));
             if is_terminal(ev.phase()) {
                 terminal = Some(ev.phase());
+                if !ev.snapshot_id.is_empty() && ev.phase() == Phase::Succeeded {
+                    println!("    snapshot {} of {written} acknowledged rows", ev.snapshot_id);
+                    last_snapshot = Some((ev.snapshot_id.clone(), written));
+                }
             }
         }
         let took = t0.elapsed();
@@ -263,9 +296,20 @@ async fn main() -> Result<()> {
         } else {
             None
         };
+        // A clone holds exactly the rows its snapshot had: read through its own name.
+        let (rows_after, want) =
+            match (&last_snapshot, s.from_last_snapshot && terminal == Some(Phase::Succeeded)) {
+                (Some((_, at_snapshot)), true) => {
+                    let db = ingress(&aws_a, &format!("{}.questdb.{ZONE_A}", i.database_id)).await?;
+                    let ids = qdb_tests::questdb::read_ids(&db, "trades").await.unwrap_or_default();
+                    println!("    clone rows: {at_snapshot} in the snapshot, {} read back", ids.len());
+                    (Some(ids.len() as u64), *at_snapshot)
+                }
+                _ => (rows_after, written),
+            };
         // Only for a database that served before the step: creating or resuming one is not an outage.
         let data = Data { rows_before, rows_after, unavailable: was_serving.then_some(unavailable) };
-        let ok = terminal == Some(s.expect) && rows_after.is_none_or(|n| n == written);
+        let ok = terminal == Some(s.expect) && rows_after.is_none_or(|n| n == want);
         results.push((s, terminal, took, ok, data));
         if terminal.is_none() {
             println!("\n    no terminal phase within {timeout:?}");
@@ -294,7 +338,8 @@ async fn main() -> Result<()> {
         );
     }
     println!(
-        "rows in: acknowledged rows written before the step; rows out: rows read back after it; \
+        "rows in: acknowledged rows written before the step; rows out: rows read back after it (the \
+         clone: its own rows, which must be the snapshot's); \
          unavail.: a client's SELECT 1 every 100 ms, time from a failed query to the next good one"
     );
     println!(
