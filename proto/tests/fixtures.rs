@@ -68,7 +68,10 @@ fn instructions() -> Vec<(&'static str, Instruction)> {
         ("instruction-pause", instruction(3, Operation::Pause(Pause {}))),
         ("instruction-resume", instruction(4, Operation::Resume(Resume {}))),
         ("instruction-restart", instruction(5, Operation::Restart(Restart {}))),
-        ("instruction-delete", instruction(6, Operation::Delete(Delete { retain_volume: true }))),
+        (
+            "instruction-delete",
+            instruction(6, Operation::Delete(Delete { retain_volume: true, remove_snapshots: false })),
+        ),
         (
             "instruction-snapshot",
             instruction(7, Operation::Snapshot(Snapshot { label: Some("before-upgrade".into()) })),

@@ -15,9 +15,10 @@ use qdb_proto::v1::{self, instruction::Operation};
 pub enum Action {
     /// Server-side apply this full spec.
     Apply(QuestDBSpec),
-    /// Delete the resource; with `retain` the volume's reclaim policy is set to Retain first
-    /// (the spec to apply for that is given), so the operator keeps the data volume.
-    Delete { retain: Option<QuestDBSpec> },
+    /// Delete the resource; with `prepare` that spec is applied first: the volume's reclaim
+    /// policy set to Retain (the operator keeps the data volume), the snapshots' to Delete (it
+    /// removes them).
+    Delete { prepare: Option<QuestDBSpec> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,15 +133,17 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
             ..existing()?
         },
         Operation::Delete(d) => {
-            let retain = match (d.retain_volume, current) {
-                (true, Some(cur)) => {
-                    let mut spec = cur.clone();
+            let prepare = current.filter(|_| d.retain_volume || d.remove_snapshots).map(|cur| {
+                let mut spec = cur.clone();
+                if d.retain_volume {
                     spec.volume.reclaim_policy = ReclaimPolicy::Retain;
-                    Some(spec)
                 }
-                _ => None,
-            };
-            return Ok(Action::Delete { retain });
+                if d.remove_snapshots {
+                    spec.snapshot_policy.reclaim_policy = ReclaimPolicy::Delete;
+                }
+                spec
+            });
+            return Ok(Action::Delete { prepare });
         }
     };
     // Validity first: a transition is only judged between valid specs.
@@ -178,6 +181,7 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
         network: NetworkSpec::default(),
         adopt: None,
         snapshot: None,
+        snapshot_policy: Default::default(),
     };
     let current = match instruction.operation {
         Some(Operation::Create(_) | Operation::Delete(_)) => None,
@@ -249,6 +253,7 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
         network: NetworkSpec { allowed_cidrs: spec.allowed_cidrs.clone(), dns_name: None },
         adopt: None,
         snapshot: None,
+        snapshot_policy: Default::default(),
     })
 }
 
@@ -524,22 +529,29 @@ mod tests {
     }
 
     #[test]
-    fn delete_with_and_without_the_volume() {
-        assert_eq!(
-            desired(&ins(Operation::Delete(Delete { retain_volume: false })), Some(&current())),
-            Ok(Action::Delete { retain: None })
-        );
-        let Ok(Action::Delete { retain: Some(spec) }) =
-            desired(&ins(Operation::Delete(Delete { retain_volume: true })), Some(&current()))
+    fn delete_keeps_or_removes_the_volume_and_the_snapshots() {
+        let delete = |retain_volume, remove_snapshots| {
+            ins(Operation::Delete(Delete { retain_volume, remove_snapshots }))
+        };
+        assert_eq!(desired(&delete(false, false), Some(&current())), Ok(Action::Delete { prepare: None }));
+        let Ok(Action::Delete { prepare: Some(spec) }) = desired(&delete(true, false), Some(&current()))
         else {
             panic!("expected a retaining delete");
         };
         assert_eq!(spec.volume.reclaim_policy, ReclaimPolicy::Retain);
-        // Deleting what is already gone is fine: the delete is idempotent.
         assert_eq!(
-            desired(&ins(Operation::Delete(Delete { retain_volume: true })), None),
-            Ok(Action::Delete { retain: None })
+            spec.snapshot_policy.reclaim_policy,
+            ReclaimPolicy::Retain,
+            "snapshots are kept by default"
         );
+        let Ok(Action::Delete { prepare: Some(spec) }) = desired(&delete(false, true), Some(&current()))
+        else {
+            panic!("expected a delete that removes the snapshots");
+        };
+        assert_eq!(spec.volume.reclaim_policy, ReclaimPolicy::Delete);
+        assert_eq!(spec.snapshot_policy.reclaim_policy, ReclaimPolicy::Delete);
+        // Deleting what is already gone is fine: the delete is idempotent.
+        assert_eq!(desired(&delete(true, true), None), Ok(Action::Delete { prepare: None }));
     }
 
     #[test]

@@ -245,8 +245,8 @@ async fn execute(
             let qdb = apply(spec.clone()).await?;
             Ok(Applied { generation: qdb.metadata.generation, qdb: Some(qdb), spec: Some(spec) })
         }
-        Action::Delete { retain } => {
-            if let Some(spec) = retain {
+        Action::Delete { prepare } => {
+            if let Some(spec) = prepare {
                 apply(spec).await?;
             }
             let res = api.delete(name, &DeleteParams::default()).await;

@@ -104,7 +104,15 @@ async fn status_tells_the_whole_story_and_dead_letters_can_be_listed_and_replaye
             e.instruction_id == bad.instruction_id && e.message.contains("duplicate")
         })
         .await?;
-    rig.cloud.ec2(&region).await.delete_snapshot().snapshot_id(&taken.snapshot_id).send().await?;
+    // Deleted the default way: its snapshot is kept, marked so the orphan sweep leaves it.
+    let delete = ins::new("db-cli", "region-a", 3, Operation::Delete(v1::Delete::default()));
+    rig.send(&delete).await?;
+    gossip.phase(&delete.instruction_id, Phase::Succeeded, Duration::from_secs(120)).await?;
+    let ec2 = rig.cloud.ec2(&region).await;
+    let kept = ec2.describe_snapshots().owner_ids("self").snapshot_ids(&taken.snapshot_id).send().await?;
+    let tags: Vec<_> = kept.snapshots().iter().flat_map(|s| s.tags()).filter_map(|t| t.key()).collect();
+    ensure!(tags.contains(&qdb_crd::keys::RETAINED), "{} not kept and marked: {tags:?}", taken.snapshot_id);
+    ec2.delete_snapshot().snapshot_id(&taken.snapshot_id).send().await?;
     Ok(())
 }
 

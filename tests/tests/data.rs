@@ -69,7 +69,12 @@ async fn node_ip(rig: &Rig, db: &str) -> Result<(Ingress, String)> {
 /// node and ingress process go with it, so they do not load the machine for the tests after
 /// (left running, the data tests' databases and their nodes' Traefiks kept both cores busy).
 async fn delete(rig: &Rig, gossip: &Reader<GossipEvent>, db: &str, sequence: u64) -> Result<()> {
-    let delete = ins::new(db, "region-a", sequence, Operation::Delete(v1::Delete { retain_volume: false }));
+    let delete = ins::new(
+        db,
+        "region-a",
+        sequence,
+        Operation::Delete(v1::Delete { retain_volume: false, ..Default::default() }),
+    );
     rig.send(&delete).await?;
     gossip.phase(&delete.instruction_id, Phase::Succeeded, T).await.map(drop)
 }
@@ -365,7 +370,12 @@ async fn config_change_pause_resume_growth_and_a_kept_volume_keep_every_row() ->
 
     // "Keep my data": deleted with its volume kept, the rows come back in a new database created
     // from that volume (its node in the volume's zone).
-    let keep = ins::new(db, "region-a", 6, Operation::Delete(v1::Delete { retain_volume: true }));
+    let keep = ins::new(
+        db,
+        "region-a",
+        6,
+        Operation::Delete(v1::Delete { retain_volume: true, ..Default::default() }),
+    );
     rig.send(&keep).await?;
     gossip.phase(&keep.instruction_id, Phase::Succeeded, T).await?;
     let again = "db-conf-again";
@@ -468,7 +478,7 @@ async fn a_clone_from_a_snapshot_has_exactly_the_rows_of_the_snapshot() -> Resul
 /// and released at once (a CHECKPOINT CREATE of the test's right after is accepted, which QuestDB
 /// refuses while one is in effect); a paused one crash-consistently. Each instruction succeeds
 /// once EBS completed its snapshot, naming it on gossip; status lists both. A clone of the first
-/// has exactly the rows written before it.
+/// has exactly the rows written before it. A delete with remove_snapshots removes them all.
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_instructions_take_consistent_snapshots_and_crash_consistent_ones_when_paused() -> Result<()>
 {
@@ -588,9 +598,15 @@ async fn snapshot_instructions_take_consistent_snapshots_and_crash_consistent_on
     expect_rows(&clone_ip, "trades", 0..100, Duration::from_secs(30)).await?;
 
     delete(&rig, &gossip, clone, 2).await?;
-    delete(&rig, &gossip, db, sequence + 2).await?;
+    // Deleted with its snapshots: none of them is left.
+    let remove = v1::Delete { remove_snapshots: true, ..Default::default() };
+    let delete = ins::new(db, "region-a", sequence + 2, Operation::Delete(remove));
+    rig.send(&delete).await?;
+    gossip.phase(&delete.instruction_id, Phase::Succeeded, T).await?;
     for snapshot in snapshots.iter().chain([&done.snapshot_id, &paused.snapshot_id]) {
-        ec2.delete_snapshot().snapshot_id(snapshot).send().await?;
+        let left = ec2.describe_snapshots().owner_ids("self").snapshot_ids(snapshot).send().await;
+        let left = left.map(|o| o.snapshots().len()).unwrap_or(0);
+        ensure!(left == 0, "{snapshot} outlived its database's delete with remove_snapshots");
     }
     Ok(())
 }

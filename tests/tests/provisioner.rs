@@ -109,7 +109,7 @@ async fn every_operation_changes_the_resource_and_ends_terminal() -> Result<()> 
         }
         assert_eq!(q.metadata.generation, Some(i as i64 + 1), "one generation per instruction");
     }
-    let delete = step(7, Operation::Delete(v1::Delete { retain_volume: false }));
+    let delete = step(7, Operation::Delete(v1::Delete { retain_volume: false, ..Default::default() }));
     rig.send(&delete).await?;
     gossip.phase(&delete.instruction_id, Phase::Succeeded, T).await?;
     ensure!(api.get_opt(db).await?.is_none(), "deleted");

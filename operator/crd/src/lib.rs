@@ -119,6 +119,35 @@ pub struct QuestDBSpec {
     /// the instruction id). `status.snapshots` lists it, with this id as its request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotRequest>,
+    /// What becomes of the database's snapshots.
+    #[serde(default, skip_serializing_if = "SnapshotPolicy::is_default")]
+    pub snapshot_policy: SnapshotPolicy,
+}
+
+/// The database's snapshots' lifecycle (see `QuestDBSpec::snapshot_policy`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotPolicy {
+    /// On deletion: Retain (the default) keeps them, tagged `cloud.questdb.io/retained` so the
+    /// orphan sweep leaves them, for a later create to start from; Delete removes them.
+    #[serde(default = "retain")]
+    pub reclaim_policy: ReclaimPolicy,
+}
+
+fn retain() -> ReclaimPolicy {
+    ReclaimPolicy::Retain
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        Self { reclaim_policy: retain() }
+    }
+}
+
+impl SnapshotPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// An on-demand snapshot (see `QuestDBSpec::snapshot`).

@@ -247,6 +247,7 @@ mod tests {
             },
             adopt: None,
             snapshot: None,
+            snapshot_policy: Default::default(),
         }
     }
 

@@ -148,6 +148,8 @@ pub struct EbsSnapshot {
     pub started: Option<jiff::Timestamp>,
     /// The `spec.snapshot` request it was taken for (its tag), for the database's own.
     pub request: Option<String>,
+    /// Kept past its database's deletion (tagged [`keys::RETAINED`]).
+    pub retained: bool,
 }
 
 impl EbsSnapshot {
@@ -158,6 +160,7 @@ impl EbsSnapshot {
             volume_size_gib: from_ec2(s.volume_size()).unwrap_or(0),
             started: timestamp(s.start_time()),
             request: tag_map(s.tags()).remove(keys::SNAPSHOT_REQUEST),
+            retained: tag_map(s.tags()).contains_key(keys::RETAINED),
         }
     }
 }
@@ -781,6 +784,7 @@ impl Aws {
             volume_size_gib: from_ec2(out.volume_size()).unwrap_or(0),
             started: timestamp(out.start_time()),
             request: Some(request.to_string()),
+            retained: false,
         })
     }
 
@@ -851,6 +855,16 @@ impl Aws {
     pub async fn delete_volume(&self, volume_id: &str) -> Result<(), AwsError> {
         const OP: &str = "DeleteVolume";
         let req = self.ec2.delete_volume().volume_id(volume_id);
+        match self.call(Service::Ec2, OP, || req.clone().send()).await {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Deletes a snapshot; one already gone counts as deleted.
+    pub async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), AwsError> {
+        const OP: &str = "DeleteSnapshot";
+        let req = self.ec2.delete_snapshot().snapshot_id(snapshot_id);
         match self.call(Service::Ec2, OP, || req.clone().send()).await {
             Err(e) if e.is_not_found() => Ok(()),
             other => other.map(|_| ()),

@@ -116,6 +116,7 @@ pub(crate) mod fixtures {
                 network: NetworkSpec { allowed_cidrs: vec!["203.0.113.0/24".into()], dns_name: None },
                 adopt: None,
                 snapshot: None,
+                snapshot_policy: Default::default(),
             },
         );
         q.metadata.namespace = Some("questdb".into());

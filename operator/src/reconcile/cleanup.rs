@@ -1,6 +1,7 @@
 //! Deletion, behind the finalizer, in reverse order: the database pod (StatefulSet and claim,
 //! so the database stops before its node goes), DNS, instances, volume (unless its reclaim policy
-//! is Retain), security group, the cluster-scoped PV. "Not found" counts as done; the finalizer
+//! is Retain), snapshots (only with the snapshot policy's Delete; else marked kept), security
+//! group, the cluster-scoped PV. "Not found" counts as done; the finalizer
 //! goes only when AWS shows nothing left. Other namespaced children go with the owner reference.
 
 use std::sync::Arc;
@@ -94,6 +95,33 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
             publish(ctx, &reference, EventType::Normal, "RetainedVolume", v.id.clone()).await;
         }
     }
+    // The snapshots outlive the volume unless the delete asked for them to go: marked, so the
+    // orphan sweep knows they were kept on purpose.
+    let owner = crate::aws::Owner {
+        cluster: ctx.settings.cluster.clone(),
+        namespace: ns.clone(),
+        database: name.clone(),
+        owner_uid: uid.clone(),
+    };
+    let remove = q.spec.snapshot_policy.reclaim_policy == ReclaimPolicy::Delete;
+    let snapshots = aws.owned_snapshots(&owner).await.map_err(aws_err("finding the snapshots"))?;
+    let (mut deleted, mut kept) = (Vec::new(), Vec::new());
+    for s in snapshots.iter().filter(|s| remove || !s.retained) {
+        if remove {
+            aws.delete_snapshot(&s.id).await.map_err(aws_err("deleting a snapshot"))?;
+            deleted.push(s.id.as_str());
+        } else {
+            aws.retag(&s.id, &[(keys::RETAINED.into(), "true".into())], &[])
+                .await
+                .map_err(aws_err("marking a snapshot kept"))?;
+            kept.push(s.id.as_str());
+        }
+    }
+    for (reason, ids) in [("DeletedSnapshots", deleted), ("RetainedSnapshots", kept)] {
+        if !ids.is_empty() {
+            publish(ctx, &reference, EventType::Normal, reason, ids.join(", ")).await;
+        }
+    }
     if let Some(sg) = aws.find_security_group(uid).await.map_err(aws_err("finding the security group"))? {
         aws.delete_security_group(&sg.id).await.map_err(aws_err("deleting the security group"))?;
     }
@@ -119,9 +147,12 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     let left_sg = aws.find_security_group(uid).await.map_err(aws_err("verifying"))?.is_some();
     let left_volume = q.spec.volume.reclaim_policy == ReclaimPolicy::Delete
         && aws.find_volume(uid).await.map_err(aws_err("verifying"))?.is_some();
-    if left_instances || left_sg || left_volume {
+    let left_snapshots =
+        remove && !aws.owned_snapshots(&owner).await.map_err(aws_err("verifying"))?.is_empty();
+    if left_instances || left_sg || left_volume || left_snapshots {
         return Err(Error::CleanupWaiting(format!(
-            "AWS still shows instances: {left_instances}, security group: {left_sg}, volume: {left_volume}"
+            "AWS still shows instances: {left_instances}, security group: {left_sg}, volume: {left_volume}, \
+             snapshots: {left_snapshots}"
         )));
     }
     publish(ctx, &reference, EventType::Normal, "CleanedUp", "every AWS resource is gone".into()).await;

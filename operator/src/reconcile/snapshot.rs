@@ -304,6 +304,7 @@ mod tests {
             volume_size_gib: 10,
             started: None,
             request: Some(request.into()),
+            retained: false,
         }
     }
 
@@ -338,7 +339,7 @@ mod tests {
         assert_eq!(plan(Some(&r), &[], Some(&step("i-1")), &[], true, true), Plan::Checkpoint);
         // Stopped after CreateSnapshot, before recording it: found by its tag, recorded.
         let taken = listed("snap-1", "i-1", SnapshotState::Pending);
-        let found = plan(Some(&r), &[], Some(&step("i-1")), &[taken.clone()], true, true);
+        let found = plan(Some(&r), &[], Some(&step("i-1")), std::slice::from_ref(&taken), true, true);
         assert_eq!(found, Plan::Record(taken.clone(), Consistency::Consistent));
         let found = plan(Some(&r), &[], None, &[taken], false, true);
         assert_eq!(

@@ -181,6 +181,10 @@ pub struct Delete {
     /// Keep the data volume (and its snapshot-able data) after the database is gone.
     #[prost(bool, tag = "1")]
     pub retain_volume: bool,
+    /// Delete the database's snapshots too. Without it they are kept (a later create can start
+    /// from one) until deleted in EC2.
+    #[prost(bool, tag = "2")]
+    pub remove_snapshots: bool,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]

@@ -105,19 +105,34 @@ fn scenario(tag: &str) -> Vec<Step> {
         },
         step(
             "delete the clone",
-            op(&clone, "region-a", 2, Operation::Delete(v1::Delete { retain_volume: false })),
+            op(
+                &clone,
+                "region-a",
+                2,
+                Operation::Delete(v1::Delete { retain_volume: false, ..Default::default() }),
+            ),
             Phase::Succeeded,
         ),
         step("stale sequence", ins::version(&a, "region-a", 2, OLDER), Phase::Superseded),
         step("unknown cluster", ins::create(&format!("{tag}-x"), "mars", 1, NEWER), Phase::Rejected),
         step(
             "delete in region-b",
-            op(&b, "region-b", 2, Operation::Delete(v1::Delete { retain_volume: false })),
+            op(
+                &b,
+                "region-b",
+                2,
+                Operation::Delete(v1::Delete { retain_volume: false, ..Default::default() }),
+            ),
             Phase::Succeeded,
         ),
         step(
             "delete in region-a",
-            op(&a, "region-a", 11, Operation::Delete(v1::Delete { retain_volume: false })),
+            op(
+                &a,
+                "region-a",
+                11,
+                Operation::Delete(v1::Delete { retain_volume: false, ..Default::default() }),
+            ),
             Phase::Succeeded,
         ),
     ]

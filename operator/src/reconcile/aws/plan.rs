@@ -215,7 +215,14 @@ mod tests {
     use super::*;
 
     fn snapshot(state: SnapshotState, volume_size_gib: u32) -> EbsSnapshot {
-        EbsSnapshot { id: "snap-1".into(), state, volume_size_gib, started: None, request: None }
+        EbsSnapshot {
+            id: "snap-1".into(),
+            state,
+            volume_size_gib,
+            started: None,
+            request: None,
+            retained: false,
+        }
     }
 
     #[test]
