@@ -15,7 +15,8 @@
 //! QuestDB cache. The cache may still hold a database just deleted (its resources then wait for
 //! the next sweep) but never lacks one whose resources AWS lists (the operator creates them from
 //! that cache), so only a resource whose owner the cache lacks is a candidate, and candidates are
-//! confirmed by a LIST taken now.
+//! confirmed by a LIST taken now. Snapshots are listed once per sweep (one DescribeSnapshots);
+//! those a deletion kept (tagged retained) are left, like kept volumes.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -26,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::aws::ec2::owner_of_tags_map;
 use crate::aws::inventory::Listing;
-use crate::aws::{AwsError, InstanceState};
+use crate::aws::{AwsError, EbsSnapshot, InstanceState};
 use crate::context::Context;
 
 /// What the sweep does with an orphan.
@@ -45,6 +46,7 @@ pub enum Kind {
     Instance,
     Volume,
     SecurityGroup,
+    Snapshot,
 }
 
 impl Kind {
@@ -53,6 +55,7 @@ impl Kind {
             Kind::Instance => "instance",
             Kind::Volume => "volume",
             Kind::SecurityGroup => "security_group",
+            Kind::Snapshot => "snapshot",
         }
     }
 }
@@ -88,6 +91,15 @@ pub fn orphans(listing: &Listing, owners: &HashSet<String>) -> Vec<Orphan> {
         }
     }
     out
+}
+
+/// The snapshots whose owner is not in `owners`, except those a deletion kept on purpose.
+pub fn orphan_snapshots(snapshots: &[EbsSnapshot], owners: &HashSet<String>) -> Vec<Orphan> {
+    snapshots
+        .iter()
+        .filter(|s| !s.owner_uid.is_empty() && !owners.contains(&s.owner_uid) && !s.retained)
+        .map(|s| Orphan { kind: Kind::Snapshot, id: s.id.clone(), owner_uid: s.owner_uid.clone() })
+        .collect()
 }
 
 /// Runs a sweep every `interval` until the future is dropped (with the controller).
@@ -132,9 +144,13 @@ pub async fn sweep(
         }
         None => &snapshot.listing,
     };
+    // Snapshots are not in the shared inventory (no reconcile needs them all): one listing a
+    // sweep, taken with AWS's view, before Kubernetes is read.
+    let snapshots = ctx.aws.cluster_snapshots(&ctx.settings.cluster, namespace).await?;
     let cached: HashSet<String> =
         ctx.caches.questdbs.state().iter().filter_map(|q| q.metadata.uid.clone()).collect();
     let mut found = orphans(listing, &cached);
+    found.extend(orphan_snapshots(&snapshots, &cached));
     if !found.is_empty() {
         let api: Api<QuestDB> = match namespace {
             Some(ns) => Api::namespaced(ctx.client.clone(), ns),
@@ -149,8 +165,9 @@ pub async fn sweep(
             .filter_map(|q| q.metadata.uid)
             .collect();
         found = orphans(listing, &owners);
+        found.extend(orphan_snapshots(&snapshots, &owners));
     }
-    for kind in [Kind::Instance, Kind::Volume, Kind::SecurityGroup] {
+    for kind in [Kind::Instance, Kind::Volume, Kind::SecurityGroup, Kind::Snapshot] {
         let n = found.iter().filter(|o| o.kind == kind).count();
         ctx.metrics
             .orphans_seen
@@ -200,6 +217,10 @@ async fn remove(ctx: &Context, o: &Orphan, listing: &Listing) -> Result<bool, Aw
         }
         Kind::SecurityGroup => {
             aws.delete_security_group(&o.id).await?;
+            Ok(true)
+        }
+        Kind::Snapshot => {
+            aws.delete_snapshot(&o.id).await?;
             Ok(true)
         }
     }
@@ -265,5 +286,28 @@ mod tests {
         );
         let all: HashSet<String> = ["live".to_string(), "gone".to_string()].into();
         assert!(orphans(&listing, &all).is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_is_an_orphan_only_if_its_owner_is_gone_and_it_was_not_kept() {
+        let snap = |id: &str, owner: &str, retained: bool| EbsSnapshot {
+            id: id.into(),
+            state: crate::aws::SnapshotState::Completed,
+            volume_size_gib: 1,
+            started: None,
+            request: None,
+            retained,
+            owner_uid: owner.into(),
+        };
+        let snapshots = [
+            snap("snap-live", "live", false),
+            snap("snap-gone", "gone", false),
+            snap("snap-kept", "gone", true),
+            snap("snap-x", "", false),
+        ];
+        let owners: HashSet<String> = ["live".to_string()].into();
+        let found: Vec<(Kind, String)> =
+            orphan_snapshots(&snapshots, &owners).into_iter().map(|o| (o.kind, o.id)).collect();
+        assert_eq!(found, [(Kind::Snapshot, "snap-gone".to_string())]);
     }
 }

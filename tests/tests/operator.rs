@@ -1321,9 +1321,9 @@ async fn cleanup_waits_out_the_listing_lag_after_the_last_create() -> Result<()>
     Ok(())
 }
 
-/// A security group, instance and data volume tagged for this cluster and namespace whose owner
-/// does not exist: reported (and left) by `--orphans report`, deleted by the default sweep. A
-/// live database's resources and a volume kept on purpose are never touched.
+/// A security group, instance, data volume and snapshot tagged for this cluster and namespace
+/// whose owner does not exist: reported (and left) by `--orphans report`, deleted by the default
+/// sweep. A live database's resources and a volume or snapshot kept on purpose are never touched.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_orphan_sweep_reports_or_deletes_what_no_database_owns() -> Result<()> {
     use qdb_operator::aws::{Launch, Owner};
@@ -1358,22 +1358,33 @@ async fn the_orphan_sweep_reports_or_deletes_what_no_database_owns() -> Result<(
     let volume = aws.create_volume(&orphan, &instance.zone, &small, None).await?;
     let retained = aws.create_volume(&kept, &instance.zone, &small, None).await?;
     aws.retag(&retained.id, &[(qdb_crd::keys::RETAINED.into(), "true".into())], &[]).await?;
+    // A snapshot the operator took for the missing database, and one a deletion kept.
+    let snapshot = aws.create_snapshot(&orphan, &volume.id, "request-1", None).await?;
+    let kept_snapshot = aws.create_snapshot(&kept, &retained.id, "request-2", None).await?;
+    aws.retag(&kept_snapshot.id, &[(qdb_crd::keys::RETAINED.into(), "true".into())], &[]).await?;
     let reported = |m: &str| qdb_tests::metric_total(m, "qdb_operator_orphans_total", "action=\"reported\"");
     eventually("the orphans reported", T, || async {
         let m = op.metrics().await?;
-        Ok((reported(&m) >= 3.0).then_some(()))
+        Ok((reported(&m) >= 4.0).then_some(()))
     })
     .await?;
+    let snapshot_ids = |owner: Owner| {
+        let aws = aws.clone();
+        async move { anyhow::Ok(aws.owned_snapshots(&owner).await?.into_iter().map(|s| s.id).collect::<Vec<_>>()) }
+    };
+    ensure!(snapshot_ids(orphan.clone()).await? == [snapshot.id.clone()], "report mode deleted the snapshot");
     ensure!(aws.find_security_group(&orphan.owner_uid).await?.is_some(), "report mode deleted the group");
     ensure!(!aws.find_instances(&orphan.owner_uid).await?.is_empty(), "report mode terminated the instance");
     op.kill9()?;
     let op = rig.spawn_operator("region-a", "a1", &["--orphan-sweep-secs", "3"])?;
     eventually("the orphans deleted", Duration::from_secs(240), || async {
-        Ok(nothing_left_in_ec2(&aws, &orphan.owner_uid).await.ok())
+        let snapshots_left = snapshot_ids(orphan.clone()).await?;
+        Ok(nothing_left_in_ec2(&aws, &orphan.owner_uid).await.ok().filter(|_| snapshots_left.is_empty()))
     })
     .await?;
     let m = op.metrics().await?;
-    ensure!(qdb_tests::metric_total(&m, "qdb_operator_orphans_total", "action=\"deleted\"") >= 3.0, "{m}");
+    ensure!(qdb_tests::metric_total(&m, "qdb_operator_orphans_total", "action=\"deleted\"") >= 4.0, "{m}");
+    ensure!(snapshot_ids(kept.clone()).await? == [kept_snapshot.id.clone()], "kept snapshot deleted");
     ensure!(
         aws.find_volume(&kept.owner_uid).await?.is_some_and(|v| v.id == retained.id),
         "kept volume deleted"

@@ -150,6 +150,8 @@ pub struct EbsSnapshot {
     pub request: Option<String>,
     /// Kept past its database's deletion (tagged [`keys::RETAINED`]).
     pub retained: bool,
+    /// The owner-UID tag ("" for a snapshot the operator did not take).
+    pub owner_uid: String,
 }
 
 impl EbsSnapshot {
@@ -161,6 +163,7 @@ impl EbsSnapshot {
             started: timestamp(s.start_time()),
             request: tag_map(s.tags()).remove(keys::SNAPSHOT_REQUEST),
             retained: tag_map(s.tags()).contains_key(keys::RETAINED),
+            owner_uid: owner_of_tags_map(&tag_map(s.tags())),
         }
     }
 }
@@ -756,6 +759,23 @@ impl Aws {
         Ok(out.snapshots().iter().map(EbsSnapshot::from_ec2).collect())
     }
 
+    /// The snapshots tagged for `cluster` (and `namespace`, for an operator that watches one):
+    /// what the orphan sweep looks through.
+    pub async fn cluster_snapshots(
+        &self,
+        cluster: &str,
+        namespace: Option<&str>,
+    ) -> Result<Vec<EbsSnapshot>, AwsError> {
+        const OP: &str = "DescribeSnapshots";
+        let mut req =
+            self.ec2.describe_snapshots().owner_ids("self").filters(tag_filter(keys::CLUSTER, cluster));
+        if let Some(ns) = namespace {
+            req = req.filters(tag_filter(keys::NAMESPACE, ns));
+        }
+        let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
+        Ok(out.snapshots().iter().map(EbsSnapshot::from_ec2).collect())
+    }
+
     /// Starts a snapshot of `volume_id` for the request `request`, tagged at creation (the
     /// database's tags and the request), so that it is found again by tag: CreateSnapshot takes
     /// no ClientToken, and a retry after a lost answer must not take a second one.
@@ -785,6 +805,7 @@ impl Aws {
             started: timestamp(out.start_time()),
             request: Some(request.to_string()),
             retained: false,
+            owner_uid: owner.owner_uid.clone(),
         })
     }
 

@@ -305,6 +305,7 @@ mod tests {
             started: None,
             request: Some(request.into()),
             retained: false,
+            owner_uid: "u".into(),
         }
     }
 

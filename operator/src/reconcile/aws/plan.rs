@@ -222,6 +222,7 @@ mod tests {
             started: None,
             request: None,
             retained: false,
+            owner_uid: String::new(),
         }
     }
 
