@@ -30,6 +30,7 @@ fn spec() -> DatabaseSpec {
             ("pg.select.cache.enabled".to_string(), "false".to_string()),
         ]),
         allowed_cidrs: vec!["203.0.113.0/24".into(), "198.51.100.7/32".into()],
+        snapshot_policy: None,
     }
 }
 
@@ -62,6 +63,7 @@ fn instructions() -> Vec<(&'static str, Instruction)> {
                     allow_version_downgrade: false,
                     volume_iops: None,
                     volume_throughput_mibps: None,
+                    snapshot_policy: None,
                 }),
             ),
         ),

@@ -200,6 +200,7 @@ mod tests {
                     }),
                     server_config: BTreeMap::new(),
                     allowed_cidrs: vec![],
+                    snapshot_policy: None,
                 }),
             })),
         }

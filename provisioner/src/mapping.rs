@@ -5,8 +5,8 @@
 //! so a modify is resolved here against the current spec into the full desired spec.
 
 use qdb_crd::{
-    AdoptSpec, NetworkSpec, QuestDBSpec, ReclaimPolicy, SnapshotRequest, SpecError, VolumeSpec, VolumeType,
-    is_dns_label, validate,
+    AdoptSpec, NetworkSpec, QuestDBSpec, ReclaimPolicy, SnapshotPolicy, SnapshotRequest, SpecError,
+    VolumeSpec, VolumeType, is_dns_label, validate,
 };
 use qdb_proto::v1::{self, instruction::Operation};
 
@@ -110,6 +110,9 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
             spec.server_config.extend(m.set_server_config.iter().map(|(k, v)| (k.clone(), v.clone())));
             if let Some(cidrs) = &m.allowed_cidrs {
                 spec.network.allowed_cidrs = cidrs.cidrs.clone();
+            }
+            if let Some(policy) = &m.snapshot_policy {
+                spec.snapshot_policy.keep = policy.keep;
             }
             spec.allow_version_downgrade = m.allow_version_downgrade;
             spec
@@ -253,7 +256,10 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
         network: NetworkSpec { allowed_cidrs: spec.allowed_cidrs.clone(), dns_name: None },
         adopt: None,
         snapshot: None,
-        snapshot_policy: Default::default(),
+        snapshot_policy: SnapshotPolicy {
+            keep: spec.snapshot_policy.as_ref().and_then(|p| p.keep),
+            ..Default::default()
+        },
     })
 }
 
@@ -272,6 +278,7 @@ mod tests {
             volume: Some(Volume { size_gib: 100, r#type: v1::VolumeType::Gp3 as i32, ..Default::default() }),
             server_config: BTreeMap::from([("cairo.commit.lag".to_string(), "1000".to_string())]),
             allowed_cidrs: vec!["203.0.113.0/24".into()],
+            snapshot_policy: None,
         }
     }
 
@@ -513,6 +520,33 @@ mod tests {
             desired(&ins(Operation::Snapshot(v1::Snapshot { label: None })), None),
             Err(MapError::NotFound)
         );
+    }
+
+    #[test]
+    fn the_snapshot_policy_is_set_at_create_and_replaced_by_a_modify() {
+        let mut create = ins(Operation::Create(Create { spec: Some(proto_spec()), adopt: None }));
+        if let Some(Operation::Create(c)) = create.operation.as_mut() {
+            c.spec.as_mut().unwrap().snapshot_policy = Some(v1::SnapshotPolicy { keep: Some(7) });
+        }
+        assert_eq!(applied(desired(&create, None)).snapshot_policy.keep, Some(7));
+        let keep = |keep| {
+            ins(Operation::Modify(v1::Modify {
+                snapshot_policy: Some(v1::SnapshotPolicy { keep }),
+                ..Default::default()
+            }))
+        };
+        assert_eq!(applied(desired(&keep(Some(2)), Some(&current()))).snapshot_policy.keep, Some(2));
+        let mut kept = current();
+        kept.snapshot_policy.keep = Some(2);
+        assert_eq!(
+            applied(desired(&keep(None), Some(&kept))).snapshot_policy.keep,
+            None,
+            "absent keep = all"
+        );
+        let untouched =
+            ins(Operation::Modify(v1::Modify { volume_size_gib: Some(500), ..Default::default() }));
+        assert_eq!(applied(desired(&untouched, Some(&kept))).snapshot_policy.keep, Some(2));
+        assert!(matches!(desired(&keep(Some(0)), Some(&current())), Err(MapError::Invalid(_))));
     }
 
     #[test]

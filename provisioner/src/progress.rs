@@ -103,7 +103,10 @@ fn settled(operation: &str, q: &QuestDB) -> Verdict {
     }
     // Ready alone is not done: during a node replacement the old node keeps serving while the
     // operator still reports Progressing.
-    let done = if operation == "pause" {
+    // A change to a paused database (its config, its snapshot policy) is done once the operator
+    // observed it paused: it takes effect when the database is resumed. Waiting for Ready would
+    // wait for a resume that may never come, and fail at the deadline.
+    let done = if operation == "pause" || q.spec.paused {
         is_true(q, "Paused")
     } else {
         is_true(q, "Ready") && progressing(q).is_none()
@@ -370,6 +373,18 @@ mod tests {
         );
         assert_eq!(judge("pause", Some(2), Some(&q)), Verdict::Succeeded);
         assert_eq!(judge("resume", Some(2), Some(&q)), Verdict::Wait);
+    }
+
+    #[test]
+    fn a_change_to_a_paused_database_succeeds_once_it_is_observed_paused() {
+        let mut q = qdb(
+            3,
+            Phase::Paused,
+            vec![cond("Ready", "False", "Paused", ""), cond("Paused", "True", "Paused", "")],
+        );
+        q.spec.paused = true;
+        assert_eq!(judge("modify", Some(3), Some(&q)), Verdict::Succeeded);
+        assert_eq!(judge("modify", Some(4), Some(&q)), Verdict::Wait, "not observed yet");
     }
 
     #[test]

@@ -752,6 +752,7 @@ pub mod ins {
             }),
             server_config: [("cairo.commit.lag".to_string(), "1000".to_string())].into(),
             allowed_cidrs: vec!["10.0.0.0/8".into()],
+            snapshot_policy: None,
         }
     }
 

@@ -41,7 +41,35 @@ async fn status_tells_the_whole_story_and_dead_letters_can_be_listed_and_replaye
     let snap =
         ins::new("db-cli", "region-a", 2, Operation::Snapshot(v1::Snapshot { label: Some("oncall".into()) }));
     rig.send(&snap).await?;
+    let first = gossip.phase(&snap.instruction_id, Phase::Succeeded, Duration::from_secs(90)).await?;
+    // Keep one: the next snapshot's completion lets the first go, in EC2 and in status.
+    let keep =
+        v1::Modify { snapshot_policy: Some(v1::SnapshotPolicy { keep: Some(1) }), ..Default::default() };
+    let keep = ins::new("db-cli", "region-a", 3, Operation::Modify(keep));
+    rig.send(&keep).await?;
+    gossip.phase(&keep.instruction_id, Phase::Succeeded, Duration::from_secs(90)).await?;
+    let snap =
+        ins::new("db-cli", "region-a", 4, Operation::Snapshot(v1::Snapshot { label: Some("oncall".into()) }));
+    rig.send(&snap).await?;
     let taken = gossip.phase(&snap.instruction_id, Phase::Succeeded, Duration::from_secs(90)).await?;
+    let api = rig.questdbs("region-a").await?;
+    eventually("the first snapshot let go", Duration::from_secs(60), || async {
+        let status = api.get("db-cli").await?.status.unwrap_or_default();
+        let ids: Vec<_> = status.snapshots.iter().map(|s| s.id.clone()).collect();
+        Ok((ids == [taken.snapshot_id.clone()]).then_some(()))
+    })
+    .await?;
+    let region_a = &rig.cloud.cluster("region-a")?.aws_region;
+    let gone = rig
+        .cloud
+        .ec2(region_a)
+        .await
+        .describe_snapshots()
+        .owner_ids("self")
+        .snapshot_ids(&first.snapshot_id)
+        .send()
+        .await;
+    ensure!(gone.map(|o| o.snapshots().is_empty()).unwrap_or(true), "{} outlived keep 1", first.snapshot_id);
 
     let c = rig.cloud.cluster("region-a")?;
     let (kubeconfig, region) = (c.kubeconfig.display().to_string(), c.aws_region.clone());
@@ -105,7 +133,7 @@ async fn status_tells_the_whole_story_and_dead_letters_can_be_listed_and_replaye
         })
         .await?;
     // Deleted the default way: its snapshot is kept, marked so the orphan sweep leaves it.
-    let delete = ins::new("db-cli", "region-a", 3, Operation::Delete(v1::Delete::default()));
+    let delete = ins::new("db-cli", "region-a", 5, Operation::Delete(v1::Delete::default()));
     rig.send(&delete).await?;
     gossip.phase(&delete.instruction_id, Phase::Succeeded, Duration::from_secs(120)).await?;
     let ec2 = rig.cloud.ec2(&region).await;

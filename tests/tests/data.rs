@@ -310,7 +310,8 @@ async fn config_change_pause_resume_growth_and_a_kept_volume_keep_every_row() ->
         2,
         Operation::Modify(v1::Modify {
             set_server_config: [
-                ("cairo.snapshot.instance.id".to_string(), TRICKY.to_string()),
+                // A free-text key only the legacy BACKUP statement reads.
+                ("cairo.sql.backup.dir.tmp.name".to_string(), TRICKY.to_string()),
                 ("pg.readonly.user".to_string(), "ro#!=:x".to_string()),
             ]
             .into(),
@@ -322,7 +323,11 @@ async fn config_change_pause_resume_growth_and_a_kept_volume_keep_every_row() ->
     ip.wait_serving(CATCH_UP).await?;
     let params = parameters(&ip).await?;
     let got = |k: &str| params.get(k).cloned().unwrap_or_default();
-    ensure!(got("cairo.snapshot.instance.id") == TRICKY, "read back {:?}", got("cairo.snapshot.instance.id"));
+    ensure!(
+        got("cairo.sql.backup.dir.tmp.name") == TRICKY,
+        "read back {:?}",
+        got("cairo.sql.backup.dir.tmp.name")
+    );
     ensure!(got("pg.readonly.user") == "ro#!=:x", "read back {:?}", got("pg.readonly.user"));
     ensure!(got("http.bind.to") == "0.0.0.0:9000", "the pinned bind address: {:?}", got("http.bind.to"));
     ensure!(got("cairo.commit.lag") == "1000", "the create's key: {:?}", got("cairo.commit.lag"));

@@ -221,6 +221,10 @@ impl Gen {
             }),
             server_config: self.config(),
             allowed_cidrs: self.cidrs(),
+            // 0 and 1001 are outside the schema's 1..=1000, as validate() must say too.
+            snapshot_policy: self
+                .pick(&[None, None, Some(0), Some(1), Some(1000), Some(1001)])
+                .map(|keep| v1::SnapshotPolicy { keep: Some(keep) }),
         }
     }
 

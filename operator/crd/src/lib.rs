@@ -132,6 +132,11 @@ pub struct SnapshotPolicy {
     /// orphan sweep leaves them, for a later create to start from; Delete removes them.
     #[serde(default = "retain")]
     pub reclaim_policy: ReclaimPolicy,
+    /// How many of the operator's snapshots to keep: the oldest beyond this count are deleted
+    /// once newer ones completed. Unset: every snapshot is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep: Option<u32>,
 }
 
 fn retain() -> ReclaimPolicy {
@@ -140,7 +145,7 @@ fn retain() -> ReclaimPolicy {
 
 impl Default for SnapshotPolicy {
     fn default() -> Self {
-        Self { reclaim_policy: retain() }
+        Self { reclaim_policy: retain(), keep: None }
     }
 }
 

@@ -37,7 +37,13 @@ pub enum SpecError {
     TwoStarts,
     #[error("adopt: {0}")]
     Adopt(String),
+    #[error("snapshot policy: keep {0} is outside 1..={MAX_SNAPSHOTS_KEPT}")]
+    SnapshotsKept(u32),
 }
+
+/// The most snapshots a policy keeps (EBS allows 100,000 per region; a database's listing in
+/// status stays small).
+pub const MAX_SNAPSHOTS_KEPT: u32 = 1000;
 
 /// An RFC 1123 label: what a database id must be, as it names the resource and its objects
 /// and is a label value.
@@ -72,6 +78,9 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     }
     if let Some(id) = spec.volume.from_snapshot.as_ref().filter(|id| !is_resource_id(id, "snap-")) {
         errors.push(SpecError::FromSnapshot(id.clone()));
+    }
+    if let Some(keep) = spec.snapshot_policy.keep.filter(|k| !(1..=MAX_SNAPSHOTS_KEPT).contains(k)) {
+        errors.push(SpecError::SnapshotsKept(keep));
     }
     let starts =
         [spec.volume.from_volume.is_some(), spec.volume.from_snapshot.is_some(), spec.adopt.is_some()];
@@ -301,6 +310,11 @@ mod tests {
         assert_eq!(validate(&s), Ok(()));
         s.volume.from_snapshot = Some("vol-0123456789abcdef0".into());
         assert_eq!(validate(&s), Err(vec![SpecError::FromSnapshot("vol-0123456789abcdef0".into())]));
+        let mut s = spec();
+        s.snapshot_policy.keep = Some(0);
+        assert_eq!(validate(&s), Err(vec![SpecError::SnapshotsKept(0)]));
+        s.snapshot_policy.keep = Some(1);
+        assert_eq!(validate(&s), Ok(()));
         s.volume.from_snapshot = Some("snap-0123456789abcdef0".into());
         s.volume.from_volume = Some("vol-0123456789abcdef0".into());
         assert_eq!(validate(&s), Err(vec![SpecError::TwoStarts]));

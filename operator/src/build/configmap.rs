@@ -3,6 +3,7 @@
 //! The bind addresses are pinned: the Service, the readiness probe, Traefik and the security
 //! group all assume these ports, so a user value for one of these keys is dropped (reported by
 //! [`overridden_keys`], which the children step announces in an event) rather than breaking the routing.
+//! Likewise `cairo.snapshot.instance.id`, which the operator sets in the pod's environment.
 
 use std::collections::BTreeMap;
 
@@ -25,9 +26,15 @@ pub fn pinned() -> [(&'static str, String); 5] {
     ]
 }
 
-/// The user's keys that [`pinned`] overrides, so they have no effect.
+/// Keys the operator sets in the pod's environment, which QuestDB reads over server.conf: the
+/// checkpoint recovery of a restored volume depends on it
+/// ([`super::statefulset::SNAPSHOT_INSTANCE_ENV`]). A user's value is left out of the file.
+pub const FROM_ENVIRONMENT: [&str; 1] = ["cairo.snapshot.instance.id"];
+
+/// The user's keys that [`pinned`] or [`FROM_ENVIRONMENT`] override, so they have no effect.
 pub fn overridden_keys(server_config: &BTreeMap<String, String>) -> Vec<&str> {
-    pinned().iter().map(|(k, _)| *k).filter(|k| server_config.contains_key(*k)).collect()
+    let owned = pinned().map(|(k, _)| k).into_iter().chain(FROM_ENVIRONMENT);
+    owned.filter(|k| server_config.contains_key(*k)).collect()
 }
 
 /// Sorted `key=value` lines, so the same config always renders (and hashes) the same. Keys are
@@ -35,6 +42,7 @@ pub fn overridden_keys(server_config: &BTreeMap<String, String>) -> Vec<&str> {
 /// `Properties.load`, which QuestDB reads the file with, gives them back unchanged.
 pub fn render_server_conf(server_config: &BTreeMap<String, String>) -> String {
     let mut all = server_config.clone();
+    all.retain(|k, _| !FROM_ENVIRONMENT.contains(&k.as_str()));
     all.extend(pinned().into_iter().map(|(k, v)| (k.to_string(), v)));
     let mut out = String::from("# Rendered by qdb-operator from spec.serverConfig; edits are overwritten.\n");
     for (k, v) in &all {
@@ -117,6 +125,11 @@ mod tests {
         assert!(conf.contains("pg.net.bind.to=0.0.0.0:8812\n"));
         assert!(!conf.contains("5432"));
         assert_eq!(overridden_keys(&user), ["pg.net.bind.to"]);
+        let mut user = user;
+        user.insert("cairo.snapshot.instance.id".into(), "mine".into());
+        let conf = render_server_conf(&user);
+        assert!(!conf.contains("cairo.snapshot.instance.id"), "the environment sets it:\n{conf}");
+        assert_eq!(overridden_keys(&user), ["pg.net.bind.to", "cairo.snapshot.instance.id"]);
     }
 
     /// Java's `Properties.load` for one logical line's value (what QuestDB reads), enough to

@@ -155,7 +155,7 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
     if facts.actions.len() > before && !ignored.is_empty() {
         // Said when the config is written, not every pass: the pinned bind addresses are what
         // the Service, the probes and Traefik reach, so the user's values for them are dropped.
-        facts.did("ServerConfigKeysIgnored", format!("pinned by the operator: {}", ignored.join(", ")));
+        facts.did("ServerConfigKeysIgnored", format!("set by the operator: {}", ignored.join(", ")));
     }
     let services =
         Cached { api: Api::namespaced(client.clone(), ns), store: &c.services, dyntype: (), kind: "Service" };

@@ -132,6 +132,22 @@ pub fn entry(s: &EbsSnapshot, request: &SnapshotRequest, consistency: Consistenc
     }
 }
 
+/// The snapshots `keep` lets go, oldest first: every completed one beyond the newest `keep`
+/// completed, and every failed one. Never a pending one (its completion is not known yet), nor
+/// the one answering `current` (the spec's request): status must go on recording it, or the
+/// request would be taken again.
+pub fn prune(recorded: &[SnapshotStatus], keep: Option<u32>, current: Option<&str>) -> Vec<String> {
+    let Some(keep) = keep else { return Vec::new() };
+    let mut completed: Vec<&SnapshotStatus> =
+        recorded.iter().filter(|s| s.state == SnapshotPhase::Completed).collect();
+    completed.sort_by_key(|s| s.taken_at.0);
+    let beyond = completed.len().saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
+    let mut out: Vec<&SnapshotStatus> = completed.into_iter().take(beyond).collect();
+    out.extend(recorded.iter().filter(|s| s.state == SnapshotPhase::Error));
+    out.sort_by_key(|s| s.taken_at.0);
+    out.into_iter().filter(|s| Some(s.request.as_str()) != current).map(|s| s.id.clone()).collect()
+}
+
 /// Brings pending entries up to what EC2 lists; true if any changed.
 pub fn refresh(recorded: &mut [SnapshotStatus], listed: &[EbsSnapshot]) -> bool {
     let mut changed = false;
@@ -153,7 +169,9 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
     let mut checkpoint = status.and_then(|s| s.checkpoint.clone());
     let request = d.spec.snapshot.as_ref();
     let pending = recorded.iter().any(|s| s.state == SnapshotPhase::Pending);
-    if open_request(request, &recorded).is_none() && checkpoint.is_none() && !pending {
+    let current = request.map(|r| r.id.as_str());
+    let pruned = prune(&recorded, d.spec.snapshot_policy.keep, current);
+    if open_request(request, &recorded).is_none() && checkpoint.is_none() && !pending && pruned.is_empty() {
         return Ok(());
     }
     let owner = owner_of(d, &ctx.settings.cluster);
@@ -265,6 +283,18 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
     if let Some(s) = recorded.iter().find(|s| s.state == SnapshotPhase::Pending) {
         facts.wait(WaitReason::TakingSnapshot, format!("EBS is completing snapshot {}", s.id));
     }
+    // Retention, once nothing is in flight: deleted in EC2 first, then dropped from status (a
+    // stop in between deletes an already deleted one again, which counts as done).
+    let pruned = prune(&recorded, d.spec.snapshot_policy.keep, current);
+    if checkpoint.is_none() && !pruned.is_empty() {
+        for id in &pruned {
+            ctx.aws.delete_snapshot(id).await.map_err(aws_err("snapshot"))?;
+        }
+        recorded.retain(|s| !pruned.contains(&s.id));
+        record(ctx, qdb, &recorded, None).await?;
+        let keep = d.spec.snapshot_policy.keep.unwrap_or_default();
+        facts.did("PrunedSnapshots", format!("{} (keeping the newest {keep})", pruned.join(", ")));
+    }
     Ok(())
 }
 
@@ -363,6 +393,27 @@ mod tests {
         let since = jiff::Timestamp::from_second(1_000_000).unwrap();
         assert!(!out_of_patience(&Time(since), since + jiff::SignedDuration::from_secs(29)));
         assert!(out_of_patience(&Time(since), since + jiff::SignedDuration::from_secs(30)));
+    }
+
+    #[test]
+    fn retention_lets_go_of_the_oldest_completed_and_the_failed_never_the_pending_or_current() {
+        let at = |id: &str, request: &str, state, secs| {
+            let mut e = recorded(id, request, state);
+            e.taken_at = Time(jiff::Timestamp::from_second(secs).unwrap());
+            e
+        };
+        let snaps = [
+            at("snap-3", "i-3", SnapshotPhase::Completed, 30),
+            at("snap-1", "i-1", SnapshotPhase::Completed, 10),
+            at("snap-2", "i-2", SnapshotPhase::Error, 20),
+            at("snap-4", "i-4", SnapshotPhase::Completed, 40),
+            at("snap-5", "i-5", SnapshotPhase::Pending, 50),
+        ];
+        assert!(prune(&snaps, None, Some("i-5")).is_empty(), "no policy: all kept");
+        assert_eq!(prune(&snaps, Some(2), Some("i-5")), ["snap-1", "snap-2"]);
+        assert_eq!(prune(&snaps, Some(1), Some("i-5")), ["snap-1", "snap-2", "snap-3"]);
+        assert_eq!(prune(&snaps, Some(1), Some("i-1")), ["snap-2", "snap-3"], "the current request's stays");
+        assert_eq!(prune(&snaps, Some(10), None), ["snap-2"], "a failed one goes whatever the count");
     }
 
     #[test]

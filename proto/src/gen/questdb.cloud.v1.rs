@@ -67,6 +67,16 @@ pub struct DatabaseSpec {
     /// Client networks allowed to reach the database, as CIDRs (e.g. "203.0.113.0/24").
     #[prost(string, repeated, tag = "6")]
     pub allowed_cidrs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The database's snapshots' lifecycle; absent = every snapshot kept.
+    #[prost(message, optional, tag = "7")]
+    pub snapshot_policy: ::core::option::Option<SnapshotPolicy>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SnapshotPolicy {
+    /// How many of the database's snapshots to keep (1-1000): the oldest beyond it are deleted once
+    /// newer ones completed. Unset = all kept.
+    #[prost(uint32, optional, tag = "1")]
+    pub keep: ::core::option::Option<u32>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Volume {
@@ -151,6 +161,9 @@ pub struct Modify {
     pub volume_iops: ::core::option::Option<u32>,
     #[prost(uint32, optional, tag = "10")]
     pub volume_throughput_mibps: ::core::option::Option<u32>,
+    /// When present, replaces the database's snapshot policy.
+    #[prost(message, optional, tag = "11")]
+    pub snapshot_policy: ::core::option::Option<SnapshotPolicy>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CidrList {
