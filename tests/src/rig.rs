@@ -771,6 +771,19 @@ pub mod ins {
         new(db, cluster, sequence, Operation::Create(v1::Create { adopt: None, spec: Some(spec(version)) }))
     }
 
+    /// A create whose volume starts from the EBS snapshot `snapshot` (a clone).
+    pub fn create_from_snapshot(
+        db: &str,
+        cluster: &str,
+        sequence: u64,
+        version: &str,
+        snapshot: &str,
+    ) -> v1::Instruction {
+        let mut spec = spec(version);
+        spec.volume.get_or_insert_default().from_snapshot_id = Some(snapshot.into());
+        new(db, cluster, sequence, Operation::Create(v1::Create { adopt: None, spec: Some(spec) }))
+    }
+
     pub fn version(db: &str, cluster: &str, sequence: u64, version: &str) -> v1::Instruction {
         new(
             db,

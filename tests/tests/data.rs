@@ -444,11 +444,7 @@ async fn a_clone_from_a_snapshot_has_exactly_the_rows_of_the_snapshot() -> Resul
     expect_rows(&ip, "trades", 0..200, Duration::from_secs(10)).await?;
 
     let clone = "db-snap-clone";
-    let mut create = ins::create(clone, "region-a", 1, NEWER);
-    if let Some(Operation::Create(c)) = create.operation.as_mut() {
-        let spec = c.spec.as_mut().context("the create has a spec")?;
-        spec.volume.get_or_insert_default().from_snapshot_id = Some(snapshot.clone());
-    }
+    let create = ins::create_from_snapshot(clone, "region-a", 1, NEWER, &snapshot);
     rig.send(&create).await?;
     gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
     let q = rig.questdbs("region-a").await?.get(clone).await?;
@@ -463,11 +459,7 @@ async fn a_clone_from_a_snapshot_has_exactly_the_rows_of_the_snapshot() -> Resul
 
     // A snapshot id the cluster does not have fails the create with the reason.
     let wrong = "db-snap-wrong";
-    let mut create = ins::create(wrong, "region-a", 1, NEWER);
-    if let Some(Operation::Create(c)) = create.operation.as_mut() {
-        let spec = c.spec.as_mut().context("the create has a spec")?;
-        spec.volume.get_or_insert_default().from_snapshot_id = Some("snap-0123456789abcdef0".into());
-    }
+    let create = ins::create_from_snapshot(wrong, "region-a", 1, NEWER, "snap-0123456789abcdef0");
     rig.send(&create).await?;
     let failed = gossip.phase(&create.instruction_id, Phase::Failed, T).await?;
     ensure!(failed.message.contains("snap-0123456789abcdef0"), "failed with {:?}", failed.message);
@@ -592,11 +584,7 @@ async fn snapshot_instructions_take_consistent_snapshots_and_crash_consistent_on
     ensure!(status.snapshots[0].label == label, "label {:?}", status.snapshots[0].label);
 
     let clone = "db-snapins-clone";
-    let mut create = ins::create(clone, "region-a", 1, NEWER);
-    if let Some(Operation::Create(c)) = create.operation.as_mut() {
-        let spec = c.spec.as_mut().context("the create has a spec")?;
-        spec.volume.get_or_insert_default().from_snapshot_id = Some(done.snapshot_id.clone());
-    }
+    let create = ins::create_from_snapshot(clone, "region-a", 1, NEWER, &done.snapshot_id);
     rig.send(&create).await?;
     gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
     let (clone_ip, _) = node_ip(&rig, clone).await?;

@@ -156,14 +156,15 @@ pub struct EbsSnapshot {
 
 impl EbsSnapshot {
     fn from_ec2(s: &aws_sdk_ec2::types::Snapshot) -> Self {
+        let mut tags = tag_map(s.tags());
         Self {
             id: s.snapshot_id().unwrap_or_default().to_string(),
             state: SnapshotState::from_ec2(s.state()),
             volume_size_gib: from_ec2(s.volume_size()).unwrap_or(0),
             started: timestamp(s.start_time()),
-            request: tag_map(s.tags()).remove(keys::SNAPSHOT_REQUEST),
-            retained: tag_map(s.tags()).contains_key(keys::RETAINED),
-            owner_uid: owner_of_tags_map(&tag_map(s.tags())),
+            retained: tags.contains_key(keys::RETAINED),
+            owner_uid: owner_of_tags_map(&tags),
+            request: tags.remove(keys::SNAPSHOT_REQUEST),
         }
     }
 }

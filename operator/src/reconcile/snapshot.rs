@@ -185,7 +185,7 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
     for _ in 0..4 {
         let open = open_request(request, &recorded);
         let next = plan(open, &recorded, checkpoint.as_ref(), &listed, ip.is_some(), volume.is_some());
-        match next {
+        let (consistency, why) = match next {
             Plan::Idle => break,
             Plan::NoVolume => {
                 facts.wait(WaitReason::TakingSnapshot, "the snapshot waits for the data volume");
@@ -212,6 +212,7 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
                     "ReleasedCheckpoint",
                     format!("CHECKPOINT RELEASE after the snapshot for {request}"),
                 );
+                continue;
             }
             Plan::Record(s, consistency) => {
                 let Some(r) = open else { break };
@@ -221,18 +222,19 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
                     "TookSnapshot",
                     format!("{} of the volume, {consistency:?} (found by its request tag)", s.id),
                 );
+                continue;
             }
             Plan::Checkpoint => {
-                let (Some(r), Some(ip), Some(vol)) = (open, &ip, &volume) else { break };
+                let (Some(r), Some(ip)) = (open, &ip) else { break };
                 if checkpoint.as_ref().is_none_or(|c| c.request != r.id) {
                     let step =
                         CheckpointStatus { request: r.id.clone(), since: Time(jiff::Timestamp::now()) };
                     checkpoint = Some(step);
                     record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
                 }
-                let consistency = match sql::execute(ip, &credentials, "CHECKPOINT CREATE").await {
-                    Ok(()) => Consistency::Consistent,
-                    Err(e) if e.message().contains(CHECKPOINT_IN_EFFECT) => Consistency::Consistent,
+                match sql::execute(ip, &credentials, "CHECKPOINT CREATE").await {
+                    Ok(()) => (Consistency::Consistent, ""),
+                    Err(e) if e.message().contains(CHECKPOINT_IN_EFFECT) => (Consistency::Consistent, ""),
                     Err(e)
                         if checkpoint
                             .as_ref()
@@ -249,36 +251,27 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
                         checkpoint = None;
                         let _ = sql::execute(ip, &credentials, "CHECKPOINT RELEASE").await;
                         record(ctx, qdb, &recorded, None).await?;
-                        Consistency::CrashConsistent
+                        (Consistency::CrashConsistent, "")
                     }
                     Err(e) => return Err(Error::Sql { step: "snapshot", source: e }),
-                };
-                facts.created();
-                let s = ctx.aws.create_snapshot(&owner, vol, &r.id, r.label.as_deref()).await;
-                let s = s.map_err(aws_err("snapshot"))?;
-                recorded.push(entry(&s, r, consistency));
-                record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
-                facts.did("TookSnapshot", format!("{} of {vol}, {consistency:?}", s.id));
+                }
             }
-            Plan::Take => {
-                let (Some(r), Some(vol)) = (open, &volume) else { break };
-                facts.created();
-                let s = ctx.aws.create_snapshot(&owner, vol, &r.id, r.label.as_deref()).await;
-                let s = s.map_err(aws_err("snapshot"))?;
-                recorded.push(entry(&s, r, Consistency::CrashConsistent));
-                record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
-                facts.did(
-                    "TookSnapshot",
-                    format!("{} of {vol}, crash-consistent (the database is not serving)", s.id),
-                );
-            }
+            Plan::Take => (Consistency::CrashConsistent, " (the database is not serving)"),
             Plan::Refresh => {
                 if refresh(&mut recorded, &listed) {
                     record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
                 }
                 break;
             }
-        }
+        };
+        // Checkpoint and Take: the snapshot itself, recorded before the next move.
+        let (Some(r), Some(vol)) = (open, &volume) else { break };
+        facts.created();
+        let s = ctx.aws.create_snapshot(&owner, vol, &r.id, r.label.as_deref()).await;
+        let s = s.map_err(aws_err("snapshot"))?;
+        recorded.push(entry(&s, r, consistency));
+        record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
+        facts.did("TookSnapshot", format!("{} of {vol}, {consistency:?}{why}", s.id));
     }
     if let Some(s) = recorded.iter().find(|s| s.state == SnapshotPhase::Pending) {
         facts.wait(WaitReason::TakingSnapshot, format!("EBS is completing snapshot {}", s.id));
