@@ -112,7 +112,7 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
                 spec.network.allowed_cidrs = cidrs.cidrs.clone();
             }
             if let Some(policy) = &m.snapshot_policy {
-                spec.snapshot_policy.keep = policy.keep;
+                spec.snapshot_policy = policy_of(policy, spec.snapshot_policy.reclaim_policy);
             }
             spec.allow_version_downgrade = m.allow_version_downgrade;
             spec
@@ -256,11 +256,23 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
         network: NetworkSpec { allowed_cidrs: spec.allowed_cidrs.clone(), dns_name: None },
         adopt: None,
         snapshot: None,
-        snapshot_policy: SnapshotPolicy {
-            keep: spec.snapshot_policy.as_ref().and_then(|p| p.keep),
-            ..Default::default()
-        },
+        snapshot_policy: spec
+            .snapshot_policy
+            .as_ref()
+            .map(|p| policy_of(p, SnapshotPolicy::default().reclaim_policy))
+            .unwrap_or_default(),
     })
+}
+
+/// The instruction's snapshot policy; what becomes of the snapshots on deletion is the delete
+/// instruction's to say, so `reclaim` is kept.
+fn policy_of(p: &v1::SnapshotPolicy, reclaim: ReclaimPolicy) -> SnapshotPolicy {
+    SnapshotPolicy {
+        reclaim_policy: reclaim,
+        keep: p.keep,
+        schedule: p.schedule.clone(),
+        before_changes: p.before_changes.unwrap_or(true),
+    }
 }
 
 #[cfg(test)]
@@ -526,12 +538,31 @@ mod tests {
     fn the_snapshot_policy_is_set_at_create_and_replaced_by_a_modify() {
         let mut create = ins(Operation::Create(Create { spec: Some(proto_spec()), adopt: None }));
         if let Some(Operation::Create(c)) = create.operation.as_mut() {
-            c.spec.as_mut().unwrap().snapshot_policy = Some(v1::SnapshotPolicy { keep: Some(7) });
+            let policy = v1::SnapshotPolicy {
+                keep: Some(7),
+                schedule: Some("0 3 * * *".into()),
+                before_changes: None,
+            };
+            c.spec.as_mut().unwrap().snapshot_policy = Some(policy);
         }
-        assert_eq!(applied(desired(&create, None)).snapshot_policy.keep, Some(7));
+        let policy = applied(desired(&create, None)).snapshot_policy;
+        assert_eq!(policy.keep, Some(7));
+        assert_eq!(policy.schedule.as_deref(), Some("0 3 * * *"));
+        assert!(policy.before_changes, "safety snapshots are on unless turned off");
+        let off = ins(Operation::Modify(v1::Modify {
+            snapshot_policy: Some(v1::SnapshotPolicy { before_changes: Some(false), ..Default::default() }),
+            ..Default::default()
+        }));
+        let mut scheduled = current();
+        scheduled.snapshot_policy.schedule = Some("0 3 * * *".into());
+        scheduled.snapshot_policy.reclaim_policy = ReclaimPolicy::Delete;
+        let policy = applied(desired(&off, Some(&scheduled))).snapshot_policy;
+        assert!(!policy.before_changes);
+        assert_eq!(policy.schedule, None, "a modify's policy replaces the whole policy");
+        assert_eq!(policy.reclaim_policy, ReclaimPolicy::Delete, "but not what a delete said");
         let keep = |keep| {
             ins(Operation::Modify(v1::Modify {
-                snapshot_policy: Some(v1::SnapshotPolicy { keep }),
+                snapshot_policy: Some(v1::SnapshotPolicy { keep, ..Default::default() }),
                 ..Default::default()
             }))
         };

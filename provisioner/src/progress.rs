@@ -65,6 +65,22 @@ pub fn snapshot_of<'a>(q: &'a QuestDB, request: &str) -> Option<&'a qdb_crd::Sna
     q.status.as_ref()?.snapshots.iter().find(|s| s.request == request)
 }
 
+/// The snapshot gossip names for an applied instruction: a Snapshot instruction's own, or the
+/// safety snapshot the operator took before the risky change of the generation the instruction
+/// made (`qdb_crd::safety_request`): the point the backend can go back to.
+pub fn announced_snapshot<'a>(
+    q: &'a QuestDB,
+    operation: &str,
+    instruction: &str,
+    generation: Option<i64>,
+) -> Option<&'a qdb_crd::SnapshotStatus> {
+    match (operation, generation) {
+        ("snapshot", _) => snapshot_of(q, instruction),
+        (_, Some(g)) => snapshot_of(q, &qdb_crd::safety_request(g)),
+        (_, None) => None,
+    }
+}
+
 /// Judges an applied Snapshot instruction (`request`, its id): done when EBS completed the
 /// snapshot, whatever else the database is doing (a paused one is snapshotted too, and is never
 /// Ready); superseded only if a later request replaced it before a snapshot was taken for it.
@@ -227,6 +243,28 @@ mod tests {
         q.spec.snapshot = Some(qdb_crd::SnapshotRequest { id: "i-10".into(), label: None });
         q.metadata.generation = Some(3);
         assert_eq!(judge_snapshot("i-9", Some(2), Some(&q)), Verdict::Superseded);
+    }
+
+    #[test]
+    fn a_change_names_the_safety_snapshot_taken_before_its_generation() {
+        let mut q = qdb(4, Phase::Running, vec![]);
+        let entry = |id: &str, request: &str| qdb_crd::SnapshotStatus {
+            id: id.into(),
+            request: request.into(),
+            label: None,
+            taken_at: Time(jiff::Timestamp::UNIX_EPOCH),
+            size_gib: 10,
+            state: qdb_crd::SnapshotPhase::Completed,
+            consistency: qdb_crd::Consistency::Consistent,
+            reason: qdb_crd::SnapshotReason::BeforeChange,
+        };
+        q.status.as_mut().unwrap().snapshots =
+            vec![entry("snap-3", &qdb_crd::safety_request(3)), entry("snap-4", "i-4")];
+        let named = |op, id, g| announced_snapshot(&q, op, id, g).map(|s| s.id.clone());
+        assert_eq!(named("modify", "i-3", Some(3)).as_deref(), Some("snap-3"));
+        assert_eq!(named("modify", "i-5", Some(5)), None, "a change with no safety snapshot names none");
+        assert_eq!(named("snapshot", "i-4", Some(4)).as_deref(), Some("snap-4"));
+        assert_eq!(named("create", "i-1", None), None);
     }
 
     #[test]

@@ -296,6 +296,12 @@ pub fn holders(ebs_dir: &Path) -> BTreeMap<String, usize> {
         if !p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
+        // The local cloud's EBS layer copies a volume's files with `cp` when CreateSnapshot is
+        // accepted (localcloud/aws/ebs_data.py): EBS reading the device for a snapshot, not a
+        // second database writing to it.
+        if std::fs::read_to_string(p.path().join("comm")).is_ok_and(|c| c.trim_end() == "cp") {
+            continue;
+        }
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
         let mut volumes: Vec<String> = fds
             .flatten()

@@ -43,8 +43,10 @@ async fn status_tells_the_whole_story_and_dead_letters_can_be_listed_and_replaye
     rig.send(&snap).await?;
     let first = gossip.phase(&snap.instruction_id, Phase::Succeeded, Duration::from_secs(90)).await?;
     // Keep one: the next snapshot's completion lets the first go, in EC2 and in status.
-    let keep =
-        v1::Modify { snapshot_policy: Some(v1::SnapshotPolicy { keep: Some(1) }), ..Default::default() };
+    let keep = v1::Modify {
+        snapshot_policy: Some(v1::SnapshotPolicy { keep: Some(1), ..Default::default() }),
+        ..Default::default()
+    };
     let keep = ins::new("db-cli", "region-a", 3, Operation::Modify(keep));
     rig.send(&keep).await?;
     gossip.phase(&keep.instruction_id, Phase::Succeeded, Duration::from_secs(90)).await?;

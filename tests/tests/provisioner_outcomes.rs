@@ -221,10 +221,23 @@ impl Gen {
             }),
             server_config: self.config(),
             allowed_cidrs: self.cidrs(),
-            // 0 and 1001 are outside the schema's 1..=1000, as validate() must say too.
-            snapshot_policy: self
-                .pick(&[None, None, Some(0), Some(1), Some(1000), Some(1001)])
-                .map(|keep| v1::SnapshotPolicy { keep: Some(keep) }),
+            // 0 and 1001 are outside the schema's 1..=1000, as validate() must say too; the
+            // schedules are valid, out of range and misspelt.
+            snapshot_policy: self.pick(&[None, None, Some(0), Some(1), Some(1000), Some(1001)]).map(|keep| {
+                v1::SnapshotPolicy {
+                    keep: Some(keep),
+                    schedule: self
+                        .pick(&[
+                            None,
+                            Some("0 3 * * *"),
+                            Some("*/5 1-2 * 1,6 0-7"),
+                            Some("61 * * * *"),
+                            Some("@daily"),
+                        ])
+                        .map(String::from),
+                    before_changes: self.pick(&[None, Some(false), Some(true)]),
+                }
+            }),
         }
     }
 

@@ -7,6 +7,7 @@
 //! provisioner (before it writes) and the operator (before it acts).
 
 pub mod common;
+pub mod cron;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -137,21 +138,106 @@ pub struct SnapshotPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub keep: Option<u32>,
+    /// Take a snapshot on this schedule: five cron fields (minute hour day-of-month month
+    /// day-of-week), in UTC, e.g. "0 3 * * *". A schedule missed while the operator was away is
+    /// caught up with one snapshot, not one per missed time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128), regex(pattern = r"^[0-9*,/-]+( +[0-9*,/-]+){4}$"))]
+    pub schedule: Option<String>,
+    /// Before a change of the node image, QuestDB version, instance type or volume type starts,
+    /// take a snapshot and wait until EBS completed it (on by default): the point to go back to.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub before_changes: bool,
 }
 
 fn retain() -> ReclaimPolicy {
     ReclaimPolicy::Retain
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
+}
+
 impl Default for SnapshotPolicy {
     fn default() -> Self {
-        Self { reclaim_policy: retain(), keep: None }
+        Self { reclaim_policy: retain(), keep: None, schedule: None, before_changes: true }
     }
 }
 
 impl SnapshotPolicy {
     pub fn is_default(&self) -> bool {
         *self == Self::default()
+    }
+}
+
+/// The request id of the safety snapshot taken before the risky change of spec generation
+/// `generation` (`SnapshotReason::BeforeChange`): the operator asks for it, the provisioner finds
+/// it for the instruction that made that generation.
+pub fn safety_request(generation: i64) -> String {
+    format!("before-g{generation}")
+}
+
+/// The request id of the scheduled snapshot due at `fire` (`SnapshotReason::Scheduled`).
+pub fn scheduled_request(fire: jiff::Timestamp) -> String {
+    format!("scheduled-{}", fire.strftime("%Y%m%dT%H%MZ"))
+}
+
+/// The part of the spec whose change is risky (a new node, a new QuestDB, a volume migration),
+/// as the operator last let it through: see `QuestDBStatus::admitted`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Admitted {
+    pub version: String,
+    pub node_image: String,
+    pub instance_type: String,
+    pub volume_type: VolumeType,
+    /// Held along with the volume type: they are valid only for their type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_iops: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_throughput_mibps: Option<u32>,
+}
+
+impl Admitted {
+    pub fn of(spec: &QuestDBSpec) -> Self {
+        Admitted {
+            version: spec.version.clone(),
+            node_image: spec.node_image.clone(),
+            instance_type: spec.instance_type.clone(),
+            volume_type: spec.volume.type_,
+            volume_iops: spec.volume.iops,
+            volume_throughput_mibps: spec.volume.throughput_mibps,
+        }
+    }
+
+    /// What changes from `self` to `to` that a safety snapshot must precede, in words
+    /// (empty: nothing risky; IOPS and throughput alone change in place).
+    pub fn risky_changes(&self, to: &Admitted) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut diff = |what: &str, a: &str, b: &str| {
+            if a != b {
+                out.push(format!("{what} {a} -> {b}"));
+            }
+        };
+        diff("node image", &self.node_image, &to.node_image);
+        diff("version", &self.version, &to.version);
+        diff("instance type", &self.instance_type, &to.instance_type);
+        diff("volume type", self.volume_type.as_str(), to.volume_type.as_str());
+        out
+    }
+
+    /// `spec` with this part in place of its own: the change held back.
+    pub fn hold(&self, spec: &mut QuestDBSpec) {
+        spec.version = self.version.clone();
+        spec.node_image = self.node_image.clone();
+        spec.instance_type = self.instance_type.clone();
+        spec.volume.type_ = self.volume_type;
+        spec.volume.iops = self.volume_iops;
+        spec.volume.throughput_mibps = self.volume_throughput_mibps;
     }
 }
 
@@ -317,6 +403,11 @@ pub struct QuestDBStatus {
     /// point in between still releases it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointStatus>,
+    /// The node image, version, instance type and volume type the operator last let through.
+    /// A spec that differs in one of them waits, with this part held, until its safety snapshot
+    /// completed (`spec.snapshotPolicy.beforeChanges`). Written with `snapshots`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admitted: Option<Admitted>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -359,6 +450,11 @@ pub enum Consistency {
 pub enum SnapshotReason {
     /// Asked for by `spec.snapshot` (a Snapshot instruction).
     OnDemand,
+    /// Due by `spec.snapshotPolicy.schedule`.
+    Scheduled,
+    /// Taken before a risky change started (`spec.snapshotPolicy.beforeChanges`); its label
+    /// names the change.
+    BeforeChange,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -595,8 +691,13 @@ pub enum WaitReason {
     /// The snapshot the database starts from is not completed yet (EBS makes no volume from a
     /// pending one).
     SnapshotPending,
-    /// The snapshot `spec.snapshot` asks for is being taken, or EBS has not completed it yet.
+    /// A snapshot (on demand, scheduled, or a safety snapshot) is being taken, or EBS has not
+    /// completed it yet. Alone it leaves a serving database Running: a snapshot changes nothing
+    /// the database serves.
     TakingSnapshot,
+    /// A change of the node image, version, instance type or volume type waits for its safety
+    /// snapshot (`spec.snapshotPolicy.beforeChanges`).
+    ChangeHeld,
     /// The data volume is attaching.
     VolumeAttaching,
     /// The data volume is being released by an instance.
@@ -625,6 +726,7 @@ impl WaitReason {
             Self::PlacingDatabase => "PlacingDatabase",
             Self::StartingDatabase => "StartingDatabase",
             Self::UpgradeQueued => "UpgradeQueued",
+            Self::ChangeHeld => "ChangeHeld",
             Self::FailoverHeld => "FailoverHeld",
             Self::ReplacingNode => "ReplacingNode",
             Self::DrainingOldNode => "DrainingOldNode",

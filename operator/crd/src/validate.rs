@@ -39,6 +39,8 @@ pub enum SpecError {
     Adopt(String),
     #[error("snapshot policy: keep {0} is outside 1..={MAX_SNAPSHOTS_KEPT}")]
     SnapshotsKept(u32),
+    #[error("snapshot policy: {0}")]
+    Schedule(#[from] crate::cron::CronError),
 }
 
 /// The most snapshots a policy keeps (EBS allows 100,000 per region; a database's listing in
@@ -81,6 +83,9 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     }
     if let Some(keep) = spec.snapshot_policy.keep.filter(|k| !(1..=MAX_SNAPSHOTS_KEPT).contains(k)) {
         errors.push(SpecError::SnapshotsKept(keep));
+    }
+    if let Some(Err(e)) = spec.snapshot_policy.schedule.as_deref().map(str::parse::<crate::cron::Schedule>) {
+        errors.push(e.into());
     }
     let starts =
         [spec.volume.from_volume.is_some(), spec.volume.from_snapshot.is_some(), spec.adopt.is_some()];
@@ -314,6 +319,10 @@ mod tests {
         s.snapshot_policy.keep = Some(0);
         assert_eq!(validate(&s), Err(vec![SpecError::SnapshotsKept(0)]));
         s.snapshot_policy.keep = Some(1);
+        assert_eq!(validate(&s), Ok(()));
+        s.snapshot_policy.schedule = Some("0 3 * * MON".into());
+        assert!(matches!(&validate(&s).unwrap_err()[..], [SpecError::Schedule(_)]));
+        s.snapshot_policy.schedule = Some("0 3 * * 1".into());
         assert_eq!(validate(&s), Ok(()));
         s.volume.from_snapshot = Some("snap-0123456789abcdef0".into());
         s.volume.from_volume = Some("vol-0123456789abcdef0".into());

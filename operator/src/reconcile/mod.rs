@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod dns;
 pub mod node_move;
 pub mod replace;
+pub mod safety;
 pub mod sizing;
 pub mod snapshot;
 pub mod status;
@@ -141,6 +142,12 @@ pub struct Facts {
     pub pod_share: Option<crate::build::resources::Share>,
     /// The instance, volume and security group `spec.adopt` names are this database's now.
     pub adopted: bool,
+    /// The risky part of the spec let through (status `admitted`, as the safety gate left it).
+    pub admitted: Option<qdb_crd::Admitted>,
+    /// The safety snapshot the gate holds a change for.
+    pub safety: Option<snapshot::Wanted>,
+    /// When the snapshot schedule next fires: the pass is requeued by then.
+    pub next_snapshot: Option<jiff::Timestamp>,
 }
 
 impl Facts {
@@ -248,7 +255,7 @@ pub async fn publish(
 
 async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     let reference = qdb.object_ref(&());
-    let d = match Desired::new(&qdb, &ctx.settings.dns_zone) {
+    let mut d = match Desired::new(&qdb, &ctx.settings.dns_zone) {
         Ok(d) => d,
         Err(invalid) => {
             let message = invalid.to_string();
@@ -267,6 +274,7 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         ..Facts::default()
     };
     let result = async {
+        timed(ctx, "safety", safety::ensure(ctx, &qdb, &mut d, &mut facts)).await?;
         let active = qdb.status.as_ref().and_then(|s| s.node.as_ref()).map(|n| n.instance_id.clone());
         // A converged database's pass (a resync, or a watch event) may read EC2 as it was up to
         // a resync ago: what changes EC2 is this operator, and a change forces a new view. One
@@ -335,7 +343,16 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         }
         return Err(e);
     }
-    Ok(Action::requeue(next_check(&new, &facts.waiting, ctx.settings.resync, ctx.settings.poll)))
+    let check = next_check(&new, &facts.waiting, ctx.settings.resync, ctx.settings.poll);
+    Ok(Action::requeue(until_scheduled(check, facts.next_snapshot, jiff::Timestamp::now())))
+}
+
+/// The pass's requeue, brought forward to the snapshot schedule's next time (a second past it,
+/// so the pass finds it due).
+pub fn until_scheduled(check: Duration, next: Option<jiff::Timestamp>, now: jiff::Timestamp) -> Duration {
+    let Some(next) = next else { return check };
+    let until = Duration::try_from(next.duration_since(now)).unwrap_or_default() + Duration::from_secs(1);
+    check.min(until)
 }
 
 /// How often an upgrade queued behind the replacement budget asks again. Polling a thousand

@@ -1,4 +1,6 @@
-//! On-demand snapshots (`spec.snapshot`): one EBS snapshot of the data volume per request id.
+//! Snapshots of the data volume: one EBS snapshot per request id. Requests come from
+//! `spec.snapshot` (on demand), the safety gate ([`super::safety`], before a risky change) and
+//! `spec.snapshotPolicy.schedule` (due times, in UTC); one is taken at a time, in that order.
 //!
 //! While the database serves, the snapshot is consistent: `CHECKPOINT CREATE` over pgwire (QuestDB
 //! syncs and keeps a checkpoint of its metadata on the volume; writes go on), CreateSnapshot (EBS
@@ -17,9 +19,10 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use qdb_crd::cron::Schedule;
 use qdb_crd::{
-    CheckpointStatus, Consistency, QuestDB, SnapshotPhase, SnapshotReason, SnapshotRequest, SnapshotStatus,
-    WaitReason,
+    Admitted, CheckpointStatus, Consistency, QuestDB, SnapshotPhase, SnapshotReason, SnapshotRequest,
+    SnapshotStatus, WaitReason,
 };
 use serde_json::json;
 
@@ -102,12 +105,33 @@ pub fn plan(
     }
 }
 
-/// The request no recorded snapshot answers yet.
-pub fn open_request<'a>(
-    request: Option<&'a SnapshotRequest>,
+/// A snapshot asked for, and why.
+pub type Wanted = (SnapshotRequest, SnapshotReason);
+
+/// The first request no recorded snapshot answers yet.
+pub fn open_request<'a>(wanted: &'a [Wanted], recorded: &[SnapshotStatus]) -> Option<&'a Wanted> {
+    wanted.iter().find(|(r, _)| !recorded.iter().any(|s| s.request == r.id))
+}
+
+/// The scheduled snapshot due at `now`, if any: the schedule's first time after the last
+/// scheduled snapshot (or after `since`, the database's creation) that is not in the future. Its
+/// request id is that time, so a pass that took it but stopped before recording it asks for the
+/// same one again and finds it by its tag. Times missed while the operator was away are caught
+/// up with this one snapshot.
+pub fn scheduled(
+    schedule: &Schedule,
     recorded: &[SnapshotStatus],
-) -> Option<&'a SnapshotRequest> {
-    request.filter(|r| !recorded.iter().any(|s| s.request == r.id))
+    since: jiff::Timestamp,
+    now: jiff::Timestamp,
+) -> Option<SnapshotRequest> {
+    let last = recorded
+        .iter()
+        .filter(|s| s.reason == SnapshotReason::Scheduled)
+        .map(|s| s.taken_at.0)
+        .max()
+        .unwrap_or(since);
+    let due = schedule.next_after(last).filter(|due| *due <= now)?;
+    Some(SnapshotRequest { id: qdb_crd::scheduled_request(due), label: None })
 }
 
 fn phase_of(state: SnapshotState) -> SnapshotPhase {
@@ -119,7 +143,7 @@ fn phase_of(state: SnapshotState) -> SnapshotPhase {
 }
 
 /// The status entry of a snapshot just taken or found.
-pub fn entry(s: &EbsSnapshot, request: &SnapshotRequest, consistency: Consistency) -> SnapshotStatus {
+pub fn entry(s: &EbsSnapshot, (request, reason): &Wanted, consistency: Consistency) -> SnapshotStatus {
     SnapshotStatus {
         id: s.id.clone(),
         request: request.id.clone(),
@@ -128,15 +152,15 @@ pub fn entry(s: &EbsSnapshot, request: &SnapshotRequest, consistency: Consistenc
         size_gib: s.volume_size_gib,
         state: phase_of(s.state),
         consistency,
-        reason: SnapshotReason::OnDemand,
+        reason: *reason,
     }
 }
 
 /// The snapshots `keep` lets go, oldest first: every completed one beyond the newest `keep`
 /// completed, and every failed one. Never a pending one (its completion is not known yet), nor
-/// the one answering `current` (the spec's request): status must go on recording it, or the
-/// request would be taken again.
-pub fn prune(recorded: &[SnapshotStatus], keep: Option<u32>, current: Option<&str>) -> Vec<String> {
+/// one answering a `current` request (the spec's, the safety gate's): status must go on
+/// recording it, or the request would be taken again.
+pub fn prune(recorded: &[SnapshotStatus], keep: Option<u32>, current: &[&str]) -> Vec<String> {
     let Some(keep) = keep else { return Vec::new() };
     let mut completed: Vec<&SnapshotStatus> =
         recorded.iter().filter(|s| s.state == SnapshotPhase::Completed).collect();
@@ -145,7 +169,7 @@ pub fn prune(recorded: &[SnapshotStatus], keep: Option<u32>, current: Option<&st
     let mut out: Vec<&SnapshotStatus> = completed.into_iter().take(beyond).collect();
     out.extend(recorded.iter().filter(|s| s.state == SnapshotPhase::Error));
     out.sort_by_key(|s| s.taken_at.0);
-    out.into_iter().filter(|s| Some(s.request.as_str()) != current).map(|s| s.id.clone()).collect()
+    out.into_iter().filter(|s| !current.contains(&s.request.as_str())).map(|s| s.id.clone()).collect()
 }
 
 /// Brings pending entries up to what EC2 lists; true if any changed.
@@ -161,17 +185,35 @@ pub fn refresh(recorded: &mut [SnapshotStatus], listed: &[EbsSnapshot]) -> bool 
     changed
 }
 
+/// The snapshots this pass wants, in the order they are taken: the safety gate's, the spec's,
+/// the schedule's (none for a paused database: its volume does not change). Also notes when the
+/// schedule next fires, for the pass's requeue.
+fn wanted(d: &Desired, recorded: &[SnapshotStatus], facts: &mut Facts) -> Vec<Wanted> {
+    let mut out: Vec<Wanted> = facts.safety.iter().cloned().collect();
+    out.extend(d.spec.snapshot.iter().map(|r| (r.clone(), SnapshotReason::OnDemand)));
+    // Validated before the pass; a schedule that does not parse is no schedule.
+    let schedule = d.spec.snapshot_policy.schedule.as_deref().and_then(|s| s.parse::<Schedule>().ok());
+    if let Some(schedule) = schedule.filter(|_| !d.spec.paused) {
+        let now = jiff::Timestamp::now();
+        facts.next_snapshot = schedule.next_after(now);
+        let since = d.created.unwrap_or(now);
+        out.extend(scheduled(&schedule, recorded, since, now).map(|r| (r, SnapshotReason::Scheduled)));
+    }
+    out
+}
+
 /// Runs the snapshot step for one pass. Without a request, an open checkpoint or a pending
 /// snapshot it calls nothing (the steady state costs no AWS call).
 pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
     let status = qdb.status.as_ref();
     let mut recorded = status.map(|s| s.snapshots.clone()).unwrap_or_default();
     let mut checkpoint = status.and_then(|s| s.checkpoint.clone());
-    let request = d.spec.snapshot.as_ref();
+    let admitted = facts.admitted.clone();
+    let wanted = wanted(d, &recorded, facts);
     let pending = recorded.iter().any(|s| s.state == SnapshotPhase::Pending);
-    let current = request.map(|r| r.id.as_str());
-    let pruned = prune(&recorded, d.spec.snapshot_policy.keep, current);
-    if open_request(request, &recorded).is_none() && checkpoint.is_none() && !pending && pruned.is_empty() {
+    let current: Vec<&str> = wanted.iter().map(|(r, _)| r.id.as_str()).collect();
+    let pruned = prune(&recorded, d.spec.snapshot_policy.keep, &current);
+    if open_request(&wanted, &recorded).is_none() && checkpoint.is_none() && !pending && pruned.is_empty() {
         return Ok(());
     }
     let owner = owner_of(d, &ctx.settings.cluster);
@@ -183,8 +225,9 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
     // Each move changes what the plan sees; a pass makes at most these few (checkpoint, record,
     // release, refresh) and leaves the rest to the next.
     for _ in 0..4 {
-        let open = open_request(request, &recorded);
-        let next = plan(open, &recorded, checkpoint.as_ref(), &listed, ip.is_some(), volume.is_some());
+        let open = open_request(&wanted, &recorded);
+        let next =
+            plan(open.map(|w| &w.0), &recorded, checkpoint.as_ref(), &listed, ip.is_some(), volume.is_some());
         let (consistency, why) = match next {
             Plan::Idle => break,
             Plan::NoVolume => {
@@ -207,7 +250,7 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
                     }
                 }
                 let request = checkpoint.take().map(|c| c.request).unwrap_or_default();
-                record(ctx, qdb, &recorded, None).await?;
+                record(ctx, qdb, &recorded, None, admitted.as_ref()).await?;
                 facts.did(
                     "ReleasedCheckpoint",
                     format!("CHECKPOINT RELEASE after the snapshot for {request}"),
@@ -215,9 +258,9 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
                 continue;
             }
             Plan::Record(s, consistency) => {
-                let Some(r) = open else { break };
-                recorded.push(entry(&s, r, consistency));
-                record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
+                let Some(w) = open else { break };
+                recorded.push(entry(&s, w, consistency));
+                record(ctx, qdb, &recorded, checkpoint.as_ref(), admitted.as_ref()).await?;
                 facts.did(
                     "TookSnapshot",
                     format!("{} of the volume, {consistency:?} (found by its request tag)", s.id),
@@ -225,12 +268,12 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
                 continue;
             }
             Plan::Checkpoint => {
-                let (Some(r), Some(ip)) = (open, &ip) else { break };
+                let (Some((r, _)), Some(ip)) = (open, &ip) else { break };
                 if checkpoint.as_ref().is_none_or(|c| c.request != r.id) {
                     let step =
                         CheckpointStatus { request: r.id.clone(), since: Time(jiff::Timestamp::now()) };
                     checkpoint = Some(step);
-                    record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
+                    record(ctx, qdb, &recorded, checkpoint.as_ref(), admitted.as_ref()).await?;
                 }
                 match sql::execute(ip, &credentials, "CHECKPOINT CREATE").await {
                     Ok(()) => (Consistency::Consistent, ""),
@@ -250,7 +293,7 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
                         );
                         checkpoint = None;
                         let _ = sql::execute(ip, &credentials, "CHECKPOINT RELEASE").await;
-                        record(ctx, qdb, &recorded, None).await?;
+                        record(ctx, qdb, &recorded, None, admitted.as_ref()).await?;
                         (Consistency::CrashConsistent, "")
                     }
                     Err(e) => return Err(Error::Sql { step: "snapshot", source: e }),
@@ -259,50 +302,56 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
             Plan::Take => (Consistency::CrashConsistent, " (the database is not serving)"),
             Plan::Refresh => {
                 if refresh(&mut recorded, &listed) {
-                    record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
+                    record(ctx, qdb, &recorded, checkpoint.as_ref(), admitted.as_ref()).await?;
                 }
                 break;
             }
         };
         // Checkpoint and Take: the snapshot itself, recorded before the next move.
-        let (Some(r), Some(vol)) = (open, &volume) else { break };
+        let (Some(w), Some(vol)) = (open, &volume) else { break };
         facts.created();
-        let s = ctx.aws.create_snapshot(&owner, vol, &r.id, r.label.as_deref()).await;
+        let s = ctx.aws.create_snapshot(&owner, vol, &w.0.id, w.0.label.as_deref()).await;
         let s = s.map_err(aws_err("snapshot"))?;
-        recorded.push(entry(&s, r, consistency));
-        record(ctx, qdb, &recorded, checkpoint.as_ref()).await?;
-        facts.did("TookSnapshot", format!("{} of {vol}, {consistency:?}{why}", s.id));
+        recorded.push(entry(&s, w, consistency));
+        record(ctx, qdb, &recorded, checkpoint.as_ref(), admitted.as_ref()).await?;
+        facts.did("TookSnapshot", format!("{} of {vol}, {:?}, {consistency:?}{why}", s.id, w.1));
     }
     if let Some(s) = recorded.iter().find(|s| s.state == SnapshotPhase::Pending) {
         facts.wait(WaitReason::TakingSnapshot, format!("EBS is completing snapshot {}", s.id));
     }
     // Retention, once nothing is in flight: deleted in EC2 first, then dropped from status (a
     // stop in between deletes an already deleted one again, which counts as done).
-    let pruned = prune(&recorded, d.spec.snapshot_policy.keep, current);
+    let pruned = prune(&recorded, d.spec.snapshot_policy.keep, &current);
     if checkpoint.is_none() && !pruned.is_empty() {
         for id in &pruned {
             ctx.aws.delete_snapshot(id).await.map_err(aws_err("snapshot"))?;
         }
         recorded.retain(|s| !pruned.contains(&s.id));
-        record(ctx, qdb, &recorded, None).await?;
-        let keep = d.spec.snapshot_policy.keep.unwrap_or_default();
-        facts.did("PrunedSnapshots", format!("{} (keeping the newest {keep})", pruned.join(", ")));
+        record(ctx, qdb, &recorded, None, admitted.as_ref()).await?;
+        let count = d.spec.snapshot_policy.keep.unwrap_or_default();
+        facts.did("PrunedSnapshots", format!("{} (keeping the newest {count})", pruned.join(", ")));
     }
     Ok(())
 }
 
-/// Writes `status.snapshots` and `status.checkpoint` (removed when None) under the snapshot
-/// step's own field manager: the persisted part of the step, written before the next move.
-async fn record(
+/// Writes `status.snapshots`, `status.checkpoint` (removed when None) and `status.admitted`
+/// under the snapshot step's own field manager: the persisted part of the step, written before
+/// the next move. Each write states all three, as a server-side apply removes what its manager
+/// stated before and leaves out.
+pub(super) async fn record(
     ctx: &Context,
     q: &QuestDB,
     snapshots: &[SnapshotStatus],
     checkpoint: Option<&CheckpointStatus>,
+    admitted: Option<&Admitted>,
 ) -> Result<(), Error> {
     let api: Api<QuestDB> = Api::namespaced(ctx.client.clone(), &q.namespace().unwrap_or_default());
     let mut status = json!({"snapshots": snapshots});
     if let Some(c) = checkpoint {
         status["checkpoint"] = json!(c);
+    }
+    if let Some(a) = admitted {
+        status["admitted"] = json!(a);
     }
     let patch = json!({"apiVersion": "cloud.questdb.io/v1", "kind": "QuestDB", "status": status});
     ctx.metrics.kube("apply", "QuestDB/status");
@@ -333,11 +382,8 @@ mod tests {
     }
 
     fn recorded(id: &str, request: &str, state: SnapshotPhase) -> SnapshotStatus {
-        let mut e = entry(
-            &listed(id, request, SnapshotState::Pending),
-            &self::request(request),
-            Consistency::Consistent,
-        );
+        let wanted = (self::request(request), SnapshotReason::OnDemand);
+        let mut e = entry(&listed(id, request, SnapshotState::Pending), &wanted, Consistency::Consistent);
         e.state = state;
         e
     }
@@ -372,10 +418,9 @@ mod tests {
         );
         // Recorded, checkpoint still open: released, whatever the snapshot's state.
         let done = [recorded("snap-1", "i-1", SnapshotPhase::Pending)];
-        assert_eq!(
-            plan(open_request(Some(&r), &done), &done, Some(&step("i-1")), &[], true, true),
-            Plan::Release
-        );
+        let wanted = [(r.clone(), SnapshotReason::OnDemand)];
+        let open = open_request(&wanted, &done).map(|w| &w.0);
+        assert_eq!(plan(open, &done, Some(&step("i-1")), &[], true, true), Plan::Release);
         // A newer request replaced the one the checkpoint was for: that checkpoint goes first.
         assert_eq!(plan(Some(&request("i-2")), &[], Some(&step("i-1")), &[], true, true), Plan::Release);
         assert_eq!(plan(None, &[], Some(&step("i-1")), &[], true, true), Plan::Release);
@@ -402,22 +447,51 @@ mod tests {
             at("snap-4", "i-4", SnapshotPhase::Completed, 40),
             at("snap-5", "i-5", SnapshotPhase::Pending, 50),
         ];
-        assert!(prune(&snaps, None, Some("i-5")).is_empty(), "no policy: all kept");
-        assert_eq!(prune(&snaps, Some(2), Some("i-5")), ["snap-1", "snap-2"]);
-        assert_eq!(prune(&snaps, Some(1), Some("i-5")), ["snap-1", "snap-2", "snap-3"]);
-        assert_eq!(prune(&snaps, Some(1), Some("i-1")), ["snap-2", "snap-3"], "the current request's stays");
-        assert_eq!(prune(&snaps, Some(10), None), ["snap-2"], "a failed one goes whatever the count");
+        assert!(prune(&snaps, None, &["i-5"]).is_empty(), "no policy: all kept");
+        assert_eq!(prune(&snaps, Some(2), &["i-5"]), ["snap-1", "snap-2"]);
+        assert_eq!(prune(&snaps, Some(1), &["i-5"]), ["snap-1", "snap-2", "snap-3"]);
+        assert_eq!(prune(&snaps, Some(1), &["i-1"]), ["snap-2", "snap-3"], "the current request's stays");
+        assert_eq!(prune(&snaps, Some(1), &["i-1", "i-3"]), ["snap-2"], "as does the safety gate's");
+        assert_eq!(prune(&snaps, Some(10), &[]), ["snap-2"], "a failed one goes whatever the count");
     }
 
     #[test]
     fn pending_snapshots_are_followed_until_ebs_completes_them() {
         let r = request("i-1");
         let mut done = vec![recorded("snap-1", "i-1", SnapshotPhase::Pending)];
-        assert_eq!(open_request(Some(&r), &done), None);
+        let wanted = [(r.clone(), SnapshotReason::OnDemand)];
+        assert_eq!(open_request(&wanted, &done), None);
         assert_eq!(plan(None, &done, None, &[], true, true), Plan::Refresh);
         assert!(!refresh(&mut done, &[listed("snap-1", "i-1", SnapshotState::Pending)]));
         assert!(refresh(&mut done, &[listed("snap-1", "i-1", SnapshotState::Completed)]));
         assert_eq!(done[0].state, SnapshotPhase::Completed);
-        assert_eq!(plan(open_request(Some(&r), &done), &done, None, &[], true, true), Plan::Idle);
+        assert_eq!(
+            plan(open_request(&wanted, &done).map(|w| &w.0), &done, None, &[], true, true),
+            Plan::Idle
+        );
+    }
+
+    #[test]
+    fn a_schedule_is_due_once_per_time_and_catches_up_once() {
+        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        let hourly: Schedule = "0 * * * *".parse().unwrap();
+        let created = at("2026-12-07T10:20:00Z");
+        assert_eq!(scheduled(&hourly, &[], created, at("2026-12-07T10:59:00Z")), None);
+        let due = scheduled(&hourly, &[], created, at("2026-12-07T11:00:05Z")).unwrap();
+        assert_eq!(due.id, "scheduled-20261207T1100Z");
+        let mut taken = recorded("snap-1", &due.id, SnapshotPhase::Pending);
+        taken.reason = SnapshotReason::Scheduled;
+        taken.taken_at = Time(at("2026-12-07T11:00:06Z"));
+        assert_eq!(
+            scheduled(&hourly, std::slice::from_ref(&taken), created, at("2026-12-07T11:40:00Z")),
+            None
+        );
+        // Away for three hours: one snapshot, named after the first time missed, so a pass that
+        // took it and stopped before recording it asks for the same one.
+        let late = scheduled(&hourly, std::slice::from_ref(&taken), created, at("2026-12-07T14:30:00Z"));
+        assert_eq!(late.map(|r| r.id).as_deref(), Some("scheduled-20261207T1200Z"));
+        // Another reason's snapshot does not stand in for a scheduled one.
+        taken.reason = SnapshotReason::OnDemand;
+        assert!(scheduled(&hourly, &[taken], created, at("2026-12-07T11:40:00Z")).is_some());
     }
 }

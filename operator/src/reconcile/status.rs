@@ -6,7 +6,7 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use qdb_crd::{
     DegradedReason, FailoverStatus, NodeStatus, OPERATOR_MANAGER, Phase, QuestDB, QuestDBStatus,
-    VolumeStatus, keys,
+    VolumeStatus, WaitReason, keys,
 };
 use serde_json::json;
 
@@ -100,7 +100,9 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
     // Serving is not the same as done: during a node replacement the old node keeps serving
     // (Ready) while the change is still under way (Progressing), as a Deployment's Available and
     // Progressing conditions do. The provisioner reports success only once both settle.
-    let settled = ready && f.waiting.is_empty();
+    // A snapshot being taken changes nothing the database serves: alone it leaves the database
+    // Running (status.snapshots shows it pending), so a schedule does not flap the phase.
+    let settled = ready && f.waiting.iter().all(|(r, _)| *r == WaitReason::TakingSnapshot);
     let was_running =
         old.and_then(|o| o.phase).is_some_and(|p| matches!(p, Phase::Running | Phase::Updating));
     let phase = if problem.failed.is_some() {
@@ -210,6 +212,7 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
         // Written by the snapshot step's own field manager (snapshot::record), as lastFailover.
         snapshots: Vec::new(),
         checkpoint: None,
+        admitted: None,
     }
 }
 
@@ -257,6 +260,7 @@ pub async fn ensure(ctx: &Context, q: &QuestDB, new: QuestDBStatus) -> Result<()
         last_failover: None,
         snapshots: Vec::new(),
         checkpoint: None,
+        admitted: None,
         ..s
     });
     if current.as_ref() == Some(&new) {
@@ -301,6 +305,19 @@ mod tests {
             (get(&s, "Progressing").status.as_str(), get(&s, "Progressing").reason.as_str()),
             ("False", "Converged")
         );
+    }
+
+    #[test]
+    fn a_snapshot_being_taken_leaves_a_serving_database_running_a_held_change_does_not() {
+        let mut f = serving();
+        f.wait(WaitReason::TakingSnapshot, "EBS is completing snapshot snap-1");
+        let s = build(&questdb(), &desired(), &f, &Problem::default());
+        assert_eq!(s.phase, Some(Phase::Running));
+        assert_eq!(get(&s, "Progressing").status, "False");
+        f.wait(WaitReason::ChangeHeld, "EBS is completing the safety snapshot snap-1 before ...");
+        let s = build(&questdb(), &desired(), &f, &Problem::default());
+        assert_eq!(s.phase, Some(Phase::Updating));
+        assert_eq!(get(&s, "Progressing").status, "True");
     }
 
     #[test]

@@ -71,12 +71,20 @@ pub struct DatabaseSpec {
     #[prost(message, optional, tag = "7")]
     pub snapshot_policy: ::core::option::Option<SnapshotPolicy>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SnapshotPolicy {
     /// How many of the database's snapshots to keep (1-1000): the oldest beyond it are deleted once
     /// newer ones completed. Unset = all kept.
     #[prost(uint32, optional, tag = "1")]
     pub keep: ::core::option::Option<u32>,
+    /// Take a snapshot on this schedule: five cron fields (minute hour day-of-month month
+    /// day-of-week; `*`, lists, ranges and `/` steps), in UTC, e.g. "0 3 * * *". Unset = none.
+    #[prost(string, optional, tag = "2")]
+    pub schedule: ::core::option::Option<::prost::alloc::string::String>,
+    /// Take a snapshot, Ready before the change starts, before a change of the node image, QuestDB
+    /// version, instance type or volume type. Unset = on.
+    #[prost(bool, optional, tag = "3")]
+    pub before_changes: ::core::option::Option<bool>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Volume {
@@ -265,7 +273,9 @@ pub struct GossipEvent {
     /// replaced it before its own state was observed Ready. Empty otherwise.
     #[prost(string, tag = "11")]
     pub superseded_by: ::prost::alloc::string::String,
-    /// For a Snapshot instruction: the EBS snapshot it took (once known). Empty otherwise.
+    /// For a Snapshot instruction: the EBS snapshot it took (once known). For an instruction that
+    /// changed the node image, QuestDB version, instance type or volume type: the safety snapshot
+    /// taken before the change (the point to go back to). Empty otherwise.
     #[prost(string, tag = "12")]
     pub snapshot_id: ::prost::alloc::string::String,
 }
