@@ -39,6 +39,8 @@ pub enum MapError {
     Invalid(Vec<SpecError>),
     #[error("database id {0:?} is not a lowercase DNS label of at most 63 characters")]
     InvalidDatabaseId(String),
+    #[error("cannot clone database {source_id}: {why}")]
+    NoSnapshotToClone { source_id: String, why: String },
 }
 
 impl MapError {
@@ -53,12 +55,54 @@ impl MapError {
             | MapError::VersionDowngrade { .. }
             | MapError::Invalid(_) => "INVALID_SPEC",
             MapError::InvalidDatabaseId(_) => "INVALID_DATABASE_ID",
+            MapError::NoSnapshotToClone { .. } => "NO_SNAPSHOT_TO_CLONE",
         }
     }
 }
 
 fn join(errors: &[SpecError]) -> String {
     errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// The database a create clones (`volume.clone_of_database`), if it names one.
+pub fn clone_of(instruction: &v1::Instruction) -> Option<&str> {
+    match instruction.operation.as_ref()? {
+        Operation::Create(c) => c.spec.as_ref()?.volume.as_ref()?.clone_of_database.as_deref(),
+        _ => None,
+    }
+}
+
+/// A create that clones another database, as a create from that database's latest completed
+/// snapshot (`source`: the other database's resource, None if absent). Once the clone exists
+/// (`current`), the snapshot it was made from stays: `volume.fromSnapshot` cannot change, and a
+/// replayed create must not pick a newer one.
+pub fn resolve_clone(
+    instruction: &v1::Instruction,
+    current: Option<&QuestDBSpec>,
+    source: Option<&qdb_crd::QuestDB>,
+) -> Result<v1::Instruction, MapError> {
+    let mut out = instruction.clone();
+    let Some(Operation::Create(c)) = out.operation.as_mut() else { return Ok(out) };
+    let Some(volume) = c.spec.as_mut().and_then(|s| s.volume.as_mut()) else { return Ok(out) };
+    let Some(source_id) = volume.clone_of_database.take() else { return Ok(out) };
+    let refuse = |why: &str| MapError::NoSnapshotToClone { source_id: source_id.clone(), why: why.into() };
+    if volume.from_volume_id.is_some() || volume.from_snapshot_id.is_some() {
+        return Err(refuse("a create clones a database or starts from a volume or snapshot, not both"));
+    }
+    if let Some(made_from) = current.and_then(|c| c.volume.from_snapshot.clone()) {
+        volume.from_snapshot_id = Some(made_from);
+        return Ok(out);
+    }
+    let source = source.ok_or_else(|| refuse("it does not exist in the cluster"))?;
+    let latest = source
+        .status
+        .iter()
+        .flat_map(|s| &s.snapshots)
+        .filter(|s| s.state == qdb_crd::SnapshotPhase::Completed)
+        .max_by_key(|s| s.taken_at.0)
+        .ok_or_else(|| refuse("it has no completed snapshot"))?;
+    volume.from_snapshot_id = Some(latest.id.clone());
+    Ok(out)
 }
 
 /// The desired state for `instruction`, given the resource's current spec (None = absent).
@@ -360,6 +404,65 @@ mod tests {
         }
         let spec = applied(desired(&ins(Operation::Create(Create { adopt: None, spec: Some(from) })), None));
         assert_eq!(spec.volume.from_snapshot.as_deref(), Some("snap-0123456789abcdef0"));
+    }
+
+    #[test]
+    fn a_clone_starts_from_the_latest_completed_snapshot_of_its_source_and_keeps_it() {
+        let mut from = proto_spec();
+        from.volume.as_mut().unwrap().clone_of_database = Some("db-big".into());
+        let create = ins(Operation::Create(Create { adopt: None, spec: Some(from) }));
+        assert_eq!(clone_of(&create), Some("db-big"));
+        let refused = |r: Result<v1::Instruction, MapError>| match r {
+            Err(e @ MapError::NoSnapshotToClone { .. }) => (e.reason(), e.to_string()),
+            other => panic!("{other:?}"),
+        };
+        let (reason, message) = refused(resolve_clone(&create, None, None));
+        assert_eq!(reason, "NO_SNAPSHOT_TO_CLONE");
+        assert_eq!(message, "cannot clone database db-big: it does not exist in the cluster");
+        let mut source = qdb_crd::QuestDB::new("db-big", current());
+        let (_, message) = refused(resolve_clone(&create, None, Some(&source)));
+        assert!(message.ends_with("it has no completed snapshot"), "{message}");
+        let taken = |id: &str, secs, state| qdb_crd::SnapshotStatus {
+            id: id.into(),
+            request: id.into(),
+            label: None,
+            taken_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::from_second(secs).unwrap(),
+            ),
+            size_gib: 20,
+            state,
+            consistency: qdb_crd::Consistency::Consistent,
+            reason: qdb_crd::SnapshotReason::OnDemand,
+        };
+        source.status = Some(qdb_crd::QuestDBStatus {
+            snapshots: vec![
+                taken("snap-0000000000000002", 20, qdb_crd::SnapshotPhase::Completed),
+                taken("snap-0000000000000001", 10, qdb_crd::SnapshotPhase::Completed),
+                taken("snap-0000000000000003", 30, qdb_crd::SnapshotPhase::Pending),
+            ],
+            ..Default::default()
+        });
+        let resolved = resolve_clone(&create, None, Some(&source)).unwrap();
+        assert_eq!(clone_of(&resolved), None);
+        let spec = applied(desired(&resolved, None));
+        assert_eq!(
+            spec.volume.from_snapshot.as_deref(),
+            Some("snap-0000000000000002"),
+            "the latest completed"
+        );
+        // Replayed once the clone exists: the snapshot it was made from, not a newer one.
+        let mut made = spec.clone();
+        made.volume.from_snapshot = Some("snap-0000000000000001".into());
+        let again =
+            applied(desired(&resolve_clone(&create, Some(&made), Some(&source)).unwrap(), Some(&made)));
+        assert_eq!(again.volume.from_snapshot.as_deref(), Some("snap-0000000000000001"));
+        let mut both = create.clone();
+        if let Some(Operation::Create(c)) = both.operation.as_mut() {
+            c.spec.as_mut().unwrap().volume.as_mut().unwrap().from_snapshot_id =
+                Some("snap-0123456789abcdef0".into());
+        }
+        let (_, message) = refused(resolve_clone(&both, None, Some(&source)));
+        assert!(message.contains("not both"), "{message}");
     }
 
     #[test]

@@ -65,19 +65,21 @@ pub fn snapshot_of<'a>(q: &'a QuestDB, request: &str) -> Option<&'a qdb_crd::Sna
     q.status.as_ref()?.snapshots.iter().find(|s| s.request == request)
 }
 
-/// The snapshot gossip names for an applied instruction: a Snapshot instruction's own, or the
-/// safety snapshot the operator took before the risky change of the generation the instruction
-/// made (`qdb_crd::safety_request`): the point the backend can go back to.
+/// The snapshot gossip names for an applied instruction: a Snapshot instruction's own; for a
+/// create, the snapshot the database starts from (a clone's resolved source); else the safety
+/// snapshot the operator took before the risky change of the generation the instruction made
+/// (`qdb_crd::safety_request`): the point the backend can go back to.
 pub fn announced_snapshot<'a>(
     q: &'a QuestDB,
     operation: &str,
     instruction: &str,
     generation: Option<i64>,
-) -> Option<&'a qdb_crd::SnapshotStatus> {
+) -> Option<&'a str> {
+    let safety = |g| snapshot_of(q, &qdb_crd::safety_request(g)).map(|s| s.id.as_str());
     match (operation, generation) {
-        ("snapshot", _) => snapshot_of(q, instruction),
-        (_, Some(g)) => snapshot_of(q, &qdb_crd::safety_request(g)),
-        (_, None) => None,
+        ("snapshot", _) => snapshot_of(q, instruction).map(|s| s.id.as_str()),
+        ("create", g) => q.spec.volume.from_snapshot.as_deref().or_else(|| g.and_then(safety)),
+        (_, g) => g.and_then(safety),
     }
 }
 
@@ -260,11 +262,14 @@ mod tests {
         };
         q.status.as_mut().unwrap().snapshots =
             vec![entry("snap-3", &qdb_crd::safety_request(3)), entry("snap-4", "i-4")];
-        let named = |op, id, g| announced_snapshot(&q, op, id, g).map(|s| s.id.clone());
+        let named = |op, id, g| announced_snapshot(&q, op, id, g).map(String::from);
         assert_eq!(named("modify", "i-3", Some(3)).as_deref(), Some("snap-3"));
         assert_eq!(named("modify", "i-5", Some(5)), None, "a change with no safety snapshot names none");
         assert_eq!(named("snapshot", "i-4", Some(4)).as_deref(), Some("snap-4"));
         assert_eq!(named("create", "i-1", None), None);
+        let mut clone = q.clone();
+        clone.spec.volume.from_snapshot = Some("snap-9".into());
+        assert_eq!(announced_snapshot(&clone, "create", "i-1", Some(1)), Some("snap-9"), "a clone's source");
     }
 
     #[test]

@@ -57,9 +57,7 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
         sequence: u64::try_from(row.sequence).unwrap_or_default(),
     };
     let status = qdb.map(gossip::database_status);
-    let snapshot = qdb
-        .and_then(|q| progress::announced_snapshot(q, &row.operation, &row.id, row.generation))
-        .map(|s| s.id.as_str());
+    let snapshot = qdb.and_then(|q| progress::announced_snapshot(q, &row.operation, &row.id, row.generation));
     // A change delayed by design (EBS's cool-down) keeps its instruction open until then plus its
     // deadline; past that, it fails like any other.
     let delayed = qdb.and_then(progress::delayed_until).filter(|until| {

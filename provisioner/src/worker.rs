@@ -165,6 +165,17 @@ fn deleting(qdb: &QuestDB) -> Result<(), ExecError> {
     Ok(())
 }
 
+/// Another database's resource (a create's clone source): from the watch cache once it is
+/// synced, else from the cluster.
+async fn resource(ctx: &Shared, cluster: &Cluster, name: &str) -> Result<Option<QuestDB>, ExecError> {
+    if let Some(view) = ctx.views.get(&cluster.name).filter(|v| v.is_synced()) {
+        return Ok(view.get(name).map(|q| (*q).clone()));
+    }
+    let fetched = cluster.questdbs().get_opt(name).await;
+    ctx.metrics.kube(&cluster.name, "get", fetched.is_ok());
+    fetched.map_err(|e| kube_error("get", e))
+}
+
 /// The current spec of the resource, None if it does not exist. The provisioner is the only
 /// writer of spec, so the spec it last applied (journal) is the truth while the resource exists;
 /// existence comes from the watch cache, and only when that cannot tell is the cluster asked.
@@ -226,6 +237,14 @@ async fn execute(
     let api = cluster.questdbs();
     let name = &ins.database_id;
     let current = current_spec(ctx, cluster, ins, known).await?;
+    let resolved = match mapping::clone_of(ins) {
+        Some(source) => {
+            let source = resource(ctx, cluster, source).await?;
+            Some(mapping::resolve_clone(ins, current.as_ref(), source.as_ref())?)
+        }
+        None => None,
+    };
+    let ins = resolved.as_ref().unwrap_or(ins);
     let action = mapping::desired(ins, current.as_ref())?;
     let apply = |spec| {
         let obj = apply_body(ins, spec);

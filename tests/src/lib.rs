@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail, ensure};
 use aws_config::{BehaviorVersion, Region};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+pub mod bench;
 pub mod cpu;
 pub mod ec2_calls;
 pub mod faults;

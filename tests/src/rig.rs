@@ -784,6 +784,19 @@ pub mod ins {
         new(db, cluster, sequence, Operation::Create(v1::Create { adopt: None, spec: Some(spec) }))
     }
 
+    /// A create whose volume starts from the latest completed snapshot of database `source`.
+    pub fn create_clone_of(
+        db: &str,
+        cluster: &str,
+        sequence: u64,
+        version: &str,
+        source: &str,
+    ) -> v1::Instruction {
+        let mut spec = spec(version);
+        spec.volume.get_or_insert_default().clone_of_database = Some(source.into());
+        new(db, cluster, sequence, Operation::Create(v1::Create { adopt: None, spec: Some(spec) }))
+    }
+
     pub fn version(db: &str, cluster: &str, sequence: u64, version: &str) -> v1::Instruction {
         new(
             db,

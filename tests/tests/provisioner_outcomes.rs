@@ -218,6 +218,7 @@ impl Gen {
                 throughput_mibps,
                 from_volume_id: None,
                 from_snapshot_id: None,
+                clone_of_database: None,
             }),
             server_config: self.config(),
             allowed_cidrs: self.cidrs(),

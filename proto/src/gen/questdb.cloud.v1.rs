@@ -109,6 +109,13 @@ pub struct Volume {
     /// from_volume_id. The volume is at least the snapshot's size.
     #[prost(string, optional, tag = "6")]
     pub from_snapshot_id: ::core::option::Option<::prost::alloc::string::String>,
+    /// Create only: start from the latest completed snapshot of this other database of the same
+    /// regional cluster (e.g. crunch data on a big instance, then serve it from a smaller database).
+    /// The provisioner resolves it when it applies the create (REJECTED with NO_SNAPSHOT_TO_CLONE if
+    /// that database does not exist or has no completed snapshot); the create's gossip names the
+    /// snapshot in snapshot_id. Not with from_volume_id or from_snapshot_id.
+    #[prost(string, optional, tag = "7")]
+    pub clone_of_database: ::core::option::Option<::prost::alloc::string::String>,
 }
 /// Create the database with this spec.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -20,15 +20,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use qdb_crd::{Phase, QuestDB, ReplaceWhy};
 use qdb_operator::aws::InstanceState;
+use qdb_tests::bench::{all_settled, apply_all};
 use qdb_tests::questdb::AvailabilityProbe;
 use qdb_tests::rig::Rig;
 use qdb_tests::{arg, figure, kube_client, time_spent};
 use serde_json::{Value, json};
 
-const MANAGER: &str = "qdb-provisioner";
 /// The operator's record TTL (operator/src/build/dns.rs): a caching client keeps the address for
 /// this long.
 const DNS_TTL: Duration = Duration::from_secs(60);
@@ -36,44 +36,6 @@ const DNS_TTL: Duration = Duration::from_secs(60);
 fn base_spec() -> Value {
     json!({"version": "9.2.3", "instanceType": "m6i.large", "nodeImage": "ami-0a0a0a0a0a0a0a0a0",
            "volume": {"sizeGib": 20, "type": "gp3"}, "network": {"allowedCidrs": ["10.0.0.0/8"]}})
-}
-
-/// Applies `spec` (the whole of it, as the provisioner does) to every database.
-async fn apply_all(api: &Api<QuestDB>, names: &[String], spec: &Value) -> Result<()> {
-    for n in names {
-        let q: QuestDB = serde_json::from_value(json!({
-            "apiVersion": "cloud.questdb.io/v1", "kind": "QuestDB", "metadata": {"name": n}, "spec": spec,
-        }))?;
-        api.patch(n, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&q)).await?;
-    }
-    Ok(())
-}
-
-/// Every database Running at its current generation and settled (the change done).
-async fn all_settled(api: &Api<QuestDB>, names: &[String], timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut done = 0;
-        for n in names {
-            let q = api.get(n).await?;
-            let s = q.status.clone().unwrap_or_default();
-            let settled = s.phase == Some(Phase::Running)
-                && s.observed_generation == q.metadata.generation
-                && s.replacement.is_none()
-                && condition(&s, "Ready") == Some("True")
-                && condition(&s, "Progressing") != Some("True");
-            done += usize::from(settled);
-        }
-        if done == names.len() {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "{done} of {} settled within {timeout:?}", names.len());
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn condition<'a>(s: &'a qdb_crd::QuestDBStatus, type_: &str) -> Option<&'a str> {
-    s.conditions.iter().find(|c| c.type_ == type_).map(|c| c.status.as_str())
 }
 
 /// "p50 .., max .." and the max.

@@ -287,8 +287,12 @@ async fn main() -> Result<()> {
             if is_terminal(ev.phase()) {
                 terminal = Some(ev.phase());
                 if !ev.snapshot_id.is_empty() && ev.phase() == Phase::Succeeded {
-                    println!("    snapshot {} of {written} acknowledged rows", ev.snapshot_id);
-                    last_snapshot = Some((ev.snapshot_id.clone(), written));
+                    if matches!(i.operation, Some(Operation::Snapshot(_))) {
+                        println!("    snapshot {} of {written} acknowledged rows", ev.snapshot_id);
+                        last_snapshot = Some((ev.snapshot_id.clone(), written));
+                    } else {
+                        println!("    safety snapshot {} taken before the change", ev.snapshot_id);
+                    }
                 }
             }
         }
