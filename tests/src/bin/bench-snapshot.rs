@@ -40,9 +40,10 @@ fn spec() -> Value {
            "volume": {"sizeGib": 20, "type": "gp3"}, "network": {"allowedCidrs": ["10.0.0.0/8"]}})
 }
 
-/// Bytes under `dir` (the volume's storage in the local cloud), as `du` counts them.
+/// Bytes allocated under `dir` (the volume's storage in the local cloud): not the apparent size,
+/// which counts the column files QuestDB maps ahead of its writes.
 fn used_bytes(dir: &std::path::Path) -> Result<u64> {
-    let out = std::process::Command::new("du").arg("-sb").arg(dir).output()?;
+    let out = std::process::Command::new("du").arg("-s").arg("--block-size=1").arg(dir).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace().next().and_then(|n| n.parse().ok()).context("du printed no size")
 }
