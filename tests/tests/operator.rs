@@ -1439,6 +1439,61 @@ async fn a_create_with_an_unknown_image_fails_with_the_aws_reason() -> Result<()
     Ok(())
 }
 
+/// Issue 18: a change held for its safety snapshot must not wait for the failure it would cure.
+/// The database runs on image A; then EC2 refuses A (a proxy answers RunInstances for it as EC2
+/// does for a deregistered image) and the node dies: the failover cannot launch, and every pass's
+/// aws step fails (ImageNotFound). The change to image B is held for its safety snapshot, which
+/// is taken although the aws step fails (crash-consistent: nothing serves), and the database comes
+/// back on B. Before the fix the snapshot step, last in the pass, never ran after the failing aws
+/// step: the change stayed held and the database Failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_held_for_its_safety_snapshot_still_cures_a_failing_database() -> Result<()> {
+    const OLD: &str = "ami-0a0a0a0a0a0a0a0a0";
+    const NEW: &str = "ami-0b0b0b0b0b0b0b0b0";
+    let rig = Rig::new("op-heldcure", 1).await?;
+    let failover = ["--failover-after-secs", "2"];
+    let mut op = rig.spawn_operator("region-a", "a1", &failover)?;
+    let (api, q) = running(&rig, "region-a", "dbh").await?;
+    let old = q.status.and_then(|s| s.node).context("node")?;
+    // From now on EC2 refuses the image the database runs on.
+    let proxy = qdb_tests::scripted::unknown_image(&rig.cloud.aws_endpoint, OLD).await?;
+    op.kill9()?;
+    let _op =
+        rig.spawn_operator("region-a", "a2", &[failover[0], failover[1], "--aws-endpoint", &proxy.url])?;
+    let nodesim = &rig.cloud.cluster("region-a")?.nodesim;
+    reqwest::Client::new()
+        .post(format!("{nodesim}/nodes/{}/kill", old.instance_id))
+        .send()
+        .await?
+        .error_for_status()?;
+    eventually("the failover failing with ImageNotFound", T, || async {
+        let s = api.get("dbh").await?.status.unwrap_or_default();
+        Ok(s.conditions.iter().any(|c| c.type_ == "Degraded" && c.reason == "ImageNotFound").then_some(()))
+    })
+    .await?;
+
+    let mut q = questdb("dbh", "8.2.1")?;
+    q.spec.node_image = NEW.into();
+    apply(&api, &q).await?;
+    let q = eventually("Running on image B", Duration::from_secs(300), || async {
+        let q = api.get("dbh").await?;
+        let s = q.status.clone().unwrap_or_default();
+        let on_new = s.node.as_ref().is_some_and(|n| n.image == NEW);
+        Ok((on_new && s.phase == Some(Phase::Running)).then_some(q))
+    })
+    .await?;
+    let s = q.status.context("status")?;
+    let safety = s.snapshots.iter().find(|e| e.reason == qdb_crd::SnapshotReason::BeforeChange);
+    let safety = safety.with_context(|| format!("no safety snapshot: {:?}", s.snapshots))?;
+    ensure!(
+        safety.state == qdb_crd::SnapshotPhase::Completed
+            && safety.consistency == qdb_crd::Consistency::CrashConsistent,
+        "{safety:?}"
+    );
+    ensure!(s.admitted.is_some_and(|a| a.node_image == NEW), "image B not admitted");
+    Ok(())
+}
+
 /// Five databases in one zone; three of their nodes (60 %) die at once. With failovers in an
 /// unhealthy zone limited to one per ten minutes, one fails over and the other two are held
 /// (condition and event say why). Revived, those two serve on their old nodes.

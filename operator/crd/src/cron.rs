@@ -1,7 +1,7 @@
 //! Snapshot schedules (`spec.snapshotPolicy.schedule`): the five fields of cron (minute, hour,
 //! day of month, month, day of week), in UTC. Each field is `*`, a number, a range `a-b`, a step
 //! `*/n` or `a-b/n`, or a comma list of those; day of week 0-7 with 0 and 7 Sunday. As in cron,
-//! when both day fields are restricted a day matching either fires. Names (`MON`, `JAN`) and
+//! when both day fields are restricted (neither begins with `*`) a day matching either fires. Names (`MON`, `JAN`) and
 //! macros (`@daily`) are not taken: one spelling, checked the same by both tiers.
 //!
 //! Here rather than a crate: the parsers on crates.io work on chrono's time types, while both
@@ -84,8 +84,9 @@ impl FromStr for Schedule {
             months: field("month", month, 1, 12)?,
             // 7 is Sunday too.
             weekdays: (weekdays | weekdays >> 7) & 0x7f,
-            any_day: day == "*",
-            any_weekday: weekday == "*",
+            // Vixie cron's rule: a day field beginning with `*` (`*`, `*/2`) does not restrict.
+            any_day: day.starts_with('*'),
+            any_weekday: weekday.starts_with('*'),
         })
     }
 }
@@ -103,6 +104,12 @@ impl Schedule {
             _ => day && weekday,
         };
         has(self.months, d.month()) && either
+    }
+
+    /// Whether the schedule fires at all (`0 0 31 2 *` never does): looked for from 2000-01-01,
+    /// a leap year, so a 29 February schedule counts.
+    pub fn ever_fires(&self) -> bool {
+        Timestamp::from_second(946_684_800).ok().and_then(|t| self.next_after(t)).is_some()
     }
 
     /// The first minute strictly after `t` at which the schedule fires (None: it never does).
@@ -164,6 +171,9 @@ mod tests {
         assert_eq!(next("0 12 10 * 0", "2026-12-07T00:00:00Z").as_deref(), Some("2026-12-10T12:00:00Z"));
         assert_eq!(next("0 12 * * 1-5", "2026-12-12T13:00:00Z").as_deref(), Some("2026-12-14T12:00:00Z"));
         assert_eq!(next("30 1,13 * 1 *", "2026-12-07T00:00:00Z").as_deref(), Some("2027-01-01T01:30:00Z"));
+        // A stepped day field begins with `*`: it does not restrict, so both must match. `*/2`
+        // is the odd days: the 7th (a Monday) is past, the 9th no Monday, the 14th not odd.
+        assert_eq!(next("0 12 */2 * 1", "2026-12-07T13:00:00Z").as_deref(), Some("2026-12-21T12:00:00Z"));
     }
 
     #[test]
@@ -176,5 +186,7 @@ mod tests {
         assert!(err("*/0 * * * *").contains("bad step"));
         assert!(err("5-1 * * * *").contains("backwards"));
         assert!(err("@daily").contains("five fields"));
+        assert!(!"0 0 31 2 *".parse::<Schedule>().unwrap().ever_fires());
+        assert!("0 0 29 2 *".parse::<Schedule>().unwrap().ever_fires());
     }
 }

@@ -181,9 +181,17 @@ pub fn safety_request(generation: i64) -> String {
     format!("before-g{generation}")
 }
 
+const SCHEDULED_FORMAT: &str = "scheduled-%Y%m%dT%H%MZ";
+
 /// The request id of the scheduled snapshot due at `fire` (`SnapshotReason::Scheduled`).
 pub fn scheduled_request(fire: jiff::Timestamp) -> String {
-    format!("scheduled-{}", fire.strftime("%Y%m%dT%H%MZ"))
+    fire.strftime(SCHEDULED_FORMAT).to_string()
+}
+
+/// The time a scheduled snapshot's request id names (None: not such an id).
+pub fn scheduled_fire(request: &str) -> Option<jiff::Timestamp> {
+    let at = jiff::civil::DateTime::strptime(SCHEDULED_FORMAT, request).ok()?;
+    jiff::tz::TimeZone::UTC.to_timestamp(at).ok()
 }
 
 /// The part of the spec whose change is risky (a new node, a new QuestDB, a volume migration),

@@ -41,6 +41,8 @@ pub enum SpecError {
     SnapshotsKept(u32),
     #[error("snapshot policy: {0}")]
     Schedule(#[from] crate::cron::CronError),
+    #[error("snapshot policy: the schedule names no day that exists (e.g. 31 February)")]
+    ScheduleNeverFires,
 }
 
 /// The most snapshots a policy keeps (EBS allows 100,000 per region; a database's listing in
@@ -84,8 +86,10 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     if let Some(keep) = spec.snapshot_policy.keep.filter(|k| !(1..=MAX_SNAPSHOTS_KEPT).contains(k)) {
         errors.push(SpecError::SnapshotsKept(keep));
     }
-    if let Some(Err(e)) = spec.snapshot_policy.schedule.as_deref().map(str::parse::<crate::cron::Schedule>) {
-        errors.push(e.into());
+    match spec.snapshot_policy.schedule.as_deref().map(str::parse::<crate::cron::Schedule>) {
+        Some(Err(e)) => errors.push(e.into()),
+        Some(Ok(s)) if !s.ever_fires() => errors.push(SpecError::ScheduleNeverFires),
+        _ => {}
     }
     let starts =
         [spec.volume.from_volume.is_some(), spec.volume.from_snapshot.is_some(), spec.adopt.is_some()];
@@ -322,6 +326,8 @@ mod tests {
         assert_eq!(validate(&s), Ok(()));
         s.snapshot_policy.schedule = Some("0 3 * * MON".into());
         assert!(matches!(&validate(&s).unwrap_err()[..], [SpecError::Schedule(_)]));
+        s.snapshot_policy.schedule = Some("0 3 31 2 *".into());
+        assert_eq!(validate(&s), Err(vec![SpecError::ScheduleNeverFires]));
         s.snapshot_policy.schedule = Some("0 3 * * 1".into());
         assert_eq!(validate(&s), Ok(()));
         s.volume.from_snapshot = Some("snap-0123456789abcdef0".into());

@@ -114,22 +114,26 @@ pub fn open_request<'a>(wanted: &'a [Wanted], recorded: &[SnapshotStatus]) -> Op
 }
 
 /// The scheduled snapshot due at `now`, if any: the schedule's first time after the last
-/// scheduled snapshot (or after `since`, the database's creation) that is not in the future. Its
-/// request id is that time, so a pass that took it but stopped before recording it asks for the
-/// same one again and finds it by its tag. Times missed while the operator was away are caught
-/// up with this one snapshot.
+/// scheduled snapshot that is not in the future. Its request id is that time, so a pass that took
+/// it but stopped before recording it asks for the same one again and finds it by its tag. Times
+/// missed while the operator was away are caught up with this one snapshot.
+///
+/// The last scheduled snapshot counts from the later of the time it was due (its id) and when EBS
+/// started it: an EBS clock behind the operator's would otherwise put it before its own due time,
+/// which would then be due forever under an id already recorded. With none recorded (never taken,
+/// or pruned by `keep` for newer snapshots of other reasons) the newest snapshot of any reason
+/// counts, else `since` (the database's creation).
 pub fn scheduled(
     schedule: &Schedule,
     recorded: &[SnapshotStatus],
     since: jiff::Timestamp,
     now: jiff::Timestamp,
 ) -> Option<SnapshotRequest> {
-    let last = recorded
-        .iter()
-        .filter(|s| s.reason == SnapshotReason::Scheduled)
-        .map(|s| s.taken_at.0)
-        .max()
-        .unwrap_or(since);
+    let at = |s: &SnapshotStatus| {
+        qdb_crd::scheduled_fire(&s.request).map_or(s.taken_at.0, |f| f.max(s.taken_at.0))
+    };
+    let scheduled = recorded.iter().filter(|s| s.reason == SnapshotReason::Scheduled).map(at).max();
+    let last = scheduled.or_else(|| recorded.iter().map(|s| s.taken_at.0).max()).unwrap_or(since);
     let due = schedule.next_after(last).filter(|due| *due <= now)?;
     Some(SnapshotRequest { id: qdb_crd::scheduled_request(due), label: None })
 }
@@ -490,8 +494,25 @@ mod tests {
         // took it and stopped before recording it asks for the same one.
         let late = scheduled(&hourly, std::slice::from_ref(&taken), created, at("2026-12-07T14:30:00Z"));
         assert_eq!(late.map(|r| r.id).as_deref(), Some("scheduled-20261207T1200Z"));
-        // Another reason's snapshot does not stand in for a scheduled one.
-        taken.reason = SnapshotReason::OnDemand;
-        assert!(scheduled(&hourly, &[taken], created, at("2026-12-07T11:40:00Z")).is_some());
+        // EBS's clock behind the operator's: started "before" it was due, still not due again.
+        let mut early = taken.clone();
+        early.taken_at = Time(at("2026-12-07T10:59:59Z"));
+        assert_eq!(
+            scheduled(&hourly, std::slice::from_ref(&early), created, at("2026-12-07T11:40:00Z")),
+            None
+        );
+        // Another reason's snapshot does not stand in for a scheduled one while one is recorded;
+        // with none left (pruned by keep), the newest of any reason is where the schedule goes on.
+        let mut other = taken.clone();
+        other.reason = SnapshotReason::OnDemand;
+        other.request = "i-7".into();
+        other.taken_at = Time(at("2026-12-07T11:30:00Z"));
+        assert_eq!(scheduled(&hourly, &[taken, other.clone()], created, at("2026-12-07T11:40:00Z")), None);
+        assert_eq!(
+            scheduled(&hourly, std::slice::from_ref(&other), created, at("2026-12-07T11:40:00Z")),
+            None
+        );
+        let next = scheduled(&hourly, &[other], created, at("2026-12-07T12:00:30Z"));
+        assert_eq!(next.map(|r| r.id).as_deref(), Some("scheduled-20261207T1200Z"));
     }
 }
