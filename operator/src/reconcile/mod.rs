@@ -287,19 +287,23 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         timed(ctx, "sizing", sizing::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "children", children::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "release", aws::release_if_paused(ctx, &d, &mut facts)).await?;
-        timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await?;
-        timed(ctx, "snapshot", snapshot::ensure(ctx, &qdb, &d, &mut facts)).await
+        timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await
     }
     .await;
-    if let (Err(e), Some(_)) = (&result, &facts.safety) {
+    let result = match result {
+        Ok(()) => timed(ctx, "snapshot", snapshot::ensure(ctx, &qdb, &d, &mut facts)).await,
         // A change held for its safety snapshot may be what cures the failure (an instance type
         // EC2 has no capacity for, an image it deregistered): the snapshot is taken anyway
         // (crash-consistent if the database does not serve), or the change would wait forever.
-        warn!(error = %chain(e), "a step failed; taking the safety snapshot the held change waits for");
-        if let Err(e) = timed(ctx, "snapshot", snapshot::ensure(ctx, &qdb, &d, &mut facts)).await {
-            warn!(error = %chain(&e), "the safety snapshot failed too");
+        Err(e) if facts.safety.is_some() => {
+            warn!(error = %chain(&e), "a step failed; taking the safety snapshot the held change waits for");
+            if let Err(s) = timed(ctx, "snapshot", snapshot::ensure(ctx, &qdb, &d, &mut facts)).await {
+                warn!(error = %chain(&s), "the safety snapshot failed too");
+            }
+            Err(e)
         }
-    }
+        Err(e) => Err(e),
+    };
     if needs_new_view(&facts.actions, result.is_err()) {
         // What this pass did (or may have done before failing) must show in its next view.
         ctx.inventory.changed(d.names.uid());
