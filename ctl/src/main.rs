@@ -284,6 +284,25 @@ async fn status(
             if let Some(f) = &s.last_failover {
                 println!("   last failover at {} from {}: {}", f.at.0, f.from_node, f.reason);
             }
+            if let Some(r) = &s.restore {
+                println!(
+                    "   restore under way: {} into {}, step {:?}, old volume {}, since {}",
+                    r.snapshot, r.zone, r.step, r.old_volume, r.started_at.0
+                );
+            }
+            if let Some(r) = &s.last_restore {
+                match &r.error {
+                    Some(why) => println!("   last restore of {} at {} refused: {why}", r.snapshot, r.at.0),
+                    None => println!(
+                        "   last restore: {} at {} on {} in {}, data as of {}",
+                        r.snapshot,
+                        r.at.0,
+                        r.volume.as_deref().unwrap_or("-"),
+                        r.zone.as_deref().unwrap_or("-"),
+                        r.data_taken_at.as_ref().map_or_else(|| "-".to_string(), |t| t.0.to_string())
+                    ),
+                }
+            }
             println!("== Snapshots");
             for line in snapshot_lines(&s.snapshots, s.checkpoint.as_ref()) {
                 println!("   {line}");

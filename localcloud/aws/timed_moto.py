@@ -16,7 +16,8 @@ still stopping). So this wraps moto's EC2 backend in-process, before its server 
 - eventual consistency: an instance, volume or security group just created is missing from
   Describe calls (listings, and by id as NotFound) for up to QDB_AWS_DESCRIBE_LAG_SECONDS;
 - ClientToken: a RunInstances or CreateVolume repeated with the same token returns the first
-  result, as EC2 does (moto ignores it);
+  result, as EC2 does (moto ignores it), also once the instance terminated; a RunInstances
+  repeated with other parameters fails IdempotentParameterMismatch;
 - a RunInstances' network-interface tags land on the instance's interface, as in EC2 (moto drops
   them); a live instance's private address is never handed to another (moto's may be);
 - ModifyVolume: a second modification of a volume within QDB_AWS_MODIFY_COOLDOWN_SECONDS (default 21600, EBS's six hours) of
@@ -172,8 +173,19 @@ def install():
         # EC2 answers a repeated ClientToken with the first launch, not a second instance.
         token = kwargs.get("client_token")
         tokens = self.__dict__.setdefault("_qdb_tokens", {})
+        # The same token with other parameters is refused, as EC2 does (a token is valid for at
+        # least 24 hours after its instance terminated).
+        asked = (args[0] if args else kwargs.get("image_id"), kwargs.get("instance_type"),
+                 kwargs.get("subnet_id"), kwargs.get("placement"))
         if token and token != "ABCDE" and ("run", token) in tokens:
-            return tokens[("run", token)]
+            reservation, first = tokens[("run", token)]
+            if first != asked:
+                raise EC2IncorrectState(
+                    "IdempotentParameterMismatch",
+                    "Arguments on this idempotent request are inconsistent with arguments used in "
+                    "previous request(s).",
+                )
+            return reservation
         # moto applies a launch's instance and volume tags but drops its network-interface ones;
         # EC2 tags the primary interface with them.
         interface_tags = kwargs.get("tags", {}).get("network-interface", {})
@@ -184,7 +196,7 @@ def install():
             for nic in instance.nics.values():
                 nic.add_tags(interface_tags)
         if token and token != "ABCDE":
-            tokens[("run", token)] = reservation
+            tokens[("run", token)] = (reservation, asked)
         for instance in reservation.instances:
             stamp_created(instance)
             generation = set_state(instance, "pending", 0)

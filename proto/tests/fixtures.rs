@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use qdb_proto::Message;
 use qdb_proto::v1::{
     CidrList, Create, DatabaseSpec, DatabaseStatus, Delete, Endpoints, GossipEvent, Instruction, Modify,
-    Pause, Phase, Restart, Resume, Snapshot, Volume, VolumeType, instruction::Operation,
+    Pause, Phase, Restart, Restore, Resume, Snapshot, Volume, VolumeType, instruction::Operation,
 };
 
 fn dir() -> PathBuf {
@@ -77,6 +77,16 @@ fn instructions() -> Vec<(&'static str, Instruction)> {
         (
             "instruction-snapshot",
             instruction(7, Operation::Snapshot(Snapshot { label: Some("before-upgrade".into()) })),
+        ),
+        (
+            "instruction-restore",
+            instruction(
+                8,
+                Operation::Restore(Restore {
+                    snapshot_id: Some("snap-0123456789abcdef0".into()),
+                    zone: Some("us-east-1b".into()),
+                }),
+            ),
         ),
     ]
 }
@@ -178,11 +188,11 @@ fn newer_messages_still_decode() {
     let bytes = with_unknown_varint(create.encode_to_vec(), 99, 7);
     assert_eq!(Instruction::decode(bytes.as_slice()).unwrap(), create);
 
-    // An operation added later (oneof case 17) reads as "no operation", which is rejected by the
+    // An operation added later (oneof case 18) reads as "no operation", which is rejected by the
     // provisioner as unknown, never mistaken for another one.
     let mut op_less = create.clone();
     op_less.operation = None;
-    let bytes = with_unknown_varint(op_less.encode_to_vec(), 17, 1);
+    let bytes = with_unknown_varint(op_less.encode_to_vec(), 18, 1);
     assert_eq!(Instruction::decode(bytes.as_slice()).unwrap().operation, None);
 
     // An unknown enum number is kept as a number and reads as unspecified through the accessor.

@@ -68,6 +68,7 @@ pub fn operation_name(ins: &v1::Instruction) -> &'static str {
         Some(Operation::Restart(_)) => "restart",
         Some(Operation::Delete(_)) => "delete",
         Some(Operation::Snapshot(_)) => "snapshot",
+        Some(Operation::Restore(_)) => "restore",
         None => "unknown",
     }
 }

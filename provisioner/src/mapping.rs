@@ -41,6 +41,10 @@ pub enum MapError {
     InvalidDatabaseId(String),
     #[error("cannot clone database {source_id}: {why}")]
     NoSnapshotToClone { source_id: String, why: String },
+    #[error("nothing to restore: {0}")]
+    NoSnapshotToRestore(String),
+    #[error("the database is paused: resume it, then restore")]
+    Paused,
 }
 
 impl MapError {
@@ -56,6 +60,8 @@ impl MapError {
             | MapError::Invalid(_) => "INVALID_SPEC",
             MapError::InvalidDatabaseId(_) => "INVALID_DATABASE_ID",
             MapError::NoSnapshotToClone { .. } => "NO_SNAPSHOT_TO_CLONE",
+            MapError::NoSnapshotToRestore(_) => "NO_SNAPSHOT_TO_RESTORE",
+            MapError::Paused => "DATABASE_PAUSED",
         }
     }
 }
@@ -105,6 +111,42 @@ pub fn resolve_clone(
     Ok(out)
 }
 
+/// A restore, with its snapshot resolved against the database (`current`, None if absent): the
+/// snapshot it names, or its latest, must be one of its completed snapshots. A replayed restore
+/// keeps the snapshot its first apply chose.
+pub fn resolve_restore(
+    instruction: &v1::Instruction,
+    current: Option<&qdb_crd::QuestDB>,
+) -> Result<v1::Instruction, MapError> {
+    let mut out = instruction.clone();
+    let Some(Operation::Restore(r)) = out.operation.as_mut() else { return Ok(out) };
+    let q = current.ok_or(MapError::NotFound)?;
+    if let Some(applied) = q.spec.restore.as_ref().filter(|a| a.id == instruction.instruction_id) {
+        r.snapshot_id = Some(applied.snapshot.clone());
+        return Ok(out);
+    }
+    if q.spec.paused {
+        return Err(MapError::Paused);
+    }
+    let completed: Vec<_> = q
+        .status
+        .iter()
+        .flat_map(|s| &s.snapshots)
+        .filter(|s| s.state == qdb_crd::SnapshotPhase::Completed)
+        .collect();
+    let chosen = match &r.snapshot_id {
+        Some(id) => completed.iter().find(|s| &s.id == id).ok_or_else(|| {
+            MapError::NoSnapshotToRestore(format!("{id} is not a completed snapshot of this database"))
+        })?,
+        None => completed
+            .iter()
+            .max_by_key(|s| s.taken_at.0)
+            .ok_or_else(|| MapError::NoSnapshotToRestore("the database has no completed snapshot".into()))?,
+    };
+    r.snapshot_id = Some(chosen.id.clone());
+    Ok(out)
+}
+
 /// The desired state for `instruction`, given the resource's current spec (None = absent).
 pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> Result<Action, MapError> {
     let op = instruction.operation.as_ref().ok_or(MapError::UnknownOperation)?;
@@ -125,6 +167,7 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
                 spec.paused = cur.paused;
                 spec.restart_token = cur.restart_token.clone();
                 spec.snapshot = cur.snapshot.clone();
+                spec.restore = cur.restore.clone();
             }
             spec
         }
@@ -179,6 +222,19 @@ pub fn desired(instruction: &v1::Instruction, current: Option<&QuestDBSpec>) -> 
             allow_version_downgrade: false,
             ..existing()?
         },
+        // Resolved first (resolve_restore): the snapshot is named.
+        Operation::Restore(r) => QuestDBSpec {
+            restore: Some(qdb_crd::RestoreRequest {
+                id: instruction.instruction_id.clone(),
+                snapshot: r
+                    .snapshot_id
+                    .clone()
+                    .ok_or_else(|| MapError::NoSnapshotToRestore("the restore names no snapshot".into()))?,
+                zone: r.zone.clone(),
+            }),
+            allow_version_downgrade: false,
+            ..existing()?
+        },
         Operation::Delete(d) => {
             let prepare = current.filter(|_| d.retain_volume || d.remove_snapshots).map(|cur| {
                 let mut spec = cur.clone();
@@ -228,11 +284,24 @@ pub fn precheck(instruction: &v1::Instruction) -> Result<(), MapError> {
         network: NetworkSpec::default(),
         adopt: None,
         snapshot: None,
+        restore: None,
         snapshot_policy: Default::default(),
     };
     let current = match instruction.operation {
         Some(Operation::Create(_) | Operation::Delete(_)) => None,
         _ => Some(&reference),
+    };
+    // A restore that names no snapshot is given its latest when applied; checked as if named.
+    let mut named;
+    let instruction = match &instruction.operation {
+        Some(Operation::Restore(r)) if r.snapshot_id.is_none() => {
+            named = instruction.clone();
+            if let Some(Operation::Restore(r)) = named.operation.as_mut() {
+                r.snapshot_id = Some("snap-00000000".into());
+            }
+            &named
+        }
+        _ => instruction,
     };
     match desired(instruction, current) {
         Ok(_)
@@ -300,6 +369,7 @@ pub fn from_proto(spec: &v1::DatabaseSpec) -> Result<QuestDBSpec, MapError> {
         network: NetworkSpec { allowed_cidrs: spec.allowed_cidrs.clone(), dns_name: None },
         adopt: None,
         snapshot: None,
+        restore: None,
         snapshot_policy: spec
             .snapshot_policy
             .as_ref()
@@ -404,6 +474,73 @@ mod tests {
         }
         let spec = applied(desired(&ins(Operation::Create(Create { adopt: None, spec: Some(from) })), None));
         assert_eq!(spec.volume.from_snapshot.as_deref(), Some("snap-0123456789abcdef0"));
+    }
+
+    #[test]
+    fn a_restore_names_a_completed_snapshot_of_the_database_and_a_replay_keeps_it() {
+        let restore = |snapshot_id: Option<&str>| {
+            ins(Operation::Restore(v1::Restore { snapshot_id: snapshot_id.map(String::from), zone: None }))
+        };
+        let refused = |r: Result<v1::Instruction, MapError>| r.err().map(|e| (e.reason(), e.to_string()));
+        // At intake: an unnamed snapshot is resolved later; a malformed one or zone is refused.
+        assert_eq!(precheck(&restore(None)), Ok(()));
+        assert_eq!(precheck(&restore(Some("vol-1"))).map_err(|e| e.reason()), Err("INVALID_SPEC"));
+        assert_eq!(refused(resolve_restore(&restore(None), None)).map(|r| r.0), Some("DATABASE_NOT_FOUND"));
+        let mut q = qdb_crd::QuestDB::new("db-1", current());
+        let (reason, message) = refused(resolve_restore(&restore(None), Some(&q))).unwrap();
+        assert_eq!(reason, "NO_SNAPSHOT_TO_RESTORE");
+        assert_eq!(message, "nothing to restore: the database has no completed snapshot");
+        let taken = |id: &str, secs, state| qdb_crd::SnapshotStatus {
+            id: id.into(),
+            request: id.into(),
+            label: None,
+            taken_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::from_second(secs).unwrap(),
+            ),
+            size_gib: 20,
+            state,
+            consistency: qdb_crd::Consistency::Consistent,
+            reason: qdb_crd::SnapshotReason::BeforeChange,
+        };
+        q.status = Some(qdb_crd::QuestDBStatus {
+            snapshots: vec![
+                taken("snap-0000000000000001", 10, qdb_crd::SnapshotPhase::Completed),
+                taken("snap-0000000000000002", 20, qdb_crd::SnapshotPhase::Completed),
+                taken("snap-0000000000000003", 30, qdb_crd::SnapshotPhase::Pending),
+            ],
+            ..Default::default()
+        });
+        let named = |r: Result<v1::Instruction, MapError>| {
+            applied(desired(&r.unwrap(), Some(&current()))).restore.map(|r| (r.id, r.snapshot))
+        };
+        assert_eq!(
+            named(resolve_restore(&restore(None), Some(&q))),
+            Some(("i-42".into(), "snap-0000000000000002".into())),
+            "the latest completed"
+        );
+        assert_eq!(
+            named(resolve_restore(&restore(Some("snap-0000000000000001")), Some(&q))).map(|r| r.1).as_deref(),
+            Some("snap-0000000000000001")
+        );
+        let (reason, _) =
+            refused(resolve_restore(&restore(Some("snap-0000000000000003")), Some(&q))).unwrap();
+        assert_eq!(reason, "NO_SNAPSHOT_TO_RESTORE", "pending");
+        // Replayed after its apply: the snapshot chosen then, though a newer one completed since.
+        q.spec.restore = Some(qdb_crd::RestoreRequest {
+            id: "i-42".into(),
+            snapshot: "snap-0000000000000001".into(),
+            zone: None,
+        });
+        assert_eq!(
+            named(resolve_restore(&restore(None), Some(&q))).map(|r| r.1).as_deref(),
+            Some("snap-0000000000000001")
+        );
+        q.spec.restore = None;
+        q.spec.paused = true;
+        assert_eq!(refused(resolve_restore(&restore(None), Some(&q))).map(|r| r.0), Some("DATABASE_PAUSED"));
+        // Other operations pass through untouched.
+        let pause = ins(Operation::Pause(v1::Pause {}));
+        assert_eq!(resolve_restore(&pause, None).unwrap(), pause);
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub fn announced_snapshot<'a>(
     let safety = |g| snapshot_of(q, &qdb_crd::safety_request(g)).map(|s| s.id.as_str());
     match (operation, generation) {
         ("snapshot", _) => snapshot_of(q, instruction).map(|s| s.id.as_str()),
+        ("restore", _) => {
+            q.spec.restore.as_ref().filter(|r| r.id == instruction).map(|r| r.snapshot.as_str())
+        }
         ("create", g) => q.spec.volume.from_snapshot.as_deref().or_else(|| g.and_then(safety)),
         (_, g) => g.and_then(safety),
     }
@@ -104,6 +107,57 @@ pub fn judge_snapshot(request: &str, generation: Option<i64>, qdb: Option<&Quest
         None if q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Failed) => settled("snapshot", q),
         None => progress_of(q),
     }
+}
+
+/// The outcome of the restore `request` asked for, once the operator recorded it.
+fn restore_outcome<'a>(q: &'a QuestDB, request: &str) -> Option<&'a qdb_crd::RestoreOutcome> {
+    q.status.as_ref()?.last_restore.as_ref().filter(|l| l.request == request)
+}
+
+/// Judges an applied Restore instruction (`request`, its id): done when the operator recorded
+/// the restore's outcome (the restored database served on its new volume, or the restore was
+/// refused before anything stopped). A later instruction does not supersede it once it is under
+/// way: the operator finishes a restore it started.
+pub fn judge_restore(request: &str, generation: Option<i64>, qdb: Option<&QuestDB>) -> Verdict {
+    let Some(q) = qdb else { return Verdict::Wait };
+    if let Some(outcome) = restore_outcome(q, request) {
+        return match &outcome.error {
+            Some(why) => Verdict::Failed { reason: "RESTORE_REFUSED".into(), message: why.clone() },
+            None => Verdict::Succeeded,
+        };
+    }
+    let started = q.status.as_ref().and_then(|s| s.restore.as_ref()).is_some_and(|r| r.request == request);
+    if !started && q.spec.restore.as_ref().is_none_or(|r| r.id != request) {
+        let replaced = q.metadata.generation.unwrap_or(0) > generation.unwrap_or(0);
+        return if replaced { Verdict::Superseded } else { Verdict::Wait };
+    }
+    if q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Failed) {
+        return settled("restore", q);
+    }
+    progress_of(q)
+}
+
+/// What a succeeded instruction's gossip says besides SUCCEEDED: for a restore, what came back and
+/// how old its data is.
+pub fn succeeded_message(q: &QuestDB, operation: &str, instruction: &str) -> Option<String> {
+    if operation != "restore" {
+        return None;
+    }
+    let o = restore_outcome(q, instruction)?;
+    let age = o.data_taken_at.as_ref().map(|t| {
+        let secs = o.at.0.duration_since(t.0).as_secs().max(0);
+        format!(
+            ": data as of {} ({secs} s before the restore finished)",
+            t.0.round(jiff::Unit::Second).unwrap_or(t.0)
+        )
+    });
+    Some(format!(
+        "restored {} on {} in {}{}",
+        o.snapshot,
+        o.volume.as_deref().unwrap_or("a new volume"),
+        o.zone.as_deref().unwrap_or("its zone"),
+        age.unwrap_or_default()
+    ))
 }
 
 /// The operator's word on the generation it observed.
@@ -245,6 +299,47 @@ mod tests {
         q.spec.snapshot = Some(qdb_crd::SnapshotRequest { id: "i-10".into(), label: None });
         q.metadata.generation = Some(3);
         assert_eq!(judge_snapshot("i-9", Some(2), Some(&q)), Verdict::Superseded);
+    }
+
+    #[test]
+    fn a_restore_is_judged_by_its_recorded_outcome() {
+        let mut q = qdb(3, Phase::Running, vec![cond("Ready", "True", "Running", "")]);
+        q.metadata.generation = Some(3);
+        q.spec.restore =
+            Some(qdb_crd::RestoreRequest { id: "i-7".into(), snapshot: "snap-1".into(), zone: None });
+        // Observed and Ready, but not restored yet: a pass before the restore started.
+        assert_eq!(judge_restore("i-7", Some(3), Some(&q)), Verdict::Wait);
+        assert_eq!(announced_snapshot(&q, "restore", "i-7", Some(3)), Some("snap-1"));
+        let at = |s| Time(jiff::Timestamp::from_second(s).unwrap());
+        let outcome = qdb_crd::RestoreOutcome {
+            request: "i-7".into(),
+            snapshot: "snap-1".into(),
+            error: None,
+            volume: Some("vol-2".into()),
+            zone: Some("us-east-1b".into()),
+            data_taken_at: Some(at(1000)),
+            at: at(1090),
+        };
+        q.status.as_mut().unwrap().last_restore = Some(outcome.clone());
+        assert_eq!(judge_restore("i-7", Some(3), Some(&q)), Verdict::Succeeded);
+        assert_eq!(
+            succeeded_message(&q, "restore", "i-7").as_deref(),
+            Some(
+                "restored snap-1 on vol-2 in us-east-1b: data as of 1970-01-01T00:16:40Z (90 s before the restore finished)"
+            )
+        );
+        // Refused before anything stopped.
+        q.status.as_mut().unwrap().last_restore =
+            Some(qdb_crd::RestoreOutcome { error: Some("snap-1 failed".into()), ..outcome });
+        assert!(
+            matches!(judge_restore("i-7", Some(3), Some(&q)), Verdict::Failed { reason, .. } if reason == "RESTORE_REFUSED")
+        );
+        // Replaced by a later restore before it started: superseded.
+        q.status.as_mut().unwrap().last_restore = None;
+        q.spec.restore =
+            Some(qdb_crd::RestoreRequest { id: "i-8".into(), snapshot: "snap-1".into(), zone: None });
+        q.metadata.generation = Some(4);
+        assert_eq!(judge_restore("i-7", Some(3), Some(&q)), Verdict::Superseded);
     }
 
     #[test]

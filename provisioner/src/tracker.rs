@@ -46,6 +46,7 @@ impl ClusterView {
 async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Result<(), JournalError> {
     let verdict = match qdb {
         Some(q) if row.operation == "snapshot" => progress::judge_snapshot(&row.id, row.generation, q),
+        Some(q) if row.operation == "restore" => progress::judge_restore(&row.id, row.generation, q),
         Some(q) => progress::judge(&row.operation, row.generation, q),
         None => Verdict::Wait,
     };
@@ -65,7 +66,10 @@ async fn decide(ctx: &Shared, row: &Open, qdb: Option<Option<&QuestDB>>) -> Resu
         *until + deadline > jiff::Timestamp::now()
     });
     let (state, phase, reason, message) = match verdict {
-        Verdict::Succeeded => (State::Succeeded, Phase::Succeeded, String::new(), String::new()),
+        Verdict::Succeeded => {
+            let message = qdb.and_then(|q| progress::succeeded_message(q, &row.operation, &row.id));
+            (State::Succeeded, Phase::Succeeded, String::new(), message.unwrap_or_default())
+        }
         Verdict::Failed { reason, message } => (State::Failed, Phase::Failed, reason, message),
         Verdict::Superseded => {
             // The journal knows which instruction came next; the resource only the latest.

@@ -244,6 +244,13 @@ async fn execute(
         }
         None => None,
     };
+    let resolved = match (resolved, &ins.operation) {
+        (None, Some(qdb_proto::v1::instruction::Operation::Restore(_))) => {
+            let q = resource(ctx, cluster, &ins.database_id).await?;
+            Some(mapping::resolve_restore(ins, q.as_ref())?)
+        }
+        (resolved, _) => resolved,
+    };
     let ins = resolved.as_ref().unwrap_or(ins);
     let action = mapping::desired(ins, current.as_ref())?;
     let apply = |spec| {

@@ -772,6 +772,18 @@ pub mod ins {
     }
 
     /// A create whose volume starts from the EBS snapshot `snapshot` (a clone).
+    /// A Restore of `db` to `snapshot` (its latest when None), into `zone` (its own when None).
+    pub fn restore(
+        db: &str,
+        cluster: &str,
+        sequence: u64,
+        snapshot: Option<&str>,
+        zone: Option<&str>,
+    ) -> v1::Instruction {
+        let restore = v1::Restore { snapshot_id: snapshot.map(String::from), zone: zone.map(String::from) };
+        new(db, cluster, sequence, Operation::Restore(restore))
+    }
+
     pub fn create_from_snapshot(
         db: &str,
         cluster: &str,

@@ -938,14 +938,144 @@ async fn node_moves_and_a_failover_with_the_operator_killed_keep_every_row() -> 
     expect_rows(&ip, "trades", 0..300, Duration::from_secs(30)).await?;
     sampler.assert_fenced()?;
 
-    // Back to the point before the upgrade: exactly the rows written before it.
-    let back = "db-move-back";
-    let create = ins::create_from_snapshot(back, "region-a", 1, NEWER, &safety);
+    // Back to the point before the upgrade with one Restore naming the safety snapshot, in place:
+    // exactly the rows written before it, on a new volume; the old one deleted (reclaim Delete).
+    let old_volume = api.get(db).await?.status.and_then(|s| s.volume).context("no volume")?.id;
+    let restore = ins::restore(db, "region-a", 4, Some(&safety), None);
+    rig.send(&restore).await?;
+    let restored = gossip.end(&restore.instruction_id, T).await?;
+    ensure!(restored.phase == Phase::Succeeded as i32, "{restored:?}");
+    ensure!(restored.snapshot_id == safety && restored.message.contains("data as of"), "{restored:?}");
+    let s = api.get(db).await?.status.context("no status")?;
+    let volume = s.volume.context("no volume after the restore")?;
+    ensure!(volume.id != old_volume, "the restore kept volume {old_volume}");
+    let last = s.last_restore.context("no lastRestore")?;
+    ensure!(last.snapshot == safety && last.volume.as_deref() == Some(volume.id.as_str()), "{last:?}");
+    ensure!(s.restore.is_none(), "a restore still under way: {:?}", s.restore);
+    let (ip, _) = node_ip(&rig, db).await?;
+    expect_rows(&ip, "trades", 0..100, Duration::from_secs(30)).await?;
+    ensure!(volume_gone(&rig, &old_volume).await?, "the replaced volume {old_volume} is still there");
+    sampler.assert_fenced()?;
+    delete(&rig, &gossip, db, 5).await
+}
+
+/// Whether EC2 no longer lists the volume (or lists it deleting).
+async fn volume_gone(rig: &Rig, id: &str) -> Result<bool> {
+    let region = rig.cloud.cluster("region-a")?;
+    let ec2 = rig.cloud.ec2(&region.aws_region).await;
+    let by_id = aws_sdk_ec2::types::Filter::builder().name("volume-id").values(id).build();
+    let out = ec2.describe_volumes().filters(by_id).send().await?;
+    Ok(out.volumes().iter().all(|v| {
+        matches!(
+            v.state(),
+            Some(aws_sdk_ec2::types::VolumeState::Deleting | aws_sdk_ec2::types::VolumeState::Deleted)
+        )
+    }))
+}
+
+/// Issue 18: a zone move. The database's zone goes down: EC2 refuses every launch there (a proxy
+/// answers RunInstances as EC2 does without capacity) and its node dies, so the failover cannot
+/// bring it back. A Restore into another zone does: the latest snapshot's rows (and none written
+/// after it), on a node and volume in that zone, reached by its DNS name; gossip says how old the
+/// data is; the old volume is deleted once the restored database serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zone_move_brings_a_database_back_from_a_zone_that_is_down() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use qdb_tests::scripted::{Answer, ScriptedProxy, form_value};
+
+    let rig = Rig::new("data-zone", 1).await?;
+    let region = rig.cloud.cluster("region-a")?;
+    let subnets = region.network_var("QDB_SUBNETS").context("subnets")?.to_string();
+    let zones: Vec<(String, String)> = subnets
+        .split(',')
+        .filter_map(|p| p.split_once('=').map(|(z, s)| (z.to_string(), s.to_string())))
+        .collect();
+    ensure!(zones.len() >= 2, "one zone configured: {subnets}");
+    let down: Arc<std::sync::Mutex<Option<(String, String)>>> = Arc::default();
+    let refusing = Arc::new(AtomicBool::new(false));
+    let script = {
+        let (down, refusing) = (down.clone(), refusing.clone());
+        Box::new(move |action: &str, body: &str| {
+            let zone = down.lock().ok().and_then(|d| d.clone());
+            match zone {
+                Some((zone, subnet))
+                    if action == "RunInstances"
+                        && refusing.load(Ordering::Relaxed)
+                        && (form_value(body, "SubnetId") == Some(subnet.as_str())
+                            || form_value(body, "Placement.AvailabilityZone") == Some(zone.as_str())) =>
+                {
+                    Answer::Error {
+                        status: http::StatusCode::INTERNAL_SERVER_ERROR,
+                        code: "InsufficientInstanceCapacity",
+                        message: format!(
+                            "We currently do not have sufficient m6i.large capacity in the Availability Zone you requested ({zone})."
+                        ),
+                    }
+                }
+                _ => Answer::Forward,
+            }
+        })
+    };
+    let proxy = ScriptedProxy::start(&rig.cloud.aws_endpoint, script).await?;
+    let gossip = rig.gossip()?;
+    let args = ["--failover-after-secs", "2", "--aws-endpoint", &proxy.url];
+    let _op = rig.spawn_operator("region-a", "a1", &args)?;
+    let p = rig.spawn("r1", &[])?;
+    p.wait_ready().await?;
+    let db = "db-zone";
+    let create = ins::create(db, "region-a", 1, NEWER);
     rig.send(&create).await?;
     gossip.phase(&create.instruction_id, Phase::Succeeded, T).await?;
-    let (back_ip, _) = node_ip(&rig, back).await?;
-    expect_rows(&back_ip, "trades", 0..100, Duration::from_secs(30)).await?;
-    delete(&rig, &gossip, back, 2).await?;
+    let api = rig.questdbs("region-a").await?;
+    let s = api.get(db).await?.status.context("no status")?;
+    let (node, old_volume) = (s.node.context("no node")?, s.volume.context("no volume")?);
+    let (ip, _) = node_ip(&rig, db).await?;
+    write_rows(&ip, "trades", 0, 100).await?;
+    let snap = ins::new(db, "region-a", 2, Operation::Snapshot(v1::Snapshot { label: None }));
+    rig.send(&snap).await?;
+    let snapshot = gossip.phase(&snap.instruction_id, Phase::Succeeded, T).await?.snapshot_id;
+    write_rows(&ip, "trades", 100, 50).await?;
+    expect_rows(&ip, "trades", 0..150, Duration::from_secs(10)).await?;
+
+    // The zone goes down: no launches there, and the node is lost.
+    let subnet = zones.iter().find(|(z, _)| *z == node.zone).map(|(_, s)| s.clone()).context("zone")?;
+    *down.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some((node.zone.clone(), subnet));
+    refusing.store(true, Ordering::Relaxed);
+    let nodesim = &region.nodesim;
+    reqwest::Client::new()
+        .post(format!("{nodesim}/nodes/{}/kill", node.instance_id))
+        .send()
+        .await?
+        .error_for_status()?;
+    eventually("the failover refused for capacity", T, || async {
+        let s = api.get(db).await?.status.unwrap_or_default();
+        Ok(s.conditions
+            .iter()
+            .any(|c| {
+                c.type_ == "Degraded" && c.status == "True" && c.message.to_lowercase().contains("capacity")
+            })
+            .then_some(()))
+    })
+    .await?;
+
+    let other = zones.iter().map(|(z, _)| z.clone()).find(|z| *z != node.zone).context("another zone")?;
+    let moved = ins::restore(db, "region-a", 3, None, Some(&other));
+    rig.send(&moved).await?;
+    let done = gossip.end(&moved.instruction_id, Duration::from_secs(300)).await?;
+    ensure!(done.phase == Phase::Succeeded as i32, "{done:?}");
+    ensure!(done.snapshot_id == snapshot, "restored {:?}, the latest is {snapshot}", done.snapshot_id);
+    ensure!(done.message.contains("data as of") && done.message.contains(&other), "{:?}", done.message);
+    let s = api.get(db).await?.status.context("no status")?;
+    let (n, v) = (s.node.context("no node")?, s.volume.context("no volume")?);
+    ensure!(n.zone == other && v.zone == other, "node in {}, volume in {}, not {other}", n.zone, v.zone);
+    ensure!(n.instance_id != node.instance_id && v.id != old_volume.id, "not a new node and volume");
+    // Reached the users' way: the DNS name now resolves to the node in the other zone.
+    let (ip, _) = node_ip(&rig, db).await?;
+    expect_rows(&ip, "trades", 0..100, Duration::from_secs(30)).await?;
+    ensure!(volume_gone(&rig, &old_volume.id).await?, "the volume left in {} is still there", node.zone);
+    refusing.store(false, Ordering::Relaxed);
     delete(&rig, &gossip, db, 4).await
 }
 

@@ -35,6 +35,10 @@ pub mod keys {
     /// AWS tag on a data volume its database's deletion kept (reclaim policy Retain): the orphan
     /// sweep leaves it alone.
     pub const RETAINED: &str = "cloud.questdb.io/retained";
+    /// AWS tag on a data volume a restore replaced (value: the restore request): no longer the
+    /// database's data volume, kept until the restored database is Ready, then deleted or, with
+    /// reclaim policy Retain, kept ([`RETAINED`]).
+    pub const REPLACED: &str = "cloud.questdb.io/replaced-by-restore";
     /// AWS tag on a snapshot: the request (`spec.snapshot.id`) it was taken for, so a snapshot
     /// whose create outlived the operator is found again instead of taken twice.
     pub const SNAPSHOT_REQUEST: &str = "cloud.questdb.io/snapshot-request";
@@ -120,6 +124,13 @@ pub struct QuestDBSpec {
     /// the instruction id). `status.snapshots` lists it, with this id as its request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotRequest>,
+    /// Put the database back to one of its snapshots, in place or in another zone: a new `id`
+    /// asks for a new restore (the provisioner uses the instruction id). The database stops, its
+    /// volume is replaced by one made from the snapshot (the old one is kept until the restored
+    /// database is Ready, then follows the reclaim policy), and it starts again on a new node.
+    /// `status.restore` shows the step, `status.lastRestore` the outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreRequest>,
     /// What becomes of the database's snapshots.
     #[serde(default, skip_serializing_if = "SnapshotPolicy::is_default")]
     pub snapshot_policy: SnapshotPolicy,
@@ -261,6 +272,22 @@ pub struct SnapshotRequest {
     pub label: Option<String>,
 }
 
+/// A restore (see `QuestDBSpec::restore`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreRequest {
+    #[schemars(length(min = 1, max = 128))]
+    pub id: String,
+    /// The EBS snapshot to restore: one of this cluster's, completed.
+    #[schemars(regex(pattern = r"^snap-[0-9a-f]{8,17}$"))]
+    pub snapshot: String,
+    /// The availability zone to restore into (a zone move, e.g. out of a zone that is down).
+    /// Unset: the zone the volume is in now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub zone: Option<String>,
+}
+
 /// The AWS resources of a running database to take over (see `QuestDBSpec::adopt`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -397,6 +424,11 @@ pub struct QuestDBStatus {
     /// "nothing left" listing only once it is an eventual-consistency window newer than this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_aws_create: Option<Time>,
+    /// When this operator last launched an instance for the database: within EC2's listing lag
+    /// after it, the last launch not listed yet is tried again under its own ClientToken rather
+    /// than a second instance started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_launch: Option<Time>,
     /// The spec generation at which the operator took over the running database `spec.adopt`
     /// names. While the spec stays at it, the adopted objects are kept as they are (owner
     /// references added, nothing else); the next change of the spec goes the ordinary way.
@@ -416,6 +448,13 @@ pub struct QuestDBStatus {
     /// completed (`spec.snapshotPolicy.beforeChanges`). Written with `snapshots`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admitted: Option<Admitted>,
+    /// A restore under way (`spec.restore`): the step it reached, so an operator restarted at any
+    /// point goes on from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
+    /// The last restore's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore: Option<RestoreOutcome>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -573,6 +612,56 @@ pub struct FailoverStatus {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// The `spec.restore.id` it runs for.
+    pub request: String,
+    pub snapshot: String,
+    /// The zone the new volume and node go to.
+    pub zone: String,
+    pub step: RestoreStep,
+    /// The volume the database ran on before: untagged as its data volume once it is free, kept
+    /// until the restored database is Ready.
+    pub old_volume: String,
+    pub started_at: Time,
+    /// When EBS took the snapshot: the data comes back as of then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_taken_at: Option<Time>,
+}
+
+/// The steps of a restore, in their fixed order.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RestoreStep {
+    /// The database is stopped and its node released, as for a pause, until EC2 shows the old
+    /// volume free: nothing can write to it any more.
+    Stopping,
+    /// The old volume is no longer the database's; a volume made from the snapshot in the zone,
+    /// a node there, and the database starting with QuestDB's checkpoint recovery.
+    Starting,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreOutcome {
+    pub request: String,
+    pub snapshot: String,
+    /// Set when the restore was refused before anything stopped (the snapshot does not exist, is
+    /// not completed, or belongs to another cluster): the database runs on as it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The volume made from the snapshot, and its zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// When EBS took the snapshot: the data is the database's as of then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_taken_at: Option<Time>,
+    /// When the restored database was Ready (or the restore refused).
+    pub at: Time,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ReplacementStatus {
     /// The instance being replaced.
     pub from_instance: String,
@@ -706,6 +795,9 @@ pub enum WaitReason {
     /// A change of the node image, version, instance type or volume type waits for its safety
     /// snapshot (`spec.snapshotPolicy.beforeChanges`).
     ChangeHeld,
+    /// A restore (`spec.restore`) is under way: the database is stopped and comes back on a
+    /// volume made from the snapshot.
+    Restoring,
     /// The data volume is attaching.
     VolumeAttaching,
     /// The data volume is being released by an instance.
@@ -735,6 +827,7 @@ impl WaitReason {
             Self::StartingDatabase => "StartingDatabase",
             Self::UpgradeQueued => "UpgradeQueued",
             Self::ChangeHeld => "ChangeHeld",
+            Self::Restoring => "Restoring",
             Self::FailoverHeld => "FailoverHeld",
             Self::ReplacingNode => "ReplacingNode",
             Self::DrainingOldNode => "DrainingOldNode",

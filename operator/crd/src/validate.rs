@@ -33,6 +33,10 @@ pub enum SpecError {
     FromVolume(String),
     #[error("snapshot to start from {0:?} is not an EBS snapshot id like snap-0123456789abcdef0")]
     FromSnapshot(String),
+    #[error("snapshot to restore {0:?} is not an EBS snapshot id like snap-0123456789abcdef0")]
+    RestoreSnapshot(String),
+    #[error("zone to restore into {0:?} is not an availability zone name like us-east-1b")]
+    RestoreZone(String),
     #[error("a database starts from one of a kept volume, a snapshot or an adopted volume")]
     TwoStarts,
     #[error("adopt: {0}")]
@@ -82,6 +86,18 @@ pub fn validate(spec: &QuestDBSpec) -> Result<(), Vec<SpecError>> {
     }
     if let Some(id) = spec.volume.from_snapshot.as_ref().filter(|id| !is_resource_id(id, "snap-")) {
         errors.push(SpecError::FromSnapshot(id.clone()));
+    }
+    if let Some(r) = &spec.restore {
+        if !is_resource_id(&r.snapshot, "snap-") {
+            errors.push(SpecError::RestoreSnapshot(r.snapshot.clone()));
+        }
+        let zone_name = |z: &str| {
+            (1..=64).contains(&z.len())
+                && z.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if let Some(z) = r.zone.as_ref().filter(|z| !zone_name(z)) {
+            errors.push(SpecError::RestoreZone(z.clone()));
+        }
     }
     if let Some(keep) = spec.snapshot_policy.keep.filter(|k| !(1..=MAX_SNAPSHOTS_KEPT).contains(k)) {
         errors.push(SpecError::SnapshotsKept(keep));
@@ -265,6 +281,7 @@ mod tests {
             },
             adopt: None,
             snapshot: None,
+            restore: None,
             snapshot_policy: Default::default(),
         }
     }
@@ -319,6 +336,22 @@ mod tests {
         assert_eq!(validate(&s), Ok(()));
         s.volume.from_snapshot = Some("vol-0123456789abcdef0".into());
         assert_eq!(validate(&s), Err(vec![SpecError::FromSnapshot("vol-0123456789abcdef0".into())]));
+        let mut s = spec();
+        let restore = |snapshot: &str, zone: Option<&str>| crate::RestoreRequest {
+            id: "i-1".into(),
+            snapshot: snapshot.into(),
+            zone: zone.map(String::from),
+        };
+        s.restore = Some(restore("snap-0123456789abcdef0", Some("us-east-1b")));
+        assert_eq!(validate(&s), Ok(()));
+        s.restore = Some(restore("vol-0123456789abcdef0", Some("US East")));
+        assert_eq!(
+            validate(&s),
+            Err(vec![
+                SpecError::RestoreSnapshot("vol-0123456789abcdef0".into()),
+                SpecError::RestoreZone("US East".into())
+            ])
+        );
         let mut s = spec();
         s.snapshot_policy.keep = Some(0);
         assert_eq!(validate(&s), Err(vec![SpecError::SnapshotsKept(0)]));

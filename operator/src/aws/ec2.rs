@@ -135,6 +135,9 @@ impl VolumeState {
 pub struct Restore {
     pub snapshot_id: String,
     pub size_gib: u32,
+    /// The restore request (`spec.restore.id`) the volume replaces the old one for; None for a
+    /// database's first volume.
+    pub request: Option<String>,
 }
 
 /// An EBS snapshot a database may start from (`spec.volume.fromSnapshot`).
@@ -305,6 +308,9 @@ pub fn sort_by_launch(instances: &mut [Instance]) {
 /// Of one owner's data volumes (with creation times), the one that may hold data: should a crash
 /// have left two, the attached one wins, else the oldest.
 pub fn pick_volume(mut volumes: Vec<(Option<i64>, Volume)>) -> Option<Volume> {
+    // A volume a restore replaced is no longer the data volume, though it keeps its owner tag
+    // (cleanup and the orphan sweep still see it as the database's).
+    volumes.retain(|(_, v)| !v.tags.contains_key(keys::REPLACED));
     volumes.sort_by_key(|(created, v)| (v.attachments.is_empty(), *created, v.id.clone()));
     volumes.into_iter().next().map(|(_, v)| v)
 }
@@ -403,6 +409,12 @@ fn to_permissions(rules: &[Rule]) -> Vec<IpPermission> {
 /// The ClientToken of a database's data volume (UIDs are 36 characters; EC2 allows 64).
 fn data_volume_token(owner_uid: &str) -> String {
     format!("{owner_uid}-data")
+}
+
+/// The ClientToken of the volume a restore makes: one per request, and never the first
+/// volume's (EC2 would answer with the volume being replaced). The request is hashed to fit.
+fn restore_volume_token(owner_uid: &str, request: &str) -> String {
+    format!("{owner_uid}-r-{:016x}", crate::hash::fnv1a64(request.as_bytes()))
 }
 
 /// Volumes that still exist (a deleted volume stays visible for a while).
@@ -713,9 +725,12 @@ impl Aws {
             .encrypted(true)
             .set_snapshot_id(from.map(|r| r.snapshot_id.clone()))
             .tag_specifications(tag_spec(ResourceType::Volume, &tags))
-            // A database has one data volume in its life: the same token for every try, so a
+            // A database has one data volume per restore: the same token for every try, so a
             // create that timed out and is tried again (in a later pass) cannot make a second.
-            .client_token(data_volume_token(&owner.owner_uid));
+            .client_token(match from.and_then(|r| r.request.as_deref()) {
+                Some(request) => restore_volume_token(&owner.owner_uid, request),
+                None => data_volume_token(&owner.owner_uid),
+            });
         let out = self.call(Service::Ec2, OP, || req.clone().send()).await?;
         let id = out.volume_id().ok_or_else(|| AwsError::unexpected(OP, "no volume id in the reply"))?;
         Ok(Volume {

@@ -270,7 +270,7 @@ async fn a_volume_is_made_only_from_a_completed_snapshot_of_the_cluster() {
 
     let found = aws.find_snapshot(&id, "aws-test").await.unwrap().unwrap();
     assert_eq!(found.volume_size_gib, 20);
-    let restore = Restore { snapshot_id: id.clone(), size_gib: 30 };
+    let restore = Restore { snapshot_id: id.clone(), size_gib: 30, request: None };
     // With EC2's timing off (the scale benchmarks' emulator) a snapshot completes at once.
     if std::env::var("QDB_AWS_TIMING").as_deref() != Ok("instant") {
         assert_eq!(found.state, SnapshotState::Pending);

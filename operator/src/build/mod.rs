@@ -40,6 +40,9 @@ pub struct Desired {
     pub adopting: bool,
     /// When the apiserver created the resource (None only for objects built in tests).
     pub created: Option<jiff::Timestamp>,
+    /// The restore whose new volume and node are being made (its request and zone): set by the
+    /// restore step for its starting step only.
+    pub restoring: Option<qdb_crd::RestoreStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -67,7 +70,15 @@ impl Desired {
         };
         let dns_name = dns::dns_name(&names, &qdb.spec, dns_zone);
         let created = meta.creation_timestamp.as_ref().map(|t| t.0);
-        Ok(Self { names, owner, spec: qdb.spec.clone(), dns_name, adopting: qdb.adopting(), created })
+        Ok(Self {
+            names,
+            owner,
+            spec: qdb.spec.clone(),
+            dns_name,
+            adopting: qdb.adopting(),
+            created,
+            restoring: None,
+        })
     }
 
     /// Metadata of a namespaced child: its name, the common labels and the controller reference.
@@ -116,6 +127,7 @@ pub(crate) mod fixtures {
                 network: NetworkSpec { allowed_cidrs: vec!["203.0.113.0/24".into()], dns_name: None },
                 adopt: None,
                 snapshot: None,
+                restore: None,
                 snapshot_policy: Default::default(),
             },
         );

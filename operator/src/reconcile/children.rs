@@ -235,6 +235,7 @@ pub async fn ensure(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(),
             pods.get_opt(&d.names.pod()).await.map_err(kube_err("children", "reading the pod"))?
         };
         facts.pod_gone = pod.is_none();
+        facts.pod_node = pod.and_then(|p| p.spec.and_then(|s| s.node_name));
     } else if sts.is_none() {
         facts.wait(
             WaitReason::PlacingDatabase,

@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod dns;
 pub mod node_move;
 pub mod replace;
+pub mod restore;
 pub mod safety;
 pub mod sizing;
 pub mod snapshot;
@@ -118,6 +119,8 @@ pub struct Facts {
     pub pod_failure: Option<(DegradedReason, String)>,
     /// No pod left (pause waits for this before releasing the instance).
     pub pod_gone: bool,
+    /// The node the pod is bound to, while a paused database's pod is not gone.
+    pub pod_node: Option<String>,
     /// Instances of this database not terminated (pause: none once released).
     pub instances: Vec<Instance>,
     pub dns: Option<DnsRecord>,
@@ -134,6 +137,8 @@ pub struct Facts {
     pub launches: u32,
     /// When this or an earlier pass last created something in AWS (status `lastAwsCreate`).
     pub last_create: Option<jiff::Timestamp>,
+    /// When this or an earlier pass last launched an instance (status `lastLaunch`).
+    pub last_launch: Option<jiff::Timestamp>,
     /// The failover this database needs is held back (its zone looks like a blip), and why.
     pub held: Option<String>,
     /// The volume change waits for EBS's modification cool-down until then.
@@ -148,6 +153,10 @@ pub struct Facts {
     pub safety: Option<snapshot::Wanted>,
     /// When the snapshot schedule next fires: the pass is requeued by then.
     pub next_snapshot: Option<jiff::Timestamp>,
+    /// The restore under way (status `restore`), as far as it got.
+    pub restore: Option<qdb_crd::RestoreStatus>,
+    /// The last restore's outcome (status `lastRestore`).
+    pub last_restore: Option<qdb_crd::RestoreOutcome>,
 }
 
 impl Facts {
@@ -269,25 +278,38 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     let old = qdb.status.as_ref();
     let mut facts = Facts {
         replacement: old.and_then(|s| s.replacement.clone()),
+        // Carried through every pass, a failing one too: the restore's step is persisted here.
+        restore: old.and_then(|s| s.restore.clone()),
+        last_restore: old.and_then(|s| s.last_restore.clone()),
         launches: old.and_then(|s| s.launches).unwrap_or(0),
         last_create: old.and_then(|s| s.last_aws_create.as_ref()).map(|t| t.0),
+        last_launch: old.and_then(|s| s.last_launch.as_ref()).map(|t| t.0),
         ..Facts::default()
     };
     let result = async {
         timed(ctx, "safety", safety::ensure(ctx, &qdb, &mut d, &mut facts)).await?;
+        timed(ctx, "restore", restore::ensure(ctx, &qdb, &mut d, &mut facts)).await?;
         let active = qdb.status.as_ref().and_then(|s| s.node.as_ref()).map(|n| n.instance_id.clone());
         // A converged database's pass (a resync, or a watch event) may read EC2 as it was up to
         // a resync ago: what changes EC2 is this operator, and a change forces a new view. One
         // waiting on AWS needs it fresh.
         let settled = qdb.status.as_ref().is_some_and(status::is_converged);
         let max_age = if settled { ctx.settings.resync } else { ctx.settings.poll };
-        let known_volume = qdb.status.as_ref().and_then(|s| s.volume.as_ref()).map(|v| v.id.clone());
+        // The volume a restore replaces is not looked for: EC2 lists it as replaced.
+        let replaced = facts.restore.as_ref().map(|r| r.old_volume.clone());
+        let known_volume = qdb
+            .status
+            .as_ref()
+            .and_then(|s| s.volume.as_ref())
+            .map(|v| v.id.clone())
+            .filter(|v| replaced.as_ref() != Some(v));
         let step = aws::ensure(ctx, &d, active.as_deref(), known_volume.as_deref(), max_age, &mut facts);
         timed(ctx, "aws", step).await?;
         timed(ctx, "sizing", sizing::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "children", children::ensure(ctx, &d, &mut facts)).await?;
         timed(ctx, "release", aws::release_if_paused(ctx, &d, &mut facts)).await?;
-        timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await
+        timed(ctx, "dns", dns::ensure(ctx, &d, &mut facts)).await?;
+        timed(ctx, "restore", restore::after(ctx, &d, &mut facts)).await
     }
     .await;
     let result = match result {

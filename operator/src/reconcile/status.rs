@@ -93,7 +93,8 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
     let g = q.metadata.generation;
     let old = q.status.as_ref();
     let paused = d.spec.paused;
-    let released = paused && f.instances.is_empty();
+    // A restore stops the database as a pause does, but it is not paused.
+    let released = paused && f.instances.is_empty() && f.restore.is_none();
     let node_ready = f.node.as_ref().is_some_and(|(_, r)| *r);
     let ready =
         !paused && node_ready && f.volume_attached && f.pod_ready && f.dns.is_some() && error.is_none();
@@ -111,6 +112,8 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
         Phase::Paused
     } else if f.replacement.is_some() {
         Phase::Replacing
+    } else if f.restore.is_some() {
+        Phase::Updating
     } else if settled {
         Phase::Running
     } else if was_running || ready {
@@ -203,8 +206,11 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
         // snapshot must not drop it.
         last_failover: None,
         replacement: f.replacement.clone(),
+        restore: f.restore.clone(),
+        last_restore: f.last_restore.clone(),
         launches: (f.launches > 0).then_some(f.launches).or(old.and_then(|o| o.launches)),
         last_aws_create: f.last_create.map(Time).or(old.and_then(|o| o.last_aws_create.clone())),
+        last_launch: f.last_launch.map(Time).or(old.and_then(|o| o.last_launch.clone())),
         adopted_generation: match (d.adopting, f.adopted) {
             (true, true) => g,
             _ => old.and_then(|o| o.adopted_generation),

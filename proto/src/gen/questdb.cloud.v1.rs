@@ -20,7 +20,7 @@ pub struct Instruction {
     #[prost(int64, tag = "5")]
     pub issued_at_ms: i64,
     /// Exactly one operation. Absent (or unknown to this reader) = rejected.
-    #[prost(oneof = "instruction::Operation", tags = "10, 11, 12, 13, 14, 15, 16")]
+    #[prost(oneof = "instruction::Operation", tags = "10, 11, 12, 13, 14, 15, 16, 17")]
     pub operation: ::core::option::Option<instruction::Operation>,
 }
 /// Nested message and enum types in `Instruction`.
@@ -42,6 +42,8 @@ pub mod instruction {
         Delete(super::Delete),
         #[prost(message, tag = "16")]
         Snapshot(super::Snapshot),
+        #[prost(message, tag = "17")]
+        Restore(super::Restore),
     }
 }
 /// The full desired shape of a database.
@@ -202,6 +204,24 @@ pub struct Snapshot {
     /// Free text kept with the snapshot (status and a tag), at most 128 characters.
     #[prost(string, optional, tag = "1")]
     pub label: ::core::option::Option<::prost::alloc::string::String>,
+}
+/// Put the database back to one of its snapshots, in place or into another availability zone (a
+/// zone move: out of a zone that is down, with the data as of the snapshot). The database stops,
+/// its volume is replaced by one made from the snapshot (the old volume is kept until the restored
+/// database is Ready, then follows the reclaim policy), and it starts again on a new node. Data
+/// written after the snapshot is not in the restored database. SUCCEEDED once it serves again;
+/// GossipEvent.snapshot_id names the snapshot and the message says how old its data is. REJECTED
+/// (NO_SNAPSHOT_TO_RESTORE) if the database has no such completed snapshot; REJECTED
+/// (DATABASE_PAUSED) for a paused database.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Restore {
+    /// One of the database's completed snapshots (as gossip and status name them). Unset = its
+    /// latest completed snapshot.
+    #[prost(string, optional, tag = "1")]
+    pub snapshot_id: ::core::option::Option<::prost::alloc::string::String>,
+    /// The availability zone to restore into, e.g. "us-east-1b". Unset = the zone its volume is in.
+    #[prost(string, optional, tag = "2")]
+    pub zone: ::core::option::Option<::prost::alloc::string::String>,
 }
 /// Delete the database and everything it owns.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

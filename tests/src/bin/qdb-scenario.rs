@@ -113,6 +113,8 @@ fn scenario(tag: &str) -> Vec<Step> {
             ),
             Phase::Succeeded,
         ),
+        // Back to the snapshot in place: the rows written after it are gone.
+        step("restore the snapshot", ins::restore(&a, "region-a", 11, None, None), Phase::Succeeded),
         step("stale sequence", ins::version(&a, "region-a", 2, OLDER), Phase::Superseded),
         step("unknown cluster", ins::create(&format!("{tag}-x"), "mars", 1, NEWER), Phase::Rejected),
         step(
@@ -130,7 +132,7 @@ fn scenario(tag: &str) -> Vec<Step> {
             op(
                 &a,
                 "region-a",
-                11,
+                12,
                 Operation::Delete(v1::Delete { retain_volume: false, ..Default::default() }),
             ),
             Phase::Succeeded,
@@ -290,6 +292,8 @@ async fn main() -> Result<()> {
                     if matches!(i.operation, Some(Operation::Snapshot(_))) {
                         println!("    snapshot {} of {written} acknowledged rows", ev.snapshot_id);
                         last_snapshot = Some((ev.snapshot_id.clone(), written));
+                    } else if matches!(i.operation, Some(Operation::Restore(_))) {
+                        println!("    restored snapshot {}", ev.snapshot_id);
                     } else {
                         println!("    safety snapshot {} taken before the change", ev.snapshot_id);
                     }
@@ -306,6 +310,14 @@ async fn main() -> Result<()> {
                 Some(Operation::Pause(_) | Operation::Delete(_)) => serving = false,
                 _ => {}
             }
+        }
+        // A restore puts the database back to its snapshot's rows: those acknowledged after it
+        // are gone, and the next rows are written from there.
+        let restored =
+            matches!(i.operation, Some(Operation::Restore(_))) && terminal == Some(Phase::Succeeded);
+        if let (true, Some((_, at_snapshot))) = (restored, &last_snapshot) {
+            println!("    {} rows acknowledged after the snapshot are gone by design", written - at_snapshot);
+            written = *at_snapshot;
         }
         let rows_after = if serving && on_a {
             let db = ingress(&aws_a, &dns_a).await?;
@@ -358,7 +370,7 @@ async fn main() -> Result<()> {
     }
     println!(
         "rows in: acknowledged rows written before the step; rows out: rows read back after it (the \
-         clone: its own rows, which must be the snapshot's); \
+         clone: its own rows, which must be the snapshot's; after a restore, the snapshot's rows); \
          unavail.: a client's SELECT 1 every 100 ms, time from a failed query to the next good one"
     );
     println!(

@@ -14,8 +14,8 @@ use qdb_crd::{DegradedReason, WaitReason, keys};
 
 use self::facts::{by_instance, nodes_of, zone_health};
 use self::plan::{
-    FromSnapshot, MODIFICATION_COOLDOWN, Take, VolumeAction, from_snapshot, is_live, modifiable_at,
-    next_launch, plan_volume, take_volume,
+    FromSnapshot, MODIFICATION_COOLDOWN, Take, VolumeAction, from_snapshot, is_live, launch_used_up,
+    modifiable_at, next_launch, plan_volume, take_volume,
 };
 use super::node_move;
 use super::replace::{NodeSeen, Plan, Seen, Why, plan};
@@ -96,12 +96,15 @@ pub async fn ensure(
         && let Some(id) = &d.spec.volume.from_snapshot
     {
         restore = restore_from(ctx, d, &owner, id, facts).await?;
+        if let Some(r) = restore.as_mut() {
+            r.request = d.restoring.as_ref().map(|s| s.request.clone());
+        }
         if restore.is_none() {
             return Ok(());
         }
     }
     let listed: Vec<u32> = instances.iter().filter_map(launch_of).collect();
-    facts.launches = next_launch(facts.launches, &listed, facts.last_create.and_then(age));
+    facts.launches = next_launch(facts.launches, &listed, facts.last_launch.and_then(age));
     facts.instances = instances.iter().filter(|i| i.state != InstanceState::Terminated).cloned().collect();
     facts.volume = volume.clone();
     if d.spec.paused {
@@ -137,7 +140,9 @@ pub async fn ensure(
         })
         .collect();
     let find = |id: &str| live.iter().find(|i| i.id == id).map(|i| (*i).clone());
-    let zone = volume.as_ref().map(|v| v.zone.clone());
+    // A restore names the zone of its new volume; otherwise a first launch goes where EC2 puts it.
+    let zone =
+        volume.as_ref().map(|v| v.zone.clone()).or_else(|| d.restoring.as_ref().map(|r| r.zone.clone()));
     // A move under way goes on from its recorded step. One started by an operator that died
     // before recording it is taken up from what EC2 and the nodes show.
     if facts.replacement.is_none() {
@@ -387,7 +392,7 @@ async fn launch(
     facts: &mut Facts,
 ) -> Result<Instance, Error> {
     let user_data = build_user_data(&d.names, &ctx.settings.bootstrap);
-    let launch = Launch {
+    let mut launch = Launch {
         image_id: &d.spec.node_image,
         instance_type: &d.spec.instance_type,
         security_group_id: sg_id,
@@ -397,13 +402,34 @@ async fn launch(
         extra_tags: &[],
         launch: facts.launches,
     };
-    let i = creating(facts, ctx.aws.launch_instance(owner, &launch))
-        .await
-        .map_err(aws_err("launching an instance"))?;
+    // A launch number tried again (next_launch: EC2 may not list it yet) may turn out used up:
+    // EC2 answers with an instance launched before the listing lag, or one already going (a
+    // token stays valid 24 hours past its instance's termination), or refuses the token because
+    // it was another launch's (other parameters). The next numbers are new launches; status may
+    // have missed a few (a pass stopped before its write), whose instances EC2 no longer lists.
+    let before = facts.last_launch;
+    facts.last_launch = Some(jiff::Timestamp::now());
+    let mut tries = 0;
+    let result = loop {
+        let result = creating(facts, ctx.aws.launch_instance(owner, &launch)).await;
+        let used_up = launch_used_up(result.as_ref().map_err(|e| e.code()), jiff::Timestamp::now());
+        tries += 1;
+        if !used_up || tries == MAX_USED_UP {
+            break result;
+        }
+        launch.launch = launch.launch.saturating_add(1);
+    };
+    if result.as_ref().err().is_some_and(AwsError::was_refused) {
+        facts.last_launch = before;
+    }
+    let i = result.map_err(aws_err("launching an instance"))?;
     ctx.inventory.created_instance(d.names.uid(), &i);
     facts.launches = launch.launch.saturating_add(1);
     Ok(i)
 }
+
+/// How many launch numbers one launch tries when they turn out used up.
+const MAX_USED_UP: u32 = 8;
 
 /// Whether the failover of a database in `zone` must wait ([`zone::gate`]), and why. A failover
 /// let through counts against the zone's rate at once, so reconciles deciding together cannot
@@ -433,8 +459,34 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
         return Ok(());
     }
     if !facts.pod_gone {
-        facts.wait(WaitReason::StoppingDatabase, "waiting for the pod to stop before releasing the node");
-        return Ok(());
+        let nodes = facts::database_nodes(ctx, d).await?;
+        let stranded = facts.pod_node.as_deref().is_some_and(|name| !facts::is_ready(&nodes, name));
+        if !stranded {
+            facts.wait(WaitReason::StoppingDatabase, "waiting for the pod to stop before releasing the node");
+            return Ok(());
+        }
+        // Its node is lost (NotReady or gone): no kubelet will confirm the pod stopped. Fenced
+        // first, as a failover is: the instances are terminated below, and once EC2 shows them
+        // terminated nothing can still write, so the pod is deleted outright.
+        if facts.instances.is_empty() {
+            let pods = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
+                ctx.client.clone(),
+                d.names.namespace(),
+            );
+            let params = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+            super::delete_if_present(ctx, &pods, &d.names.pod(), "Pod", &params).await?;
+            facts.did(
+                "DeletedStuckPod",
+                format!("{} was on lost node {}", d.names.pod(), facts.pod_node.clone().unwrap_or_default()),
+            );
+        }
+        facts.wait(
+            WaitReason::StoppingDatabase,
+            format!(
+                "the pod's node {} is lost: fencing it before deleting the pod",
+                facts.pod_node.clone().unwrap_or_default()
+            ),
+        );
     }
     // The kubelet's report of the unmount lets the attach/detach controller detach at once; a
     // node terminated before it leaves the controller waiting six minutes (the resume would wait

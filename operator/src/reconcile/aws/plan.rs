@@ -17,18 +17,40 @@ pub fn is_live(i: &Instance) -> bool {
 
 /// The number of the next launch (its ClientToken, see [`crate::aws::launch_token`]): one past
 /// every launch status recorded (`recorded` is that count) or EC2 lists. One exception: the last
-/// recorded launch is not listed and something was created for the database within the listing
-/// lag (`last_create_age`). EC2 may simply not show it yet (an operator restarted right after
+/// recorded launch is not listed and the database's last launch was within the listing lag
+/// (`last_launch_age`). EC2 may simply not show it yet (an operator restarted right after
 /// launching lost its memory of it), so that launch is tried again under its own token: EC2
-/// answers with its instance rather than starting a second.
-pub fn next_launch(recorded: u32, listed: &[u32], last_create_age: Option<std::time::Duration>) -> u32 {
+/// answers with its instance rather than starting a second. (Counted from any create before, a
+/// volume or snapshot made within the lag sent a relaunch after a restore or a pause to a launch
+/// long terminated: EC2 answers such a token with that instance, or refuses it.)
+pub fn next_launch(recorded: u32, listed: &[u32], last_launch_age: Option<std::time::Duration>) -> u32 {
     let past_listed = listed.iter().max().map_or(0, |n| n.saturating_add(1));
     let next = recorded.max(past_listed);
     let last = next.checked_sub(1);
-    let young = last_create_age.is_some_and(|a| a < LISTING_LAG);
+    let young = last_launch_age.is_some_and(|a| a < LISTING_LAG);
     match last {
         Some(last) if young && !listed.contains(&last) => last,
         _ => next,
+    }
+}
+
+/// EC2's answer to a ClientToken used before with other parameters.
+pub const IDEMPOTENT_MISMATCH: &str = "IdempotentParameterMismatch";
+
+/// Whether EC2's answer to a launch (the instance, or the error code) shows its number used up by
+/// an earlier launch: an instance launched before the listing lag or already going (a token
+/// stays valid 24 hours past its instance's termination), or the token refused as another
+/// launch's. Then the next number is a new launch.
+pub fn launch_used_up(answer: Result<&Instance, Option<&str>>, now: jiff::Timestamp) -> bool {
+    match answer {
+        Err(code) => code == Some(IDEMPOTENT_MISMATCH),
+        Ok(i) => {
+            let launched = i.launched_at_ms.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok());
+            let old = launched
+                .and_then(|t| std::time::Duration::try_from(now.duration_since(t)).ok())
+                .is_some_and(|a| a > LISTING_LAG);
+            old || matches!(i.state, InstanceState::ShuttingDown | InstanceState::Terminated)
+        }
     }
 }
 
@@ -120,6 +142,7 @@ pub fn from_snapshot(
     };
     match s.state {
         SnapshotState::Completed => FromSnapshot::Restore(Restore {
+            request: None,
             snapshot_id: id.to_string(),
             // EBS refuses a volume smaller than the snapshot's; volumes only grow.
             size_gib: size_gib.max(s.volume_size_gib),
@@ -229,7 +252,9 @@ mod tests {
     #[test]
     fn a_database_starts_only_from_a_completed_snapshot_of_its_cluster() {
         let old = LISTING_LAG + Duration::from_secs(1);
-        let restore = |size_gib| FromSnapshot::Restore(Restore { snapshot_id: "snap-1".into(), size_gib });
+        let restore = |size_gib| {
+            FromSnapshot::Restore(Restore { snapshot_id: "snap-1".into(), size_gib, request: None })
+        };
         let plan = |state, volume_size_gib, size_gib| {
             from_snapshot(Some(&snapshot(state, volume_size_gib)), "snap-1", size_gib, old)
         };
@@ -257,6 +282,22 @@ mod tests {
         assert_eq!(next_launch(1, &[0], Some(Duration::from_secs(5))), 1, "a replacement");
         assert_eq!(next_launch(1, &[], Some(Duration::from_secs(600))), 1, "launch 0 is long gone");
         assert_eq!(next_launch(3, &[1], None), 3);
+    }
+
+    #[test]
+    fn a_launch_answered_with_an_old_or_gone_instance_or_refused_as_another_is_used_up() {
+        let now = jiff::Timestamp::from_second(10_000).unwrap();
+        let mut i = fixtures::instance("i-1");
+        i.launched_at_ms = Some((10_000 - 5) * 1000);
+        assert!(!launch_used_up(Ok(&i), now), "launched 5 s ago: this launch");
+        i.launched_at_ms = Some((10_000 - 600) * 1000);
+        assert!(launch_used_up(Ok(&i), now), "launched 10 min ago: an earlier one");
+        i.launched_at_ms = Some((10_000 - 5) * 1000);
+        i.state = InstanceState::Terminated;
+        assert!(launch_used_up(Ok(&i), now));
+        assert!(launch_used_up(Err(Some("IdempotentParameterMismatch")), now));
+        assert!(!launch_used_up(Err(Some("InsufficientInstanceCapacity")), now));
+        assert!(!launch_used_up(Err(None), now), "a timeout may have launched it");
     }
 
     #[test]
