@@ -941,6 +941,7 @@ async fn node_moves_and_a_failover_with_the_operator_killed_keep_every_row() -> 
     // Back to the point before the upgrade with one Restore naming the safety snapshot, in place:
     // exactly the rows written before it, on a new volume; the old one deleted (reclaim Delete).
     let old_volume = api.get(db).await?.status.and_then(|s| s.volume).context("no volume")?.id;
+    let launched = notes(&rig, db, "LaunchedInstance").await?;
     let restore = ins::restore(db, "region-a", 4, Some(&safety), None);
     rig.send(&restore).await?;
     let restored = gossip.end(&restore.instruction_id, T).await?;
@@ -952,11 +953,22 @@ async fn node_moves_and_a_failover_with_the_operator_killed_keep_every_row() -> 
     let last = s.last_restore.context("no lastRestore")?;
     ensure!(last.snapshot == safety && last.volume.as_deref() == Some(volume.id.as_str()), "{last:?}");
     ensure!(s.restore.is_none(), "a restore still under way: {:?}", s.restore);
+    // One new node: not first the failover's node, terminated by the stop, under its own launch
+    // token (EC2 answers with that instance; the operator then waited a minute for a node).
+    let new: Vec<String> =
+        notes(&rig, db, "LaunchedInstance").await?.into_iter().filter(|n| !launched.contains(n)).collect();
+    ensure!(new.len() == 1, "the restore launched {new:?}");
     let (ip, _) = node_ip(&rig, db).await?;
     expect_rows(&ip, "trades", 0..100, Duration::from_secs(30)).await?;
     ensure!(volume_gone(&rig, &old_volume).await?, "the replaced volume {old_volume} is still there");
     sampler.assert_fenced()?;
     delete(&rig, &gossip, db, 5).await
+}
+
+/// The notes of the operator's events of `reason` about database `db`.
+async fn notes(rig: &Rig, db: &str, reason: &str) -> Result<Vec<String>> {
+    let params = ListParams::default().fields(&format!("involvedObject.name={db},reason={reason}"));
+    Ok(events(rig).await?.list(&params).await?.into_iter().filter_map(|e| e.message).collect())
 }
 
 /// Whether EC2 no longer lists the volume (or lists it deleting).

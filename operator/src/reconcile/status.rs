@@ -210,7 +210,8 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
         last_restore: f.last_restore.clone(),
         launches: (f.launches > 0).then_some(f.launches).or(old.and_then(|o| o.launches)),
         last_aws_create: f.last_create.map(Time).or(old.and_then(|o| o.last_aws_create.clone())),
-        last_launch: f.last_launch.map(Time).or(old.and_then(|o| o.last_launch.clone())),
+        // Carried in facts from the old status; None once the launches are over (released).
+        last_launch: f.last_launch.map(Time),
         adopted_generation: match (d.adopting, f.adopted) {
             (true, true) => g,
             _ => old.and_then(|o| o.adopted_generation),

@@ -505,6 +505,9 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
     // a detach first would pull the disk from a machine that may still be running.
     // Paused is reported once EC2 no longer lists them (terminated).
     for i in facts.instances.clone() {
+        // Every launch is over and accounted for: the next (a resume, a restore) takes a new
+        // number even within the listing lag of the last one, not that one's token again.
+        facts.last_launch = None;
         if i.state != InstanceState::ShuttingDown {
             ctx.aws.terminate_instance(&i.id).await.map_err(aws_err("releasing the instance"))?;
             facts.did("ReleasedInstance", format!("{} terminated while paused", i.id));
