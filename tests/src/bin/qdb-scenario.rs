@@ -294,6 +294,8 @@ async fn main() -> Result<()> {
                         last_snapshot = Some((ev.snapshot_id.clone(), written));
                     } else if matches!(i.operation, Some(Operation::Restore(_))) {
                         println!("    restored snapshot {}", ev.snapshot_id);
+                    } else if matches!(i.operation, Some(Operation::Create(_))) {
+                        println!("    made from snapshot {}", ev.snapshot_id);
                     } else {
                         println!("    safety snapshot {} taken before the change", ev.snapshot_id);
                     }
