@@ -131,7 +131,11 @@ pub fn judge_restore(request: &str, generation: Option<i64>, qdb: Option<&QuestD
         let replaced = q.metadata.generation.unwrap_or(0) > generation.unwrap_or(0);
         return if replaced { Verdict::Superseded } else { Verdict::Wait };
     }
-    if q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Failed) {
+    // A failure reported before this restore started is the one it may cure (a zone that is
+    // down): only the operator's word on the restore's own generation counts.
+    let observed = q.status.as_ref().and_then(|s| s.observed_generation).unwrap_or(0);
+    let failed = q.status.as_ref().and_then(|s| s.phase) == Some(Phase::Failed);
+    if failed && (started || observed >= generation.unwrap_or(0)) {
         return settled("restore", q);
     }
     progress_of(q)
@@ -333,6 +337,16 @@ mod tests {
             Some(qdb_crd::RestoreOutcome { error: Some("snap-1 failed".into()), ..outcome });
         assert!(
             matches!(judge_restore("i-7", Some(3), Some(&q)), Verdict::Failed { reason, .. } if reason == "RESTORE_REFUSED")
+        );
+        // A database Failed before the restore (its zone down): not the restore's failure.
+        q.status.as_mut().unwrap().last_restore = None;
+        q.status.as_mut().unwrap().phase = Some(Phase::Failed);
+        q.status.as_mut().unwrap().observed_generation = Some(2);
+        assert!(!matches!(judge_restore("i-7", Some(3), Some(&q)), Verdict::Failed { .. }));
+        q.status.as_mut().unwrap().observed_generation = Some(3);
+        assert!(
+            matches!(judge_restore("i-7", Some(3), Some(&q)), Verdict::Failed { .. }),
+            "its own generation"
         );
         // Replaced by a later restore before it started: superseded.
         q.status.as_mut().unwrap().last_restore = None;

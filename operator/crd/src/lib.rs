@@ -455,6 +455,11 @@ pub struct QuestDBStatus {
     /// The last restore's outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restore: Option<RestoreOutcome>,
+    /// The snapshot the data volume was made from by the last restore that completed: QuestDB
+    /// runs with it as its snapshot instance id for the volume's life (a refused restore later
+    /// does not change it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

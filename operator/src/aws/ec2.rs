@@ -467,6 +467,12 @@ impl Aws {
     }
 
     /// What everything made for `owner` is tagged with: its own tags and the configured ones.
+    /// Whether a node can be launched in `zone`: one of the configured subnets is there (any
+    /// zone, when none is configured: EC2 decides).
+    pub fn can_place(&self, zone: &str) -> bool {
+        self.network.placement(Some(zone), "").is_ok()
+    }
+
     pub fn tags(&self, owner: &Owner) -> Vec<(String, String)> {
         self.network.tags_with(owner.tags())
     }
@@ -667,6 +673,13 @@ impl Aws {
             tracing::warn!(owner_uid, count = volumes.len(), "more than one data volume carries this owner");
         }
         Ok(pick_volume(volumes))
+    }
+
+    /// Every data volume carrying the owner's tag: its data volume and any a restore replaced
+    /// and has not let go yet.
+    pub async fn owned_volumes(&self, owner_uid: &str) -> Result<Vec<Volume>, AwsError> {
+        let volumes = self.list_volumes(vec![tag_filter(keys::OWNER_UID, owner_uid)]).await?;
+        Ok(volumes.into_iter().map(|(_, v)| v).collect())
     }
 
     /// Data volumes matching every filter that still exist, with their creation time.

@@ -77,7 +77,9 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
     }
     // Every instance is gone: what the attach/detach controller still records of them goes too.
     super::attachment::release_all(ctx, &names.pv()).await?;
-    if let Some(v) = aws.find_volume(uid).await.map_err(aws_err("finding the volume"))? {
+    // The data volume, and one a restore under way replaced and has not let go yet (its data is
+    // newer than the snapshot's): both follow the reclaim policy.
+    for v in aws.owned_volumes(uid).await.map_err(aws_err("finding the volumes"))? {
         // The instances are gone, and with them their attachments (EC2 detaches at termination);
         // one that remains is another machine's, detached by whoever attached it (the EBS CSI
         // driver, once the pod is gone): wait for it rather than pull it away.
@@ -146,7 +148,7 @@ pub async fn run(q: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         .any(|i| i.state != InstanceState::Terminated);
     let left_sg = aws.find_security_group(uid).await.map_err(aws_err("verifying"))?.is_some();
     let left_volume = q.spec.volume.reclaim_policy == ReclaimPolicy::Delete
-        && aws.find_volume(uid).await.map_err(aws_err("verifying"))?.is_some();
+        && !aws.owned_volumes(uid).await.map_err(aws_err("verifying"))?.is_empty();
     let left_snapshots =
         remove && !aws.owned_snapshots(&owner).await.map_err(aws_err("verifying"))?.is_empty();
     if left_instances || left_sg || left_volume || left_snapshots {

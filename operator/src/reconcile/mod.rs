@@ -157,6 +157,9 @@ pub struct Facts {
     pub restore: Option<qdb_crd::RestoreStatus>,
     /// The last restore's outcome (status `lastRestore`).
     pub last_restore: Option<qdb_crd::RestoreOutcome>,
+    /// The snapshot the data volume was made from by the last completed restore (status
+    /// `restoredFrom`).
+    pub restored_from: Option<String>,
 }
 
 impl Facts {
@@ -281,6 +284,7 @@ async fn apply(qdb: Arc<QuestDB>, ctx: &Context) -> Result<Action, Error> {
         // Carried through every pass, a failing one too: the restore's step is persisted here.
         restore: old.and_then(|s| s.restore.clone()),
         last_restore: old.and_then(|s| s.last_restore.clone()),
+        restored_from: old.and_then(|s| s.restored_from.clone()),
         launches: old.and_then(|s| s.launches).unwrap_or(0),
         last_create: old.and_then(|s| s.last_aws_create.as_ref()).map(|t| t.0),
         last_launch: old.and_then(|s| s.last_launch.as_ref()).map(|t| t.0),

@@ -62,19 +62,28 @@ pub enum Begin {
     Refuse(String),
 }
 
-/// `volume` is the database's data volume (id, zone) as status has it; `paused` its spec.
+/// `volume` is the database's data volume (id, zone) as status has it; `paused` its spec;
+/// `placeable` whether the operator can launch a node in a zone (one of its configured subnets).
 pub fn begin(
     request: &RestoreRequest,
     snapshot: Option<&EbsSnapshot>,
     volume: Option<(&str, &str)>,
     paused: bool,
+    placeable: impl Fn(&str) -> bool,
     now: jiff::Timestamp,
 ) -> Begin {
     if paused {
         return Begin::Refuse("the database is paused: resume it, then restore".into());
     }
+    if let Some(zone) = request.zone.as_deref().filter(|z| !placeable(z)) {
+        // Checked now: once stopped, a node that cannot launch there would leave it down.
+        return Begin::Refuse(format!(
+            "no subnet is configured for zone {zone}: the node could not launch there"
+        ));
+    }
+    // A pass that failed before it found the volume writes none to status: not a refusal.
     let Some((old_volume, old_zone)) = volume else {
-        return Begin::Refuse("the database has no volume yet: nothing to restore in place".into());
+        return Begin::Wait("the database's volume is not known yet".into());
     };
     // Listed long ago if it is the database's own (status lists it once EBS completed it).
     match from_snapshot(snapshot, &request.snapshot, 0, std::time::Duration::MAX) {
@@ -145,10 +154,10 @@ pub fn next(r: &RestoreStatus, seen: &Seen) -> Next {
 /// the step under way (paused while stopping; from the snapshot, in its zone, while starting).
 pub async fn ensure(ctx: &Context, q: &QuestDB, d: &mut Desired, facts: &mut Facts) -> Result<(), Error> {
     let status = q.status.as_ref();
-    if let Some(last) = facts.last_restore.as_ref().filter(|l| l.error.is_none()) {
+    if let Some(snapshot) = &facts.restored_from {
         // The volume is the snapshot's: QuestDB runs with its id as the snapshot instance id for
         // the volume's life (its checkpoint recovery keys on it).
-        d.spec.volume.from_snapshot = Some(last.snapshot.clone());
+        d.spec.volume.from_snapshot = Some(snapshot.clone());
         // Not the kept volume a create started from: that is the one the restore replaced.
         d.spec.volume.from_volume = None;
     }
@@ -162,7 +171,8 @@ pub async fn ensure(ctx: &Context, q: &QuestDB, d: &mut Desired, facts: &mut Fac
                 .await
                 .map_err(aws_err("reading the snapshot to restore"))?;
             let volume = status.and_then(|s| s.volume.as_ref()).map(|v| (v.id.as_str(), v.zone.as_str()));
-            match begin(&request, found.as_ref(), volume, d.spec.paused, jiff::Timestamp::now()) {
+            let placeable = |zone: &str| ctx.aws.can_place(zone);
+            match begin(&request, found.as_ref(), volume, d.spec.paused, placeable, jiff::Timestamp::now()) {
                 Begin::Start(r) => {
                     facts.did(
                         "RestoreStarted",
@@ -194,12 +204,18 @@ pub async fn ensure(ctx: &Context, q: &QuestDB, d: &mut Desired, facts: &mut Fac
     match r.step {
         RestoreStep::Stopping => {
             d.spec.paused = true;
+            // Nothing is made while stopping: once the old volume is marked replaced the pass has
+            // no volume, and must not make one from what the database was created from.
+            d.spec.volume.from_snapshot = None;
+            d.spec.volume.from_volume = None;
             facts.wait(
                 WaitReason::Restoring,
                 format!("restoring {}: stopping the database to replace {}", r.snapshot, r.old_volume),
             );
         }
         RestoreStep::Starting => {
+            // A pause asked for meanwhile waits for the restore: paused now, it would never end.
+            d.spec.paused = false;
             d.spec.volume.from_snapshot = Some(r.snapshot.clone());
             d.spec.volume.from_volume = None;
             d.restoring = Some(r.clone());
@@ -277,11 +293,17 @@ pub async fn after(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), 
         }
         Next::Complete => {
             let kept = d.spec.volume.reclaim_policy == ReclaimPolicy::Retain;
-            if kept {
+            // The restore is done whatever becomes of the old volume: one its impaired zone will
+            // not let go stays the owner's (cleanup takes it with the database).
+            let let_go = if kept {
                 let tags = [(keys::RETAINED.to_string(), "true".to_string())];
-                ctx.aws.retag(&r.old_volume, &tags, &[]).await.map_err(aws_err("keeping the old volume"))?;
+                ctx.aws.retag(&r.old_volume, &tags, &[]).await
             } else {
-                ctx.aws.delete_volume(&r.old_volume).await.map_err(aws_err("deleting the old volume"))?;
+                ctx.aws.delete_volume(&r.old_volume).await
+            };
+            if let Err(e) = let_go {
+                tracing::warn!(volume = %r.old_volume, error = %super::chain(&e), "letting go of the replaced volume failed");
+                facts.did("OldVolumeLeft", format!("{}: {}", r.old_volume, e.aws_message()));
             }
             let now = jiff::Timestamp::now();
             let age = r
@@ -308,6 +330,7 @@ pub async fn after(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), 
                 ),
             );
             facts.waiting.retain(|(reason, _)| *reason != WaitReason::Restoring);
+            facts.restored_from = Some(r.snapshot.clone());
             facts.last_restore = Some(RestoreOutcome {
                 request: r.request,
                 snapshot: r.snapshot,
@@ -370,6 +393,7 @@ mod tests {
             Some(&snapshot(SnapshotState::Completed)),
             Some(("vol-1", "a")),
             false,
+            |_| true,
             now,
         ) else {
             panic!("not started")
@@ -384,7 +408,7 @@ mod tests {
         let now = jiff::Timestamp::UNIX_EPOCH;
         let completed = snapshot(SnapshotState::Completed);
         let volume = Some(("vol-1", "us-east-1a"));
-        match begin(&request("i-1"), Some(&completed), volume, false, now) {
+        match begin(&request("i-1"), Some(&completed), volume, false, |_| true, now) {
             Begin::Start(r) => {
                 assert_eq!(
                     (r.step, r.old_volume.as_str(), r.zone.as_str()),
@@ -396,23 +420,31 @@ mod tests {
         }
         let elsewhere = RestoreRequest { zone: Some("us-east-1b".into()), ..request("i-1") };
         assert!(
-            matches!(begin(&elsewhere, Some(&completed), volume, false, now), Begin::Start(r) if r.zone == "us-east-1b")
+            matches!(begin(&elsewhere, Some(&completed), volume, false, |_| true, now), Begin::Start(r) if r.zone == "us-east-1b")
         );
         assert!(matches!(
-            begin(&request("i-1"), Some(&snapshot(SnapshotState::Pending)), volume, false, now),
+            begin(&request("i-1"), Some(&snapshot(SnapshotState::Pending)), volume, false, |_| true, now),
             Begin::Wait(_)
         ));
         assert!(matches!(
-            begin(&request("i-1"), Some(&snapshot(SnapshotState::Error)), volume, false, now),
+            begin(&request("i-1"), Some(&snapshot(SnapshotState::Error)), volume, false, |_| true, now),
             Begin::Refuse(_)
         ));
         assert!(
-            matches!(begin(&request("i-1"), None, volume, false, now), Begin::Refuse(m) if m.contains("lists no snapshot"))
+            matches!(begin(&request("i-1"), None, volume, false, |_| true, now), Begin::Refuse(m) if m.contains("lists no snapshot"))
         );
         assert!(
-            matches!(begin(&request("i-1"), Some(&completed), volume, true, now), Begin::Refuse(m) if m.contains("paused"))
+            matches!(begin(&request("i-1"), Some(&completed), volume, true, |_| true, now), Begin::Refuse(m) if m.contains("paused"))
         );
-        assert!(matches!(begin(&request("i-1"), Some(&completed), None, false, now), Begin::Refuse(_)));
+        assert!(matches!(
+            begin(&request("i-1"), Some(&completed), None, false, |_| true, now),
+            Begin::Wait(_)
+        ));
+        let nowhere = RestoreRequest { zone: Some("us-east-1z".into()), ..request("i-1") };
+        let placeable = |z: &str| z != "us-east-1z";
+        assert!(
+            matches!(begin(&nowhere, Some(&completed), volume, false, placeable, now), Begin::Refuse(m) if m.contains("no subnet"))
+        );
     }
 
     #[test]
@@ -422,6 +454,7 @@ mod tests {
             Some(&snapshot(SnapshotState::Completed)),
             Some(("vol-1", "a")),
             false,
+            |_| true,
             jiff::Timestamp::UNIX_EPOCH,
         ) else {
             panic!("not started")

@@ -215,7 +215,22 @@ pub async fn ensure(ctx: &Context, qdb: &QuestDB, d: &Desired, facts: &mut Facts
     let admitted = facts.admitted.clone();
     let wanted = wanted(d, &recorded, facts);
     let pending = recorded.iter().any(|s| s.state == SnapshotPhase::Pending);
-    let current: Vec<&str> = wanted.iter().map(|(r, _)| r.id.as_str()).collect();
+    // Never pruned: what a current request answers, and the snapshot a restore (asked for or
+    // under way) is made from.
+    let restoring: Vec<String> = [
+        d.spec.restore.as_ref().map(|r| r.snapshot.clone()),
+        facts.restore.as_ref().map(|r| r.snapshot.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let restored_requests: Vec<String> =
+        recorded.iter().filter(|s| restoring.contains(&s.id)).map(|s| s.request.clone()).collect();
+    let current: Vec<&str> = wanted
+        .iter()
+        .map(|(r, _)| r.id.as_str())
+        .chain(restored_requests.iter().map(String::as_str))
+        .collect();
     let pruned = prune(&recorded, d.spec.snapshot_policy.keep, &current);
     if open_request(&wanted, &recorded).is_none() && checkpoint.is_none() && !pending && pruned.is_empty() {
         return Ok(());

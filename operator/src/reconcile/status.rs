@@ -208,6 +208,7 @@ pub fn build(q: &QuestDB, d: &Desired, f: &Facts, problem: &Problem<'_>) -> Ques
         replacement: f.replacement.clone(),
         restore: f.restore.clone(),
         last_restore: f.last_restore.clone(),
+        restored_from: f.restored_from.clone(),
         launches: (f.launches > 0).then_some(f.launches).or(old.and_then(|o| o.launches)),
         last_aws_create: f.last_create.map(Time).or(old.and_then(|o| o.last_aws_create.clone())),
         // Carried in facts from the old status; None once the launches are over (released).

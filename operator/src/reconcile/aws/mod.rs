@@ -45,6 +45,13 @@ pub async fn ensure(
 
     let mut found =
         ctx.inventory.lookup(aws, uid, max_age).await.map_err(aws_err("finding the EC2 resources"))?;
+    // The volume a restore replaced is never the data volume again, even if a listing lagging
+    // behind its replaced-by-restore tag shows it so.
+    if let Some(r) = &d.restoring
+        && found.volume.as_ref().is_some_and(|v| v.id == r.old_volume)
+    {
+        found.volume = None;
+    }
     if d.adopting && !adopt::take_over(ctx, d, &owner, &mut found, facts).await? {
         return Ok(());
     }
@@ -540,7 +547,7 @@ async fn take_kept_volume(
         (Take::AlreadyOurs, found) => Ok(found),
         (Take::Take, Some(mut v)) => {
             ctx.aws
-                .retag(id, &ctx.aws.tags(owner), &[keys::RETAINED])
+                .retag(id, &ctx.aws.tags(owner), &[keys::RETAINED, keys::REPLACED])
                 .await
                 .map_err(aws_err("taking the kept volume"))?;
             ctx.inventory.changed(&owner.owner_uid);
@@ -548,6 +555,7 @@ async fn take_kept_volume(
             facts.did("TookVolume", format!("{id}, kept by deleted database {from}, with its data"));
             v.tags.extend(ctx.aws.tags(owner));
             v.tags.remove(keys::RETAINED);
+            v.tags.remove(keys::REPLACED);
             Ok(Some(v))
         }
         (Take::Wait(message), _) => {
