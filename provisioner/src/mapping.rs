@@ -100,15 +100,16 @@ pub fn resolve_clone(
         return Ok(out);
     }
     let source = source.ok_or_else(|| refuse("it does not exist in the cluster"))?;
-    let latest = source
-        .status
-        .iter()
-        .flat_map(|s| &s.snapshots)
-        .filter(|s| s.state == qdb_crd::SnapshotPhase::Completed)
+    let latest = completed_snapshots(source)
         .max_by_key(|s| s.taken_at.0)
         .ok_or_else(|| refuse("it has no completed snapshot"))?;
     volume.from_snapshot_id = Some(latest.id.clone());
     Ok(out)
+}
+
+/// The snapshots EBS completed of a database, as its status lists them.
+fn completed_snapshots(q: &qdb_crd::QuestDB) -> impl Iterator<Item = &qdb_crd::SnapshotStatus> {
+    q.status.iter().flat_map(|s| &s.snapshots).filter(|s| s.state == qdb_crd::SnapshotPhase::Completed)
 }
 
 /// A restore, with its snapshot resolved against the database (`current`, None if absent): the
@@ -128,18 +129,11 @@ pub fn resolve_restore(
     if q.spec.paused {
         return Err(MapError::Paused);
     }
-    let completed: Vec<_> = q
-        .status
-        .iter()
-        .flat_map(|s| &s.snapshots)
-        .filter(|s| s.state == qdb_crd::SnapshotPhase::Completed)
-        .collect();
     let chosen = match &r.snapshot_id {
-        Some(id) => completed.iter().find(|s| &s.id == id).ok_or_else(|| {
+        Some(id) => completed_snapshots(q).find(|s| &s.id == id).ok_or_else(|| {
             MapError::NoSnapshotToRestore(format!("{id} is not a completed snapshot of this database"))
         })?,
-        None => completed
-            .iter()
+        None => completed_snapshots(q)
             .max_by_key(|s| s.taken_at.0)
             .ok_or_else(|| MapError::NoSnapshotToRestore("the database has no completed snapshot".into()))?,
     };
@@ -476,6 +470,27 @@ mod tests {
         assert_eq!(spec.volume.from_snapshot.as_deref(), Some("snap-0123456789abcdef0"));
     }
 
+    /// A status entry: snapshot `id` (its own request) taken at `secs`.
+    fn taken(
+        id: &str,
+        secs: i64,
+        state: qdb_crd::SnapshotPhase,
+        reason: qdb_crd::SnapshotReason,
+    ) -> qdb_crd::SnapshotStatus {
+        qdb_crd::SnapshotStatus {
+            id: id.into(),
+            request: id.into(),
+            label: None,
+            taken_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::from_second(secs).unwrap(),
+            ),
+            size_gib: 20,
+            state,
+            consistency: qdb_crd::Consistency::Consistent,
+            reason,
+        }
+    }
+
     #[test]
     fn a_restore_names_a_completed_snapshot_of_the_database_and_a_replay_keeps_it() {
         let restore = |snapshot_id: Option<&str>| {
@@ -490,18 +505,7 @@ mod tests {
         let (reason, message) = refused(resolve_restore(&restore(None), Some(&q))).unwrap();
         assert_eq!(reason, "NO_SNAPSHOT_TO_RESTORE");
         assert_eq!(message, "nothing to restore: the database has no completed snapshot");
-        let taken = |id: &str, secs, state| qdb_crd::SnapshotStatus {
-            id: id.into(),
-            request: id.into(),
-            label: None,
-            taken_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                jiff::Timestamp::from_second(secs).unwrap(),
-            ),
-            size_gib: 20,
-            state,
-            consistency: qdb_crd::Consistency::Consistent,
-            reason: qdb_crd::SnapshotReason::BeforeChange,
-        };
+        let taken = |id: &str, secs, state| taken(id, secs, state, qdb_crd::SnapshotReason::BeforeChange);
         q.status = Some(qdb_crd::QuestDBStatus {
             snapshots: vec![
                 taken("snap-0000000000000001", 10, qdb_crd::SnapshotPhase::Completed),
@@ -559,18 +563,7 @@ mod tests {
         let mut source = qdb_crd::QuestDB::new("db-big", current());
         let (_, message) = refused(resolve_clone(&create, None, Some(&source)));
         assert!(message.ends_with("it has no completed snapshot"), "{message}");
-        let taken = |id: &str, secs, state| qdb_crd::SnapshotStatus {
-            id: id.into(),
-            request: id.into(),
-            label: None,
-            taken_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                jiff::Timestamp::from_second(secs).unwrap(),
-            ),
-            size_gib: 20,
-            state,
-            consistency: qdb_crd::Consistency::Consistent,
-            reason: qdb_crd::SnapshotReason::OnDemand,
-        };
+        let taken = |id: &str, secs, state| taken(id, secs, state, qdb_crd::SnapshotReason::OnDemand);
         source.status = Some(qdb_crd::QuestDBStatus {
             snapshots: vec![
                 taken("snap-0000000000000002", 20, qdb_crd::SnapshotPhase::Completed),

@@ -84,6 +84,17 @@ impl ClusterEnv {
     pub fn network_var(&self, key: &str) -> Option<&str> {
         self.network.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
+
+    /// Kills the node of `instance_id` through the node simulator: its kubelet stops reporting
+    /// (NotReady) while its processes run on, as in a partition, until EC2 stops the instance.
+    pub async fn kill_node(&self, instance_id: &str) -> Result<()> {
+        reqwest::Client::new()
+            .post(format!("{}/nodes/{instance_id}/kill", self.nodesim))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]

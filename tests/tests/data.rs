@@ -1055,12 +1055,7 @@ async fn a_zone_move_brings_a_database_back_from_a_zone_that_is_down() -> Result
     let subnet = zones.iter().find(|(z, _)| *z == node.zone).map(|(_, s)| s.clone()).context("zone")?;
     *down.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some((node.zone.clone(), subnet));
     refusing.store(true, Ordering::Relaxed);
-    let nodesim = &region.nodesim;
-    reqwest::Client::new()
-        .post(format!("{nodesim}/nodes/{}/kill", node.instance_id))
-        .send()
-        .await?
-        .error_for_status()?;
+    region.kill_node(&node.instance_id).await?;
     eventually("the failover refused for capacity", T, || async {
         let s = api.get(db).await?.status.unwrap_or_default();
         Ok(s.conditions

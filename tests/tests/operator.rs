@@ -1460,12 +1460,7 @@ async fn a_change_held_for_its_safety_snapshot_still_cures_a_failing_database() 
     op.kill9()?;
     let _op =
         rig.spawn_operator("region-a", "a2", &[failover[0], failover[1], "--aws-endpoint", &proxy.url])?;
-    let nodesim = &rig.cloud.cluster("region-a")?.nodesim;
-    reqwest::Client::new()
-        .post(format!("{nodesim}/nodes/{}/kill", old.instance_id))
-        .send()
-        .await?
-        .error_for_status()?;
+    rig.cloud.cluster("region-a")?.kill_node(&old.instance_id).await?;
     eventually("the failover failing with ImageNotFound", T, || async {
         let s = api.get("dbh").await?.status.unwrap_or_default();
         Ok(s.conditions.iter().any(|c| c.type_ == "Degraded" && c.reason == "ImageNotFound").then_some(()))

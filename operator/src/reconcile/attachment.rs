@@ -34,12 +34,9 @@ pub fn unique_name(volume_id: &str) -> String {
 
 /// Whether a node is Ready and its kubelet still reports the volume mounted.
 pub fn mounted(node: &Node, volume_id: &str) -> bool {
-    let status = node.status.as_ref();
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let name = unique_name(volume_id);
-    ready && status.and_then(|s| s.volumes_in_use.as_ref()).is_some_and(|v| v.contains(&name))
+    super::aws::facts::node_ready(node)
+        && node.status.as_ref().and_then(|s| s.volumes_in_use.as_ref()).is_some_and(|v| v.contains(&name))
 }
 
 /// The database's node whose kubelet still has the volume mounted, if one does: a node released

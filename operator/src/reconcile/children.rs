@@ -331,7 +331,6 @@ pub(crate) async fn cached_pod(ctx: &Context, d: &Desired) -> Result<Option<Pod>
 /// outright so the StatefulSet recreates it there.
 async fn remove_stuck_pod(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), Error> {
     let Some((active_node, _)) = &facts.node else { return Ok(()) };
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), d.names.namespace());
     let Some(pod) = cached_pod(ctx, d).await? else {
         return Ok(());
     };
@@ -339,9 +338,21 @@ async fn remove_stuck_pod(ctx: &Context, d: &Desired, facts: &mut Facts) -> Resu
     if !is_stuck(bound.as_deref(), active_node, &facts.ready_nodes) {
         return Ok(());
     }
+    delete_stuck_pod(ctx, d, facts, format!("was bound to {}", bound.unwrap_or_default())).await
+}
+
+/// Deletes the database's pod outright (no grace: no kubelet is left to confirm a graceful
+/// deletion), once what it ran on is fenced; `why` completes the event's note.
+pub(super) async fn delete_stuck_pod(
+    ctx: &Context,
+    d: &Desired,
+    facts: &mut Facts,
+    why: String,
+) -> Result<(), Error> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), d.names.namespace());
     let params = DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() };
     delete_if_present(ctx, &pods, &d.names.pod(), "Pod", &params).await?;
-    facts.did("DeletedStuckPod", format!("{} was bound to {}", d.names.pod(), bound.unwrap_or_default()));
+    facts.did("DeletedStuckPod", format!("{} {why}", d.names.pod()));
     Ok(())
 }
 

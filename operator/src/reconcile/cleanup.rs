@@ -215,11 +215,7 @@ async fn stop_database(ctx: &Context, names: &Names) -> Result<bool, Error> {
             .get_opt(n)
             .await
             .map_err(kube_err("cleanup", "reading the node"))?
-            .is_some_and(|n| {
-                n.status
-                    .and_then(|s| s.conditions)
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            }),
+            .is_some_and(|n| super::aws::facts::node_ready(&n)),
         None => false,
     };
     if !node_ready {

@@ -16,6 +16,7 @@
 //!    [`keys::RETAINED`]), and `status.lastRestore` says what was restored and how old the data is.
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams};
 use qdb_crd::{
     QuestDB, ReclaimPolicy, RestoreOutcome, RestoreRequest, RestoreStatus, RestoreStep, WaitReason, keys,
@@ -93,10 +94,8 @@ pub fn begin(
             zone: request.zone.clone().unwrap_or_else(|| old_zone.to_string()),
             step: RestoreStep::Stopping,
             old_volume: old_volume.to_string(),
-            started_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
-            data_taken_at: snapshot
-                .and_then(|s| s.started)
-                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            started_at: Time(now),
+            data_taken_at: snapshot.and_then(|s| s.started).map(Time),
         }),
         FromSnapshot::Wait(why) => Begin::Wait(why),
         FromSnapshot::Refuse(why) => Begin::Refuse(why),
@@ -193,7 +192,7 @@ pub async fn ensure(ctx: &Context, q: &QuestDB, d: &mut Desired, facts: &mut Fac
                         volume: None,
                         zone: None,
                         data_taken_at: None,
-                        at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+                        at: Time(jiff::Timestamp::now()),
                     });
                     return Ok(());
                 }
@@ -250,11 +249,10 @@ pub async fn after(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), 
             && facts.volume_attached
             && facts.volume.as_ref().is_some_and(|v| v.id != r.old_volume),
     };
+    // The step's own word replaces what the pass said before it knew how far the restore got.
+    facts.waiting.retain(|(reason, _)| *reason != WaitReason::Restoring);
     match next(&r, &seen) {
-        Next::Wait(why) => {
-            facts.waiting.retain(|(reason, _)| *reason != WaitReason::Restoring);
-            facts.wait(WaitReason::Restoring, format!("restoring {}: {why}", r.snapshot));
-        }
+        Next::Wait(why) => facts.wait(WaitReason::Restoring, format!("restoring {}: {why}", r.snapshot)),
         Next::MarkReplaced => {
             ctx.aws
                 .retag(&r.old_volume, &[(keys::REPLACED.to_string(), r.request.clone())], &[])
@@ -329,7 +327,6 @@ pub async fn after(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), 
                     if kept { "kept (reclaim policy Retain)" } else { "deleted" }
                 ),
             );
-            facts.waiting.retain(|(reason, _)| *reason != WaitReason::Restoring);
             facts.restored_from = Some(r.snapshot.clone());
             facts.last_restore = Some(RestoreOutcome {
                 request: r.request,
@@ -338,7 +335,7 @@ pub async fn after(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), 
                 volume,
                 zone: Some(r.zone),
                 data_taken_at: r.data_taken_at,
-                at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
+                at: Time(now),
             });
             facts.restore = None;
         }
@@ -348,8 +345,6 @@ pub async fn after(ctx: &Context, d: &Desired, facts: &mut Facts) -> Result<(), 
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
     use super::*;
     use crate::aws::SnapshotState;
 

@@ -29,14 +29,17 @@ pub(in crate::reconcile) async fn database_nodes(ctx: &Context, d: &Desired) -> 
     Ok(list.items)
 }
 
+/// Whether the node's Ready condition is True.
+pub(in crate::reconcile) fn node_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// Whether the node named `name` is among `nodes` and Ready.
 pub(in crate::reconcile) fn is_ready(nodes: &[Node], name: &str) -> bool {
-    nodes.iter().filter(|n| n.metadata.name.as_deref() == Some(name)).any(|n| {
-        n.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    })
+    nodes.iter().any(|n| n.metadata.name.as_deref() == Some(name) && node_ready(n))
 }
 
 /// The database's nodes by instance id: (node name, readiness).

@@ -466,8 +466,10 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
         return Ok(());
     }
     if !facts.pod_gone {
-        let nodes = facts::database_nodes(ctx, d).await?;
-        let stranded = facts.pod_node.as_deref().is_some_and(|name| !facts::is_ready(&nodes, name));
+        let stranded = match facts.pod_node.as_deref() {
+            Some(name) => !facts::is_ready(&facts::database_nodes(ctx, d).await?, name),
+            None => false,
+        };
         if !stranded {
             facts.wait(WaitReason::StoppingDatabase, "waiting for the pod to stop before releasing the node");
             return Ok(());
@@ -476,16 +478,8 @@ pub async fn release_if_paused(ctx: &Context, d: &Desired, facts: &mut Facts) ->
         // first, as a failover is: the instances are terminated below, and once EC2 shows them
         // terminated nothing can still write, so the pod is deleted outright.
         if facts.instances.is_empty() {
-            let pods = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
-                ctx.client.clone(),
-                d.names.namespace(),
-            );
-            let params = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
-            super::delete_if_present(ctx, &pods, &d.names.pod(), "Pod", &params).await?;
-            facts.did(
-                "DeletedStuckPod",
-                format!("{} was on lost node {}", d.names.pod(), facts.pod_node.clone().unwrap_or_default()),
-            );
+            let why = format!("was on lost node {}", facts.pod_node.clone().unwrap_or_default());
+            super::children::delete_stuck_pod(ctx, d, facts, why).await?;
         }
         facts.wait(
             WaitReason::StoppingDatabase,
